@@ -1,0 +1,689 @@
+//! The `tlm` command line: the original Towalink grammar, `tlm <verb> <noun> [target]`.
+//!
+//! Data goes to stdout, diagnostics to stderr. Exit status: 0 ok, 1 failed or invalid input,
+//! 2 usage error.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use toml::Value;
+
+use crate::allocation::NodeAllocation;
+use crate::attributes::{parse_value, Level, Merged};
+use crate::names::{NodeFullName, NodeRef, SiteName, VersionSpec};
+use crate::resolve::{merge_site, resolve};
+use crate::store::Store;
+use crate::{installation, versions, Error};
+
+/// tlm: manage a Towalink installation (sites, nodes, configuration versions).
+#[derive(Debug, Parser)]
+#[command(name = "tlm", version, about, long_about = None, max_term_width = 100)]
+pub struct Cli {
+    /// Configuration directory.
+    #[arg(
+        short = 'c',
+        long,
+        env = "TOWALINK_CONFIG_DIR",
+        default_value = "/etc/towalink",
+        global = true
+    )]
+    pub config_dir: PathBuf,
+    /// Log level of diagnostics on stderr.
+    #[arg(
+        short = 'l',
+        long,
+        value_enum,
+        default_value = "warning",
+        global = true
+    )]
+    pub loglevel: LogLevel,
+    /// Commit message (for `commit`).
+    #[arg(short = 'm', long = "message", global = true)]
+    pub message: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warning,
+    Error,
+}
+
+impl LogLevel {
+    pub fn tracing_level(self) -> tracing::Level {
+        match self {
+            LogLevel::Debug => tracing::Level::DEBUG,
+            LogLevel::Info => tracing::Level::INFO,
+            LogLevel::Warning => tracing::Level::WARN,
+            LogLevel::Error => tracing::Level::ERROR,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FormatArg {
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    pub format: Format,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List sites, nodes, links, or nodes whose configuration changed since their last commit.
+    List {
+        #[command(subcommand)]
+        what: ListWhat,
+        #[command(flatten)]
+        format: FormatArg,
+    },
+    /// Show the attributes set at one level (global, a site or a node).
+    Show {
+        #[command(subcommand)]
+        what: ShowWhat,
+        #[command(flatten)]
+        format: FormatArg,
+    },
+    /// Show the complete attributes of a site or node after merging global → site → node.
+    #[command(name = "show_all")]
+    ShowAll {
+        #[command(subcommand)]
+        what: ShowAllWhat,
+        /// Say which level (default, global, site, node, generated) set each value.
+        #[arg(long, global = true)]
+        origin: bool,
+        #[command(flatten)]
+        format: FormatArg,
+    },
+    /// Add a site or a node.
+    #[command(alias = "create")]
+    Add {
+        #[command(subcommand)]
+        what: AddWhat,
+    },
+    /// Remove a site (without nodes) or a node.
+    #[command(alias = "remove")]
+    Del {
+        #[command(subcommand)]
+        what: DelWhat,
+    },
+    /// Set an attribute; the value is TOML (25, true, '[ "hubs" ]'); `empty` removes it.
+    Set {
+        #[command(subcommand)]
+        what: SetWhat,
+    },
+    /// Create a new version for every node in scope whose configuration changed, and a git commit.
+    Commit {
+        #[command(subcommand)]
+        scope: Scope,
+    },
+    /// Record which version nodes should run (default: latest).
+    Activate {
+        #[command(subcommand)]
+        scope: ActivateScope,
+    },
+    /// Run git in the configuration directory.
+    Git {
+        /// Arguments for git.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ListWhat {
+    /// All sites.
+    Sites,
+    /// Nodes of all sites (`all`) or of one site.
+    Nodes { site: String },
+    /// Nodes whose working configuration differs from their latest committed version.
+    Changed,
+    /// The WireGuard links of all nodes (`all`, the default), a site or a node.
+    Links { target: Option<String> },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ShowWhat {
+    Global,
+    Site { site: SiteName },
+    Node { node: NodeRef },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ShowAllWhat {
+    Site { site: SiteName },
+    Node { node: NodeRef },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AddWhat {
+    Site {
+        site: SiteName,
+    },
+    /// <node>.<site>
+    Node {
+        node: NodeFullName,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DelWhat {
+    Site { site: SiteName },
+    Node { node: NodeRef },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SetWhat {
+    Global {
+        attribute: String,
+        value: String,
+    },
+    Site {
+        site: SiteName,
+        attribute: String,
+        value: String,
+    },
+    Node {
+        node: NodeRef,
+        attribute: String,
+        value: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Scope {
+    All,
+    Site { site: SiteName },
+    Node { node: NodeRef },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ActivateScope {
+    All {
+        version: Option<VersionSpec>,
+    },
+    Site {
+        site: SiteName,
+        version: Option<VersionSpec>,
+    },
+    Node {
+        node: NodeRef,
+        version: Option<VersionSpec>,
+    },
+}
+
+/// Runs a parsed command.
+pub fn run(cli: Cli) -> Result<ExitCode, Error> {
+    if let Command::Git { args } = &cli.command {
+        let store = Store::open_existing(&cli.config_dir)?;
+        let status = std::process::Command::new("git")
+            .args(args)
+            .current_dir(store.root())
+            .status()
+            .map_err(|e| crate::durable::IoError::new("cannot run git in", store.root(), e))?;
+        return Ok(ExitCode::from(
+            status.code().unwrap_or(1).clamp(0, 255) as u8
+        ));
+    }
+    let store = Store::open_or_init(&cli.config_dir)?;
+    let _lock = store.lock()?;
+    versions::recover(&store)?;
+    let mut out = std::io::stdout().lock();
+    let message = cli.message.clone();
+    match cli.command {
+        Command::List { what, format } => list(&store, what, format.format, &mut out)?,
+        Command::Show { what, format } => show(&store, what, format.format, &mut out)?,
+        Command::ShowAll {
+            what,
+            origin,
+            format,
+        } => show_all(&store, what, origin, format.format, &mut out)?,
+        Command::Add { what } => match what {
+            AddWhat::Site { site } => {
+                let id = installation::add_site(&store, &site)?;
+                let asn = store.load_generated()?.site(site.as_str())?.asn;
+                writeln!(out, "added site {site} (id {id}, AS {asn})").ok();
+            }
+            AddWhat::Node { node } => {
+                let n = installation::add_node(&store, &node)?;
+                writeln!(
+                    out,
+                    "added node {node} (id {}, loopbacks {} {})",
+                    n.id, n.loopback_ipv4, n.loopback_ipv6
+                )
+                .ok();
+            }
+        },
+        Command::Del { what } => match what {
+            DelWhat::Site { site } => {
+                installation::remove_site(&store, &site)?;
+                writeln!(out, "removed site {site}").ok();
+            }
+            DelWhat::Node { node } => {
+                let n = installation::remove_node(&store, &node)?;
+                writeln!(out, "removed node {} (id {})", n.full_name(), n.id).ok();
+            }
+        },
+        Command::Set { what } => {
+            let (level, attribute, value) = match what {
+                SetWhat::Global { attribute, value } => (Level::Global, attribute, value),
+                SetWhat::Site {
+                    site,
+                    attribute,
+                    value,
+                } => {
+                    store.load_generated()?.site(site.as_str())?;
+                    (Level::Site(site), attribute, value)
+                }
+                SetWhat::Node {
+                    node,
+                    attribute,
+                    value,
+                } => {
+                    let n = store.load_generated()?.node(&node)?.clone();
+                    (Level::Node(n.site, n.name), attribute, value)
+                }
+            };
+            let parsed = if value == "empty" {
+                None
+            } else {
+                Some(parse_value(&attribute, &value)?)
+            };
+            match installation::set_attribute(&store, &level, &attribute, parsed)? {
+                installation::SetOutcome::Set => {}
+                installation::SetOutcome::Removed => {}
+                installation::SetOutcome::NotSet => {
+                    tracing::warn!(
+                        "`{}` does not set `{attribute}`: nothing removed",
+                        level.file()
+                    );
+                }
+            }
+        }
+        Command::Commit { scope } => {
+            let generated = store.load_generated()?;
+            let filter = scope_filter(&generated, &scope)?;
+            let message = message.unwrap_or_else(|| match &scope {
+                Scope::All => "tlm commit all".to_string(),
+                Scope::Site { site } => format!("tlm commit site {site}"),
+                Scope::Node { node } => format!("tlm commit node {node}"),
+            });
+            let outcome = versions::commit(&store, filter, &message)?;
+            for (node, version) in &outcome.created {
+                writeln!(out, "{node}: v{version}").ok();
+            }
+            writeln!(
+                out,
+                "committed: {} new version(s), {} node(s) unchanged{}",
+                outcome.created.len(),
+                outcome.unchanged.len(),
+                if outcome.git_committed {
+                    ""
+                } else {
+                    ", nothing new for git"
+                }
+            )
+            .ok();
+        }
+        Command::Activate { scope } => {
+            let tree = store.load_tree()?;
+            let (filter, spec, words) = match &scope {
+                ActivateScope::All { version } => (
+                    scope_filter(&tree.generated, &Scope::All)?,
+                    version.unwrap_or(VersionSpec::Latest),
+                    "all".to_string(),
+                ),
+                ActivateScope::Site { site, version } => (
+                    scope_filter(&tree.generated, &Scope::Site { site: site.clone() })?,
+                    version.unwrap_or(VersionSpec::Latest),
+                    format!("site {site}"),
+                ),
+                ActivateScope::Node { node, version } => (
+                    scope_filter(&tree.generated, &Scope::Node { node: node.clone() })?,
+                    version.unwrap_or(VersionSpec::Latest),
+                    format!("node {node}"),
+                ),
+            };
+            let nodes = versions::nodes_in_scope(&tree, filter);
+            let message = message.unwrap_or_else(|| format!("tlm activate {words} {spec}"));
+            for (node, version, previous) in versions::activate(&store, &nodes, spec, &message)? {
+                match previous {
+                    Some(p) if p != version => writeln!(out, "{node}: v{version} (was v{p})"),
+                    Some(_) => writeln!(out, "{node}: v{version} (unchanged)"),
+                    None => writeln!(out, "{node}: v{version}"),
+                }
+                .ok();
+            }
+        }
+        Command::Git { .. } => unreachable!("handled above"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn scope_filter(
+    generated: &crate::allocation::Generated,
+    scope: &Scope,
+) -> Result<Box<dyn Fn(&NodeAllocation) -> bool>, Error> {
+    Ok(match scope {
+        Scope::All => Box::new(|_| true),
+        Scope::Site { site } => {
+            generated.site(site.as_str())?;
+            let site = site.clone();
+            Box::new(move |n| n.site == site)
+        }
+        Scope::Node { node } => {
+            let id = generated.node(node)?.id;
+            Box::new(move |n| n.id == id)
+        }
+    })
+}
+
+fn print_json(out: &mut impl std::io::Write, value: &serde_json::Value) {
+    writeln!(
+        out,
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON values serialize")
+    )
+    .ok();
+}
+
+fn list(
+    store: &Store,
+    what: ListWhat,
+    format: Format,
+    out: &mut impl std::io::Write,
+) -> Result<(), Error> {
+    match what {
+        ListWhat::Sites => {
+            let generated = store.load_generated()?;
+            if format == Format::Json {
+                let sites: Vec<_> = generated
+                    .sites
+                    .iter()
+                    .map(|s| json!({"site": s.name, "id": s.id, "asn": s.asn, "nodes": generated.nodes_of(&s.name).count()}))
+                    .collect();
+                print_json(out, &json!(sites));
+            } else {
+                let rows: Vec<Vec<String>> = generated
+                    .sites
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.id.to_string(),
+                            s.name.to_string(),
+                            s.asn.to_string(),
+                            generated.nodes_of(&s.name).count().to_string(),
+                        ]
+                    })
+                    .collect();
+                table(out, &["ID", "SITE", "ASN", "NODES"], &rows);
+            }
+        }
+        ListWhat::Nodes { site } => {
+            let generated = store.load_generated()?;
+            if site != "all" {
+                generated.site(&site)?;
+            }
+            let nodes: Vec<&NodeAllocation> = generated
+                .nodes
+                .iter()
+                .filter(|n| site == "all" || n.site.as_str() == site)
+                .collect();
+            let mut rows = Vec::new();
+            let mut objects = Vec::new();
+            for n in nodes {
+                let full = n.full_name();
+                let latest = versions::list_versions(store, &full)?.last().copied();
+                let active = versions::activation(store, &full)?;
+                objects.push(json!({
+                    "node": full.to_string(), "id": n.id, "site": n.site, "name": n.name,
+                    "loopback_ipv4": n.loopback_ipv4, "loopback_ipv6": n.loopback_ipv6,
+                    "wg_public_key": n.wg_public_key, "latest_version": latest, "activate_version": active,
+                }));
+                let v = |x: Option<u32>| x.map_or("-".to_string(), |v| format!("v{v}"));
+                rows.push(vec![
+                    n.id.to_string(),
+                    full.to_string(),
+                    n.loopback_ipv4.to_string(),
+                    n.loopback_ipv6.to_string(),
+                    v(latest),
+                    v(active),
+                ]);
+            }
+            if format == Format::Json {
+                print_json(out, &json!(objects));
+            } else {
+                table(
+                    out,
+                    &[
+                        "ID",
+                        "NODE",
+                        "LOOPBACK_IPV4",
+                        "LOOPBACK_IPV6",
+                        "LATEST",
+                        "ACTIVATE",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        ListWhat::Changed => {
+            let tree = store.load_tree()?;
+            let nodes = versions::nodes_in_scope(&tree, |_| true);
+            let states = versions::changed_nodes(store, &tree, &nodes)?;
+            let changed: Vec<_> = states.iter().filter(|s| s.changed).collect();
+            if format == Format::Json {
+                let objects: Vec<_> = changed
+                    .iter()
+                    .map(|s| json!({"node": s.node.to_string(), "latest_version": s.latest}))
+                    .collect();
+                print_json(out, &json!(objects));
+            } else {
+                for s in changed {
+                    match s.latest {
+                        Some(v) => writeln!(out, "{} (latest v{v})", s.node),
+                        None => writeln!(out, "{} (no version yet)", s.node),
+                    }
+                    .ok();
+                }
+            }
+        }
+        ListWhat::Links { target } => {
+            let tree = store.load_tree()?;
+            let resolved = resolve(&tree)?;
+            let target = target.unwrap_or_else(|| "all".into());
+            let filter: Box<dyn Fn(&NodeAllocation) -> bool> = if target == "all" {
+                Box::new(|_| true)
+            } else if target.contains('.') || target.bytes().all(|b| b.is_ascii_digit()) {
+                let id = tree.generated.node(&target.parse::<NodeRef>()?)?.id;
+                Box::new(move |n| n.id == id)
+            } else {
+                tree.generated.site(&target)?;
+                let site = target.clone();
+                Box::new(move |n| n.site.as_str() == site)
+            };
+            let by_id: std::collections::BTreeMap<u32, &NodeAllocation> =
+                tree.generated.nodes.iter().map(|n| (n.id, n)).collect();
+            let mut rows = Vec::new();
+            let mut objects = Vec::new();
+            for link in resolved.links() {
+                let (a, b) = (by_id[&link.low], by_id[&link.high]);
+                if !filter(a) && !filter(b) {
+                    continue;
+                }
+                let peer_ab = resolved.peers(a.id).into_iter().find(|p| p.peer_id == b.id);
+                let Some(p) = peer_ab else { continue };
+                objects.push(json!({
+                    "a": a.full_name().to_string(), "b": b.full_name().to_string(),
+                    "a_interface": p.interface, "a_port": p.listen_port,
+                    "b_interface": crate::topology::interface_name(a.id), "b_port": p.peer_port,
+                    "a_link_local": p.local_link_local, "b_link_local": p.peer_link_local,
+                }));
+                rows.push(vec![
+                    a.full_name().to_string(),
+                    format!("{}:{}", p.interface, p.listen_port),
+                    b.full_name().to_string(),
+                    format!("{}:{}", crate::topology::interface_name(a.id), p.peer_port),
+                ]);
+            }
+            if format == Format::Json {
+                print_json(out, &json!(objects));
+            } else {
+                table(out, &["NODE_A", "A_IF:PORT", "NODE_B", "B_IF:PORT"], &rows);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn table(out: &mut impl std::io::Write, header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        s
+    };
+    writeln!(out, "{}", line(header.to_vec())).ok();
+    for row in rows {
+        writeln!(out, "{}", line(row.iter().map(String::as_str).collect())).ok();
+    }
+}
+
+fn show(
+    store: &Store,
+    what: ShowWhat,
+    format: Format,
+    out: &mut impl std::io::Write,
+) -> Result<(), Error> {
+    let level = match what {
+        ShowWhat::Global => Level::Global,
+        ShowWhat::Site { site } => {
+            store.load_generated()?.site(site.as_str())?;
+            Level::Site(site)
+        }
+        ShowWhat::Node { node } => {
+            let n = store.load_generated()?.node(&node)?.clone();
+            Level::Node(n.site, n.name)
+        }
+    };
+    let table = store.level_attributes(&level)?;
+    if format == Format::Json {
+        print_json(
+            out,
+            &serde_json::to_value(&table).expect("TOML tables convert to JSON"),
+        );
+    } else {
+        write!(
+            out,
+            "{}",
+            toml::to_string(&table).expect("TOML tables serialize")
+        )
+        .ok();
+    }
+    Ok(())
+}
+
+fn show_all(
+    store: &Store,
+    what: ShowAllWhat,
+    origin: bool,
+    format: Format,
+    out: &mut impl std::io::Write,
+) -> Result<(), Error> {
+    let tree = store.load_tree()?;
+    let merged: Merged = match what {
+        ShowAllWhat::Site { site } => {
+            tree.generated.site(site.as_str())?;
+            let mut merged = merge_site(&tree, &site);
+            let allocation = tree.generated.site(site.as_str())?;
+            merged.set(
+                "site_name",
+                Value::String(site.to_string()),
+                Level::Generated,
+            );
+            merged.set(
+                "site_id",
+                Value::Integer(allocation.id.into()),
+                Level::Generated,
+            );
+            if !merged.values.contains_key("asn") {
+                merged.set(
+                    "asn",
+                    Value::Integer(allocation.asn.into()),
+                    Level::Generated,
+                );
+            }
+            merged
+        }
+        ShowAllWhat::Node { node } => {
+            let id = tree.generated.node(&node)?.id;
+            let resolved = resolve(&tree)?;
+            resolved
+                .complete_attributes(id)
+                .expect("allocated nodes are resolved")
+        }
+    };
+    match (format, origin) {
+        (Format::Json, false) => print_json(
+            out,
+            &serde_json::to_value(&merged.values).expect("TOML converts to JSON"),
+        ),
+        (Format::Json, true) => {
+            let leaves: serde_json::Map<String, serde_json::Value> = merged
+                .leaves()
+                .into_iter()
+                .map(|(path, value, level)| {
+                    (
+                        path,
+                        json!({"value": serde_json::to_value(&value).expect("TOML converts to JSON"),
+                               "level": level.kind(), "file": level.file()}),
+                    )
+                })
+                .collect();
+            print_json(out, &serde_json::Value::Object(leaves));
+        }
+        (Format::Text, false) => {
+            write!(
+                out,
+                "{}",
+                toml::to_string(&merged.values).expect("TOML serializes")
+            )
+            .ok();
+        }
+        (Format::Text, true) => {
+            let lines: Vec<(String, String)> = merged
+                .leaves()
+                .into_iter()
+                .map(|(path, value, level)| (format!("{path} = {value}"), level.file()))
+                .collect();
+            let width = lines.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
+            for (line, file) in lines {
+                writeln!(out, "{line:<width$}  # {file}").ok();
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,61 @@
+//! External programs (git) go through here, so a failure always names the program, its
+//! arguments, its exit status and the tail of what it printed.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// A program that could not run or failed.
+#[derive(Debug, thiserror::Error)]
+#[error("`{program} {}` {outcome}{}", args.join(" "), if stderr_tail.is_empty() { String::new() } else { format!(": {stderr_tail}") })]
+pub struct CommandError {
+    pub program: String,
+    pub args: Vec<String>,
+    pub outcome: String,
+    pub stderr_tail: String,
+}
+
+/// Runs a program in `dir`, capturing its output; a non-zero exit is an error.
+pub fn run(
+    program: &str,
+    args: &[&str],
+    dir: &Path,
+    env: &[(&str, &str)],
+) -> Result<Output, CommandError> {
+    let failed = |outcome: String, stderr: &[u8]| CommandError {
+        program: program.to_string(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        outcome,
+        stderr_tail: tail(stderr),
+    };
+    let output = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .envs(env.iter().copied())
+        .output()
+        .map_err(|e| failed(format!("could not start ({e})"), b""))?;
+    if output.status.success() {
+        Ok(output)
+    } else {
+        Err(failed(
+            format!("failed ({})", output.status),
+            &output.stderr,
+        ))
+    }
+}
+
+/// The last line or so of a program's error output, trimmed for a one-line message.
+fn tail(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let start = lines.len().saturating_sub(2);
+    let joined = lines[start..].join(" | ");
+    if joined.len() > 300 {
+        let mut cut = joined.len() - 300;
+        while !joined.is_char_boundary(cut) {
+            cut += 1;
+        }
+        format!("...{}", &joined[cut..])
+    } else {
+        joined
+    }
+}

@@ -1,0 +1,194 @@
+//! What `tlm` does to an installation: add and remove sites and nodes, set attributes. Each
+//! operation checks everything first and writes last, so a refused command changes nothing.
+
+use toml::Value;
+
+use crate::allocation::NodeAllocation;
+use crate::attributes::{parse_attribute_path, Level};
+use crate::names::{NodeFullName, NodeRef, SiteName};
+use crate::resolve::{allocation_settings, merge_node, merge_site, resolve};
+use crate::store::Store;
+use crate::Error;
+
+/// Adds a site: allocates its id and AS number, creates `site_<site>/`.
+pub fn add_site(store: &Store, site: &SiteName) -> Result<u32, Error> {
+    let mut tree = store.load_tree()?;
+    let merged = merge_site(&tree, site);
+    let (_, asn_base) = allocation_settings(&merged)?;
+    let allocation = tree.generated.add_site(site.clone(), asn_base)?.clone();
+    store.save_generated(&tree.generated)?;
+    store.create_site_dir(site)?;
+    tracing::info!(site = %site, id = allocation.id, asn = allocation.asn, "added site");
+    Ok(allocation.id)
+}
+
+/// Adds a node: allocates id, loopbacks, WireGuard keys and recovery token.
+pub fn add_node(store: &Store, full: &NodeFullName) -> Result<NodeAllocation, Error> {
+    let mut tree = store.load_tree()?;
+    tree.generated.site(full.site.as_str())?;
+    let merged = merge_node(&tree, full, &crate::attributes::defaults());
+    let (pools, _) = allocation_settings(&merged)?;
+    let (node, node_secrets) =
+        tree.generated
+            .add_node(full.clone(), &pools, &mut rand_core::OsRng)?;
+    let mut secrets = store.load_secrets()?;
+    secrets.nodes.retain(|s| s.id != node.id);
+    secrets.nodes.push(node_secrets);
+    // Secrets first: a crash before the generated config is saved leaves only an unused entry.
+    store.save_secrets(&secrets)?;
+    store.save_generated(&tree.generated)?;
+    store.create_node_dir(&node)?;
+    tracing::info!(node = %full, id = node.id, "added node");
+    Ok(node)
+}
+
+/// Removes a node, its directory and its versions. Its id is never reused.
+pub fn remove_node(store: &Store, node_ref: &NodeRef) -> Result<NodeAllocation, Error> {
+    let mut generated = store.load_generated()?;
+    let node = generated.remove_node(node_ref)?;
+    let full = node.full_name();
+    store.remove_tree(&Store::level_dir(&Level::Node(
+        node.site.clone(),
+        node.name.clone(),
+    )))?;
+    store.remove_tree(
+        store
+            .effective_dir(&full)
+            .strip_prefix(store.root())
+            .expect("effective dir is inside the root"),
+    )?;
+    store.save_generated(&generated)?;
+    let mut secrets = store.load_secrets()?;
+    secrets.nodes.retain(|s| s.id != node.id);
+    store.save_secrets(&secrets)?;
+    tracing::info!(node = %full, id = node.id, "removed node");
+    Ok(node)
+}
+
+/// Removes a site that has no nodes left.
+pub fn remove_site(store: &Store, site: &SiteName) -> Result<(), Error> {
+    let mut generated = store.load_generated()?;
+    generated.remove_site(site)?;
+    store.remove_tree(&Store::level_dir(&Level::Site(site.clone())))?;
+    store.remove_tree(&std::path::Path::new(crate::store::EFFECTIVE_DIR).join(site.as_str()))?;
+    store.save_generated(&generated)?;
+    tracing::info!(site = %site, "removed site");
+    Ok(())
+}
+
+/// What `set` did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SetOutcome {
+    Set,
+    Removed,
+    /// `empty` for an attribute the level does not set.
+    NotSet,
+}
+
+/// Sets (or with `None`, removes) one attribute in one level's config.toml, keeping the file's
+/// comments and layout. Refused when it would make a valid configuration invalid.
+pub fn set_attribute(
+    store: &Store,
+    level: &Level,
+    attribute: &str,
+    value: Option<Value>,
+) -> Result<SetOutcome, Error> {
+    let path = parse_attribute_path(attribute)?;
+    let file = level.file();
+    let old_text = store.level_text(level)?;
+    // Validate the current file first: edits to a malformed file are refused.
+    let _: toml::Table = crate::store::parse_toml(&old_text, &file)?;
+    let mut document: toml_edit::DocumentMut =
+        old_text
+            .parse()
+            .map_err(|e: toml_edit::TomlError| Error::Toml {
+                file: file.clone(),
+                line: 1,
+                column: 1,
+                message: e.message().to_string(),
+            })?;
+    let outcome = match value {
+        Some(value) => {
+            let item = toml_edit::value(to_edit_value(&value));
+            let mut table = document.as_table_mut();
+            for segment in &path[..path.len() - 1] {
+                let entry = table.entry(segment).or_insert_with(|| {
+                    let mut t = toml_edit::Table::new();
+                    t.set_implicit(true);
+                    toml_edit::Item::Table(t)
+                });
+                table = entry.as_table_mut().ok_or_else(|| {
+                    Error::Attribute(crate::attributes::AttributeInputError::Value {
+                        attribute: attribute.to_string(),
+                        message: format!("`{segment}` in `{file}` is not a table"),
+                    })
+                })?;
+            }
+            table.insert(&path[path.len() - 1], item);
+            SetOutcome::Set
+        }
+        None => {
+            let mut table = Some(document.as_table_mut());
+            for segment in &path[..path.len() - 1] {
+                table = table
+                    .and_then(|t| t.get_mut(segment))
+                    .and_then(|i| i.as_table_mut());
+            }
+            match table.and_then(|t| t.remove(&path[path.len() - 1])) {
+                Some(_) => SetOutcome::Removed,
+                None => return Ok(SetOutcome::NotSet),
+            }
+        }
+    };
+    let new_text = document.to_string();
+    // Refuse a change that breaks a configuration that resolved before.
+    let mut tree = store.load_tree()?;
+    let valid_before = resolve(&tree).is_ok();
+    let new_table: toml::Table = crate::store::parse_toml(&new_text, &file)?;
+    match level {
+        Level::Global => tree.global.attributes = new_table,
+        Level::Site(site) => tree.sites.entry(site.clone()).or_default().attributes = new_table,
+        Level::Node(site, node) => {
+            tree.nodes
+                .entry(NodeFullName {
+                    site: site.clone(),
+                    node: node.clone(),
+                })
+                .or_default()
+                .attributes = new_table
+        }
+        Level::Default | Level::Generated => unreachable!("set applies to global, site or node"),
+    }
+    if valid_before {
+        resolve(&tree)?;
+    }
+    store.write_level_text(level, &new_text)?;
+    Ok(outcome)
+}
+
+fn to_edit_value(value: &Value) -> toml_edit::Value {
+    match value {
+        Value::String(s) => s.as_str().into(),
+        Value::Integer(i) => (*i).into(),
+        Value::Float(f) => (*f).into(),
+        Value::Boolean(b) => (*b).into(),
+        Value::Datetime(d) => d
+            .to_string()
+            .parse()
+            .unwrap_or_else(|_| d.to_string().into()),
+        Value::Array(items) => {
+            let mut array = toml_edit::Array::new();
+            for item in items {
+                array.push(to_edit_value(item));
+            }
+            toml_edit::Value::Array(array)
+        }
+        Value::Table(table) => {
+            let mut inline = toml_edit::InlineTable::new();
+            for (k, v) in table {
+                inline.insert(k, to_edit_value(v));
+            }
+            toml_edit::Value::InlineTable(inline)
+        }
+    }
+}

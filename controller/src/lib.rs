@@ -1,0 +1,88 @@
+//! The Towalink controller: the configuration store and everything `tlm` does with it.
+//!
+//! Stages, each pure and tested on its own, with effects at the edges:
+//! raw files ([`store`]) → merged attributes ([`attributes`]) → allocations ([`allocation`])
+//! and topology ([`topology`]) → resolved per-node attributes ([`resolve`]) → rendered files
+//! ([`render`]) → signed versions and bundles ([`versions`]). [`cli`] maps the `tlm` grammar
+//! onto these.
+
+pub mod allocation;
+pub mod attributes;
+pub mod cli;
+pub mod durable;
+pub mod external;
+pub mod installation;
+pub mod names;
+pub mod render;
+pub mod resolve;
+pub mod store;
+pub mod topology;
+pub mod versions;
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the controller, each naming the file, field or argument.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Io(#[from] durable::IoError),
+    #[error("`{file}`: line {line}, column {column}: {message}")]
+    Toml {
+        file: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("`{file}` is not UTF-8 text")]
+    NotUtf8 { file: String },
+    #[error(
+        "`{0}` is not a Towalink configuration directory: it is not empty and has no config.toml"
+    )]
+    NotConfigDir(PathBuf),
+    #[error(transparent)]
+    Name(#[from] names::NameError),
+    #[error(transparent)]
+    Allocation(#[from] allocation::AllocationError),
+    #[error(transparent)]
+    Resolve(#[from] resolve::ResolveError),
+    #[error(transparent)]
+    Render(#[from] render::RenderError),
+    #[error(transparent)]
+    Attribute(#[from] attributes::AttributeInputError),
+    #[error(transparent)]
+    Command(#[from] external::CommandError),
+    #[error("cannot build bundle: {0}")]
+    Bundle(#[from] towalink_bundle::BundleError),
+    #[error("node {node} has no version v{version}{}", latest.map(|l| format!(" (latest is v{l})")).unwrap_or_default())]
+    UnknownVersion {
+        node: names::NodeFullName,
+        version: u32,
+        latest: Option<u32>,
+    },
+    #[error("node {0} has no committed version yet")]
+    NoVersion(names::NodeFullName),
+    #[error("`{file}`: {message}")]
+    Corrupt { file: String, message: String },
+}
+
+impl Error {
+    /// A remedy to print after the error, where one is known.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            Error::NoVersion(node) => Some(format!("run `tlm commit node {node}` first")),
+            Error::Allocation(allocation::AllocationError::UnknownSite(_)) => {
+                Some("`tlm list sites` shows the sites".into())
+            }
+            Error::Allocation(allocation::AllocationError::UnknownNode(_)) => {
+                Some("`tlm list nodes all` shows the nodes".into())
+            }
+            Error::Allocation(allocation::AllocationError::SiteNotEmpty { .. }) => {
+                Some("remove each node with `tlm del node <node>.<site>`".into())
+            }
+            Error::NotConfigDir(_) => Some(
+                "pass --config-dir (or TOWALINK_CONFIG_DIR) with an existing Towalink directory or a new one".into(),
+            ),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! `tlm`: parse arguments, set up logging, run, map the outcome to an exit status
+//! (0 ok, 1 failed or invalid input, 2 usage).
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use towalink_controller::cli::{run, Cli};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_max_level(cli.loglevel.tracing_level())
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(
+            std::env::var_os("NO_COLOR").is_none()
+                && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        )
+        .without_time()
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            let hint = error
+                .hint()
+                .map(|h| format!(" (hint: {h})"))
+                .unwrap_or_default();
+            eprintln!("tlm: error: {error}{hint}");
+            ExitCode::from(1)
+        }
+    }
+}

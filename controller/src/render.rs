@@ -1,0 +1,404 @@
+//! Rendering: a node's effective attributes and its level's service files → the files of a
+//! version, with their manifest entries.
+//!
+//! Every file named `X.jinja` renders with minijinja to `X` (strict: an undefined variable is an
+//! error naming the template file and line); other files are copied as they are. Templates see
+//! every effective attribute as a variable (`loopback_ipv4`, `asn`, `peers`, ...) and may
+//! `include` each other by file name. The effective attributes themselves become
+//! `towalink/node.toml`, read by `towalink-node` from its slot.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use minijinja::{Environment, UndefinedBehavior};
+use toml::{Table, Value};
+use towalink_bundle::{sha256_hex, FileEntry, Service};
+
+use crate::attributes::{Level, Merged};
+use crate::names::{NodeFullName, SiteName};
+use crate::resolve::ConfigTree;
+
+/// Path of the effective attributes inside a version.
+pub const NODE_TOML: &str = "towalink/node.toml";
+/// Suffix of template files.
+pub const TEMPLATE_SUFFIX: &str = ".jinja";
+
+/// Why a node's files could not be rendered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenderError {
+    #[error("template `{file}`{}: {message}", line.map(|l| format!(" line {l}")).unwrap_or_default())]
+    Template {
+        file: String,
+        line: Option<usize>,
+        message: String,
+    },
+    #[error("`{file}`: attribute `{attribute}` {message}")]
+    Attribute {
+        file: String,
+        attribute: String,
+        message: String,
+    },
+    #[error("node {node}: both `{first}` and `{second}` produce the file `{output}`")]
+    Collision {
+        node: NodeFullName,
+        first: String,
+        second: String,
+        output: String,
+    },
+}
+
+/// The files of one node version and their manifest entries.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RenderedNode {
+    /// Content by path in the bundle.
+    pub files: BTreeMap<String, Vec<u8>>,
+    pub entries: Vec<FileEntry>,
+    pub services: BTreeMap<String, Service>,
+}
+
+/// Which level's files a node sees: the lowest level that has files of its own decides.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum FileSetKey {
+    Global,
+    Site(SiteName),
+    Node(NodeFullName),
+}
+
+struct FileSet {
+    /// File name → (path relative to the configuration directory, content).
+    files: BTreeMap<String, (String, String)>,
+    environment: Environment<'static>,
+}
+
+/// Renders nodes, caching one template environment per distinct set of files.
+pub struct Renderer<'a> {
+    tree: &'a ConfigTree,
+    cache: HashMap<FileSetKey, Arc<FileSet>>,
+}
+
+impl<'a> Renderer<'a> {
+    pub fn new(tree: &'a ConfigTree) -> Renderer<'a> {
+        Renderer {
+            tree,
+            cache: HashMap::new(),
+        }
+    }
+
+    fn file_set(&mut self, node: &NodeFullName) -> Result<Arc<FileSet>, RenderError> {
+        let has_files = |level: Option<&crate::resolve::LevelConfig>| {
+            level.is_some_and(|l| !l.files.is_empty())
+        };
+        let key = if has_files(self.tree.nodes.get(node)) {
+            FileSetKey::Node(node.clone())
+        } else if has_files(self.tree.sites.get(&node.site)) {
+            FileSetKey::Site(node.site.clone())
+        } else {
+            FileSetKey::Global
+        };
+        if let Some(set) = self.cache.get(&key) {
+            return Ok(set.clone());
+        }
+        let mut files = BTreeMap::new();
+        for (name, content) in &self.tree.global.files {
+            files.insert(name.clone(), (name.clone(), content.clone()));
+        }
+        if let Some(site) = self.tree.sites.get(&node.site) {
+            for (name, content) in &site.files {
+                files.insert(
+                    name.clone(),
+                    (format!("site_{}/{name}", node.site), content.clone()),
+                );
+            }
+        }
+        if let FileSetKey::Node(_) = key {
+            for (name, content) in &self.tree.nodes[node].files {
+                files.insert(
+                    name.clone(),
+                    (
+                        format!("site_{}/node_{}/{name}", node.site, node.node),
+                        content.clone(),
+                    ),
+                );
+            }
+        }
+        let mut environment = Environment::new();
+        environment.set_undefined_behavior(UndefinedBehavior::Strict);
+        environment.set_keep_trailing_newline(true);
+        environment.set_trim_blocks(true);
+        environment.set_lstrip_blocks(true);
+        for (name, (path, content)) in &files {
+            if name.ends_with(TEMPLATE_SUFFIX) {
+                environment
+                    .add_template_owned(name.clone(), content.clone())
+                    .map_err(|e| template_error(&e, path, &files))?;
+            }
+        }
+        let set = Arc::new(FileSet { files, environment });
+        self.cache.insert(key, set.clone());
+        Ok(set)
+    }
+
+    /// Renders one node from its complete attributes (for targets and services) and its
+    /// effective attributes (the template context and node.toml).
+    pub fn render(
+        &mut self,
+        node: &NodeFullName,
+        complete: &Merged,
+        effective: &Table,
+    ) -> Result<RenderedNode, RenderError> {
+        let set = self.file_set(node)?;
+        let targets = FileTargets::from_attributes(complete)?;
+        let context = minijinja::Value::from_serialize(effective);
+        let mut files = BTreeMap::new();
+        let mut sources: BTreeMap<String, String> = BTreeMap::new();
+        for (name, (path, content)) in &set.files {
+            let (output, bytes) = match name.strip_suffix(TEMPLATE_SUFFIX) {
+                Some(output) => {
+                    let template = set
+                        .environment
+                        .get_template(name)
+                        .map_err(|e| template_error(&e, path, &set.files))?;
+                    let text = template
+                        .render(&context)
+                        .map_err(|e| template_error(&e, path, &set.files))?;
+                    (output.to_string(), text.into_bytes())
+                }
+                None => (name.clone(), content.clone().into_bytes()),
+            };
+            if output.is_empty() || output == "towalink" {
+                return Err(RenderError::Collision {
+                    node: node.clone(),
+                    first: path.clone(),
+                    second: "towalink/".into(),
+                    output,
+                });
+            }
+            if let Some(first) = sources.insert(output.clone(), path.clone()) {
+                return Err(RenderError::Collision {
+                    node: node.clone(),
+                    first,
+                    second: path.clone(),
+                    output,
+                });
+            }
+            files.insert(output, bytes);
+        }
+        let node_toml = toml::to_string(effective).map_err(|e| RenderError::Attribute {
+            file: Level::Generated.file(),
+            attribute: "peers".into(),
+            message: e.to_string(),
+        })?;
+        files.insert(NODE_TOML.to_string(), node_toml.into_bytes());
+
+        let mut entries = Vec::with_capacity(files.len());
+        let mut services = BTreeMap::new();
+        for (path, content) in &files {
+            let rule = if path == NODE_TOML {
+                None
+            } else {
+                targets.rule_for(path)
+            };
+            let entry = FileEntry {
+                path: path.clone(),
+                target: rule.map(|r| format!("{}/{path}", r.directory.trim_end_matches('/'))),
+                mode: rule.map_or_else(|| "0644".to_string(), |r| r.mode.clone()),
+                sha256: sha256_hex(content),
+                service: rule.and_then(|r| r.service.clone()),
+            };
+            if let Some(service) = &entry.service {
+                let definition =
+                    targets
+                        .services
+                        .get(service)
+                        .ok_or_else(|| RenderError::Attribute {
+                            file: complete
+                                .origin("file_targets")
+                                .map(Level::file)
+                                .unwrap_or_default(),
+                            attribute: "file_targets".into(),
+                            message: format!(
+                            "names service `{service}`, which has no `services.{service}.reload`"
+                        ),
+                        })?;
+                services.insert(service.clone(), definition.clone());
+            }
+            entries.push(entry);
+        }
+        Ok(RenderedNode {
+            files,
+            entries,
+            services,
+        })
+    }
+}
+
+fn template_error(
+    error: &minijinja::Error,
+    path: &str,
+    files: &BTreeMap<String, (String, String)>,
+) -> RenderError {
+    // The failing template may be an included one: name its file.
+    let file = error
+        .name()
+        .and_then(|name| files.get(name))
+        .map_or_else(|| path.to_string(), |(p, _)| p.clone());
+    let message = match error.detail() {
+        Some(detail) => format!("{}: {detail}", error.kind()),
+        None => error.kind().to_string(),
+    };
+    RenderError::Template {
+        file,
+        line: error.line(),
+        message,
+    }
+}
+
+#[derive(Debug, Clone)]
+struct TargetRule {
+    pattern: String,
+    directory: String,
+    mode: String,
+    service: Option<String>,
+}
+
+struct FileTargets {
+    rules: Vec<TargetRule>,
+    services: BTreeMap<String, Service>,
+}
+
+impl FileTargets {
+    fn from_attributes(complete: &Merged) -> Result<FileTargets, RenderError> {
+        let error = |attribute: String, message: String| RenderError::Attribute {
+            file: complete
+                .origin(attribute.split('.').next().unwrap_or_default())
+                .map(Level::file)
+                .unwrap_or_default(),
+            attribute,
+            message,
+        };
+        let mut rules = Vec::new();
+        if let Some(value) = complete.values.get("file_targets") {
+            let table = value.as_table().ok_or_else(|| {
+                error("file_targets".into(), "must be a table of patterns".into())
+            })?;
+            for (pattern, rule) in table {
+                let name = format!("file_targets.{pattern:?}");
+                let rule = rule
+                    .as_table()
+                    .ok_or_else(|| error(name.clone(), "must be a table".into()))?;
+                let text = |key: &str| -> Result<Option<String>, RenderError> {
+                    match rule.get(key) {
+                        None => Ok(None),
+                        Some(Value::String(s)) => Ok(Some(s.clone())),
+                        Some(_) => Err(error(format!("{name}.{key}"), "must be a string".into())),
+                    }
+                };
+                let directory = text("directory")?
+                    .ok_or_else(|| error(format!("{name}.directory"), "is missing".into()))?;
+                if !directory.starts_with('/') || directory.split('/').any(|c| c == "..") {
+                    return Err(error(
+                        format!("{name}.directory"),
+                        "must be an absolute path without `..`".into(),
+                    ));
+                }
+                let mode = text("mode")?.unwrap_or_else(|| "0644".to_string());
+                let mode_ok = mode.len() == 4
+                    && mode.starts_with('0')
+                    && mode.bytes().all(|b| (b'0'..=b'7').contains(&b));
+                if !mode_ok {
+                    return Err(error(
+                        format!("{name}.mode"),
+                        format!("is `{mode}`: use an octal mode like \"0644\""),
+                    ));
+                }
+                for key in rule.keys() {
+                    if !["directory", "mode", "service"].contains(&key.as_str()) {
+                        return Err(error(
+                            format!("{name}.{key}"),
+                            "is unknown: use directory, mode, service".into(),
+                        ));
+                    }
+                }
+                rules.push(TargetRule {
+                    pattern: pattern.clone(),
+                    directory,
+                    mode,
+                    service: text("service")?,
+                });
+            }
+        }
+        let mut services = BTreeMap::new();
+        if let Some(value) = complete.values.get("services") {
+            let table = value
+                .as_table()
+                .ok_or_else(|| error("services".into(), "must be a table".into()))?;
+            for (service, definition) in table {
+                let reload = definition
+                    .get("reload")
+                    .and_then(Value::as_array)
+                    .and_then(|items| {
+                        items
+                            .iter()
+                            .map(|i| i.as_str().map(str::to_string))
+                            .collect::<Option<Vec<_>>>()
+                    })
+                    .filter(|items| !items.is_empty())
+                    .ok_or_else(|| {
+                        error(
+                            format!("services.{service}.reload"),
+                            "must be a non-empty list of strings (program and arguments)".into(),
+                        )
+                    })?;
+                services.insert(service.clone(), Service { reload });
+            }
+        }
+        Ok(FileTargets { rules, services })
+    }
+
+    /// The rule for a file: an exact name wins, then the longest matching pattern.
+    fn rule_for(&self, file: &str) -> Option<&TargetRule> {
+        self.rules
+            .iter()
+            .filter(|r| glob_match(&r.pattern, file))
+            .max_by_key(|r| (r.pattern == file, r.pattern.len()))
+    }
+}
+
+/// Matches `*` (any run of characters) and `?` (one character).
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let t: Vec<char> = text.chars().collect();
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("bird*.conf", "bird.conf"));
+        assert!(glob_match("bird*.conf", "bird_peers.conf"));
+        assert!(!glob_match("bird*.conf", "bird.conf.bak"));
+        assert!(glob_match("*", "x"));
+        assert!(glob_match("a?c", "abc"));
+        assert!(!glob_match("a?c", "ac"));
+    }
+}

@@ -1,0 +1,514 @@
+//! Resolution: raw configuration tree → per-node effective attributes.
+//!
+//! The hierarchy is merged (defaults → global → site → node), known attributes are checked and
+//! typed, generated values (ids, AS number, loopbacks, public key) are added, the topology is
+//! computed over all nodes and each node gets its `peers`. Pure: no file access.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use serde::Serialize;
+use toml::{Table, Value};
+
+use crate::allocation::{Generated, NodeAllocation};
+use crate::attributes::{defaults, Level, Merged};
+use crate::names::{NodeFullName, NodeRef, SiteName};
+use crate::topology::{self, TopologyKind, TopologyNode};
+
+/// One level's attributes and service files, as read from disk.
+#[derive(Debug, Clone, Default)]
+pub struct LevelConfig {
+    pub attributes: Table,
+    /// Service files and templates by file name.
+    pub files: BTreeMap<String, String>,
+}
+
+/// Everything the configuration directory holds that resolution needs.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigTree {
+    pub global: LevelConfig,
+    pub sites: BTreeMap<SiteName, LevelConfig>,
+    pub nodes: BTreeMap<NodeFullName, LevelConfig>,
+    pub generated: Generated,
+}
+
+/// A semantic error in the configuration, naming the attribute and the file that set it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    #[error("`{file}`: attribute `{attribute}` {message}")]
+    Attribute {
+        file: String,
+        attribute: String,
+        message: String,
+    },
+}
+
+fn attribute_error(merged: &Merged, attribute: &str, message: impl Into<String>) -> ResolveError {
+    ResolveError::Attribute {
+        file: merged
+            .origin(attribute)
+            .map(Level::file)
+            .unwrap_or_else(|| "built-in default".to_string()),
+        attribute: attribute.to_string(),
+        message: message.into(),
+    }
+}
+
+/// The typed attributes resolution and the data plane rely on.
+#[derive(Debug, Clone)]
+pub struct NodeSettings {
+    pub allocation: NodeAllocation,
+    pub site_id: u32,
+    pub asn: u32,
+    pub loopback_ipv4: Ipv4Addr,
+    pub loopback_ipv6: Ipv6Addr,
+    pub port_base: u32,
+    pub keepalive: u32,
+    pub mtu: u32,
+    pub endpoint: Option<String>,
+}
+
+/// One peer link as the node sees it; rendered into `peers` for the templates and node.toml.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Peer {
+    pub interface: String,
+    pub peer_id: u32,
+    pub peer_node: String,
+    pub peer_site: String,
+    pub peer_asn: u32,
+    pub peer_loopback_ipv4: Ipv4Addr,
+    pub peer_loopback_ipv6: Ipv6Addr,
+    pub peer_public_key: String,
+    /// `host:port` the node sends to; absent when the peer has no `wg_endpoint`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_endpoint: Option<String>,
+    pub listen_port: u16,
+    pub peer_port: u16,
+    pub local_link_local: Ipv6Addr,
+    pub peer_link_local: Ipv6Addr,
+    pub keepalive: u32,
+    pub mtu: u32,
+}
+
+/// The whole installation resolved: merged attributes per node, settings and links.
+#[derive(Debug)]
+pub struct Resolved {
+    merged: BTreeMap<u32, Merged>,
+    settings: BTreeMap<u32, NodeSettings>,
+    peers: BTreeMap<u32, Vec<u32>>,
+    links: BTreeSet<topology::Link>,
+}
+
+/// Merges the hierarchy for a site (defaults → global → site).
+pub fn merge_site(tree: &ConfigTree, site: &SiteName) -> Merged {
+    let defaults = defaults();
+    let empty = Table::new();
+    let site_attributes = tree.sites.get(site).map_or(&empty, |l| &l.attributes);
+    Merged::from_layers([
+        (Level::Default, &defaults),
+        (Level::Global, &tree.global.attributes),
+        (Level::Site(site.clone()), site_attributes),
+    ])
+}
+
+/// Merges the hierarchy for a node (defaults → global → site → node).
+pub fn merge_node(tree: &ConfigTree, node: &NodeFullName, defaults: &Table) -> Merged {
+    let empty = Table::new();
+    let site_attributes = tree.sites.get(&node.site).map_or(&empty, |l| &l.attributes);
+    let node_attributes = tree.nodes.get(node).map_or(&empty, |l| &l.attributes);
+    Merged::from_layers([
+        (Level::Default, defaults),
+        (Level::Global, &tree.global.attributes),
+        (Level::Site(node.site.clone()), site_attributes),
+        (
+            Level::Node(node.site.clone(), node.node.clone()),
+            node_attributes,
+        ),
+    ])
+}
+
+/// Resolves every node of the installation.
+pub fn resolve(tree: &ConfigTree) -> Result<Resolved, ResolveError> {
+    let defaults = defaults();
+    let mut merged = BTreeMap::new();
+    let mut settings = BTreeMap::new();
+    let mut topology_nodes = Vec::with_capacity(tree.generated.nodes.len());
+    for allocation in &tree.generated.nodes {
+        let full = allocation.full_name();
+        let attributes = merge_node(tree, &full, &defaults);
+        let site = tree
+            .generated
+            .site(full.site.as_str())
+            .map_err(|e| attribute_error(&attributes, "site", e.to_string()))?;
+        let node_settings = NodeSettings {
+            allocation: allocation.clone(),
+            site_id: site.id,
+            asn: optional_u32(&attributes, "asn", 1, u32::MAX - 1)?.unwrap_or(site.asn),
+            loopback_ipv4: optional_parsed(&attributes, "loopback_ipv4", "an IPv4 address")?
+                .unwrap_or(allocation.loopback_ipv4),
+            loopback_ipv6: optional_parsed(&attributes, "loopback_ipv6", "an IPv6 address")?
+                .unwrap_or(allocation.loopback_ipv6),
+            port_base: required_u32(&attributes, "wg_listen_port_base", 1, 65535)?,
+            keepalive: required_u32(&attributes, "wg_keepalive", 0, 65535)?,
+            mtu: required_u32(&attributes, "wg_mtu", 1280, 65535)?,
+            endpoint: optional_string(&attributes, "wg_endpoint")?,
+        };
+        check_pool::<ipnet::Ipv4Net>(&attributes, "loopback_ipv4_pool")?;
+        check_pool::<ipnet::Ipv6Net>(&attributes, "loopback_ipv6_pool")?;
+        required_u32(&attributes, "asn_base", 0, u32::MAX - 1)?;
+        topology_nodes.push(topology_node(tree, allocation, &attributes)?);
+        merged.insert(allocation.id, attributes);
+        settings.insert(allocation.id, node_settings);
+    }
+    let links = topology::links(&topology_nodes);
+    let peers = topology::peers_by_node(&links);
+    for (id, peer_ids) in &peers {
+        let node = &settings[id];
+        for peer in peer_ids {
+            if topology::listen_port(node.port_base, *peer).is_none() {
+                return Err(attribute_error(
+                    &merged[id],
+                    "wg_listen_port_base",
+                    format!(
+                        "is too high: the port for peer node {peer} would exceed 65535 on node {}",
+                        node.allocation.full_name()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(Resolved {
+        merged,
+        settings,
+        peers,
+        links,
+    })
+}
+
+fn topology_node(
+    tree: &ConfigTree,
+    allocation: &NodeAllocation,
+    attributes: &Merged,
+) -> Result<TopologyNode, ResolveError> {
+    let kind_text = required_string(attributes, "topology")?;
+    let kind = kind_text.parse::<TopologyKind>().map_err(|()| {
+        attribute_error(
+            attributes,
+            "topology",
+            format!("is `{kind_text}`: use mesh, star or none"),
+        )
+    })?;
+    let groups = string_list(attributes, "groups")?;
+    let mut links = Vec::new();
+    for text in string_list(attributes, "links")? {
+        let node_ref: NodeRef = text.parse().map_err(|e: crate::names::NameError| {
+            attribute_error(attributes, "links", e.to_string())
+        })?;
+        let peer = tree.generated.node(&node_ref).map_err(|_| {
+            attribute_error(attributes, "links", format!("names unknown node `{text}`"))
+        })?;
+        if peer.id == allocation.id {
+            return Err(attribute_error(
+                attributes,
+                "links",
+                format!("links node `{text}` to itself"),
+            ));
+        }
+        links.push(peer.id);
+    }
+    Ok(TopologyNode {
+        id: allocation.id,
+        name: allocation.full_name(),
+        kind,
+        groups: groups.into_iter().collect(),
+        hub_group: required_string(attributes, "hub_group")?,
+        links,
+    })
+}
+
+impl Resolved {
+    pub fn links(&self) -> &BTreeSet<topology::Link> {
+        &self.links
+    }
+
+    pub fn settings(&self, node_id: u32) -> Option<&NodeSettings> {
+        self.settings.get(&node_id)
+    }
+
+    pub fn merged(&self, node_id: u32) -> Option<&Merged> {
+        self.merged.get(&node_id)
+    }
+
+    /// The peers of a node with every per-link value.
+    pub fn peers(&self, node_id: u32) -> Vec<Peer> {
+        let Some(node) = self.settings.get(&node_id) else {
+            return Vec::new();
+        };
+        self.peers
+            .get(&node_id)
+            .into_iter()
+            .flatten()
+            .map(|peer_id| {
+                let peer = &self.settings[peer_id];
+                let peer_port =
+                    topology::listen_port(peer.port_base, node_id).expect("checked in resolve()");
+                Peer {
+                    interface: topology::interface_name(*peer_id),
+                    peer_id: *peer_id,
+                    peer_node: peer.allocation.name.to_string(),
+                    peer_site: peer.allocation.site.to_string(),
+                    peer_asn: peer.asn,
+                    peer_loopback_ipv4: peer.loopback_ipv4,
+                    peer_loopback_ipv6: peer.loopback_ipv6,
+                    peer_public_key: peer.allocation.wg_public_key.clone(),
+                    peer_endpoint: peer.endpoint.as_ref().map(|host| {
+                        if host.contains(':') && !host.starts_with('[') {
+                            format!("[{host}]:{peer_port}")
+                        } else {
+                            format!("{host}:{peer_port}")
+                        }
+                    }),
+                    listen_port: topology::listen_port(node.port_base, *peer_id)
+                        .expect("checked in resolve()"),
+                    peer_port,
+                    local_link_local: topology::link_local(node_id, *peer_id),
+                    peer_link_local: topology::link_local(*peer_id, node_id),
+                    keepalive: node.keepalive,
+                    mtu: node.mtu.min(peer.mtu),
+                }
+            })
+            .collect()
+    }
+
+    /// The complete attributes of a node: merged hierarchy plus generated values (no peers).
+    pub fn complete_attributes(&self, node_id: u32) -> Option<Merged> {
+        let node = self.settings.get(&node_id)?;
+        let mut merged = self.merged.get(&node_id)?.clone();
+        let generated = [
+            ("node_id", Value::Integer(i64::from(node_id))),
+            ("node_name", Value::String(node.allocation.name.to_string())),
+            ("site_name", Value::String(node.allocation.site.to_string())),
+            ("site_id", Value::Integer(i64::from(node.site_id))),
+            (
+                "wg_public_key",
+                Value::String(node.allocation.wg_public_key.clone()),
+            ),
+        ];
+        for (key, value) in generated {
+            merged.set(key, value, Level::Generated);
+        }
+        // Values the user may override keep the user's origin.
+        let overridable = [
+            ("asn", Value::Integer(i64::from(node.asn))),
+            (
+                "loopback_ipv4",
+                Value::String(node.loopback_ipv4.to_string()),
+            ),
+            (
+                "loopback_ipv6",
+                Value::String(node.loopback_ipv6.to_string()),
+            ),
+        ];
+        for (key, value) in overridable {
+            if !merged.values.contains_key(key) {
+                merged.set(key, value, Level::Generated);
+            } else {
+                merged.values.insert(key.to_string(), value);
+            }
+        }
+        Some(merged)
+    }
+
+    /// The effective attributes of a node: complete attributes plus `peers`.
+    pub fn effective_attributes(&self, node_id: u32) -> Option<Table> {
+        let mut table = self.complete_attributes(node_id)?.values;
+        let peers = self.peers(node_id);
+        let peers = Value::try_from(peers).expect("peers serialize to TOML");
+        table.insert("peers".to_string(), peers);
+        Some(table)
+    }
+}
+
+fn get<'a>(merged: &'a Merged, key: &str) -> Option<&'a Value> {
+    merged.values.get(key)
+}
+
+fn required_string(merged: &Merged, key: &str) -> Result<String, ResolveError> {
+    optional_string(merged, key)?.ok_or_else(|| attribute_error(merged, key, "is missing"))
+}
+
+fn optional_string(merged: &Merged, key: &str) -> Result<Option<String>, ResolveError> {
+    match get(merged, key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(attribute_error(
+            merged,
+            key,
+            format!("must be a string, not {}", other.type_str()),
+        )),
+    }
+}
+
+fn string_list(merged: &Merged, key: &str) -> Result<Vec<String>, ResolveError> {
+    match get(merged, key) {
+        None => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| match item {
+                Value::String(s) => Ok(s.clone()),
+                other => Err(attribute_error(
+                    merged,
+                    key,
+                    format!("must be a list of strings, found {}", other.type_str()),
+                )),
+            })
+            .collect(),
+        Some(other) => Err(attribute_error(
+            merged,
+            key,
+            format!("must be a list of strings, not {}", other.type_str()),
+        )),
+    }
+}
+
+fn optional_u32(
+    merged: &Merged,
+    key: &str,
+    min: u32,
+    max: u32,
+) -> Result<Option<u32>, ResolveError> {
+    match get(merged, key) {
+        None => Ok(None),
+        Some(Value::Integer(n)) if *n >= i64::from(min) && *n <= i64::from(max) => {
+            Ok(Some(*n as u32))
+        }
+        Some(_) => Err(attribute_error(
+            merged,
+            key,
+            format!("must be an integer from {min} to {max}"),
+        )),
+    }
+}
+
+fn required_u32(merged: &Merged, key: &str, min: u32, max: u32) -> Result<u32, ResolveError> {
+    optional_u32(merged, key, min, max)?.ok_or_else(|| attribute_error(merged, key, "is missing"))
+}
+
+fn optional_parsed<T: std::str::FromStr>(
+    merged: &Merged,
+    key: &str,
+    what: &str,
+) -> Result<Option<T>, ResolveError> {
+    match optional_string(merged, key)? {
+        None => Ok(None),
+        Some(text) => text
+            .parse()
+            .map(Some)
+            .map_err(|_| attribute_error(merged, key, format!("is `{text}`, not {what}"))),
+    }
+}
+
+fn check_pool<T: std::str::FromStr>(merged: &Merged, key: &str) -> Result<(), ResolveError> {
+    optional_parsed::<T>(merged, key, "a prefix like 10.254.0.0/16")?;
+    Ok(())
+}
+
+/// Reads the pools and AS base a new site or node would be allocated from.
+pub fn allocation_settings(
+    merged: &Merged,
+) -> Result<(crate::allocation::Pools, u32), ResolveError> {
+    let ipv4: ipnet::Ipv4Net = optional_parsed(merged, "loopback_ipv4_pool", "an IPv4 prefix")?
+        .ok_or_else(|| attribute_error(merged, "loopback_ipv4_pool", "is missing"))?;
+    let ipv6: ipnet::Ipv6Net = optional_parsed(merged, "loopback_ipv6_pool", "an IPv6 prefix")?
+        .ok_or_else(|| attribute_error(merged, "loopback_ipv6_pool", "is missing"))?;
+    let asn_base = required_u32(merged, "asn_base", 0, u32::MAX - 1)?;
+    Ok((crate::allocation::Pools { ipv4, ipv6 }, asn_base))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand_core::OsRng;
+
+    fn tree(sites: &[(&str, &[&str])]) -> ConfigTree {
+        let mut tree = ConfigTree::default();
+        let pools = crate::allocation::Pools {
+            ipv4: "10.254.0.0/16".parse().unwrap(),
+            ipv6: "fd00::/64".parse().unwrap(),
+        };
+        for (site, nodes) in sites {
+            tree.generated
+                .add_site(site.parse().unwrap(), 4_200_000_000)
+                .unwrap();
+            for node in *nodes {
+                tree.generated
+                    .add_node(
+                        format!("{node}.{site}").parse().unwrap(),
+                        &pools,
+                        &mut OsRng,
+                    )
+                    .unwrap();
+            }
+        }
+        tree
+    }
+
+    #[test]
+    fn peers_carry_both_sides_of_the_link() {
+        let mut t = tree(&[("a", &["x"]), ("b", &["y"])]);
+        let mut node_attrs = Table::new();
+        node_attrs.insert("wg_endpoint".into(), Value::String("2001:db8::2".into()));
+        t.nodes.insert(
+            "y.b".parse().unwrap(),
+            LevelConfig {
+                attributes: node_attrs,
+                files: BTreeMap::new(),
+            },
+        );
+        let r = resolve(&t).unwrap();
+        let peers = r.peers(1);
+        assert_eq!(peers.len(), 1);
+        let p = &peers[0];
+        assert_eq!(p.interface, "tlwg2");
+        assert_eq!(p.listen_port, 51822);
+        assert_eq!(p.peer_port, 51821);
+        assert_eq!(p.peer_endpoint.as_deref(), Some("[2001:db8::2]:51821"));
+        assert_eq!(p.peer_asn, 4_200_000_002);
+        let back = &r.peers(2)[0];
+        assert_eq!(back.peer_link_local, p.local_link_local);
+        assert_eq!(back.peer_endpoint, None);
+    }
+
+    #[test]
+    fn bad_attribute_names_file_and_attribute() {
+        let mut t = tree(&[("a", &["x"])]);
+        let mut site = Table::new();
+        site.insert("topology".into(), Value::String("ring".into()));
+        t.sites.insert(
+            "a".parse().unwrap(),
+            LevelConfig {
+                attributes: site,
+                files: BTreeMap::new(),
+            },
+        );
+        let err = resolve(&t).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "`site_a/config.toml`: attribute `topology` is `ring`: use mesh, star or none"
+        );
+    }
+
+    #[test]
+    fn unknown_link_is_an_error() {
+        let mut t = tree(&[("a", &["x"])]);
+        t.global.attributes.insert(
+            "links".into(),
+            Value::Array(vec![Value::String("ghost.a".into())]),
+        );
+        let err = resolve(&t).unwrap_err().to_string();
+        assert!(
+            err.contains("`config.toml`: attribute `links` names unknown node `ghost.a`"),
+            "{err}"
+        );
+    }
+}

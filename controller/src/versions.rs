@@ -1,0 +1,501 @@
+//! Committed versions of each node's effective configuration, their bundles, and the version
+//! each node is asked to activate.
+//!
+//! ```text
+//! effective/<site>/<node>/v<N>/manifest.toml       the signed manifest (readable, diffable)
+//! effective/<site>/<node>/v<N>/manifest.sig        its ed25519 signature
+//! effective/<site>/<node>/v<N>/files/...           the rendered files
+//! effective/<site>/<node>/v<N>/<site>-<node>-v<N>.tar.zst   the bundle sent to the node
+//! effective/<site>/<node>/activate.toml            `version = N`: what the node should run
+//! ```
+//!
+//! A commit renders every node in scope in memory, stages new versions under
+//! `effective/.staging-<pid>/`, syncs, writes a journal, moves the versions into place, records
+//! the git commit and removes the journal. Whatever instant it stops at, the next `tlm` either
+//! finds no trace (before the journal) or finishes the git commit (after it): versions and git
+//! never stay out of step.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::SigningKey;
+use serde::{Deserialize, Serialize};
+use towalink_bundle::{FileEntry, Manifest, Service};
+
+use crate::allocation::NodeAllocation;
+use crate::durable::{self, IoError};
+use crate::names::{NodeFullName, VersionSpec};
+use crate::render::{RenderedNode, Renderer};
+use crate::resolve::{resolve, ConfigTree, Resolved};
+use crate::store::{parse_toml, Store, CERTS_DIR, EFFECTIVE_DIR};
+use crate::Error;
+
+const JOURNAL: &str = "effective/.commit-journal.toml";
+const ACTIVATE_TOML: &str = "activate.toml";
+pub const SIGNING_KEY: &str = "certs/signing.key";
+pub const SIGNING_PUB: &str = "certs/signing.pub";
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Journal {
+    message: String,
+    versions: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Activation {
+    version: u32,
+}
+
+/// The versions of one node found on disk, ascending.
+pub fn list_versions(store: &Store, node: &NodeFullName) -> Result<Vec<u32>, Error> {
+    let dir = store.effective_dir(node);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(IoError::new("cannot read directory", &dir, e).into()),
+    };
+    let mut versions = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| IoError::new("cannot read directory", &dir, e))?;
+        let name = entry.file_name();
+        if let Some(n) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix('v'))
+            .and_then(|n| n.parse::<u32>().ok())
+        {
+            versions.push(n);
+        }
+    }
+    versions.sort_unstable();
+    Ok(versions)
+}
+
+pub fn version_dir(store: &Store, node: &NodeFullName, version: u32) -> PathBuf {
+    store.effective_dir(node).join(format!("v{version}"))
+}
+
+/// Path of the bundle of a version.
+pub fn bundle_path(store: &Store, node: &NodeFullName, version: u32) -> PathBuf {
+    version_dir(store, node, version).join(towalink_bundle::bundle_file_name(
+        node.site.as_str(),
+        node.node.as_str(),
+        version,
+    ))
+}
+
+/// The manifest of a committed version.
+pub fn read_manifest(store: &Store, node: &NodeFullName, version: u32) -> Result<Manifest, Error> {
+    let path = version_dir(store, node, version).join(towalink_bundle::MANIFEST_NAME);
+    let text = durable::read_to_string(&path)?;
+    parse_toml(&text, &relative(store, &path))
+}
+
+fn relative(store: &Store, path: &Path) -> String {
+    path.strip_prefix(store.root())
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
+/// The version a node is asked to activate, if any.
+pub fn activation(store: &Store, node: &NodeFullName) -> Result<Option<u32>, Error> {
+    let path = store.effective_dir(node).join(ACTIVATE_TOML);
+    match durable::read_optional(&path)? {
+        None => Ok(None),
+        Some(text) => Ok(Some(
+            parse_toml::<Activation>(&text, &relative(store, &path))?.version,
+        )),
+    }
+}
+
+/// What of a manifest decides whether content changed: the files and services, not the
+/// version number or time.
+fn content_key(files: &[FileEntry], services: &BTreeMap<String, Service>) -> String {
+    let mut key = String::new();
+    for f in files {
+        key.push_str(&format!(
+            "{}|{:?}|{}|{}|{:?}\n",
+            f.path, f.target, f.mode, f.sha256, f.service
+        ));
+    }
+    for (name, service) in services {
+        key.push_str(&format!("{name}={:?}\n", service.reload));
+    }
+    key
+}
+
+/// Loads the controller's signing key, or makes a new one (not yet saved).
+fn signing_key(store: &Store) -> Result<(SigningKey, bool), Error> {
+    let path = store.root().join(SIGNING_KEY);
+    match durable::read_optional(&path)? {
+        Some(text) => {
+            let key =
+                towalink_bundle::signing_key_from_base64(&text).map_err(|_| Error::Corrupt {
+                    file: SIGNING_KEY.to_string(),
+                    message: "not a base64 ed25519 secret key".into(),
+                })?;
+            Ok((key, false))
+        }
+        None => Ok((SigningKey::generate(&mut rand_core::OsRng), true)),
+    }
+}
+
+fn save_signing_key(store: &Store, key: &SigningKey) -> Result<(), Error> {
+    durable::create_dir_all(&store.root().join(CERTS_DIR))?;
+    durable::write_atomic(
+        &store.root().join(SIGNING_KEY),
+        format!("{}\n", towalink_bundle::signing_key_to_base64(key)).as_bytes(),
+        0o600,
+    )?;
+    durable::write_atomic(
+        &store.root().join(SIGNING_PUB),
+        format!(
+            "{}\n",
+            towalink_bundle::verifying_key_to_base64(&key.verifying_key())
+        )
+        .as_bytes(),
+        0o644,
+    )?;
+    Ok(())
+}
+
+/// The controller's public signing key, if one exists.
+pub fn controller_public_key(store: &Store) -> Result<Option<String>, Error> {
+    Ok(durable::read_optional(&store.root().join(SIGNING_PUB))?.map(|t| t.trim().to_string()))
+}
+
+/// Finishes or cleans up a commit that was interrupted. Call with the lock held.
+pub fn recover(store: &Store) -> Result<(), Error> {
+    let effective = store.root().join(EFFECTIVE_DIR);
+    if let Ok(entries) = std::fs::read_dir(&effective) {
+        for entry in entries.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(".staging-") {
+                tracing::warn!(dir = %entry.path().display(), "removing staging directory of an interrupted commit");
+                durable::remove_dir_all(&entry.path())?;
+            }
+        }
+    }
+    let journal_path = store.root().join(JOURNAL);
+    if let Some(text) = durable::read_optional(&journal_path)? {
+        let journal: Journal = parse_toml(&text, JOURNAL)?;
+        tracing::warn!(
+            versions = journal.versions.len(),
+            "completing an interrupted commit"
+        );
+        store.git_commit(&format!(
+            "{} (completed after an interrupted commit)",
+            journal.message
+        ))?;
+        std::fs::remove_file(&journal_path)
+            .map_err(|e| IoError::new("cannot remove", &journal_path, e))?;
+    }
+    Ok(())
+}
+
+/// Which nodes a command applies to.
+pub fn nodes_in_scope<'a>(
+    tree: &'a ConfigTree,
+    filter: impl Fn(&NodeAllocation) -> bool,
+) -> Vec<&'a NodeAllocation> {
+    tree.generated.nodes.iter().filter(|n| filter(n)).collect()
+}
+
+/// A node's rendered working configuration compared with its latest version.
+pub struct NodeState {
+    pub node: NodeFullName,
+    pub latest: Option<u32>,
+    pub changed: bool,
+}
+
+fn render_node(
+    resolved: &Resolved,
+    renderer: &mut Renderer<'_>,
+    node: &NodeAllocation,
+) -> Result<RenderedNode, Error> {
+    let complete = resolved
+        .complete_attributes(node.id)
+        .expect("every allocated node is resolved");
+    let effective = resolved
+        .effective_attributes(node.id)
+        .expect("every allocated node is resolved");
+    Ok(renderer.render(&node.full_name(), &complete, &effective)?)
+}
+
+fn latest_content_key(
+    store: &Store,
+    node: &NodeFullName,
+) -> Result<(Option<u32>, Option<String>), Error> {
+    let latest = list_versions(store, node)?.last().copied();
+    let key = match latest {
+        Some(v) => {
+            let manifest = read_manifest(store, node, v)?;
+            Some(content_key(&manifest.files, &manifest.services))
+        }
+        None => None,
+    };
+    Ok((latest, key))
+}
+
+/// Renders the nodes and tells which differ from their latest version.
+pub fn changed_nodes(
+    store: &Store,
+    tree: &ConfigTree,
+    nodes: &[&NodeAllocation],
+) -> Result<Vec<NodeState>, Error> {
+    let resolved = resolve(tree)?;
+    let mut renderer = Renderer::new(tree);
+    let mut states = Vec::new();
+    for node in nodes {
+        let rendered = render_node(&resolved, &mut renderer, node)?;
+        let full = node.full_name();
+        let (latest, key) = latest_content_key(store, &full)?;
+        let changed = key.as_deref() != Some(&content_key(&rendered.entries, &rendered.services));
+        states.push(NodeState {
+            node: full,
+            latest,
+            changed,
+        });
+    }
+    Ok(states)
+}
+
+/// Result of a commit.
+#[derive(Debug, Default)]
+pub struct CommitOutcome {
+    /// Nodes that got a new version, with the version.
+    pub created: Vec<(NodeFullName, u32)>,
+    /// Nodes whose content did not change.
+    pub unchanged: Vec<NodeFullName>,
+    /// Whether a git commit was recorded.
+    pub git_committed: bool,
+}
+
+/// Creation time of new versions: now, or `SOURCE_DATE_EPOCH` when set (reproducible builds).
+fn creation_time() -> String {
+    let seconds = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.parse::<i64>().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64)
+        });
+    rfc3339(seconds)
+}
+
+/// Formats Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn rfc3339(seconds: i64) -> String {
+    let days = seconds.div_euclid(86_400);
+    let rem = seconds.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Commits the nodes chosen by `filter`: a new version for each node whose content changed,
+/// its bundle, and a git commit with `message`.
+pub fn commit(
+    store: &Store,
+    filter: impl Fn(&NodeAllocation) -> bool,
+    message: &str,
+) -> Result<CommitOutcome, Error> {
+    let tree = store.load_tree()?;
+    let resolved = resolve(&tree)?;
+    let nodes = nodes_in_scope(&tree, filter);
+    let (key, new_key) = signing_key(store)?;
+    let created_at = creation_time();
+    let staging = store
+        .root()
+        .join(EFFECTIVE_DIR)
+        .join(format!(".staging-{}", std::process::id()));
+    let mut outcome = CommitOutcome::default();
+
+    // Phase 1: render and stage. Any error removes the staging area: nothing changed.
+    let staged = (|| -> Result<Vec<(NodeFullName, u32)>, Error> {
+        let mut renderer = Renderer::new(&tree);
+        let mut staged = Vec::new();
+        for node in &nodes {
+            let full = node.full_name();
+            let rendered = render_node(&resolved, &mut renderer, node)?;
+            let (latest, old_key) = latest_content_key(store, &full)?;
+            if old_key.as_deref() == Some(&content_key(&rendered.entries, &rendered.services)) {
+                outcome.unchanged.push(full);
+                continue;
+            }
+            let version = latest.map_or(1, |v| v + 1);
+            let manifest = Manifest {
+                format: towalink_bundle::FORMAT,
+                node_id: node.id,
+                site: node.site.to_string(),
+                node: node.name.to_string(),
+                version,
+                parent: latest,
+                created: created_at.clone(),
+                services: rendered.services,
+                files: rendered.entries,
+            };
+            let bundle = towalink_bundle::build(&manifest, &rendered.files, &key)?;
+            let dir = staging
+                .join(node.site.as_str())
+                .join(node.name.as_str())
+                .join(format!("v{version}"));
+            write_version_dir(&dir, &manifest, &rendered.files, &bundle, &key)?;
+            staged.push((full, version));
+        }
+        Ok(staged)
+    })();
+    let staged = match staged {
+        Ok(staged) => staged,
+        Err(e) => {
+            let _ = durable::remove_dir_all(&staging);
+            return Err(e);
+        }
+    };
+
+    // Phase 2: publish. From the journal on, a crash is finished by `recover`.
+    if new_key && !staged.is_empty() {
+        save_signing_key(store, &key)?;
+    }
+    if !staged.is_empty() {
+        durable::sync_filesystem(store.root())?;
+        let journal = Journal {
+            message: message.to_string(),
+            versions: staged
+                .iter()
+                .map(|(n, v)| format!("{}/{}/v{v}", n.site, n.node))
+                .collect(),
+        };
+        durable::write_atomic(
+            &store.root().join(JOURNAL),
+            toml::to_string(&journal)
+                .expect("journal serializes")
+                .as_bytes(),
+            0o644,
+        )?;
+        for (node, version) in &staged {
+            let from = staging
+                .join(node.site.as_str())
+                .join(node.node.as_str())
+                .join(format!("v{version}"));
+            let to = version_dir(store, node, *version);
+            durable::create_dir_all(to.parent().expect("version dir has a parent"))?;
+            durable::rename(&from, &to)?;
+        }
+        durable::remove_dir_all(&staging)?;
+        durable::sync_filesystem(store.root())?;
+    }
+    outcome.git_committed = store.git_commit(message)?;
+    if !staged.is_empty() {
+        let journal = store.root().join(JOURNAL);
+        std::fs::remove_file(&journal).map_err(|e| IoError::new("cannot remove", &journal, e))?;
+    }
+    outcome.created = staged;
+    Ok(outcome)
+}
+
+fn write_version_dir(
+    dir: &Path,
+    manifest: &Manifest,
+    files: &BTreeMap<String, Vec<u8>>,
+    bundle: &[u8],
+    key: &SigningKey,
+) -> Result<(), Error> {
+    durable::create_dir_all(&dir.join("files"))?;
+    let (manifest_text, signature) = towalink_bundle::signed_manifest(manifest, key)?;
+    durable::write_unsynced(
+        &dir.join(towalink_bundle::MANIFEST_NAME),
+        manifest_text.as_bytes(),
+        0o644,
+    )?;
+    durable::write_unsynced(
+        &dir.join(towalink_bundle::SIGNATURE_NAME),
+        signature.as_bytes(),
+        0o644,
+    )?;
+    for (path, content) in files {
+        let target = dir.join("files").join(path);
+        if let Some(parent) = target.parent() {
+            durable::create_dir_all(parent)?;
+        }
+        durable::write_unsynced(&target, content, 0o644)?;
+    }
+    durable::write_unsynced(
+        &dir.join(towalink_bundle::bundle_file_name(
+            &manifest.site,
+            &manifest.node,
+            manifest.version,
+        )),
+        bundle,
+        0o644,
+    )?;
+    Ok(())
+}
+
+/// Resolves the version to activate for each node, then records all of them. An unknown
+/// version on any node changes nothing.
+pub fn activate(
+    store: &Store,
+    nodes: &[&NodeAllocation],
+    spec: VersionSpec,
+    message: &str,
+) -> Result<Vec<(NodeFullName, u32, Option<u32>)>, Error> {
+    let mut plan = Vec::new();
+    for node in nodes {
+        let full = node.full_name();
+        let versions = list_versions(store, &full)?;
+        let version = match spec {
+            VersionSpec::Latest => *versions
+                .last()
+                .ok_or_else(|| Error::NoVersion(full.clone()))?,
+            VersionSpec::Number(n) => {
+                if !versions.contains(&n) {
+                    return Err(Error::UnknownVersion {
+                        node: full,
+                        version: n,
+                        latest: versions.last().copied(),
+                    });
+                }
+                n
+            }
+        };
+        let previous = activation(store, &full)?;
+        plan.push((full, version, previous));
+    }
+    for (node, version, _) in &plan {
+        let text = toml::to_string(&Activation { version: *version }).expect("serializes");
+        durable::write_atomic(
+            &store.effective_dir(node).join(ACTIVATE_TOML),
+            text.as_bytes(),
+            0o644,
+        )?;
+    }
+    store.git_commit(message)?;
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_795_000_000), "2026-11-18T11:06:40Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+    }
+}
