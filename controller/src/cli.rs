@@ -157,31 +157,31 @@ pub enum ListWhat {
 #[derive(Debug, Subcommand)]
 pub enum ShowWhat {
     Global,
-    Site { site: SiteName },
-    Node { node: NodeRef },
+    Site { site: String },
+    Node { node: String },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ShowAllWhat {
-    Site { site: SiteName },
-    Node { node: NodeRef },
+    Site { site: String },
+    Node { node: String },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum AddWhat {
     Site {
-        site: SiteName,
+        site: String,
     },
     /// <node>.<site>
     Node {
-        node: NodeFullName,
+        node: String,
     },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum DelWhat {
-    Site { site: SiteName },
-    Node { node: NodeRef },
+    Site { site: String },
+    Node { node: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -191,12 +191,12 @@ pub enum SetWhat {
         value: String,
     },
     Site {
-        site: SiteName,
+        site: String,
         attribute: String,
         value: String,
     },
     Node {
-        node: NodeRef,
+        node: String,
         attribute: String,
         value: String,
     },
@@ -205,22 +205,22 @@ pub enum SetWhat {
 #[derive(Debug, Subcommand)]
 pub enum Scope {
     All,
-    Site { site: SiteName },
-    Node { node: NodeRef },
+    Site { site: String },
+    Node { node: String },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum ActivateScope {
     All {
-        version: Option<VersionSpec>,
+        version: Option<String>,
     },
     Site {
-        site: SiteName,
-        version: Option<VersionSpec>,
+        site: String,
+        version: Option<String>,
     },
     Node {
-        node: NodeRef,
-        version: Option<VersionSpec>,
+        node: String,
+        version: Option<String>,
     },
 }
 
@@ -252,11 +252,13 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         } => show_all(&store, what, origin, format.format, &mut out)?,
         Command::Add { what } => match what {
             AddWhat::Site { site } => {
+                let site = parse_site(&site)?;
                 let id = installation::add_site(&store, &site)?;
                 let asn = store.load_generated()?.site(site.as_str())?.asn;
                 writeln!(out, "added site {site} (id {id}, AS {asn})").ok();
             }
             AddWhat::Node { node } => {
+                let node: NodeFullName = node.parse()?;
                 let n = installation::add_node(&store, &node)?;
                 writeln!(
                     out,
@@ -268,11 +270,12 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         },
         Command::Del { what } => match what {
             DelWhat::Site { site } => {
+                let site = parse_site(&site)?;
                 installation::remove_site(&store, &site)?;
                 writeln!(out, "removed site {site}").ok();
             }
             DelWhat::Node { node } => {
-                let n = installation::remove_node(&store, &node)?;
+                let n = installation::remove_node(&store, &node.parse()?)?;
                 writeln!(out, "removed node {} (id {})", n.full_name(), n.id).ok();
             }
         },
@@ -284,6 +287,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
                     attribute,
                     value,
                 } => {
+                    let site = parse_site(&site)?;
                     store.load_generated()?.site(site.as_str())?;
                     (Level::Site(site), attribute, value)
                 }
@@ -292,7 +296,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
                     attribute,
                     value,
                 } => {
-                    let n = store.load_generated()?.node(&node)?.clone();
+                    let n = store.load_generated()?.node(&node.parse()?)?.clone();
                     (Level::Node(n.site, n.name), attribute, value)
                 }
             };
@@ -342,17 +346,17 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
             let (filter, spec, words) = match &scope {
                 ActivateScope::All { version } => (
                     scope_filter(&tree.generated, &Scope::All)?,
-                    version.unwrap_or(VersionSpec::Latest),
+                    parse_version(version)?,
                     "all".to_string(),
                 ),
                 ActivateScope::Site { site, version } => (
                     scope_filter(&tree.generated, &Scope::Site { site: site.clone() })?,
-                    version.unwrap_or(VersionSpec::Latest),
+                    parse_version(version)?,
                     format!("site {site}"),
                 ),
                 ActivateScope::Node { node, version } => (
                     scope_filter(&tree.generated, &Scope::Node { node: node.clone() })?,
-                    version.unwrap_or(VersionSpec::Latest),
+                    parse_version(version)?,
                     format!("node {node}"),
                 ),
             };
@@ -372,6 +376,17 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn parse_site(text: &str) -> Result<SiteName, Error> {
+    Ok(text.parse()?)
+}
+
+fn parse_version(text: &Option<String>) -> Result<VersionSpec, Error> {
+    match text {
+        None => Ok(VersionSpec::Latest),
+        Some(text) => Ok(text.parse()?),
+    }
+}
+
 fn scope_filter(
     generated: &crate::allocation::Generated,
     scope: &Scope,
@@ -379,12 +394,12 @@ fn scope_filter(
     Ok(match scope {
         Scope::All => Box::new(|_| true),
         Scope::Site { site } => {
+            let site = parse_site(site)?;
             generated.site(site.as_str())?;
-            let site = site.clone();
             Box::new(move |n| n.site == site)
         }
         Scope::Node { node } => {
-            let id = generated.node(node)?.id;
+            let id = generated.node(&node.parse()?)?.id;
             Box::new(move |n| n.id == id)
         }
     })
@@ -581,11 +596,12 @@ fn show(
     let level = match what {
         ShowWhat::Global => Level::Global,
         ShowWhat::Site { site } => {
+            let site = parse_site(&site)?;
             store.load_generated()?.site(site.as_str())?;
             Level::Site(site)
         }
         ShowWhat::Node { node } => {
-            let n = store.load_generated()?.node(&node)?.clone();
+            let n = store.load_generated()?.node(&node.parse()?)?.clone();
             Level::Node(n.site, n.name)
         }
     };
@@ -616,6 +632,7 @@ fn show_all(
     let tree = store.load_tree()?;
     let merged: Merged = match what {
         ShowAllWhat::Site { site } => {
+            let site = parse_site(&site)?;
             tree.generated.site(site.as_str())?;
             let mut merged = merge_site(&tree, &site);
             let allocation = tree.generated.site(site.as_str())?;
@@ -639,7 +656,7 @@ fn show_all(
             merged
         }
         ShowAllWhat::Node { node } => {
-            let id = tree.generated.node(&node)?.id;
+            let id = tree.generated.node(&node.parse()?)?.id;
             let resolved = resolve(&tree)?;
             resolved
                 .complete_attributes(id)

@@ -39,6 +39,9 @@ pub const SIGNING_PUB: &str = "certs/signing.pub";
 #[serde(deny_unknown_fields)]
 struct Journal {
     message: String,
+    /// Staging directory (relative to the root) holding the complete, synced versions.
+    staging: String,
+    /// `<site>/<node>/v<N>` of each new version.
     versions: Vec<String>,
 }
 
@@ -168,6 +171,23 @@ pub fn controller_public_key(store: &Store) -> Result<Option<String>, Error> {
 
 /// Finishes or cleans up a commit that was interrupted. Call with the lock held.
 pub fn recover(store: &Store) -> Result<(), Error> {
+    let journal_path = store.root().join(JOURNAL);
+    let journal: Option<Journal> = match durable::read_optional(&journal_path)? {
+        Some(text) => Some(parse_toml(&text, JOURNAL)?),
+        None => None,
+    };
+    // Roll forward: the staged versions were complete and synced before the journal existed.
+    if let Some(journal) = &journal {
+        for version in &journal.versions {
+            let from = store.root().join(&journal.staging).join(version);
+            let to = store.root().join(EFFECTIVE_DIR).join(version);
+            if from.is_dir() && !to.exists() {
+                durable::create_dir_all(to.parent().expect("version dir has a parent"))?;
+                durable::rename(&from, &to)?;
+            }
+        }
+        durable::sync_filesystem(store.root())?;
+    }
     let effective = store.root().join(EFFECTIVE_DIR);
     if let Ok(entries) = std::fs::read_dir(&effective) {
         for entry in entries.flatten() {
@@ -177,9 +197,7 @@ pub fn recover(store: &Store) -> Result<(), Error> {
             }
         }
     }
-    let journal_path = store.root().join(JOURNAL);
-    if let Some(text) = durable::read_optional(&journal_path)? {
-        let journal: Journal = parse_toml(&text, JOURNAL)?;
+    if let Some(journal) = journal {
         tracing::warn!(
             versions = journal.versions.len(),
             "completing an interrupted commit"
@@ -368,6 +386,7 @@ pub fn commit(
     };
 
     // Phase 2: publish. From the journal on, a crash is finished by `recover`.
+    crash_point("staged");
     if new_key && !staged.is_empty() {
         save_signing_key(store, &key)?;
     }
@@ -375,6 +394,7 @@ pub fn commit(
         durable::sync_filesystem(store.root())?;
         let journal = Journal {
             message: message.to_string(),
+            staging: format!("{EFFECTIVE_DIR}/.staging-{}", std::process::id()),
             versions: staged
                 .iter()
                 .map(|(n, v)| format!("{}/{}/v{v}", n.site, n.node))
@@ -387,6 +407,7 @@ pub fn commit(
                 .as_bytes(),
             0o644,
         )?;
+        crash_point("journal");
         for (node, version) in &staged {
             let from = staging
                 .join(node.site.as_str())
@@ -395,17 +416,28 @@ pub fn commit(
             let to = version_dir(store, node, *version);
             durable::create_dir_all(to.parent().expect("version dir has a parent"))?;
             durable::rename(&from, &to)?;
+            crash_point("renamed-one");
         }
         durable::remove_dir_all(&staging)?;
         durable::sync_filesystem(store.root())?;
     }
+    crash_point("published");
     outcome.git_committed = store.git_commit(message)?;
+    crash_point("git");
     if !staged.is_empty() {
         let journal = store.root().join(JOURNAL);
         std::fs::remove_file(&journal).map_err(|e| IoError::new("cannot remove", &journal, e))?;
     }
     outcome.created = staged;
     Ok(outcome)
+}
+
+/// Test hook: `TLM_CRASH_AT=<point>` kills the process at that point of a commit (as a power
+/// cut would), so tests can check that the next `tlm` finds versions and git in step.
+fn crash_point(point: &str) {
+    if std::env::var("TLM_CRASH_AT").is_ok_and(|p| p == point) {
+        std::process::abort();
+    }
 }
 
 fn write_version_dir(
