@@ -68,6 +68,21 @@ pub fn write_unsynced(path: &Path, content: &[u8], mode: u32) -> Result<(), IoEr
     write_file(path, content, mode, false)
 }
 
+/// Creates a new file (in a staging area no reader sees) without the temp-and-rename dance and
+/// without syncing; the caller syncs the filesystem once before publishing.
+pub fn write_new(path: &Path, content: &[u8], mode: u32) -> Result<(), IoError> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| IoError::new("cannot create", path, e))?;
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(|e| IoError::new("cannot set mode of", path, e))?;
+    file.write_all(content)
+        .map_err(|e| IoError::new("cannot write", path, e))
+}
+
 fn write_file(path: &Path, content: &[u8], mode: u32, sync: bool) -> Result<(), IoError> {
     let dir = parent(path);
     let name = path

@@ -319,13 +319,12 @@ impl Resolved {
         Some(merged)
     }
 
-    /// The effective attributes of a node: complete attributes plus `peers`.
-    pub fn effective_attributes(&self, node_id: u32) -> Option<Table> {
-        let mut table = self.complete_attributes(node_id)?.values;
-        let peers = self.peers(node_id);
-        let peers = Value::try_from(peers).expect("peers serialize to TOML");
+    /// The effective attributes of a node: its complete attributes plus `peers`.
+    pub fn effective_attributes(&self, node_id: u32, complete: &Merged) -> Table {
+        let mut table = complete.values.clone();
+        let peers = Value::try_from(self.peers(node_id)).expect("peers serialize to TOML");
         table.insert("peers".to_string(), peers);
-        Some(table)
+        table
     }
 }
 

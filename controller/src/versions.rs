@@ -235,9 +235,7 @@ fn render_node(
     let complete = resolved
         .complete_attributes(node.id)
         .expect("every allocated node is resolved");
-    let effective = resolved
-        .effective_attributes(node.id)
-        .expect("every allocated node is resolved");
+    let effective = resolved.effective_attributes(node.id, &complete);
     Ok(renderer.render(&node.full_name(), &complete, &effective)?)
 }
 
@@ -343,47 +341,66 @@ pub fn commit(
         .join(format!(".staging-{}", std::process::id()));
     let mut outcome = CommitOutcome::default();
 
-    // Phase 1: render and stage. Any error removes the staging area: nothing changed.
-    let staged = (|| -> Result<Vec<(NodeFullName, u32)>, Error> {
-        let mut renderer = Renderer::new(&tree);
-        let mut staged = Vec::new();
-        for node in &nodes {
-            let full = node.full_name();
-            let rendered = render_node(&resolved, &mut renderer, node)?;
-            let (latest, old_key) = latest_content_key(store, &full)?;
-            if old_key.as_deref() == Some(&content_key(&rendered.entries, &rendered.services)) {
-                outcome.unchanged.push(full);
-                continue;
-            }
-            let version = latest.map_or(1, |v| v + 1);
-            let manifest = Manifest {
-                format: towalink_bundle::FORMAT,
-                node_id: node.id,
-                site: node.site.to_string(),
-                node: node.name.to_string(),
-                version,
-                parent: latest,
-                created: created_at.clone(),
-                services: rendered.services,
-                files: rendered.entries,
-            };
-            let bundle = towalink_bundle::build(&manifest, &rendered.files, &key)?;
-            let dir = staging
-                .join(node.site.as_str())
-                .join(node.name.as_str())
-                .join(format!("v{version}"));
-            write_version_dir(&dir, &manifest, &rendered.files, &bundle, &key)?;
-            staged.push((full, version));
+    // Phase 1: render and stage, on every core. Any error removes the staging area: nothing
+    // changed.
+    let started = std::time::Instant::now();
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(nodes.len().max(1));
+    let results: Vec<Result<Vec<(usize, Staged)>, Error>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|worker| {
+                let (tree, resolved, nodes, key, staging, created_at) =
+                    (&tree, &resolved, &nodes, &key, &staging, &created_at);
+                scope.spawn(move || {
+                    let mut renderer = Renderer::new(tree);
+                    let mut done = Vec::new();
+                    for (index, node) in nodes.iter().enumerate().skip(worker).step_by(workers) {
+                        let staged = stage_node(
+                            store,
+                            resolved,
+                            &mut renderer,
+                            node,
+                            key,
+                            staging,
+                            created_at,
+                        )?;
+                        done.push((index, staged));
+                    }
+                    Ok(done)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("render worker does not panic"))
+            .collect()
+    });
+    let mut all = Vec::with_capacity(nodes.len());
+    let mut failure = None;
+    for result in results {
+        match result {
+            Ok(done) => all.extend(done),
+            Err(e) => failure = failure.or(Some(e)),
         }
-        Ok(staged)
-    })();
-    let staged = match staged {
-        Ok(staged) => staged,
-        Err(e) => {
-            let _ = durable::remove_dir_all(&staging);
-            return Err(e);
+    }
+    if let Some(e) = failure {
+        let _ = durable::remove_dir_all(&staging);
+        return Err(e);
+    }
+    all.sort_by_key(|(index, _)| *index);
+    let mut staged = Vec::new();
+    for (_, result) in all {
+        match result {
+            Staged::Unchanged(node) => outcome.unchanged.push(node),
+            Staged::New(node, version) => staged.push((node, version)),
         }
-    };
+    }
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        new = staged.len(),
+        "rendered and staged"
+    );
 
     // Phase 2: publish. From the journal on, a crash is finished by `recover`.
     crash_point("staged");
@@ -422,7 +439,15 @@ pub fn commit(
         durable::sync_filesystem(store.root())?;
     }
     crash_point("published");
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "published"
+    );
     outcome.git_committed = store.git_commit(message)?;
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "recorded in git"
+    );
     crash_point("git");
     if !staged.is_empty() {
         let journal = store.root().join(JOURNAL);
@@ -430,6 +455,49 @@ pub fn commit(
     }
     outcome.created = staged;
     Ok(outcome)
+}
+
+enum Staged {
+    Unchanged(NodeFullName),
+    New(NodeFullName, u32),
+}
+
+/// Renders one node and, when its content changed, writes its next version to the staging
+/// area.
+fn stage_node(
+    store: &Store,
+    resolved: &Resolved,
+    renderer: &mut Renderer<'_>,
+    node: &NodeAllocation,
+    key: &SigningKey,
+    staging: &Path,
+    created_at: &str,
+) -> Result<Staged, Error> {
+    let full = node.full_name();
+    let rendered = render_node(resolved, renderer, node)?;
+    let (latest, old_key) = latest_content_key(store, &full)?;
+    if old_key.as_deref() == Some(&content_key(&rendered.entries, &rendered.services)) {
+        return Ok(Staged::Unchanged(full));
+    }
+    let version = latest.map_or(1, |v| v + 1);
+    let manifest = Manifest {
+        format: towalink_bundle::FORMAT,
+        node_id: node.id,
+        site: node.site.to_string(),
+        node: node.name.to_string(),
+        version,
+        parent: latest,
+        created: created_at.to_string(),
+        services: rendered.services,
+        files: rendered.entries,
+    };
+    let bundle = towalink_bundle::build(&manifest, &rendered.files, key)?;
+    let dir = staging
+        .join(node.site.as_str())
+        .join(node.name.as_str())
+        .join(format!("v{version}"));
+    write_version_dir(&dir, &manifest, &rendered.files, &bundle, key)?;
+    Ok(Staged::New(full, version))
 }
 
 /// Test hook: `TLM_CRASH_AT=<point>` kills the process at that point of a commit (as a power
@@ -449,12 +517,12 @@ fn write_version_dir(
 ) -> Result<(), Error> {
     durable::create_dir_all(&dir.join("files"))?;
     let (manifest_text, signature) = towalink_bundle::signed_manifest(manifest, key)?;
-    durable::write_unsynced(
+    durable::write_new(
         &dir.join(towalink_bundle::MANIFEST_NAME),
         manifest_text.as_bytes(),
         0o644,
     )?;
-    durable::write_unsynced(
+    durable::write_new(
         &dir.join(towalink_bundle::SIGNATURE_NAME),
         signature.as_bytes(),
         0o644,
@@ -464,9 +532,9 @@ fn write_version_dir(
         if let Some(parent) = target.parent() {
             durable::create_dir_all(parent)?;
         }
-        durable::write_unsynced(&target, content, 0o644)?;
+        durable::write_new(&target, content, 0o644)?;
     }
-    durable::write_unsynced(
+    durable::write_new(
         &dir.join(towalink_bundle::bundle_file_name(
             &manifest.site,
             &manifest.node,
