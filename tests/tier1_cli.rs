@@ -81,6 +81,14 @@ fn quickstart_runs_unchanged() {
         !tracked.contains("secrets.toml") && !tracked.contains("signing.key"),
         "{tracked}"
     );
+    // Git records the inputs and the index of versions; version directories stay on disk.
+    assert!(tracked.contains("effective/index.toml"), "{tracked}");
+    assert!(!tracked.contains("effective/mysite1/"), "{tracked}");
+    let index: toml::Table = t.read("effective/index.toml").parse().unwrap();
+    assert_eq!(
+        index["nodes"]["primary.mysite1"]["latest"].as_integer(),
+        Some(1)
+    );
 }
 
 #[test]
@@ -322,10 +330,8 @@ fn activate_records_the_wanted_version() {
     t.ok(&["commit", "all"]);
     let out = t.ok(&["activate", "all"]);
     assert!(out.contains("primary.mysite1: v2"), "{out}");
-    assert_eq!(
-        t.read("effective/mysite1/primary/activate.toml"),
-        "version = 2\n"
-    );
+    let activation: toml::Table = t.read("effective/activation.toml").parse().unwrap();
+    assert_eq!(activation["nodes"]["primary.mysite1"].as_integer(), Some(2));
     let out = t.ok(&["activate", "site", "mysite1", "v1"]);
     assert!(out.contains("primary.mysite1: v1 (was v2)"), "{out}");
     t.ok(&["activate", "node", "edge.mysite2", "1"]);

@@ -13,6 +13,7 @@ use towalink_controller::allocation::Pools;
 use towalink_controller::store::Store;
 
 struct Scenario {
+    key: &'static str,
     name: &'static str,
     sites: usize,
     nodes_per_site: usize,
@@ -57,7 +58,13 @@ fn build_installation(dir: &Path, scenario: &Scenario) {
 /// Runs tlm, returning wall time and peak RSS in KiB (from wait4's rusage of that process).
 fn tlm(dir: &Path, args: &[&str]) -> (Duration, i64) {
     let start = Instant::now();
+    let verbose = std::env::var_os("TLM_BENCH_LOG").is_some();
     let child = Command::new(env!("CARGO_BIN_EXE_tlm"))
+        .args(if verbose {
+            &["--loglevel", "debug"][..]
+        } else {
+            &[][..]
+        })
         .args(args)
         .env("TOWALINK_CONFIG_DIR", dir)
         .stdout(std::process::Stdio::null())
@@ -75,43 +82,55 @@ fn tlm(dir: &Path, args: &[&str]) -> (Duration, i64) {
     (elapsed, usage.ru_maxrss)
 }
 
+fn all_scenarios() -> Vec<Scenario> {
+    let scenario = |key, name, sites, nodes_per_site, star| Scenario {
+        key,
+        name,
+        sites,
+        nodes_per_site,
+        star,
+    };
+    vec![
+        scenario("mesh10", "mesh 10 nodes (5 sites)", 5, 2, false),
+        scenario("mesh100", "mesh 100 nodes (5 sites)", 5, 20, false),
+        scenario("mesh500", "mesh 500 nodes (5 sites)", 5, 100, false),
+        scenario(
+            "star2000",
+            "star 2000 nodes (100 sites, 1 hub)",
+            100,
+            20,
+            true,
+        ),
+    ]
+}
+
 fn main() {
-    let quick = std::env::args().any(|a| a == "quick");
-    let mut scenarios = vec![
-        Scenario {
-            name: "mesh 10 nodes (5 sites)",
-            sites: 5,
-            nodes_per_site: 2,
-            star: false,
-        },
-        Scenario {
-            name: "mesh 100 nodes (5 sites)",
-            sites: 5,
-            nodes_per_site: 20,
-            star: false,
-        },
-    ];
-    if !quick {
-        scenarios.push(Scenario {
-            name: "mesh 500 nodes (5 sites)",
-            sites: 5,
-            nodes_per_site: 100,
-            star: false,
-        });
-        scenarios.push(Scenario {
-            name: "star 2000 nodes (100 sites, 1 hub)",
-            sites: 100,
-            nodes_per_site: 20,
-            star: true,
-        });
-    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "quick");
+    let only: Vec<&String> = args
+        .iter()
+        .filter(|a| a.starts_with("mesh") || a.starts_with("star"))
+        .collect();
+    let mut scenarios: Vec<Scenario> = all_scenarios()
+        .into_iter()
+        .filter(|s| !quick || s.key == "mesh10" || s.key == "mesh100")
+        .collect();
     println!(
         "{:<36} {:>10} {:>12} {:>10} {:>12} {:>10}",
         "scenario", "links", "commit s", "RSS MB", "1 attr s", "RSS MB"
     );
+    if !only.is_empty() {
+        scenarios = all_scenarios()
+            .into_iter()
+            .filter(|s| only.iter().any(|o| *o == s.key))
+            .collect();
+    }
     for scenario in &scenarios {
         let temp = tempfile::tempdir().unwrap();
-        let dir = temp.path().join("towalink");
+        let dir = match std::env::var_os("TLM_BENCH_KEEP") {
+            Some(keep) => std::path::PathBuf::from(keep).join(scenario.key),
+            None => temp.path().join("towalink"),
+        };
         build_installation(&dir, scenario);
         let (scratch, scratch_rss) = tlm(&dir, &["commit", "all"]);
         tlm(&dir, &["set", "global", "bird_bfd_interval_ms", "150"]);

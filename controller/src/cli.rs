@@ -456,12 +456,14 @@ fn list(
                 .iter()
                 .filter(|n| site == "all" || n.site.as_str() == site)
                 .collect();
+            let index = versions::load_index(store)?;
+            let activations = versions::load_activations(store)?;
             let mut rows = Vec::new();
             let mut objects = Vec::new();
             for n in nodes {
                 let full = n.full_name();
-                let latest = versions::list_versions(store, &full)?.last().copied();
-                let active = versions::activation(store, &full)?;
+                let latest = index.nodes.get(&full.to_string()).map(|e| e.latest);
+                let active = activations.nodes.get(&full.to_string()).copied();
                 objects.push(json!({
                     "node": full.to_string(), "id": n.id, "site": n.site, "name": n.name,
                     "loopback_ipv4": n.loopback_ipv4, "loopback_ipv6": n.loopback_ipv6,

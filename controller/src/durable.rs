@@ -77,8 +77,7 @@ pub fn write_new(path: &Path, content: &[u8], mode: u32) -> Result<(), IoError> 
         .mode(mode)
         .open(path)
         .map_err(|e| IoError::new("cannot create", path, e))?;
-    file.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(|e| IoError::new("cannot set mode of", path, e))?;
+    // `tlm` runs with umask 022 (see main.rs), so the mode given to open() is the mode.
     file.write_all(content)
         .map_err(|e| IoError::new("cannot write", path, e))
 }

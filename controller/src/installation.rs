@@ -57,6 +57,7 @@ pub fn remove_node(store: &Store, node_ref: &NodeRef) -> Result<NodeAllocation, 
             .strip_prefix(store.root())
             .expect("effective dir is inside the root"),
     )?;
+    crate::versions::forget_node(store, &full)?;
     store.save_generated(&generated)?;
     let mut secrets = store.load_secrets()?;
     secrets.nodes.retain(|s| s.id != node.id);

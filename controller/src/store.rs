@@ -56,8 +56,9 @@ const GITIGNORE: &str = "\
 /certs/*.key
 # tlm's lock, journal, staging and temporary files.
 /.tlm.lock
-/effective/.staging-*
 /effective/.commit-journal.toml
+# Versions live on disk, immutable; git records effective/index.toml and activation.toml.
+/effective/*/
 .*.tmp-*
 ";
 

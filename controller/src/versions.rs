@@ -1,19 +1,24 @@
-//! Committed versions of each node's effective configuration, their bundles, and the version
-//! each node is asked to activate.
+//! Committed versions of each node's effective configuration, their bundles, the index of
+//! latest versions and the version each node is asked to activate.
 //!
 //! ```text
-//! effective/<site>/<node>/v<N>/manifest.toml       the signed manifest (readable, diffable)
+//! effective/<site>/<node>/v<N>/manifest.toml       the signed manifest
 //! effective/<site>/<node>/v<N>/manifest.sig        its ed25519 signature
-//! effective/<site>/<node>/v<N>/files/...           the rendered files
+//! effective/<site>/<node>/v<N>/files/...           the rendered files (diff -r between versions)
 //! effective/<site>/<node>/v<N>/<site>-<node>-v<N>.tar.zst   the bundle sent to the node
-//! effective/<site>/<node>/activate.toml            `version = N`: what the node should run
+//! effective/index.toml                             latest version and content digest per node (in git)
+//! effective/activation.toml                        the version each node should run (in git)
 //! ```
 //!
-//! A commit renders every node in scope in memory, stages new versions under
-//! `effective/.staging-<pid>/`, syncs, writes a journal, moves the versions into place, records
-//! the git commit and removes the journal. Whatever instant it stops at, the next `tlm` either
-//! finds no trace (before the journal) or finishes the git commit (after it): versions and git
-//! never stay out of step.
+//! Version directories are immutable once published and stay out of git (thousands of files per
+//! commit would make git the slowest part of `tlm`); git records the inputs plus `index.toml`,
+//! so each git commit names exactly the versions that existed when it was made.
+//!
+//! A commit renders every node in scope, stages new versions under `effective/.staging-<pid>/`,
+//! syncs, writes a journal, moves the versions into place, rewrites the index, records the git
+//! commit and removes the journal. Whatever instant it stops at, the next `tlm` either finds no
+//! trace (before the journal) or finishes the commit (after it): versions, index and git never
+//! stay out of step.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,7 +36,8 @@ use crate::store::{parse_toml, Store, CERTS_DIR, EFFECTIVE_DIR};
 use crate::Error;
 
 const JOURNAL: &str = "effective/.commit-journal.toml";
-const ACTIVATE_TOML: &str = "activate.toml";
+const INDEX: &str = "effective/index.toml";
+const ACTIVATION: &str = "effective/activation.toml";
 pub const SIGNING_KEY: &str = "certs/signing.key";
 pub const SIGNING_PUB: &str = "certs/signing.pub";
 
@@ -45,10 +51,98 @@ struct Journal {
     versions: Vec<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// The latest committed version of every node, keyed by `<node>.<site>`.
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Activation {
-    version: u32,
+pub struct Index {
+    #[serde(default)]
+    pub nodes: BTreeMap<String, IndexEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexEntry {
+    pub id: u32,
+    pub latest: u32,
+    /// sha256 over the manifest's files and services: equal digests, equal content.
+    pub content: String,
+    pub created: String,
+}
+
+/// The version each node should run, keyed by `<node>.<site>`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Activations {
+    #[serde(default)]
+    pub nodes: BTreeMap<String, u32>,
+}
+
+pub fn load_index(store: &Store) -> Result<Index, Error> {
+    match durable::read_optional(&store.root().join(INDEX))? {
+        Some(text) => parse_toml(&text, INDEX),
+        None => Ok(Index::default()),
+    }
+}
+
+pub fn save_index(store: &Store, index: &Index) -> Result<(), Error> {
+    let text = format!(
+        "# Written by tlm commit: the latest version of each node and its content digest.\n\n{}",
+        toml::to_string(index).expect("index serializes")
+    );
+    durable::write_atomic(&store.root().join(INDEX), text.as_bytes(), 0o644)?;
+    Ok(())
+}
+
+pub fn load_activations(store: &Store) -> Result<Activations, Error> {
+    match durable::read_optional(&store.root().join(ACTIVATION))? {
+        Some(text) => parse_toml(&text, ACTIVATION),
+        None => Ok(Activations::default()),
+    }
+}
+
+pub fn save_activations(store: &Store, activations: &Activations) -> Result<(), Error> {
+    let text = format!(
+        "# Written by tlm activate: the version each node should run.\n\n{}",
+        toml::to_string(activations).expect("activations serialize")
+    );
+    durable::write_atomic(&store.root().join(ACTIVATION), text.as_bytes(), 0o644)?;
+    Ok(())
+}
+
+/// Forgets a removed node in the index and the activations.
+pub fn forget_node(store: &Store, node: &NodeFullName) -> Result<(), Error> {
+    let name = node.to_string();
+    let mut index = load_index(store)?;
+    if index.nodes.remove(&name).is_some() {
+        save_index(store, &index)?;
+    }
+    let mut activations = load_activations(store)?;
+    if activations.nodes.remove(&name).is_some() {
+        save_activations(store, &activations)?;
+    }
+    Ok(())
+}
+
+/// Rebuilds the index from the version directories on disk.
+fn rebuild_index(store: &Store) -> Result<Index, Error> {
+    let generated = store.load_generated()?;
+    let mut index = Index::default();
+    for node in &generated.nodes {
+        let full = node.full_name();
+        if let Some(latest) = list_versions(store, &full)?.last().copied() {
+            let manifest = read_manifest(store, &full, latest)?;
+            index.nodes.insert(
+                full.to_string(),
+                IndexEntry {
+                    id: node.id,
+                    latest,
+                    content: content_digest(&manifest.files, &manifest.services),
+                    created: manifest.created,
+                },
+            );
+        }
+    }
+    Ok(index)
 }
 
 /// The versions of one node found on disk, ascending.
@@ -102,20 +196,9 @@ fn relative(store: &Store, path: &Path) -> String {
         .to_string()
 }
 
-/// The version a node is asked to activate, if any.
-pub fn activation(store: &Store, node: &NodeFullName) -> Result<Option<u32>, Error> {
-    let path = store.effective_dir(node).join(ACTIVATE_TOML);
-    match durable::read_optional(&path)? {
-        None => Ok(None),
-        Some(text) => Ok(Some(
-            parse_toml::<Activation>(&text, &relative(store, &path))?.version,
-        )),
-    }
-}
-
 /// What of a manifest decides whether content changed: the files and services, not the
 /// version number or time.
-fn content_key(files: &[FileEntry], services: &BTreeMap<String, Service>) -> String {
+fn content_digest(files: &[FileEntry], services: &BTreeMap<String, Service>) -> String {
     let mut key = String::new();
     for f in files {
         key.push_str(&format!(
@@ -126,7 +209,7 @@ fn content_key(files: &[FileEntry], services: &BTreeMap<String, Service>) -> Str
     for (name, service) in services {
         key.push_str(&format!("{name}={:?}\n", service.reload));
     }
-    key
+    towalink_bundle::sha256_hex(key.as_bytes())
 }
 
 /// Loads the controller's signing key, or makes a new one (not yet saved).
@@ -202,6 +285,7 @@ pub fn recover(store: &Store) -> Result<(), Error> {
             versions = journal.versions.len(),
             "completing an interrupted commit"
         );
+        save_index(store, &rebuild_index(store)?)?;
         store.git_commit(&format!(
             "{} (completed after an interrupted commit)",
             journal.message
@@ -239,21 +323,6 @@ fn render_node(
     Ok(renderer.render(&node.full_name(), &complete, &effective)?)
 }
 
-fn latest_content_key(
-    store: &Store,
-    node: &NodeFullName,
-) -> Result<(Option<u32>, Option<String>), Error> {
-    let latest = list_versions(store, node)?.last().copied();
-    let key = match latest {
-        Some(v) => {
-            let manifest = read_manifest(store, node, v)?;
-            Some(content_key(&manifest.files, &manifest.services))
-        }
-        None => None,
-    };
-    Ok((latest, key))
-}
-
 /// Renders the nodes and tells which differ from their latest version.
 pub fn changed_nodes(
     store: &Store,
@@ -261,17 +330,18 @@ pub fn changed_nodes(
     nodes: &[&NodeAllocation],
 ) -> Result<Vec<NodeState>, Error> {
     let resolved = resolve(tree)?;
+    let index = load_index(store)?;
     let mut renderer = Renderer::new(tree);
     let mut states = Vec::new();
     for node in nodes {
         let rendered = render_node(&resolved, &mut renderer, node)?;
         let full = node.full_name();
-        let (latest, key) = latest_content_key(store, &full)?;
-        let changed = key.as_deref() != Some(&content_key(&rendered.entries, &rendered.services));
+        let entry = index.nodes.get(&full.to_string());
+        let digest = content_digest(&rendered.entries, &rendered.services);
         states.push(NodeState {
             node: full,
-            latest,
-            changed,
+            latest: entry.map(|e| e.latest),
+            changed: entry.map(|e| &e.content) != Some(&digest),
         });
     }
     Ok(states)
@@ -333,6 +403,7 @@ pub fn commit(
     let tree = store.load_tree()?;
     let resolved = resolve(&tree)?;
     let nodes = nodes_in_scope(&tree, filter);
+    let mut index = load_index(store)?;
     let (key, new_key) = signing_key(store)?;
     let created_at = creation_time();
     let staging = store
@@ -350,22 +421,29 @@ pub fn commit(
     let results: Vec<Result<Vec<(usize, Staged)>, Error>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|worker| {
-                let (tree, resolved, nodes, key, staging, created_at) =
-                    (&tree, &resolved, &nodes, &key, &staging, &created_at);
+                let (tree, resolved, nodes, key, staging, created_at, index) = (
+                    &tree,
+                    &resolved,
+                    &nodes,
+                    &key,
+                    &staging,
+                    &created_at,
+                    &index,
+                );
                 scope.spawn(move || {
                     let mut renderer = Renderer::new(tree);
                     let mut done = Vec::new();
-                    for (index, node) in nodes.iter().enumerate().skip(worker).step_by(workers) {
+                    for (position, node) in nodes.iter().enumerate().skip(worker).step_by(workers) {
                         let staged = stage_node(
-                            store,
                             resolved,
                             &mut renderer,
                             node,
+                            index,
                             key,
                             staging,
                             created_at,
                         )?;
-                        done.push((index, staged));
+                        done.push((position, staged));
                     }
                     Ok(done)
                 })
@@ -388,12 +466,15 @@ pub fn commit(
         let _ = durable::remove_dir_all(&staging);
         return Err(e);
     }
-    all.sort_by_key(|(index, _)| *index);
+    all.sort_by_key(|(position, _)| *position);
     let mut staged = Vec::new();
     for (_, result) in all {
         match result {
             Staged::Unchanged(node) => outcome.unchanged.push(node),
-            Staged::New(node, version) => staged.push((node, version)),
+            Staged::New(node, entry) => {
+                staged.push((node.clone(), entry.latest));
+                index.nodes.insert(node.to_string(), entry);
+            }
         }
     }
     tracing::debug!(
@@ -436,6 +517,7 @@ pub fn commit(
             crash_point("renamed-one");
         }
         durable::remove_dir_all(&staging)?;
+        save_index(store, &index)?;
         durable::sync_filesystem(store.root())?;
     }
     crash_point("published");
@@ -459,26 +541,29 @@ pub fn commit(
 
 enum Staged {
     Unchanged(NodeFullName),
-    New(NodeFullName, u32),
+    New(NodeFullName, IndexEntry),
 }
 
 /// Renders one node and, when its content changed, writes its next version to the staging
 /// area.
+#[allow(clippy::too_many_arguments)]
 fn stage_node(
-    store: &Store,
     resolved: &Resolved,
     renderer: &mut Renderer<'_>,
     node: &NodeAllocation,
+    index: &Index,
     key: &SigningKey,
     staging: &Path,
     created_at: &str,
 ) -> Result<Staged, Error> {
     let full = node.full_name();
     let rendered = render_node(resolved, renderer, node)?;
-    let (latest, old_key) = latest_content_key(store, &full)?;
-    if old_key.as_deref() == Some(&content_key(&rendered.entries, &rendered.services)) {
+    let previous = index.nodes.get(&full.to_string());
+    let digest = content_digest(&rendered.entries, &rendered.services);
+    if previous.map(|e| &e.content) == Some(&digest) {
         return Ok(Staged::Unchanged(full));
     }
+    let latest = previous.map(|e| e.latest);
     let version = latest.map_or(1, |v| v + 1);
     let manifest = Manifest {
         format: towalink_bundle::FORMAT,
@@ -497,7 +582,15 @@ fn stage_node(
         .join(node.name.as_str())
         .join(format!("v{version}"));
     write_version_dir(&dir, &manifest, &rendered.files, &bundle, key)?;
-    Ok(Staged::New(full, version))
+    Ok(Staged::New(
+        full,
+        IndexEntry {
+            id: node.id,
+            latest: version,
+            content: digest,
+            created: created_at.to_string(),
+        },
+    ))
 }
 
 /// Test hook: `TLM_CRASH_AT=<point>` kills the process at that point of a commit (as a power
@@ -527,10 +620,13 @@ fn write_version_dir(
         signature.as_bytes(),
         0o644,
     )?;
+    let mut made = std::collections::BTreeSet::new();
     for (path, content) in files {
         let target = dir.join("files").join(path);
         if let Some(parent) = target.parent() {
-            durable::create_dir_all(parent)?;
+            if made.insert(parent.to_path_buf()) {
+                durable::create_dir_all(parent)?;
+            }
         }
         durable::write_new(&target, content, 0o644)?;
     }
@@ -554,36 +650,34 @@ pub fn activate(
     spec: VersionSpec,
     message: &str,
 ) -> Result<Vec<(NodeFullName, u32, Option<u32>)>, Error> {
+    let index = load_index(store)?;
+    let mut activations = load_activations(store)?;
     let mut plan = Vec::new();
     for node in nodes {
         let full = node.full_name();
-        let versions = list_versions(store, &full)?;
+        let name = full.to_string();
+        let latest = index.nodes.get(&name).map(|e| e.latest);
         let version = match spec {
-            VersionSpec::Latest => *versions
-                .last()
-                .ok_or_else(|| Error::NoVersion(full.clone()))?,
+            VersionSpec::Latest => latest.ok_or_else(|| Error::NoVersion(full.clone()))?,
             VersionSpec::Number(n) => {
-                if !versions.contains(&n) {
+                let manifest = version_dir(store, &full, n).join(towalink_bundle::MANIFEST_NAME);
+                if !manifest.is_file() {
                     return Err(Error::UnknownVersion {
                         node: full,
                         version: n,
-                        latest: versions.last().copied(),
+                        latest,
                     });
                 }
                 n
             }
         };
-        let previous = activation(store, &full)?;
+        let previous = activations.nodes.get(&name).copied();
         plan.push((full, version, previous));
     }
     for (node, version, _) in &plan {
-        let text = toml::to_string(&Activation { version: *version }).expect("serializes");
-        durable::write_atomic(
-            &store.effective_dir(node).join(ACTIVATE_TOML),
-            text.as_bytes(),
-            0o644,
-        )?;
+        activations.nodes.insert(node.to_string(), *version);
     }
+    save_activations(store, &activations)?;
     store.git_commit(message)?;
     Ok(plan)
 }

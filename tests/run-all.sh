@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine and runs every test tier that exists so far:
+#   tier 0  unit and property tests inside each crate
+#   tier 1  the real `tlm` binary on temporary configuration directories (tests/tier1_cli.rs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+tests/setup.sh
+cargo build --workspace --bins --locked
+cargo test --workspace --locked
