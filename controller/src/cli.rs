@@ -134,6 +134,11 @@ pub enum Command {
         #[command(subcommand)]
         scope: ActivateScope,
     },
+    /// Write a node state directory (identity + latest version) to start `towalink-node` from.
+    Provision {
+        #[command(subcommand)]
+        what: ProvisionWhat,
+    },
     /// Run git in the configuration directory.
     Git {
         /// Arguments for git.
@@ -200,6 +205,12 @@ pub enum SetWhat {
         attribute: String,
         value: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProvisionWhat {
+    /// <node>.<site> or id, and the directory to write (the node's --state-dir).
+    Node { node: String, dir: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -370,6 +381,19 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
                 }
                 .ok();
             }
+        }
+        Command::Provision {
+            what: ProvisionWhat::Node { node, dir },
+        } => {
+            let (n, version) = installation::provision_node(&store, &node.parse()?, &dir)?;
+            writeln!(
+                out,
+                "provisioned {} (id {}) with v{version} in {}",
+                n.full_name(),
+                n.id,
+                dir.display()
+            )
+            .ok();
         }
         Command::Git { .. } => unreachable!("handled above"),
     }

@@ -193,3 +193,89 @@ fn to_edit_value(value: &Value) -> toml_edit::Value {
         }
     }
 }
+
+/// Writes a node state directory: the node's identity (WireGuard key and recovery token 0600,
+/// the controller's signing key) and its latest committed bundle in `incoming/`, which
+/// `towalink-node` installs and activates on its first start. The same thing an image bakes in.
+pub fn provision_node(
+    store: &Store,
+    node_ref: &NodeRef,
+    dir: &std::path::Path,
+) -> Result<(NodeAllocation, u32), Error> {
+    use crate::durable::{create_dir_all, write_atomic, IoError};
+    let generated = store.load_generated()?;
+    let node = generated.node(node_ref)?.clone();
+    let full = node.full_name();
+    let index = crate::versions::load_index(store)?;
+    let latest = index
+        .nodes
+        .get(&full.to_string())
+        .map(|e| e.latest)
+        .ok_or_else(|| Error::NoVersion(full.clone()))?;
+    let controller_key =
+        crate::versions::controller_public_key(store)?.ok_or_else(|| Error::Corrupt {
+            file: crate::versions::SIGNING_PUB.to_string(),
+            message: "missing: commit once to create the controller key".into(),
+        })?;
+    let secrets = store.load_secrets()?;
+    let node_secrets = secrets
+        .nodes
+        .iter()
+        .find(|s| s.id == node.id)
+        .ok_or_else(|| Error::Corrupt {
+            file: "generated/secrets.toml".into(),
+            message: format!("has no keys for node {full} (id {})", node.id),
+        })?;
+    let identity_file = dir.join("identity/node.toml");
+    if let Some(existing) = crate::durable::read_optional(&identity_file)? {
+        let same = existing
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|t| t.get("node_id").and_then(Value::as_integer))
+            == Some(i64::from(node.id));
+        if !same {
+            return Err(Error::Corrupt {
+                file: identity_file.display().to_string(),
+                message: format!("belongs to another node; refusing to provision {full} there"),
+            });
+        }
+    }
+    let mut identity = toml::Table::new();
+    identity.insert("node_id".into(), Value::Integer(node.id.into()));
+    identity.insert("site".into(), Value::String(node.site.to_string()));
+    identity.insert("node".into(), Value::String(node.name.to_string()));
+    identity.insert("controller_key".into(), Value::String(controller_key));
+    identity.insert(
+        "wg_public_key".into(),
+        Value::String(node.wg_public_key.clone()),
+    );
+    create_dir_all(&dir.join("identity"))?;
+    create_dir_all(&dir.join("incoming"))?;
+    std::fs::set_permissions(
+        dir.join("identity"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .map_err(|e| IoError::new("cannot set mode of", &dir.join("identity"), e))?;
+    write_atomic(
+        &dir.join("identity/wg_private_key"),
+        format!("{}\n", node_secrets.wg_private_key.expose()).as_bytes(),
+        0o600,
+    )?;
+    write_atomic(
+        &dir.join("identity/recovery_token"),
+        format!("{}\n", node_secrets.recovery_token.expose()).as_bytes(),
+        0o600,
+    )?;
+    write_atomic(
+        &identity_file,
+        toml::to_string(&identity)
+            .expect("identity serializes")
+            .as_bytes(),
+        0o644,
+    )?;
+    let bundle = crate::versions::bundle_path(store, &full, latest);
+    let bytes = std::fs::read(&bundle).map_err(|e| IoError::new("cannot read", &bundle, e))?;
+    let name = bundle.file_name().expect("bundle has a name");
+    write_atomic(&dir.join("incoming").join(name), &bytes, 0o644)?;
+    Ok((node, latest))
+}

@@ -19,7 +19,8 @@ use std::io::Read;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
+use ed25519_dalek::{Signature, Signer as _, Verifier as _};
+pub use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -234,6 +235,7 @@ fn append(
 pub struct VerifiedBundle {
     manifest: Manifest,
     manifest_text: String,
+    signature_text: String,
     files: BTreeMap<String, Vec<u8>>,
 }
 
@@ -244,6 +246,10 @@ impl VerifiedBundle {
     /// The exact signed manifest bytes.
     pub fn manifest_text(&self) -> &str {
         &self.manifest_text
+    }
+    /// The signature file's text, as stored in the bundle.
+    pub fn signature_text(&self) -> &str {
+        &self.signature_text
     }
     /// File contents by their path in the bundle.
     pub fn files(&self) -> &BTreeMap<String, Vec<u8>> {
@@ -309,6 +315,27 @@ pub fn verify(
     }
     let manifest_text = manifest_text.ok_or(BundleError::Missing(MANIFEST_NAME))?;
     let signature_text = signature_text.ok_or(BundleError::Missing(SIGNATURE_NAME))?;
+    verify_parts(
+        manifest_text,
+        signature_text,
+        files,
+        controller_key,
+        node_id,
+    )
+}
+
+/// Checks an unpacked version (manifest text, signature text, files) exactly as [`verify`]
+/// checks a bundle: for versions a node keeps on disk and re-checks before using them.
+pub fn verify_parts(
+    manifest_text: String,
+    signature_text: String,
+    files: BTreeMap<String, Vec<u8>>,
+    controller_key: &VerifyingKey,
+    node_id: u32,
+) -> Result<VerifiedBundle, BundleError> {
+    for path in files.keys() {
+        check_relative_path(path)?;
+    }
 
     let signature_bytes: [u8; 64] = BASE64
         .decode(signature_text.trim())
@@ -338,6 +365,7 @@ pub fn verify(
     Ok(VerifiedBundle {
         manifest,
         manifest_text,
+        signature_text,
         files,
     })
 }

@@ -1,0 +1,220 @@
+//! The `towalink-node` command line. Exit status: 0 ok, 1 failed or refused, 2 usage.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::apply::Reloader;
+use crate::bird::BirdControl;
+use crate::lifecycle::{Node, VersionSpec, Watch};
+use crate::state::Installed;
+
+/// towalink-node: keep signed configuration versions in A/B slots, activate, apply, roll back.
+#[derive(Debug, Parser)]
+#[command(name = "towalink-node", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Node state directory (identity, versions, slots).
+    #[arg(
+        long,
+        env = "TOWALINK_STATE_DIR",
+        default_value = "/var/lib/towalink",
+        global = true
+    )]
+    pub state_dir: PathBuf,
+    /// Directory the versions' files are applied under (their targets are absolute paths below it).
+    #[arg(long, default_value = "/", global = true)]
+    pub root: PathBuf,
+    /// BIRD's control socket.
+    #[arg(long, default_value = "/run/bird/bird.ctl", global = true)]
+    pub bird_socket: PathBuf,
+    /// Log level on stderr.
+    #[arg(short = 'l', long, value_enum, default_value = "info", global = true)]
+    pub loglevel: LogLevel,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warning,
+    Error,
+}
+
+impl LogLevel {
+    pub fn tracing_level(self) -> tracing::Level {
+        match self {
+            LogLevel::Debug => tracing::Level::DEBUG,
+            LogLevel::Info => tracing::Level::INFO,
+            LogLevel::Warning => tracing::Level::WARN,
+            LogLevel::Error => tracing::Level::ERROR,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Verify a bundle (signature, node id, hashes) and store its version.
+    Install { file: PathBuf },
+    /// Activate a version: fill the inactive slot, switch, apply; it stays pending until blessed.
+    Activate {
+        /// Version number (5 or v5) or `latest` (the highest installed).
+        version: String,
+        /// Roll back unless confirmed (mark-good) within this many seconds.
+        #[arg(long, value_name = "SECONDS")]
+        confirm: Option<u64>,
+    },
+    /// Active and last good version, slot, tries left, health, last rollback.
+    Status {
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+    /// Bless the active version now (also confirms an activation made with --confirm).
+    MarkGood,
+    /// Mark the active version bad and roll back to the last good one.
+    MarkBad {
+        #[arg(long, default_value = "marked bad by the operator")]
+        reason: String,
+    },
+    /// The daemon: recover from disk, then watch pending versions (bless or roll back).
+    Run {
+        /// Do the start-up work and one check, then exit.
+        #[arg(long)]
+        once: bool,
+        /// Milliseconds between checks.
+        #[arg(long, default_value = "1000")]
+        interval_ms: u64,
+    },
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let node = Node::new(
+        &cli.state_dir,
+        &cli.root,
+        Reloader {
+            bird: BirdControl {
+                socket: cli.bird_socket.clone(),
+            },
+        },
+    );
+    let mut out = std::io::stdout().lock();
+    match cli.command {
+        Command::Install { file } => {
+            let bytes = std::fs::read(&file)
+                .with_context(|| format!("cannot read bundle `{}`", file.display()))?;
+            match node.install(&bytes)? {
+                Installed::New(v) => writeln!(out, "installed v{v}")?,
+                Installed::AlreadyPresent(v) => writeln!(out, "v{v} is already installed")?,
+            }
+        }
+        Command::Activate { version, confirm } => {
+            let spec: VersionSpec = version.parse().map_err(anyhow::Error::msg)?;
+            let report = node.activate(spec, confirm)?;
+            writeln!(
+                out,
+                "activated v{} in slot {} (pending, {} tries{}); wrote {} file(s), reloaded {}; {:.1} ms",
+                report.version,
+                report.slot,
+                report.tries,
+                report
+                    .confirm_by
+                    .map(|t| format!(", confirm by {t}"))
+                    .unwrap_or_default(),
+                report.apply.written.len(),
+                if report.apply.reloaded.is_empty() { "nothing".to_string() } else { report.apply.reloaded.join(", ") },
+                report.activation_ms
+            )?;
+        }
+        Command::Status { format } => {
+            let status = node.status()?;
+            if format == Format::Json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&status)?)?;
+            } else {
+                let v = |x: Option<u32>| x.map_or("-".to_string(), |v| format!("v{v}"));
+                writeln!(
+                    out,
+                    "node:          {} (id {})",
+                    status.node, status.node_id
+                )?;
+                writeln!(
+                    out,
+                    "active:        {} in slot {} ({}{})",
+                    v(status.active_version),
+                    status.active_slot.as_deref().unwrap_or("-"),
+                    status.state.as_deref().unwrap_or("none"),
+                    status
+                        .tries_left
+                        .map(|t| format!(", {t} tries left"))
+                        .unwrap_or_default()
+                )?;
+                if let Some(t) = status.confirm_by {
+                    writeln!(out, "confirm by:    {t} (unix time)")?;
+                }
+                writeln!(
+                    out,
+                    "last good:     {} in slot {}",
+                    v(status.last_good_version),
+                    status.last_good_slot.as_deref().unwrap_or("-")
+                )?;
+                let installed: Vec<String> = status
+                    .installed_versions
+                    .iter()
+                    .map(|v| format!("v{v}"))
+                    .collect();
+                writeln!(out, "installed:     {}", installed.join(" "))?;
+                for check in &status.health {
+                    writeln!(
+                        out,
+                        "health {:<7} {} ({})",
+                        format!("{:?}:", check.check).to_lowercase(),
+                        if check.ok { "ok" } else { "failing" },
+                        check.detail
+                    )?;
+                }
+                if let Some(r) = &status.last_rollback {
+                    writeln!(
+                        out,
+                        "last rollback: {} -> {} at {}: {}",
+                        v(r.from_version),
+                        v(r.to_version),
+                        r.time,
+                        r.reason
+                    )?;
+                }
+            }
+        }
+        Command::MarkGood => {
+            let v = node.mark_good()?;
+            writeln!(out, "v{v} is good")?;
+        }
+        Command::MarkBad { reason } => match node.mark_bad(&reason)? {
+            Some(v) => writeln!(out, "rolled back; v{v} is active")?,
+            None => writeln!(out, "marked bad; no version to roll back to")?,
+        },
+        Command::Run { once, interval_ms } => {
+            node.startup()?;
+            let mut watch = Watch::default();
+            loop {
+                if let Err(error) = node.tick(&mut watch) {
+                    tracing::error!(%error, "check failed");
+                }
+                if once {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(interval_ms));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,128 @@
+//! Health checks that decide whether a pending version is blessed, and the per-node settings
+//! that configure them (attributes in the version's `towalink/node.toml`).
+
+use towalink_bundle::VerifiedBundle;
+
+use crate::bird::BirdControl;
+use crate::Error;
+
+/// Path of the effective attributes inside a version.
+pub const NODE_TOML: &str = "towalink/node.toml";
+
+/// A check a pending version must pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Check {
+    /// Every BGP protocol in BIRD is up and Established.
+    Bird,
+}
+
+/// Settings of the version lifecycle, from the version's attributes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LifecycleSettings {
+    /// `node_boot_tries`: daemon starts a pending version may use (default 3).
+    pub boot_tries: u32,
+    /// `node_health_checks`: default `["bird"]` when the version configures BIRD, else none.
+    pub checks: Vec<Check>,
+    /// `node_health_timeout_s`: how long a pending version may take to pass (default 120).
+    pub timeout_s: u64,
+}
+
+impl LifecycleSettings {
+    pub fn from_bundle(bundle: &VerifiedBundle) -> Result<LifecycleSettings, Error> {
+        let manifest = bundle.manifest();
+        let bad = |attribute: &str, message: &str| Error::Setting {
+            attribute: attribute.to_string(),
+            version: manifest.version,
+            message: message.to_string(),
+        };
+        let attributes: toml::Table = match bundle.files().get(NODE_TOML) {
+            Some(bytes) => std::str::from_utf8(bytes)
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(|| bad(NODE_TOML, "is not valid TOML"))?,
+            None => toml::Table::new(),
+        };
+        let integer = |key: &str, default: i64, min: i64, max: i64| -> Result<i64, Error> {
+            match attributes.get(key) {
+                None => Ok(default),
+                Some(toml::Value::Integer(n)) if (min..=max).contains(n) => Ok(*n),
+                Some(_) => Err(bad(key, &format!("must be an integer from {min} to {max}"))),
+            }
+        };
+        let checks = match attributes.get("node_health_checks") {
+            None => {
+                if manifest.services.contains_key("bird") {
+                    vec![Check::Bird]
+                } else {
+                    Vec::new()
+                }
+            }
+            Some(toml::Value::Array(items)) => items
+                .iter()
+                .map(|item| match item.as_str() {
+                    Some("bird") => Ok(Check::Bird),
+                    _ => Err(bad(
+                        "node_health_checks",
+                        &format!("has `{item}`: this node knows the check \"bird\""),
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(bad("node_health_checks", "must be a list of check names")),
+        };
+        Ok(LifecycleSettings {
+            boot_tries: integer("node_boot_tries", 3, 1, 100)? as u32,
+            checks,
+            timeout_s: integer("node_health_timeout_s", 120, 1, 86_400)? as u64,
+        })
+    }
+}
+
+/// The outcome of one check.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CheckResult {
+    pub check: Check,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// Runs the checks once.
+pub fn evaluate(checks: &[Check], bird: &BirdControl) -> Vec<CheckResult> {
+    checks
+        .iter()
+        .map(|check| match check {
+            Check::Bird => bird_check(bird),
+        })
+        .collect()
+}
+
+fn bird_check(bird: &BirdControl) -> CheckResult {
+    match bird.protocols() {
+        Err(e) => CheckResult {
+            check: Check::Bird,
+            ok: false,
+            detail: e.to_string(),
+        },
+        Ok(protocols) => {
+            let bgp: Vec<_> = protocols.iter().filter(|p| p.proto == "BGP").collect();
+            let down: Vec<String> = bgp
+                .iter()
+                .filter(|p| !(p.state == "up" && p.info.starts_with("Established")))
+                .map(|p| {
+                    format!("{} {} {}", p.name, p.state, p.info)
+                        .trim()
+                        .to_string()
+                })
+                .collect();
+            CheckResult {
+                check: Check::Bird,
+                ok: down.is_empty(),
+                detail: if down.is_empty() {
+                    format!("{} BGP session(s) Established", bgp.len())
+                } else {
+                    format!("not Established: {}", down.join(", "))
+                },
+            }
+        }
+    }
+}

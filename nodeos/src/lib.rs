@@ -1,0 +1,60 @@
+//! `towalink-node`: the node daemon's library.
+//!
+//! A pure planner ([`slots`]) decides from the disk state alone; the executor ([`lifecycle`])
+//! carries decisions out on the state directory ([`state`]) and the root ([`apply`]), with BIRD
+//! reached through its control socket ([`bird`]) and health judged by [`health`].
+
+pub mod apply;
+pub mod bird;
+pub mod cli;
+pub mod health;
+pub mod lifecycle;
+pub mod slots;
+pub mod state;
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong on a node, naming the file, version or service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{action} `{path}`: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{path}`: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error("bundle refused: {0}")]
+    Bundle(#[from] towalink_bundle::BundleError),
+    #[error("bundle refused: v{0} is already installed with different content")]
+    VersionConflict(u32),
+    #[error("no version v{version} is installed (installed: {})", if installed.is_empty() { "none".to_string() } else { installed.iter().map(|v| format!("v{v}")).collect::<Vec<_>>().join(", ") })]
+    UnknownVersion { version: u32, installed: Vec<u32> },
+    #[error("no version is installed")]
+    NoVersions,
+    #[error("no version is active")]
+    NothingActive,
+    #[error(transparent)]
+    Refused(#[from] slots::ActivationRefused),
+    #[error("target `{target}` {reason}")]
+    Unsafe {
+        target: String,
+        reason: &'static str,
+    },
+    #[error("version v{version}: attribute `{attribute}` {message}")]
+    Setting {
+        attribute: String,
+        version: u32,
+        message: String,
+    },
+    #[error("BIRD at `{socket}`: {message}")]
+    Bird { socket: PathBuf, message: String },
+    #[error("BIRD is not running at `{socket}`: {message}")]
+    BirdNotRunning { socket: PathBuf, message: String },
+    #[error("reload of service `{service}` failed: {message}")]
+    Reload { service: String, message: String },
+    #[error("rolled back: {0}")]
+    RolledBack(String),
+}

@@ -1,0 +1,402 @@
+//! The executor: carries out what the slot planner decides (install, activate, bless, roll
+//! back, start) on the state directory and the root, under the state lock.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::apply::{apply, ApplyReport, Reloader};
+use crate::health::{evaluate, CheckResult, LifecycleSettings};
+use crate::slots::{plan_activation, plan_startup, DiskState, Marker, Slot, StartupAction};
+use crate::state::{crash_point, now, Installed, RollbackRecord, StateDir};
+use crate::Error;
+
+/// Which version to activate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionSpec {
+    Latest,
+    Number(u32),
+}
+
+impl std::str::FromStr for VersionSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<VersionSpec, String> {
+        if s == "latest" {
+            return Ok(VersionSpec::Latest);
+        }
+        s.strip_prefix('v')
+            .unwrap_or(s)
+            .parse::<u32>()
+            .ok()
+            .filter(|n| *n > 0)
+            .map(VersionSpec::Number)
+            .ok_or_else(|| format!("invalid version `{s}`: use a number (5 or v5) or `latest`"))
+    }
+}
+
+/// A node: its state directory, the root its files go to, and how it reloads services.
+pub struct Node {
+    pub state: StateDir,
+    pub root: PathBuf,
+    pub reloader: Reloader,
+}
+
+/// What an activation did.
+#[derive(Debug, Serialize)]
+pub struct ActivationReport {
+    pub version: u32,
+    pub slot: String,
+    pub tries: u32,
+    pub confirm_by: Option<u64>,
+    pub apply: ApplyReport,
+    /// Milliseconds from the start of the activation to the end of apply, BIRD's own reload
+    /// time excluded.
+    pub activation_ms: f64,
+}
+
+/// What `status` shows.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub node: String,
+    pub node_id: u32,
+    pub active_version: Option<u32>,
+    pub active_slot: Option<String>,
+    /// good, pending or bad.
+    pub state: Option<String>,
+    pub tries_left: Option<u32>,
+    pub confirm_by: Option<u64>,
+    pub last_good_version: Option<u32>,
+    pub last_good_slot: Option<String>,
+    pub installed_versions: Vec<u32>,
+    pub health: Vec<CheckResult>,
+    pub last_rollback: Option<RollbackRecord>,
+}
+
+/// The daemon's watch over a pending version.
+#[derive(Debug, Default)]
+pub struct Watch {
+    watching: Option<(Slot, u32, Instant)>,
+}
+
+impl Node {
+    pub fn new(state_dir: &Path, root: &Path, reloader: Reloader) -> Node {
+        Node {
+            state: StateDir::new(state_dir),
+            root: root.to_path_buf(),
+            reloader,
+        }
+    }
+
+    /// Verifies and stores a bundle.
+    pub fn install(&self, bytes: &[u8]) -> Result<Installed, Error> {
+        let _lock = self.state.lock()?;
+        self.state.install(bytes)
+    }
+
+    fn resolve_version(&self, spec: VersionSpec) -> Result<u32, Error> {
+        let versions = self.state.versions()?;
+        match spec {
+            VersionSpec::Latest => versions.last().copied().ok_or(Error::NoVersions),
+            VersionSpec::Number(n) if versions.contains(&n) => Ok(n),
+            VersionSpec::Number(n) => Err(Error::UnknownVersion {
+                version: n,
+                installed: versions,
+            }),
+        }
+    }
+
+    /// Activates a version: fill the other slot, switch `current`, apply; the version is left
+    /// pending (with a confirm deadline when `confirm_s` is given).
+    pub fn activate(
+        &self,
+        spec: VersionSpec,
+        confirm_s: Option<u64>,
+    ) -> Result<ActivationReport, Error> {
+        let started = Instant::now();
+        let _lock = self.state.lock()?;
+        let version = self.resolve_version(spec)?;
+        let disk = self.state.read()?;
+        let slot = plan_activation(&disk, version)?;
+        let bundle = self
+            .state
+            .load_version_tree(&self.state.version_dir(version))?;
+        let settings = LifecycleSettings::from_bundle(&bundle)?;
+        let previous = disk
+            .current
+            .and_then(|s| self.state.slot_bundle(s).ok())
+            .map(|b| b.manifest().clone());
+        self.state.fill_slot(
+            slot,
+            version,
+            Marker::Pending {
+                tries_left: settings.boot_tries,
+            },
+        )?;
+        let confirm_by = confirm_s.map(|s| now() + s);
+        self.state.set_confirm_by(confirm_by)?;
+        crash_point("activate-before-switch");
+        self.state.switch_current(slot)?;
+        crash_point("activate-switched");
+        tracing::info!(version, %slot, "activated; applying");
+        let bundle = self.state.slot_bundle(slot)?;
+        match apply(&bundle, previous.as_ref(), &self.root, &self.reloader) {
+            Ok(report) => {
+                let activation_ms =
+                    started.elapsed().as_secs_f64() * 1000.0 - report.bird_reload_ms;
+                Ok(ActivationReport {
+                    version,
+                    slot: slot.to_string(),
+                    tries: settings.boot_tries,
+                    confirm_by,
+                    apply: report,
+                    activation_ms,
+                })
+            }
+            Err(error) => {
+                let reason = format!("apply of v{version} failed: {error}");
+                tracing::error!(%reason);
+                self.roll_back_locked(slot, &reason)?;
+                Err(Error::RolledBack(reason))
+            }
+        }
+    }
+
+    /// Goes back to the other slot (which must hold a good version), applies it, records why.
+    fn roll_back_locked(&self, from: Slot, reason: &str) -> Result<Option<ApplyReport>, Error> {
+        let disk = self.state.read()?;
+        let to = from.other();
+        let from_version = disk.slot(from).version;
+        let to_version = disk.slot(to).version;
+        let has_fallback = to_version.is_some() && disk.slot(to).marker == Some(Marker::Good);
+        self.state.record_rollback(&RollbackRecord {
+            time: now(),
+            from_version,
+            to_version: if has_fallback { to_version } else { None },
+            reason: reason.to_string(),
+        })?;
+        crash_point("rollback-recorded");
+        self.state.set_marker(from, Marker::Bad)?;
+        crash_point("rollback-marked-bad");
+        if !has_fallback {
+            tracing::error!(
+                reason,
+                "no good version to roll back to; keeping the current one"
+            );
+            return Ok(None);
+        }
+        self.state.switch_current(to)?;
+        self.state.set_confirm_by(None)?;
+        crash_point("rollback-switched");
+        tracing::warn!(from = ?from_version, to = ?to_version, reason, "rolled back");
+        let bundle = self.state.slot_bundle(to)?;
+        let previous = self
+            .state
+            .slot_bundle(from)
+            .ok()
+            .map(|b| b.manifest().clone());
+        let report = apply(&bundle, previous.as_ref(), &self.root, &self.reloader)?;
+        crash_point("rollback-applied");
+        Ok(Some(report))
+    }
+
+    /// Blesses the pending current version (the `mark-good` escape hatch, or confirmation).
+    pub fn mark_good(&self) -> Result<u32, Error> {
+        let _lock = self.state.lock()?;
+        let disk = self.state.read()?;
+        let slot = disk.current.ok_or(Error::NothingActive)?;
+        let version = disk.slot(slot).version.ok_or(Error::NothingActive)?;
+        self.state.set_marker(slot, Marker::Good)?;
+        self.state.set_confirm_by(None)?;
+        tracing::info!(version, %slot, "blessed");
+        Ok(version)
+    }
+
+    /// Marks the current version bad and rolls back to the last good one.
+    pub fn mark_bad(&self, reason: &str) -> Result<Option<u32>, Error> {
+        let _lock = self.state.lock()?;
+        let disk = self.state.read()?;
+        let slot = disk.current.ok_or(Error::NothingActive)?;
+        self.roll_back_locked(slot, reason)?;
+        Ok(self.state.read()?.active_version())
+    }
+
+    /// Installs what waits in `incoming/`; a refused bundle is moved to `incoming/rejected/`.
+    fn take_incoming(&self) -> Result<(), Error> {
+        for path in self.state.incoming() {
+            let result = std::fs::read(&path)
+                .map_err(|source| Error::Io {
+                    action: "cannot read",
+                    path: path.clone(),
+                    source,
+                })
+                .and_then(|bytes| self.state.install(&bytes));
+            match result {
+                Ok(installed) => {
+                    tracing::info!(file = %path.display(), ?installed, "installed incoming bundle");
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(error) => {
+                    tracing::error!(file = %path.display(), %error, "refused incoming bundle");
+                    let rejected = self.state.path("incoming/rejected");
+                    let _ = std::fs::create_dir_all(&rejected);
+                    if let Some(name) = path.file_name() {
+                        let _ = std::fs::rename(&path, rejected.join(name));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// What every daemon start does, from the disk alone: take incoming bundles, make the first
+    /// version active if none is, use a try of a pending version or roll it back, and apply
+    /// the current slot (reconciling whatever an interrupted step left behind).
+    pub fn startup(&self) -> Result<StartupAction, Error> {
+        let _lock = self.state.lock()?;
+        self.take_incoming()?;
+        let disk = self.state.read()?;
+        let action = plan_startup(&disk, now());
+        tracing::info!(?action, "startup");
+        match &action {
+            StartupAction::Idle => {
+                if let Some(&latest) = self.state.versions()?.last() {
+                    // The first version (provisioned or baked into an image) starts as good:
+                    // there is nothing to roll back to.
+                    let slot = plan_activation(&disk, latest)?;
+                    self.state.fill_slot(slot, latest, Marker::Good)?;
+                    self.state.switch_current(slot)?;
+                    self.apply_current(&self.state.read()?, None)?;
+                }
+            }
+            StartupAction::Run { .. } | StartupAction::NoFallback { .. } => {
+                // The running version stays whatever apply says; the error is for the log.
+                if let Err(error) = self.apply_current(&disk, None) {
+                    tracing::error!(%error, "apply of the current version failed");
+                }
+            }
+            StartupAction::UseTry { slot, tries_left } => {
+                self.state.set_marker(
+                    *slot,
+                    Marker::Pending {
+                        tries_left: *tries_left,
+                    },
+                )?;
+                let previous = self
+                    .state
+                    .slot_bundle(slot.other())
+                    .ok()
+                    .map(|b| b.manifest().clone());
+                if let Err(error) = self.apply_current(&disk, previous.as_ref()) {
+                    self.roll_back_locked(*slot, &format!("apply failed: {error}"))?;
+                }
+            }
+            StartupAction::RollBack { from, reason, .. } => {
+                self.roll_back_locked(*from, reason)?;
+            }
+        }
+        Ok(action)
+    }
+
+    fn apply_current(
+        &self,
+        disk: &DiskState,
+        previous: Option<&towalink_bundle::Manifest>,
+    ) -> Result<(), Error> {
+        let Some(slot) = disk.current else {
+            return Ok(());
+        };
+        let bundle = self.state.slot_bundle(slot)?;
+        let report = apply(&bundle, previous, &self.root, &self.reloader)?;
+        tracing::info!(version = bundle.manifest().version, written = report.written.len(), reloaded = ?report.reloaded, "applied");
+        Ok(())
+    }
+
+    /// One look at a pending version: roll back on an expired confirm timer or health timeout,
+    /// bless when the checks pass (unless it waits for an explicit confirmation).
+    pub fn tick(&self, watch: &mut Watch) -> Result<(), Error> {
+        let _lock = self.state.lock()?;
+        self.take_incoming()?;
+        let disk = self.state.read()?;
+        let Some(slot) = disk.current else {
+            return Ok(());
+        };
+        let view = disk.slot(slot);
+        let (Some(version), Some(Marker::Pending { .. })) = (view.version, view.marker) else {
+            watch.watching = None;
+            return Ok(());
+        };
+        if disk.confirm_by.is_some_and(|t| now() >= t) {
+            self.roll_back_locked(slot, &format!("v{version}: the confirm timer expired"))?;
+            watch.watching = None;
+            return Ok(());
+        }
+        let since = match watch.watching {
+            Some((s, v, since)) if s == slot && v == version => since,
+            _ => {
+                let since = Instant::now();
+                watch.watching = Some((slot, version, since));
+                since
+            }
+        };
+        let bundle = self.state.slot_bundle(slot)?;
+        let settings = LifecycleSettings::from_bundle(&bundle)?;
+        let results = evaluate(&settings.checks, &self.reloader.bird);
+        let healthy = results.iter().all(|r| r.ok);
+        if healthy && disk.confirm_by.is_none() {
+            self.state.set_marker(slot, Marker::Good)?;
+            tracing::info!(version, %slot, "health checks passed: blessed");
+            watch.watching = None;
+        } else if !healthy && since.elapsed().as_secs() >= settings.timeout_s {
+            let failed: Vec<String> = results
+                .iter()
+                .filter(|r| !r.ok)
+                .map(|r| format!("{:?}: {}", r.check, r.detail).to_lowercase())
+                .collect();
+            let reason = format!(
+                "v{version} did not pass its health checks within {} s ({})",
+                settings.timeout_s,
+                failed.join("; ")
+            );
+            self.roll_back_locked(slot, &reason)?;
+            watch.watching = None;
+        }
+        Ok(())
+    }
+
+    pub fn status(&self) -> Result<Status, Error> {
+        let identity = self.state.identity()?;
+        let disk = self.state.read()?;
+        let current = disk.current;
+        let marker = current.and_then(|s| disk.slot(s).marker);
+        let last_good = disk.last_good();
+        let health = match current.and_then(|s| self.state.slot_bundle(s).ok()) {
+            Some(bundle) => {
+                let settings = LifecycleSettings::from_bundle(&bundle)?;
+                evaluate(&settings.checks, &self.reloader.bird)
+            }
+            None => Vec::new(),
+        };
+        Ok(Status {
+            node: format!("{}.{}", identity.node, identity.site),
+            node_id: identity.node_id,
+            active_version: disk.active_version(),
+            active_slot: current.map(|s| s.to_string()),
+            state: marker.map(|m| match m {
+                Marker::Good => "good".to_string(),
+                Marker::Pending { .. } => "pending".to_string(),
+                Marker::Bad => "bad".to_string(),
+            }),
+            tries_left: match marker {
+                Some(Marker::Pending { tries_left }) => Some(tries_left),
+                _ => None,
+            },
+            confirm_by: disk.confirm_by,
+            last_good_version: last_good.and_then(|s| disk.slot(s).version),
+            last_good_slot: last_good.map(|s| s.to_string()),
+            installed_versions: self.state.versions()?,
+            health,
+            last_rollback: self.state.last_rollback(),
+        })
+    }
+}

@@ -1,0 +1,490 @@
+//! The node's state directory (default `/var/lib/towalink`) and every change to it.
+//!
+//! ```text
+//! identity/node.toml              node id, names, controller signing key (public)
+//! identity/wg_private_key         WireGuard private key (0600)
+//! identity/recovery_token         recovery token (0600)
+//! incoming/*.tar.zst              bundles waiting to be installed (from tlm provision, OTA)
+//! versions/v<N>/                  installed, verified versions (manifest.toml, manifest.sig, files/)
+//! slots/a/, slots/b/              the two slots, each a complete copy of one version
+//! slots/a.good | a.pending+2 | a.bad   each slot's marker
+//! current -> slots/a              the active slot (symlink, switched by rename)
+//! confirm-by                      unix time by which a pending version must be confirmed
+//! last-rollback.toml              the last rollback: when, from, to, why
+//! .lock                           one writer at a time (CLI and daemon)
+//! ```
+//!
+//! Every step is ordered so that a crash at any instant leaves exactly one complete version
+//! active: a slot is filled beside its place and renamed in, its marker written, and only then
+//! is `current` switched by renaming a new symlink over it.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::os::fd::AsRawFd as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use towalink_bundle::{Manifest, VerifiedBundle};
+
+use crate::slots::{DiskState, Marker, Slot, SlotView};
+use crate::Error;
+
+/// How many installed versions are kept besides the ones in the slots.
+pub const KEEP_VERSIONS: usize = 10;
+
+/// The node's identity, baked into an image or written by provisioning/attach.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    pub node_id: u32,
+    pub site: String,
+    pub node: String,
+    /// The controller's ed25519 public key (base64) that signs bundles.
+    pub controller_key: String,
+    pub wg_public_key: String,
+}
+
+/// The last rollback, kept for `status` and the controller.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRecord {
+    pub time: u64,
+    pub from_version: Option<u32>,
+    pub to_version: Option<u32>,
+    pub reason: String,
+}
+
+/// Test hook: `TOWALINK_NODE_CRASH_AT=<point>` aborts the process at that step, as a power
+/// cut would, so tests can check the disk after every step.
+pub fn crash_point(point: &str) {
+    if std::env::var("TOWALINK_NODE_CRASH_AT").is_ok_and(|p| p == point) {
+        std::process::abort();
+    }
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Error + 'a {
+    move |source| Error::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes a file durably: temp file, fsync, rename, fsync the directory.
+pub fn write_atomic(path: &Path, content: &[u8], mode: u32) -> Result<(), Error> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let temp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&temp)
+        .map_err(io("cannot create", &temp))?;
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(io("cannot set mode of", &temp))?;
+    file.write_all(content).map_err(io("cannot write", &temp))?;
+    file.sync_all().map_err(io("cannot sync", &temp))?;
+    std::fs::rename(&temp, path).map_err(io("cannot replace", path))?;
+    sync_dir(dir)
+}
+
+pub fn sync_dir(dir: &Path) -> Result<(), Error> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("cannot sync directory", dir))
+}
+
+fn remove_tree(path: &Path) -> Result<(), Error> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("cannot remove", path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Writes an unpacked version (manifest, signature, files) into `dir`, every file fsynced.
+fn write_version_tree(dir: &Path, bundle: &VerifiedBundle) -> Result<(), Error> {
+    remove_tree(dir)?;
+    std::fs::create_dir_all(dir.join("files")).map_err(io("cannot create", dir))?;
+    let mut dirs = std::collections::BTreeSet::new();
+    dirs.insert(dir.to_path_buf());
+    dirs.insert(dir.join("files"));
+    let mut write = |path: PathBuf, content: &[u8]| -> Result<(), Error> {
+        if let Some(parent) = path.parent() {
+            if dirs.insert(parent.to_path_buf()) {
+                std::fs::create_dir_all(parent).map_err(io("cannot create", parent))?;
+            }
+        }
+        let mut file = std::fs::File::create(&path).map_err(io("cannot create", &path))?;
+        file.write_all(content).map_err(io("cannot write", &path))?;
+        file.sync_all().map_err(io("cannot sync", &path))
+    };
+    write(
+        dir.join(towalink_bundle::MANIFEST_NAME),
+        bundle.manifest_text().as_bytes(),
+    )?;
+    write(
+        dir.join(towalink_bundle::SIGNATURE_NAME),
+        bundle.signature_text().as_bytes(),
+    )?;
+    for (path, content) in bundle.files() {
+        write(dir.join("files").join(path), content)?;
+    }
+    for d in &dirs {
+        sync_dir(d)?;
+    }
+    Ok(())
+}
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+/// Held while the state is changed; the CLI and the daemon take it alike.
+pub struct StateLock {
+    _file: std::fs::File,
+}
+
+/// Outcome of an install.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Installed {
+    New(u32),
+    AlreadyPresent(u32),
+}
+
+impl StateDir {
+    pub fn new(root: &Path) -> StateDir {
+        StateDir {
+            root: root.to_path_buf(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.root.join(relative)
+    }
+
+    fn slot_dir(&self, slot: Slot) -> PathBuf {
+        self.root.join("slots").join(slot.name())
+    }
+
+    pub fn version_dir(&self, version: u32) -> PathBuf {
+        self.root.join("versions").join(format!("v{version}"))
+    }
+
+    pub fn lock(&self) -> Result<StateLock, Error> {
+        std::fs::create_dir_all(&self.root).map_err(io("cannot create", &self.root))?;
+        let path = self.path(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io("cannot open", &path))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io("cannot lock", &path)(std::io::Error::last_os_error()));
+        }
+        Ok(StateLock { _file: file })
+    }
+
+    pub fn identity(&self) -> Result<Identity, Error> {
+        let path = self.path("identity/node.toml");
+        let text = std::fs::read_to_string(&path).map_err(io("cannot read identity", &path))?;
+        toml::from_str(&text).map_err(|e| Error::Corrupt {
+            path,
+            message: e.message().to_string(),
+        })
+    }
+
+    fn controller_key(
+        &self,
+        identity: &Identity,
+    ) -> Result<ed25519_dalek_key::VerifyingKey, Error> {
+        towalink_bundle::verifying_key_from_base64(&identity.controller_key).map_err(|_| {
+            Error::Corrupt {
+                path: self.path("identity/node.toml"),
+                message: "controller_key is not a base64 ed25519 public key".into(),
+            }
+        })
+    }
+
+    /// Verifies a bundle and stores its version. Nothing changes when it is refused.
+    pub fn install(&self, bytes: &[u8]) -> Result<Installed, Error> {
+        let identity = self.identity()?;
+        let key = self.controller_key(&identity)?;
+        let bundle = towalink_bundle::verify(bytes, &key, identity.node_id)?;
+        let version = bundle.manifest().version;
+        let dir = self.version_dir(version);
+        if dir.exists() {
+            let existing = std::fs::read_to_string(dir.join(towalink_bundle::MANIFEST_NAME))
+                .map_err(io("cannot read", &dir))?;
+            if existing == bundle.manifest_text() {
+                return Ok(Installed::AlreadyPresent(version));
+            }
+            return Err(Error::VersionConflict(version));
+        }
+        let versions = self.path("versions");
+        std::fs::create_dir_all(&versions).map_err(io("cannot create", &versions))?;
+        let temp = versions.join(format!(".v{version}.tmp"));
+        write_version_tree(&temp, &bundle)?;
+        crash_point("install-written");
+        std::fs::rename(&temp, &dir).map_err(io("cannot rename", &temp))?;
+        sync_dir(&versions)?;
+        crash_point("install-renamed");
+        self.prune()?;
+        Ok(Installed::New(version))
+    }
+
+    /// Installed versions, ascending.
+    pub fn versions(&self) -> Result<Vec<u32>, Error> {
+        let dir = self.path("versions");
+        let mut versions = Vec::new();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(versions),
+            Err(e) => return Err(io("cannot read", &dir)(e)),
+        };
+        for entry in entries.flatten() {
+            if let Some(v) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix('v'))
+                .and_then(|n| n.parse().ok())
+            {
+                versions.push(v);
+            }
+        }
+        versions.sort_unstable();
+        Ok(versions)
+    }
+
+    /// Keeps the newest installed versions and any version in a slot.
+    fn prune(&self) -> Result<(), Error> {
+        let state = self.read()?;
+        let in_slots = [state.a.version, state.b.version];
+        let versions = self.versions()?;
+        let excess = versions.len().saturating_sub(KEEP_VERSIONS);
+        for v in versions.into_iter().take(excess) {
+            if !in_slots.contains(&Some(v)) {
+                remove_tree(&self.version_dir(v))?;
+            }
+        }
+        // Leftovers of interrupted installs.
+        if let Ok(entries) = std::fs::read_dir(self.path("versions")) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().ends_with(".tmp") {
+                    remove_tree(&e.path())?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads and re-verifies a stored version (signature, node id, hashes).
+    pub fn load_version_tree(&self, dir: &Path) -> Result<VerifiedBundle, Error> {
+        let identity = self.identity()?;
+        let key = self.controller_key(&identity)?;
+        let manifest_text = std::fs::read_to_string(dir.join(towalink_bundle::MANIFEST_NAME))
+            .map_err(io("cannot read", dir))?;
+        let signature_text = std::fs::read_to_string(dir.join(towalink_bundle::SIGNATURE_NAME))
+            .map_err(io("cannot read", dir))?;
+        let manifest: Manifest = toml::from_str(&manifest_text).map_err(|e| Error::Corrupt {
+            path: dir.join(towalink_bundle::MANIFEST_NAME),
+            message: e.message().to_string(),
+        })?;
+        let mut files = BTreeMap::new();
+        for entry in &manifest.files {
+            towalink_bundle::check_relative_path(&entry.path)?;
+            let path = dir.join("files").join(&entry.path);
+            files.insert(
+                entry.path.clone(),
+                std::fs::read(&path).map_err(io("cannot read", &path))?,
+            );
+        }
+        Ok(towalink_bundle::verify_parts(
+            manifest_text,
+            signature_text,
+            files,
+            &key,
+            identity.node_id,
+        )?)
+    }
+
+    fn marker(&self, slot: Slot) -> Option<Marker> {
+        let entries = std::fs::read_dir(self.path("slots")).ok()?;
+        let prefix = format!("{}.", slot.name());
+        entries.flatten().find_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|s| s.parse().ok())
+        })
+    }
+
+    fn marker_path(&self, slot: Slot, marker: Marker) -> PathBuf {
+        self.path("slots")
+            .join(format!("{}.{}", slot.name(), marker.suffix()))
+    }
+
+    /// The version in a slot, if the slot holds a complete, verified one.
+    fn slot_version(&self, slot: Slot) -> Option<u32> {
+        match self.load_version_tree(&self.slot_dir(slot)) {
+            Ok(bundle) => Some(bundle.manifest().version),
+            Err(_) => None,
+        }
+    }
+
+    pub fn current(&self) -> Option<Slot> {
+        let target = std::fs::read_link(self.path("current")).ok()?;
+        match target.to_str()? {
+            "slots/a" => Some(Slot::A),
+            "slots/b" => Some(Slot::B),
+            _ => None,
+        }
+    }
+
+    /// Reads the slot state from disk.
+    pub fn read(&self) -> Result<DiskState, Error> {
+        let confirm_by = std::fs::read_to_string(self.path("confirm-by"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok());
+        Ok(DiskState {
+            current: self.current(),
+            a: SlotView {
+                version: self.slot_version(Slot::A),
+                marker: self.marker(Slot::A),
+            },
+            b: SlotView {
+                version: self.slot_version(Slot::B),
+                marker: self.marker(Slot::B),
+            },
+            confirm_by,
+        })
+    }
+
+    /// The manifest of the version in a slot.
+    pub fn slot_bundle(&self, slot: Slot) -> Result<VerifiedBundle, Error> {
+        self.load_version_tree(&self.slot_dir(slot))
+    }
+
+    pub fn slot_files_dir(&self, slot: Slot) -> PathBuf {
+        self.slot_dir(slot).join("files")
+    }
+
+    /// Copies an installed version into a slot (beside it, then renamed in), with its marker.
+    pub fn fill_slot(&self, slot: Slot, version: u32, marker: Marker) -> Result<(), Error> {
+        let bundle = self.load_version_tree(&self.version_dir(version))?;
+        let slots = self.path("slots");
+        std::fs::create_dir_all(&slots).map_err(io("cannot create", &slots))?;
+        // The slot stops being a valid fallback first: drop its marker.
+        if let Some(old) = self.marker(slot) {
+            let path = self.marker_path(slot, old);
+            std::fs::remove_file(&path).map_err(io("cannot remove", &path))?;
+            sync_dir(&slots)?;
+        }
+        crash_point("fill-marker-removed");
+        let temp = slots.join(format!("{}.tmp", slot.name()));
+        write_version_tree(&temp, &bundle)?;
+        crash_point("fill-written");
+        let dir = self.slot_dir(slot);
+        let old = slots.join(format!("{}.old", slot.name()));
+        remove_tree(&old)?;
+        if dir.exists() {
+            std::fs::rename(&dir, &old).map_err(io("cannot rename", &dir))?;
+        }
+        std::fs::rename(&temp, &dir).map_err(io("cannot rename", &temp))?;
+        sync_dir(&slots)?;
+        remove_tree(&old)?;
+        crash_point("fill-renamed");
+        let path = self.marker_path(slot, marker);
+        write_atomic(&path, b"", 0o644)?;
+        crash_point("fill-marked");
+        Ok(())
+    }
+
+    /// Changes a slot's marker by one atomic rename.
+    pub fn set_marker(&self, slot: Slot, marker: Marker) -> Result<(), Error> {
+        let to = self.marker_path(slot, marker);
+        match self.marker(slot) {
+            Some(old) if old == marker => Ok(()),
+            Some(old) => {
+                let from = self.marker_path(slot, old);
+                std::fs::rename(&from, &to).map_err(io("cannot rename", &from))?;
+                sync_dir(&self.path("slots"))
+            }
+            None => write_atomic(&to, b"", 0o644),
+        }
+    }
+
+    /// Points `current` at a slot: a new symlink renamed over the old one.
+    pub fn switch_current(&self, slot: Slot) -> Result<(), Error> {
+        let temp = self.path(".current.tmp");
+        let _ = std::fs::remove_file(&temp);
+        std::os::unix::fs::symlink(format!("slots/{}", slot.name()), &temp)
+            .map_err(io("cannot create symlink", &temp))?;
+        let current = self.path("current");
+        std::fs::rename(&temp, &current).map_err(io("cannot switch", &current))?;
+        sync_dir(&self.root)
+    }
+
+    pub fn set_confirm_by(&self, deadline: Option<u64>) -> Result<(), Error> {
+        let path = self.path("confirm-by");
+        match deadline {
+            Some(t) => write_atomic(&path, format!("{t}\n").as_bytes(), 0o644),
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(io("cannot remove", &path)(e))
+                }
+                _ => sync_dir(&self.root),
+            },
+        }
+    }
+
+    pub fn last_rollback(&self) -> Option<RollbackRecord> {
+        let text = std::fs::read_to_string(self.path("last-rollback.toml")).ok()?;
+        toml::from_str(&text).ok()
+    }
+
+    pub fn record_rollback(&self, record: &RollbackRecord) -> Result<(), Error> {
+        let text = toml::to_string(record).expect("rollback record serializes");
+        write_atomic(&self.path("last-rollback.toml"), text.as_bytes(), 0o644)
+    }
+
+    /// Bundles waiting in `incoming/`, oldest name first.
+    pub fn incoming(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.path("incoming"))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "zst"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        files.sort();
+        files
+    }
+}
+
+/// Re-exported so callers need not depend on ed25519-dalek themselves.
+mod ed25519_dalek_key {
+    pub use towalink_bundle::VerifyingKey;
+}
