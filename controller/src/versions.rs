@@ -77,10 +77,11 @@ pub struct Activations {
     pub nodes: BTreeMap<String, u32>,
 }
 
+/// The index; rebuilt from the version directories when the file is missing.
 pub fn load_index(store: &Store) -> Result<Index, Error> {
     match durable::read_optional(&store.root().join(INDEX))? {
         Some(text) => parse_toml(&text, INDEX),
-        None => Ok(Index::default()),
+        None => rebuild_index(store),
     }
 }
 

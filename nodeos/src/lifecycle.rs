@@ -169,15 +169,24 @@ impl Node {
         let from_version = disk.slot(from).version;
         let to_version = disk.slot(to).version;
         let has_fallback = to_version.is_some() && disk.slot(to).marker == Some(Marker::Good);
-        self.state.record_rollback(&RollbackRecord {
-            time: now(),
-            from_version,
-            to_version: if has_fallback { to_version } else { None },
-            reason: reason.to_string(),
-        })?;
-        crash_point("rollback-recorded");
+        // Marking the slot bad is the decisive step: from here on every start finishes the
+        // rollback. A rollback resumed after a crash keeps the reason first recorded.
+        let resumed = disk.slot(from).marker == Some(Marker::Bad)
+            && self
+                .state
+                .last_rollback()
+                .is_some_and(|r| r.from_version == from_version);
         self.state.set_marker(from, Marker::Bad)?;
         crash_point("rollback-marked-bad");
+        if !resumed {
+            self.state.record_rollback(&RollbackRecord {
+                time: now(),
+                from_version,
+                to_version: if has_fallback { to_version } else { None },
+                reason: reason.to_string(),
+            })?;
+        }
+        crash_point("rollback-recorded");
         if !has_fallback {
             tracing::error!(
                 reason,
@@ -269,9 +278,15 @@ impl Node {
                     self.apply_current(&self.state.read()?, None)?;
                 }
             }
-            StartupAction::Run { .. } | StartupAction::NoFallback { .. } => {
-                // The running version stays whatever apply says; the error is for the log.
-                if let Err(error) = self.apply_current(&disk, None) {
+            StartupAction::Run { slot, .. } | StartupAction::NoFallback { slot, .. } => {
+                // Reconcile against the other slot too: an interrupted rollback may have left
+                // its files. The running version stays whatever apply says.
+                let previous = self
+                    .state
+                    .slot_bundle(slot.other())
+                    .ok()
+                    .map(|b| b.manifest().clone());
+                if let Err(error) = self.apply_current(&disk, previous.as_ref()) {
                     tracing::error!(%error, "apply of the current version failed");
                 }
             }
@@ -351,7 +366,7 @@ impl Node {
             let failed: Vec<String> = results
                 .iter()
                 .filter(|r| !r.ok)
-                .map(|r| format!("{:?}: {}", r.check, r.detail).to_lowercase())
+                .map(|r| format!("{}: {}", format!("{:?}", r.check).to_lowercase(), r.detail))
                 .collect();
             let reason = format!(
                 "v{version} did not pass its health checks within {} s ({})",

@@ -208,3 +208,171 @@ pub fn bird_parse(config: &Path) -> Result<(), String> {
         ))
     }
 }
+
+/// A node for tier-2 tests: a state directory and a root for the real `towalink-node`, and,
+/// when started, a real BIRD 2 in a network namespace of its own (so nothing it does touches
+/// the host's routes) with its own control socket. BIRD is killed on drop, also when the test
+/// fails.
+pub struct NodeEnv {
+    pub temp: tempfile::TempDir,
+    pub state: PathBuf,
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    bird: Option<std::process::Child>,
+}
+
+impl Default for NodeEnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl NodeEnv {
+    pub fn new() -> NodeEnv {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let state = temp.path().join("state");
+        let root = temp.path().join("root");
+        let socket = temp.path().join("bird.ctl");
+        std::fs::create_dir_all(root.join("etc/bird")).unwrap();
+        NodeEnv {
+            temp,
+            state,
+            root,
+            socket,
+            bird: None,
+        }
+    }
+
+    /// A `towalink-node` command on this node.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(binary("towalink-node"));
+        command
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--bird-socket")
+            .arg(&self.socket)
+            .args(args)
+            .env_remove("TOWALINK_NODE_CRASH_AT");
+        command
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        self.command(args)
+            .output()
+            .expect("run towalink-node")
+            .into()
+    }
+
+    pub fn ok(&self, args: &[&str]) -> String {
+        let run = self.run(args);
+        assert_eq!(
+            run.code, 0,
+            "towalink-node {args:?} failed:\nstdout: {}\nstderr: {}",
+            run.stdout, run.stderr
+        );
+        run.stdout
+    }
+
+    /// `status --format json`.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["status", "--format", "json"])).expect("status JSON")
+    }
+
+    /// Starts BIRD on the root's /etc/bird/bird.conf in a new network namespace.
+    pub fn start_bird(&mut self) {
+        assert!(
+            unsafe_is_root(),
+            "tier-2 tests run BIRD in a network namespace: run them as root (.ci/run does)"
+        );
+        let child = Command::new("unshare")
+            .args(["--net", "bird", "-f", "-c"])
+            .arg(self.root.join("etc/bird/bird.conf"))
+            .arg("-s")
+            .arg(&self.socket)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start bird (needs `bird2` and `unshare`)");
+        self.bird = Some(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = self.bird.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "bird exited at start ({status}): is {} valid?",
+                    self.root.join("etc/bird/bird.conf").display()
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "bird did not open its control socket"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// `birdc show protocols` through the real birdc.
+    pub fn birdc(&self, command: &str) -> String {
+        let out = Command::new("birdc")
+            .arg("-s")
+            .arg(&self.socket)
+            .args(command.split_whitespace())
+            .output()
+            .expect("run birdc");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The files under the root, relative path → content.
+    pub fn root_files(&self) -> BTreeMap<String, Vec<u8>> {
+        let mut files = BTreeMap::new();
+        collect_files(&self.root, &self.root, &mut files);
+        files
+    }
+}
+
+fn collect_files(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_files(root, &path, out);
+        } else {
+            let relative = path.strip_prefix(root).unwrap().display().to_string();
+            out.insert(relative, std::fs::read(&path).unwrap());
+        }
+    }
+}
+
+fn unsafe_is_root() -> bool {
+    // SAFETY: getuid has no preconditions.
+    unsafe { libc::getuid() == 0 }
+}
+
+impl Drop for NodeEnv {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.bird.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The files a version puts under the root, from the controller's copy of the version:
+/// `etc/bird/bird.conf` → content.
+pub fn version_targets(version_dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let manifest: toml::Table = std::fs::read_to_string(version_dir.join("manifest.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut files = BTreeMap::new();
+    for file in manifest["files"].as_array().unwrap() {
+        if let Some(target) = file.get("target").and_then(|t| t.as_str()) {
+            let path = file["path"].as_str().unwrap();
+            files.insert(
+                target.trim_start_matches('/').to_string(),
+                std::fs::read(version_dir.join("files").join(path)).unwrap(),
+            );
+        }
+    }
+    files
+}

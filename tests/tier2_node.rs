@@ -1,0 +1,466 @@
+//! Tier 2 (node): the real `towalink-node` binary on temporary state directories, fed by the
+//! real `tlm`, with a real BIRD 2 (own network namespace, own control socket) for reloads and
+//! health checks. Install, activate, bless, roll back (broken BIRD configuration, BGP never
+//! Established, tries used up, confirm timer, mark-bad), refused bundles, and a crash at every
+//! step of install, activate, apply and rollback.
+
+use std::time::{Duration, Instant};
+
+use towalink_tests::{tree_hash, version_targets, Installation, NodeEnv, Run};
+
+/// A controller with one node `x.a` provisioned into a node state directory and started once:
+/// v1 is active and good.
+struct Fixture {
+    ctl: Installation,
+    node: NodeEnv,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let ctl = Installation::new();
+        ctl.ok(&["add", "site", "a"]);
+        ctl.ok(&["add", "node", "x.a"]);
+        ctl.ok(&["commit", "all"]);
+        let node = NodeEnv::new();
+        let out = ctl.ok(&["provision", "node", "x.a", node.state.to_str().unwrap()]);
+        assert!(out.contains("with v1"), "{out}");
+        node.ok(&["run", "--once"]);
+        Fixture { ctl, node }
+    }
+
+    fn bundle(&self, version: u32) -> String {
+        self.ctl
+            .path(&format!("effective/a/x/v{version}/a-x-v{version}.tar.zst"))
+            .display()
+            .to_string()
+    }
+
+    /// Sets a global attribute, commits, installs the new version on the node.
+    fn commit_and_install(&self, attribute: &str, value: &str) -> u32 {
+        self.ctl.ok(&["set", "global", attribute, value]);
+        let out = self.ctl.ok(&["commit", "all"]);
+        let version: u32 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("x.a: v"))
+            .unwrap_or_else(|| panic!("no new version: {out}"))
+            .parse()
+            .unwrap();
+        self.node.ok(&["install", &self.bundle(version)]);
+        version
+    }
+
+    /// The root holds exactly what the controller's copy of `version` targets.
+    fn assert_root_is(&self, version: u32) {
+        let expected = version_targets(&self.ctl.path(&format!("effective/a/x/v{version}")));
+        assert_eq!(
+            self.node.root_files(),
+            expected,
+            "root is not exactly v{version}"
+        );
+    }
+}
+
+fn active(status: &serde_json::Value) -> (u64, String) {
+    (
+        status["active_version"].as_u64().unwrap_or(0),
+        status["state"].as_str().unwrap_or("none").to_string(),
+    )
+}
+
+#[test]
+fn provisioned_node_starts_with_its_version_good_and_secrets_private() {
+    let f = Fixture::new();
+    let status = f.node.status();
+    assert_eq!(active(&status), (1, "good".into()));
+    assert_eq!(status["node"], "x.a");
+    f.assert_root_is(1);
+    use std::os::unix::fs::PermissionsExt as _;
+    for secret in ["identity/wg_private_key", "identity/recovery_token"] {
+        let mode = std::fs::metadata(f.node.state.join(secret))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{secret}");
+    }
+    // No secret in anything the node prints.
+    let key = std::fs::read_to_string(f.node.state.join("identity/wg_private_key")).unwrap();
+    let token = std::fs::read_to_string(f.node.state.join("identity/recovery_token")).unwrap();
+    let run = f.node.run(&["--loglevel", "debug", "run", "--once"]);
+    let printed = format!("{}{}", run.stdout, run.stderr);
+    assert!(!printed.contains(key.trim()) && !printed.contains(token.trim()));
+}
+
+#[test]
+fn activate_reloads_bird_and_blesses_when_healthy() {
+    let mut f = Fixture::new();
+    f.node.start_bird();
+    let v2 = f.commit_and_install("bird_bfd_interval_ms", "300");
+    let out = f.node.ok(&["activate", "latest"]);
+    assert!(
+        out.contains(&format!("activated v{v2} in slot B")) && out.contains("reloaded bird"),
+        "{out}"
+    );
+    assert_eq!(active(&f.node.status()), (u64::from(v2), "pending".into()));
+    f.assert_root_is(v2);
+    // BIRD runs the new configuration.
+    let bfd = f.node.birdc("show bfd sessions");
+    assert!(!bfd.contains("syntax error"), "{bfd}");
+    let conf = std::fs::read_to_string(f.node.root.join("etc/bird/bird_base.conf")).unwrap();
+    assert!(conf.contains("min rx interval 300 ms"));
+    // The daemon blesses it: every BGP session (none on a lone node) is Established.
+    f.node.ok(&["run", "--once"]);
+    let status = f.node.status();
+    assert_eq!(active(&status), (u64::from(v2), "good".into()));
+    assert_eq!(status["health"][0]["ok"], true);
+    // Activating the same version again changes nothing.
+    let run = f.node.run(&["activate", &format!("v{v2}")]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("already the active version"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn broken_bird_configuration_rolls_back_by_itself() {
+    let mut f = Fixture::new();
+    f.node.start_bird();
+    f.ctl
+        .write("site_a/bird_broken.conf.jinja", "protocol nonsense {\n");
+    let v2 = f.commit_and_install("wg_keepalive", "20");
+    let run = f.node.run(&["activate", "latest"]);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert!(
+        run.stderr.contains("rolled back") && run.stderr.contains("syntax error"),
+        "{}",
+        run.stderr
+    );
+    let status = f.node.status();
+    assert_eq!(active(&status), (1, "good".into()));
+    assert_eq!(status["last_rollback"]["from_version"], u64::from(v2));
+    assert_eq!(status["last_rollback"]["to_version"], 1);
+    // Every target is byte-identical to v1 again (the broken part is gone) and BIRD,
+    // reloaded, runs v1's configuration.
+    f.assert_root_is(1);
+    assert!(f.node.birdc("show protocols").contains("static6"));
+    assert!(f.node.birdc("configure check").contains("Configuration OK"));
+}
+
+#[test]
+fn bgp_that_never_comes_up_rolls_back_by_itself() {
+    let mut f = Fixture::new();
+    f.node.start_bird();
+    // A peer at another site: the version has BGP sessions that can never be Established here.
+    f.ctl.ok(&["add", "site", "b"]);
+    f.ctl.ok(&["add", "node", "y.b"]);
+    f.ctl.ok(&["set", "global", "node_health_timeout_s", "2"]);
+    let out = f.ctl.ok(&["commit", "all"]);
+    assert!(out.contains("x.a: v2"), "{out}");
+    f.node.ok(&["install", &f.bundle(2)]);
+    f.node.ok(&["activate", "v2"]);
+    assert!(f.node.birdc("show protocols").contains("peer2_v4"));
+    let mut daemon = f
+        .node
+        .command(&["run", "--interval-ms", "200"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut status = f.node.status();
+    while active(&status).0 != 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        status = f.node.status();
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert_eq!(active(&status), (1, "good".into()), "{status:#}");
+    let reason = status["last_rollback"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("did not pass its health checks within 2 s") && reason.contains("peer2_v4"),
+        "{reason}"
+    );
+    f.assert_root_is(1);
+    assert!(
+        !f.node.birdc("show protocols").contains("peer2_v4"),
+        "BIRD still runs v2"
+    );
+}
+
+#[test]
+fn each_start_uses_a_try_until_none_is_left() {
+    let f = Fixture::new();
+    f.ctl.ok(&["set", "global", "node_boot_tries", "2"]);
+    // A long health timeout and BIRD not running: the checks fail, only starts count.
+    let v2 = f.commit_and_install("node_health_timeout_s", "3600");
+    f.node.ok(&["activate", "latest"]);
+    let tries = |s: &serde_json::Value| s["tries_left"].as_u64();
+    assert_eq!(tries(&f.node.status()), Some(2));
+    f.node.ok(&["run", "--once"]);
+    assert_eq!(tries(&f.node.status()), Some(1));
+    f.node.ok(&["run", "--once"]);
+    assert_eq!(tries(&f.node.status()), Some(0));
+    assert_eq!(active(&f.node.status()), (u64::from(v2), "pending".into()));
+    f.node.ok(&["run", "--once"]);
+    let status = f.node.status();
+    assert_eq!(active(&status), (1, "good".into()));
+    assert!(status["last_rollback"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("no tries left"));
+    f.assert_root_is(1);
+}
+
+#[test]
+fn confirm_timer_rolls_back_unless_confirmed() {
+    let f = Fixture::new();
+    let v2 = f.commit_and_install("wg_mtu", "1400");
+    f.node.ok(&["activate", "latest", "--confirm", "1"]);
+    std::thread::sleep(Duration::from_millis(2100));
+    f.node.ok(&["run", "--once"]);
+    let status = f.node.status();
+    assert_eq!(active(&status), (1, "good".into()));
+    assert!(status["last_rollback"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("confirm timer expired"));
+
+    // Confirmed in time: it stays.
+    let v3 = f.commit_and_install("wg_mtu", "1380");
+    f.node.ok(&["activate", "latest", "--confirm", "600"]);
+    assert!(f.node.status()["confirm_by"].as_u64().is_some());
+    assert!(f
+        .node
+        .ok(&["mark-good"])
+        .contains(&format!("v{v3} is good")));
+    f.node.ok(&["run", "--once"]);
+    let status = f.node.status();
+    assert_eq!(active(&status), (u64::from(v3), "good".into()));
+    assert!(status["confirm_by"].is_null());
+    let _ = v2;
+}
+
+#[test]
+fn mark_bad_rolls_back_and_latest_is_the_highest_number() {
+    let f = Fixture::new();
+    let v2 = f.commit_and_install("wg_mtu", "1400");
+    f.node.ok(&["activate", "latest"]);
+    let out = f.node.ok(&["mark-bad", "--reason", "operator says no"]);
+    assert!(out.contains("v1 is active"), "{out}");
+    assert_eq!(
+        f.node.status()["last_rollback"]["reason"],
+        "operator says no"
+    );
+    f.assert_root_is(1);
+    // Replaying v1 (already installed) is a no-op; `latest` stays v2, not the last received.
+    let out = f.node.ok(&["install", &f.bundle(1)]);
+    assert!(out.contains("already installed"), "{out}");
+    assert!(f
+        .node
+        .ok(&["activate", "latest"])
+        .contains(&format!("activated v{v2}")));
+}
+
+#[test]
+fn bad_bundles_are_refused_and_change_nothing() {
+    let f = Fixture::new();
+    let v2 = f.commit_and_install("wg_mtu", "1400");
+    f.ctl.ok(&["set", "global", "wg_mtu", "1300"]);
+    f.ctl.ok(&["commit", "all"]);
+    let good = std::fs::read(f.bundle(v2 + 1)).unwrap();
+    let dir = f.node.temp.path();
+    let write = |name: &str, bytes: &[u8]| {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path.display().to_string()
+    };
+
+    // Another controller (another signing key) with a node of the same id.
+    let other = Installation::new();
+    other.ok(&["add", "site", "a"]);
+    other.ok(&["add", "node", "x.a"]);
+    other.ok(&["commit", "all"]);
+    let foreign = std::fs::read(other.path("effective/a/x/v1/a-x-v1.tar.zst")).unwrap();
+    // Another node of this controller.
+    f.ctl.ok(&["add", "site", "b"]);
+    f.ctl.ok(&["add", "node", "y.b"]);
+    f.ctl.ok(&["commit", "all"]);
+    let for_y = std::fs::read(f.ctl.path("effective/b/y/v1/b-y-v1.tar.zst")).unwrap();
+    // A different bundle claiming an installed version number.
+    let mut flipped = good.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x40;
+
+    let cases: Vec<(String, &str)> = vec![
+        (write("tampered.tar.zst", &flipped), "bundle refused"),
+        (
+            write("truncated.tar.zst", &good[..good.len() - 20]),
+            "bundle refused",
+        ),
+        (
+            write("foreign.tar.zst", &foreign),
+            "signature does not verify",
+        ),
+        (
+            write("other-node.tar.zst", &for_y),
+            "bundle is for node id 2, this node is 1",
+        ),
+        (write("empty.tar.zst", b""), "bundle refused"),
+    ];
+    for (file, expected) in cases {
+        let before = tree_hash(&f.node.state);
+        let run: Run = f.node.run(&["install", &file]);
+        assert_eq!(run.code, 1, "{file}: {}", run.stdout);
+        assert!(run.stderr.contains(expected), "{file}: {}", run.stderr);
+        assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+        assert_eq!(before, tree_hash(&f.node.state), "{file} changed the state");
+    }
+    // A well-signed bundle claiming v2 with other content (the controller directory was reset).
+    let reset = Installation::new();
+    std::fs::create_dir_all(&reset.dir).unwrap();
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        assert!(std::process::Command::new("cp")
+            .arg("-a")
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap()
+            .success());
+    };
+    copy(&f.ctl.dir.join("."), &reset.dir);
+    let before = tree_hash(&f.node.state);
+    let conflicting = reset.path(&format!("effective/a/x/v{v2}/a-x-v{v2}.tar.zst"));
+    // Same version number, different content: make the reset controller re-create v2.
+    std::fs::remove_dir_all(reset.path("effective/a")).unwrap();
+    std::fs::remove_dir_all(reset.path("effective/b")).unwrap();
+    std::fs::remove_file(reset.path("effective/index.toml")).unwrap();
+    reset.ok(&["set", "global", "wg_mtu", "1280"]);
+    reset.ok(&["commit", "all"]);
+    reset.ok(&["set", "global", "wg_mtu", "1281"]);
+    reset.ok(&["commit", "all"]);
+    let run = f.node.run(&["install", conflicting.to_str().unwrap()]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains(&format!(
+            "v{v2} is already installed with different content"
+        )),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(before, tree_hash(&f.node.state));
+}
+
+#[test]
+fn a_symlink_cannot_lead_files_out_of_the_root() {
+    let f = Fixture::new();
+    let v2 = f.commit_and_install("wg_mtu", "1400");
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::remove_dir_all(f.node.root.join("etc/bird")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), f.node.root.join("etc/bird")).unwrap();
+    let run = f.node.run(&["activate", &format!("v{v2}")]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("goes through a symlink"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(
+        std::fs::read_dir(outside.path()).unwrap().count(),
+        0,
+        "a file escaped the root"
+    );
+    assert_eq!(active(&f.node.status()).0, 1);
+}
+
+/// Kill the node at every step of install, activate, apply and rollback: the next start finds
+/// exactly one complete version active with the root matching it, and a later activation works.
+#[test]
+fn a_crash_at_any_step_leaves_one_complete_version() {
+    let install_points = ["install-written", "install-renamed"];
+    let activate_points = [
+        "fill-marker-removed",
+        "fill-written",
+        "fill-renamed",
+        "fill-marked",
+        "activate-before-switch",
+        "activate-switched",
+        "apply-wrote-file",
+        "apply-files-done",
+    ];
+    let rollback_points = [
+        "rollback-recorded",
+        "rollback-marked-bad",
+        "rollback-switched",
+        "rollback-applied",
+    ];
+    let all: Vec<(&str, &str)> = install_points
+        .iter()
+        .map(|p| ("install", *p))
+        .chain(activate_points.iter().map(|p| ("activate", *p)))
+        .chain(rollback_points.iter().map(|p| ("rollback", *p)))
+        .collect();
+    for (operation, point) in all {
+        let f = Fixture::new();
+        // v2 differs from v1 in two files and adds one, so a half-done apply is visible.
+        f.ctl.write(
+            "site_a/bird_extra.conf.jinja",
+            "# extra for {{ node_name }}\n",
+        );
+        f.ctl.ok(&["set", "global", "bird_bfd_multiplier", "5"]);
+        f.ctl.ok(&["commit", "all"]);
+        let crash = |args: &[&str]| {
+            let out = f
+                .node
+                .command(args)
+                .env("TOWALINK_NODE_CRASH_AT", point)
+                .output()
+                .unwrap();
+            assert!(
+                !out.status.success(),
+                "{operation}/{point}: crash point not reached"
+            );
+        };
+        match operation {
+            "install" => crash(&["install", &f.bundle(2)]),
+            "activate" => {
+                f.node.ok(&["install", &f.bundle(2)]);
+                crash(&["activate", "v2"]);
+            }
+            _ => {
+                f.node.ok(&["install", &f.bundle(2)]);
+                f.node.ok(&["activate", "v2"]);
+                crash(&["mark-bad"]);
+            }
+        }
+        // The next start.
+        f.node.ok(&["run", "--once"]);
+        let status = f.node.status();
+        let (version, _) = active(&status);
+        assert!(
+            version == 1 || version == 2,
+            "{operation}/{point}: {status:#}"
+        );
+        f.assert_root_is(version as u32);
+        if operation == "rollback" {
+            assert_eq!(version, 1, "{point}: a started rollback finishes");
+        }
+        // A later activation still works.
+        f.node.run(&["install", &f.bundle(2)]);
+        let target = if version == 2 { "v1" } else { "v2" };
+        if version == 2 && status["state"] == "pending" {
+            f.node.ok(&["mark-good"]);
+        }
+        f.node.ok(&["activate", target]);
+        f.assert_root_is(if version == 2 { 1 } else { 2 });
+        let leftovers: Vec<String> = std::fs::read_dir(f.node.state.join("slots"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp") || n.ends_with(".old"))
+            .collect();
+        assert!(
+            leftovers.is_empty() || operation != "activate",
+            "{point}: {leftovers:?}"
+        );
+    }
+}
