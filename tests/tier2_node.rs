@@ -350,6 +350,72 @@ fn bad_bundles_are_refused_and_change_nothing() {
     assert_eq!(before, tree_hash(&f.node.state));
 }
 
+/// A bundle signed with the real controller key but naming paths that leave the root.
+#[test]
+fn signed_bundles_with_escaping_paths_are_refused() {
+    let f = Fixture::new();
+    let key = towalink_bundle::signing_key_from_base64(&f.ctl.read("certs/signing.key")).unwrap();
+    let cases = [
+        ("x.conf", "/etc/../../escape", "path contains `.` or `..`"),
+        ("x.conf", "etc/relative", "target path must be absolute"),
+        ("../x.conf", "/etc/x.conf", "path contains `.` or `..`"),
+        (
+            "/abs.conf",
+            "/etc/x.conf",
+            "path inside the bundle must be relative",
+        ),
+    ];
+    for (path, target, expected) in cases {
+        let content = b"protocol device {}\n";
+        let manifest = format!(
+            "format = 1\nnode_id = 1\nsite = \"a\"\nnode = \"x\"\nversion = 9\ncreated = \"2026-11-25T00:00:00Z\"\n\n[services]\n\n[[files]]\npath = \"{path}\"\ntarget = \"{target}\"\nmode = \"0644\"\nsha256 = \"{}\"\n",
+            towalink_bundle::sha256_hex(content)
+        );
+        use ed25519_dalek_sign::Signer as _;
+        let signature = base64_encode(&key.sign(manifest.as_bytes()).to_bytes());
+        let mut archive = tar::Builder::new(Vec::new());
+        for (name, data) in [
+            ("manifest.toml".to_string(), manifest.as_bytes().to_vec()),
+            (
+                "manifest.sig".to_string(),
+                format!("{signature}\n").into_bytes(),
+            ),
+            (format!("files/{path}"), content.to_vec()),
+        ] {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(data.len() as u64);
+            header.set_mode(0o644);
+            header.set_entry_type(tar::EntryType::Regular);
+            // Write the raw name: the tar crate itself refuses `..` in names.
+            let bytes = name.as_bytes();
+            header.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+            header.set_cksum();
+            archive.append(&header, data.as_slice()).unwrap();
+        }
+        let bytes = zstd::bulk::compress(&archive.into_inner().unwrap(), 3).unwrap();
+        let file = f.node.temp.path().join("escape.tar.zst");
+        std::fs::write(&file, bytes).unwrap();
+        let before = tree_hash(&f.node.state);
+        let run = f.node.run(&["install", file.to_str().unwrap()]);
+        assert_eq!(run.code, 1, "{path} {target}: {}", run.stdout);
+        assert!(
+            run.stderr.contains(expected),
+            "{path} {target}: {}",
+            run.stderr
+        );
+        assert_eq!(before, tree_hash(&f.node.state));
+    }
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+mod ed25519_dalek_sign {
+    pub use towalink_bundle::Signer;
+}
+
 #[test]
 fn a_symlink_cannot_lead_files_out_of_the_root() {
     let f = Fixture::new();

@@ -376,7 +376,8 @@ mod tests {
                     other => return Err(TestCaseError::fail(format!("{other:?}"))),
                 }
             }
-            prop_assert!(matches!(plan_startup(&s, now), StartupAction::RollBack { .. }));
+            let last = plan_startup(&s, now);
+            prop_assert!(matches!(last, StartupAction::RollBack { .. }), "{:?}", last);
         }
 
         /// Activation never targets the current slot, so the running version is never

@@ -19,8 +19,8 @@ use std::io::Read;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use ed25519_dalek::{Signature, Signer as _, Verifier as _};
-pub use ed25519_dalek::{SigningKey, VerifyingKey};
+use ed25519_dalek::{Signature, Verifier as _};
+pub use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
