@@ -612,6 +612,8 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
     let cases: &[(&[&str], &str)] = &[
         (&["add", "site", "Bad_Name"], "invalid site name `Bad_Name`"),
         (&["add", "site", "mysite1"], "site `mysite1` already exists"),
+        (&["add", "site", "all"], "site name `all` is reserved"),
+        (&["add", "site", "15"], "site name `15` is reserved"),
         (
             &["add", "node", "primary.mysite1"],
             "node `primary.mysite1` already exists",
@@ -854,6 +856,78 @@ fn no_secret_is_ever_printed() {
     for node in secrets["node"].as_array().unwrap() {
         assert!(!everything_in_git.contains(node["wg_private_key"].as_str().unwrap()));
     }
+}
+
+#[test]
+fn commits_work_without_a_git_identity() {
+    let t = Installation::new();
+    let home = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| -> towalink_tests::Run {
+        t.command(args)
+            .env("HOME", home.path())
+            .env("XDG_CONFIG_HOME", home.path())
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("LANG", "de_DE.UTF-8")
+            .env_remove("GIT_AUTHOR_NAME")
+            .env_remove("GIT_AUTHOR_EMAIL")
+            .env_remove("GIT_COMMITTER_NAME")
+            .env_remove("GIT_COMMITTER_EMAIL")
+            .env_remove("EMAIL")
+            .output()
+            .unwrap()
+            .into()
+    };
+    for args in [
+        &["add", "site", "a"][..],
+        &["add", "node", "x.a"],
+        &["commit", "all"],
+        &["commit", "all"],
+        &["activate", "all"],
+        &["activate", "all"],
+    ] {
+        let r = run(args);
+        assert_eq!(r.code, 0, "{args:?}: {}", r.stderr);
+    }
+    assert!(t
+        .git(&["log", "--format=%an %s"])
+        .contains("tlm tlm commit all"));
+}
+
+#[test]
+fn a_refused_first_command_creates_nothing() {
+    let t = Installation::new();
+    for args in [
+        &["show", "site", "Bad_Name"][..],
+        &["add", "node", "nosite"],
+        &["activate", "node", "x.a", "vx"],
+    ] {
+        let run = t.run(args);
+        assert_eq!(run.code, 1, "{args:?}");
+        assert!(!t.dir.exists(), "{args:?} created the directory");
+    }
+}
+
+#[test]
+fn provision_refuses_a_directory_inside_the_configuration() {
+    let t = Installation::new();
+    t.ok(&["add", "site", "a"]);
+    t.ok(&["add", "node", "x.a"]);
+    t.ok(&["commit", "all"]);
+    let inside = t.path("node-state");
+    let error = t.refused(&["provision", "node", "x.a", inside.to_str().unwrap()], 1);
+    assert!(
+        error.contains("inside the configuration directory"),
+        "{error}"
+    );
+    // Elsewhere it works, and the keys are 0600.
+    let outside = t.temp.path().join("node-state");
+    t.ok(&["provision", "node", "x.a", outside.to_str().unwrap()]);
+    let mode = std::fs::metadata(outside.join("identity/wg_private_key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(outside.join("incoming/a-x-v1.tar.zst").is_file());
 }
 
 #[test]

@@ -248,6 +248,8 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
             status.code().unwrap_or(1).clamp(0, 255) as u8
         ));
     }
+    // Bad names are refused before the directory is opened (or created by a first command).
+    check_arguments(&cli.command)?;
     let store = Store::open_or_init(&cli.config_dir)?;
     let _lock = store.lock()?;
     versions::recover(&store)?;
@@ -398,6 +400,80 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Git { .. } => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Parses every name, node and version argument, so a refused command touches nothing.
+fn check_arguments(command: &Command) -> Result<(), Error> {
+    let site = |s: &str| parse_site(s).map(|_| ());
+    let node = |s: &str| s.parse::<NodeRef>().map(|_| ()).map_err(Error::from);
+    let version = |v: &Option<String>| parse_version(v).map(|_| ());
+    match command {
+        Command::Show {
+            what: ShowWhat::Site { site: s },
+            ..
+        }
+        | Command::ShowAll {
+            what: ShowAllWhat::Site { site: s },
+            ..
+        }
+        | Command::Add {
+            what: AddWhat::Site { site: s },
+        }
+        | Command::Del {
+            what: DelWhat::Site { site: s },
+        }
+        | Command::Set {
+            what: SetWhat::Site { site: s, .. },
+        }
+        | Command::Commit {
+            scope: Scope::Site { site: s },
+        } => site(s),
+        Command::Show {
+            what: ShowWhat::Node { node: n },
+            ..
+        }
+        | Command::ShowAll {
+            what: ShowAllWhat::Node { node: n },
+            ..
+        }
+        | Command::Del {
+            what: DelWhat::Node { node: n },
+        }
+        | Command::Set {
+            what: SetWhat::Node { node: n, .. },
+        }
+        | Command::Commit {
+            scope: Scope::Node { node: n },
+        }
+        | Command::Provision {
+            what: ProvisionWhat::Node { node: n, .. },
+        } => node(n),
+        Command::Add {
+            what: AddWhat::Node { node: n },
+        } => n.parse::<NodeFullName>().map(|_| ()).map_err(Error::from),
+        Command::Activate {
+            scope: ActivateScope::All { version: v },
+        } => version(v),
+        Command::Activate {
+            scope:
+                ActivateScope::Site {
+                    site: s,
+                    version: v,
+                },
+        } => site(s).and_then(|_| version(v)),
+        Command::Activate {
+            scope:
+                ActivateScope::Node {
+                    node: n,
+                    version: v,
+                },
+        } => node(n).and_then(|_| version(v)),
+        Command::List {
+            what: ListWhat::Nodes { site: s },
+            ..
+        } if s != "all" => site(s),
+        _ => Ok(()),
+    }
 }
 
 fn parse_site(text: &str) -> Result<SiteName, Error> {

@@ -34,6 +34,9 @@ pub fn add_node(store: &Store, full: &NodeFullName) -> Result<NodeAllocation, Er
     let mut secrets = store.load_secrets()?;
     secrets.nodes.retain(|s| s.id != node.id);
     secrets.nodes.push(node_secrets);
+    // Leftovers of an earlier node of this name (a removal interrupted after its record was
+    // saved) must not become the new node's configuration or versions.
+    remove_node_leftovers(store, full)?;
     // Secrets first: a crash before the generated config is saved leaves only an unused entry.
     store.save_secrets(&secrets)?;
     store.save_generated(&tree.generated)?;
@@ -47,32 +50,38 @@ pub fn remove_node(store: &Store, node_ref: &NodeRef) -> Result<NodeAllocation, 
     let mut generated = store.load_generated()?;
     let node = generated.remove_node(node_ref)?;
     let full = node.full_name();
-    store.remove_tree(&Store::level_dir(&Level::Node(
-        node.site.clone(),
-        node.name.clone(),
-    )))?;
-    store.remove_tree(
-        store
-            .effective_dir(&full)
-            .strip_prefix(store.root())
-            .expect("effective dir is inside the root"),
-    )?;
-    crate::versions::forget_node(store, &full)?;
+    // The record first: once it is saved the node is gone, and what is left below is only
+    // leftovers (removed again if a node of that name is added later).
     store.save_generated(&generated)?;
+    crate::versions::forget_node(store, &full)?;
     let mut secrets = store.load_secrets()?;
     secrets.nodes.retain(|s| s.id != node.id);
     store.save_secrets(&secrets)?;
+    remove_node_leftovers(store, &full)?;
     tracing::info!(node = %full, id = node.id, "removed node");
     Ok(node)
+}
+
+fn remove_node_leftovers(store: &Store, full: &NodeFullName) -> Result<(), Error> {
+    store.remove_tree(&Store::level_dir(&Level::Node(
+        full.site.clone(),
+        full.node.clone(),
+    )))?;
+    store.remove_tree(
+        store
+            .effective_dir(full)
+            .strip_prefix(store.root())
+            .expect("effective dir is inside the root"),
+    )
 }
 
 /// Removes a site that has no nodes left.
 pub fn remove_site(store: &Store, site: &SiteName) -> Result<(), Error> {
     let mut generated = store.load_generated()?;
     generated.remove_site(site)?;
+    store.save_generated(&generated)?;
     store.remove_tree(&Store::level_dir(&Level::Site(site.clone())))?;
     store.remove_tree(&std::path::Path::new(crate::store::EFFECTIVE_DIR).join(site.as_str()))?;
-    store.save_generated(&generated)?;
     tracing::info!(site = %site, "removed site");
     Ok(())
 }
@@ -226,6 +235,21 @@ pub fn provision_node(
             file: "generated/secrets.toml".into(),
             message: format!("has no keys for node {full} (id {})", node.id),
         })?;
+    let mut probe = dir.to_path_buf();
+    while !probe.exists() {
+        match probe.parent() {
+            Some(p) if !p.as_os_str().is_empty() => probe = p.to_path_buf(),
+            _ => break,
+        }
+    }
+    let canonical =
+        |d: &std::path::Path| std::fs::canonicalize(d).unwrap_or_else(|_| d.to_path_buf());
+    if canonical(&probe).starts_with(canonical(store.root())) {
+        return Err(Error::Corrupt {
+            file: dir.display().to_string(),
+            message: "is inside the configuration directory, whose files go into git: choose another directory for the node's private key".into(),
+        });
+    }
     let identity_file = dir.join("identity/node.toml");
     if let Some(existing) = crate::durable::read_optional(&identity_file)? {
         let same = existing

@@ -9,6 +9,8 @@ use std::str::FromStr;
 pub enum NameError {
     #[error("invalid {kind} name `{name}`: use 1 to 31 characters a-z, 0-9 and '-', starting with a letter or digit")]
     Invalid { kind: &'static str, name: String },
+    #[error("site name `{0}` is reserved: `all` and names of digits only would be ambiguous in commands")]
+    Reserved(String),
     #[error("invalid node `{0}`: use <node>.<site> (e.g. primary.berlin) or a numeric node id")]
     NodeRef(String),
     #[error("invalid version `{0}`: use a number (5 or v5) or `latest`")]
@@ -49,6 +51,9 @@ macro_rules! name_type {
             type Err = NameError;
             fn from_str(s: &str) -> Result<Self, NameError> {
                 check_name($kind, s)?;
+                if $kind == "site" && (s == "all" || s.bytes().all(|b| b.is_ascii_digit())) {
+                    return Err(NameError::Reserved(s.to_string()));
+                }
                 Ok(Self(s.to_string()))
             }
         }
@@ -181,7 +186,7 @@ mod tests {
     fn names() {
         assert!("mysite1".parse::<SiteName>().is_ok());
         assert!("a-b".parse::<SiteName>().is_ok());
-        for bad in ["", "-a", "A", "a_b", "a.b", &"x".repeat(32)] {
+        for bad in ["", "-a", "A", "a_b", "a.b", &"x".repeat(32), "all", "15"] {
             assert!(bad.parse::<SiteName>().is_err(), "{bad}");
         }
     }

@@ -402,33 +402,45 @@ fn generated_text(body: &str) -> String {
     )
 }
 
-/// `git add -A` and `git commit` when something changed (two processes on the fast path).
-/// Supplies an author when the operator has none configured.
+/// `git add -A` and `git commit` when something is staged. Git runs with `LC_ALL=C`; when the
+/// operator has no git identity, the commit is made as `tlm`.
 pub fn git_commit(dir: &Path, message: &str) -> Result<bool, Error> {
-    external::run("git", &["add", "-A"], dir, &[])?;
+    let c = [("LC_ALL", "C")];
+    external::run("git", &["add", "-A"], dir, &c)?;
+    let nothing_staged = std::process::Command::new("git")
+        .args(["diff", "--cached", "--quiet"])
+        .current_dir(dir)
+        .env("LC_ALL", "C")
+        .status()
+        .map_err(|e| IoError::new("cannot run git in", dir, e))?
+        .success();
+    if nothing_staged {
+        return Ok(false);
+    }
     let args = ["commit", "-q", "--no-verify", "-m", message];
     let first = std::process::Command::new("git")
         .args(args)
         .current_dir(dir)
+        .env("LC_ALL", "C")
         .output()
         .map_err(|e| IoError::new("cannot run git in", dir, e))?;
     if first.status.success() {
         return Ok(true);
     }
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&first.stdout),
-        String::from_utf8_lossy(&first.stderr)
-    );
-    if said.contains("nothing to commit") || said.contains("nothing added to commit") {
-        return Ok(false);
+    let said = String::from_utf8_lossy(&first.stderr);
+    let no_identity = said.contains("Please tell me who you are")
+        || said.contains("identity unknown")
+        || said.contains("unable to auto-detect");
+    if !no_identity {
+        external::run("git", &args, dir, &c)?;
+        return Ok(true);
     }
-    // No identity configured for this user: commit as tlm.
     external::run(
         "git",
         &args,
         dir,
         &[
+            ("LC_ALL", "C"),
             ("GIT_AUTHOR_NAME", "tlm"),
             ("GIT_AUTHOR_EMAIL", "tlm@localhost"),
             ("GIT_COMMITTER_NAME", "tlm"),

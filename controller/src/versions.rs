@@ -436,6 +436,7 @@ pub fn commit(
                     let mut done = Vec::new();
                     for (position, node) in nodes.iter().enumerate().skip(worker).step_by(workers) {
                         let staged = stage_node(
+                            store,
                             resolved,
                             &mut renderer,
                             node,
@@ -549,6 +550,7 @@ enum Staged {
 /// area.
 #[allow(clippy::too_many_arguments)]
 fn stage_node(
+    store: &Store,
     resolved: &Resolved,
     renderer: &mut Renderer<'_>,
     node: &NodeAllocation,
@@ -564,7 +566,9 @@ fn stage_node(
     if previous.map(|e| &e.content) == Some(&digest) {
         return Ok(Staged::Unchanged(full));
     }
-    let latest = previous.map(|e| e.latest);
+    // The index may be older than the disk (a `git checkout` of it): never reuse a number.
+    let on_disk = list_versions(store, &full)?.last().copied();
+    let latest = previous.map(|e| e.latest).max(on_disk);
     let version = latest.map_or(1, |v| v + 1);
     let manifest = Manifest {
         format: towalink_bundle::FORMAT,
