@@ -524,9 +524,13 @@ fn rendered_bird_configurations_pass_the_bird_parser() {
         "{spoke}"
     );
     assert!(
-        spoke.contains("route fd54:6f77:616c::1/128 via fe80::1:0:2%tlwg1;"),
+        spoke.contains("route fd54:6f77:616c::1/128 via fe80::1:0:2%tlwg1 bfd;"),
         "{spoke}"
     );
+    // The tunnel to a peer is never routed into a tunnel: routes covering its endpoint are refused.
+    let base = t.read("effective/beta/r1/v2/files/bird_base.conf");
+    assert!(base.contains("if 192.0.2.1 ~ net then reject;"), "{base}");
+    assert!(spoke.contains("ipv6 { preference 50; };"), "{spoke}");
     let node: toml::Table = t
         .read("effective/beta/r1/v2/files/towalink/node.toml")
         .parse()

@@ -82,6 +82,9 @@ pub struct Peer {
     /// `host:port` the node sends to; absent when the peer has no `wg_endpoint`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer_endpoint: Option<String>,
+    /// The peer's endpoint address when `wg_endpoint` is an IP address (not a name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_endpoint_ip: Option<std::net::IpAddr>,
     pub listen_port: u16,
     pub peer_port: u16,
     pub local_link_local: Ipv6Addr,
@@ -267,6 +270,12 @@ impl Resolved {
                         } else {
                             format!("{host}:{peer_port}")
                         }
+                    }),
+                    peer_endpoint_ip: peer.endpoint.as_ref().and_then(|host| {
+                        host.trim_start_matches('[')
+                            .trim_end_matches(']')
+                            .parse()
+                            .ok()
                     }),
                     listen_port: topology::listen_port(node.port_base, *peer_id)
                         .expect("checked in resolve()"),
