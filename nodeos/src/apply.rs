@@ -101,11 +101,10 @@ fn write_target(path: &Path, content: &[u8], mode: u32) -> Result<(), Error> {
     file.set_permissions(std::fs::Permissions::from_mode(mode))
         .map_err(io("cannot set mode of", &temp))?;
     file.write_all(content).map_err(io("cannot write", &temp))?;
-    file.sync_all().map_err(io("cannot sync", &temp))?;
-    std::fs::rename(&temp, path).map_err(io("cannot replace", path))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("cannot sync", dir))
+    // No fsync per file: readers see old or new content (rename), `apply` syncs the
+    // filesystem once at the end, and every start re-applies the current slot, so a target
+    // torn by a power cut is repaired from the (durable) slot.
+    std::fs::rename(&temp, path).map_err(io("cannot replace", path))
 }
 
 /// Where reloads go: BIRD's control socket for `birdc configure`, commands otherwise.
@@ -209,6 +208,9 @@ pub fn apply(
                 }
             }
         }
+    }
+    if !report.written.is_empty() || !report.removed.is_empty() {
+        crate::state::sync_filesystem(root)?;
     }
     crash_point("apply-files-done");
     for name in &changed {

@@ -128,8 +128,7 @@ fn write_version_tree(dir: &Path, bundle: &VerifiedBundle) -> Result<(), Error> 
             }
         }
         let mut file = std::fs::File::create(&path).map_err(io("cannot create", &path))?;
-        file.write_all(content).map_err(io("cannot write", &path))?;
-        file.sync_all().map_err(io("cannot sync", &path))
+        file.write_all(content).map_err(io("cannot write", &path))
     };
     write(
         dir.join(towalink_bundle::MANIFEST_NAME),
@@ -142,8 +141,17 @@ fn write_version_tree(dir: &Path, bundle: &VerifiedBundle) -> Result<(), Error> 
     for (path, content) in bundle.files() {
         write(dir.join("files").join(path), content)?;
     }
-    for d in &dirs {
-        sync_dir(d)?;
+    // One syncfs for the whole tree instead of an fsync per file: the tree is renamed into
+    // place only after this returns.
+    sync_filesystem(dir)
+}
+
+/// Flushes the filesystem holding `path` (`syncfs(2)`).
+pub fn sync_filesystem(path: &Path) -> Result<(), Error> {
+    let dir = std::fs::File::open(path).map_err(io("cannot open", path))?;
+    // SAFETY: syncfs on a descriptor we own.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(io("cannot sync", path)(std::io::Error::last_os_error()));
     }
     Ok(())
 }
@@ -249,7 +257,7 @@ impl StateDir {
         std::fs::rename(&temp, &dir).map_err(io("cannot rename", &temp))?;
         sync_dir(&versions)?;
         crash_point("install-renamed");
-        self.prune()?;
+        self.prune(version)?;
         Ok(Installed::New(version))
     }
 
@@ -276,10 +284,10 @@ impl StateDir {
         Ok(versions)
     }
 
-    /// Keeps the newest installed versions and any version in a slot.
-    fn prune(&self) -> Result<(), Error> {
+    /// Keeps the newest installed versions, any version in a slot, and the one just installed.
+    fn prune(&self, just_installed: u32) -> Result<(), Error> {
         let state = self.read()?;
-        let in_slots = [state.a.version, state.b.version];
+        let in_slots = [state.a.version, state.b.version, Some(just_installed)];
         let versions = self.versions()?;
         let excess = versions.len().saturating_sub(KEEP_VERSIONS);
         for v in versions.into_iter().take(excess) {
