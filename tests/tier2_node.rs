@@ -530,3 +530,56 @@ fn a_crash_at_any_step_leaves_one_complete_version() {
         );
     }
 }
+
+/// The `controller` check: a real TCP listener on loopback blesses; a closed port rolls back.
+#[test]
+fn controller_check_blesses_when_reachable_and_rolls_back_when_not() {
+    let f = Fixture::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let open = listener.local_addr().unwrap().to_string();
+    f.ctl
+        .ok(&["set", "global", "node_health_checks", r#"["controller"]"#]);
+    f.ctl.ok(&["set", "global", "node_health_timeout_s", "1"]);
+    let v2 = f.commit_and_install("controller_endpoint", &format!("\"{open}\""));
+    f.node.ok(&["activate", "latest"]);
+    f.node.ok(&["run", "--once"]);
+    let status = f.node.status();
+    assert_eq!(
+        active(&status),
+        (u64::from(v2), "good".into()),
+        "{status:#}"
+    );
+    assert_eq!(status["health"][0]["check"], "controller");
+
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let v3 = f.commit_and_install("controller_endpoint", &format!("\"{closed}\""));
+    f.node.ok(&["activate", "latest"]);
+    let mut daemon = f
+        .node
+        .command(&["run", "--interval-ms", "200"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut status = f.node.status();
+    while active(&status).0 == u64::from(v3) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        status = f.node.status();
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert_eq!(
+        active(&status),
+        (u64::from(v2), "good".into()),
+        "{status:#}"
+    );
+    let reason = status["last_rollback"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("controller") && reason.contains(&closed),
+        "{reason}"
+    );
+    drop(listener);
+}

@@ -15,6 +15,8 @@ pub const NODE_TOML: &str = "towalink/node.toml";
 pub enum Check {
     /// Every BGP protocol in BIRD is up and Established.
     Bird,
+    /// The controller accepts a TCP connection at `controller_endpoint` (`host:port`).
+    Controller,
 }
 
 /// Settings of the version lifecycle, from the version's attributes.
@@ -26,6 +28,8 @@ pub struct LifecycleSettings {
     pub checks: Vec<Check>,
     /// `node_health_timeout_s`: how long a pending version may take to pass (default 120).
     pub timeout_s: u64,
+    /// `controller_endpoint`: `host:port` the `controller` check connects to.
+    pub controller_endpoint: Option<String>,
 }
 
 impl LifecycleSettings {
@@ -62,18 +66,33 @@ impl LifecycleSettings {
                 .iter()
                 .map(|item| match item.as_str() {
                     Some("bird") => Ok(Check::Bird),
+                    Some("controller") => Ok(Check::Controller),
                     _ => Err(bad(
                         "node_health_checks",
-                        &format!("has `{item}`: this node knows the check \"bird\""),
+                        &format!(
+                            "has `{item}`: this node knows the checks \"bird\" and \"controller\" (\"wireguard\" comes with the data plane)"
+                        ),
                     )),
                 })
                 .collect::<Result<_, _>>()?,
             Some(_) => return Err(bad("node_health_checks", "must be a list of check names")),
         };
+        let controller_endpoint = match attributes.get("controller_endpoint") {
+            None => None,
+            Some(toml::Value::String(s)) if s.contains(':') => Some(s.clone()),
+            Some(_) => return Err(bad("controller_endpoint", "must be a string `host:port`")),
+        };
+        if checks.contains(&Check::Controller) && controller_endpoint.is_none() {
+            return Err(bad(
+                "node_health_checks",
+                "has \"controller\" but `controller_endpoint` is not set",
+            ));
+        }
         Ok(LifecycleSettings {
             boot_tries: integer("node_boot_tries", 3, 1, 100)? as u32,
             checks,
             timeout_s: integer("node_health_timeout_s", 120, 1, 86_400)? as u64,
+            controller_endpoint,
         })
     }
 }
@@ -87,13 +106,40 @@ pub struct CheckResult {
 }
 
 /// Runs the checks once.
-pub fn evaluate(checks: &[Check], bird: &BirdControl) -> Vec<CheckResult> {
-    checks
+pub fn evaluate(settings: &LifecycleSettings, bird: &BirdControl) -> Vec<CheckResult> {
+    settings
+        .checks
         .iter()
         .map(|check| match check {
             Check::Bird => bird_check(bird),
+            Check::Controller => {
+                controller_check(settings.controller_endpoint.as_deref().unwrap_or_default())
+            }
         })
         .collect()
+}
+
+fn controller_check(endpoint: &str) -> CheckResult {
+    use std::net::ToSocketAddrs as _;
+    let timeout = std::time::Duration::from_secs(2);
+    let result = endpoint
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {endpoint}: {e}"))
+        .and_then(|addresses| {
+            let mut last = format!("{endpoint} resolves to no address");
+            for address in addresses {
+                match std::net::TcpStream::connect_timeout(&address, timeout) {
+                    Ok(_) => return Ok(format!("{address} reachable")),
+                    Err(e) => last = format!("{address}: {e}"),
+                }
+            }
+            Err(last)
+        });
+    CheckResult {
+        check: Check::Controller,
+        ok: result.is_ok(),
+        detail: result.unwrap_or_else(|e| e),
+    }
 }
 
 fn bird_check(bird: &BirdControl) -> CheckResult {

@@ -356,7 +356,7 @@ impl Node {
         };
         let bundle = self.state.slot_bundle(slot)?;
         let settings = LifecycleSettings::from_bundle(&bundle)?;
-        let results = evaluate(&settings.checks, &self.reloader.bird);
+        let results = evaluate(&settings, &self.reloader.bird);
         let healthy = results.iter().all(|r| r.ok);
         if healthy && disk.confirm_by.is_none() {
             self.state.set_marker(slot, Marker::Good)?;
@@ -388,7 +388,7 @@ impl Node {
         let health = match current.and_then(|s| self.state.slot_bundle(s).ok()) {
             Some(bundle) => {
                 let settings = LifecycleSettings::from_bundle(&bundle)?;
-                evaluate(&settings.checks, &self.reloader.bird)
+                evaluate(&settings, &self.reloader.bird)
             }
             None => Vec::new(),
         };
