@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::apply::Reloader;
 use crate::bird::BirdControl;
+use crate::dataplane::{Boringtun, DataPlane, DesiredState};
 use crate::lifecycle::{Node, VersionSpec, Watch};
 use crate::state::Installed;
 
@@ -31,6 +32,10 @@ pub struct Cli {
     /// BIRD's control socket.
     #[arg(long, default_value = "/run/bird/bird.ctl", global = true)]
     pub bird_socket: PathBuf,
+    /// WireGuard implementation the daemon drives: in-process boringtun, or none (manage only
+    /// files and BIRD, e.g. where another tool owns the tunnels).
+    #[arg(long, value_enum, default_value = "boringtun", global = true)]
+    pub dataplane: DataPlaneKind,
     /// Log level on stderr.
     #[arg(short = 'l', long, value_enum, default_value = "info", global = true)]
     pub loglevel: LogLevel,
@@ -55,6 +60,12 @@ impl LogLevel {
             LogLevel::Error => tracing::Level::ERROR,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum DataPlaneKind {
+    Boringtun,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -204,8 +215,44 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Command::Run { once, interval_ms } => {
             node.startup()?;
+            let mut dataplane = match cli.dataplane {
+                DataPlaneKind::Boringtun => Some(DataPlane::new(Box::new(Boringtun::new()))?),
+                DataPlaneKind::None => None,
+            };
+            let mut applied: Option<DesiredState> = None;
+            let mut retry_in = 0u32;
             let mut watch = Watch::default();
             loop {
+                if let Some(dataplane) = dataplane.as_mut() {
+                    // The tunnels follow the current version; unresolved endpoints are
+                    // retried every ten checks.
+                    match node.desired_dataplane() {
+                        Ok(desired) => {
+                            let desired = desired.unwrap_or_default();
+                            retry_in = retry_in.saturating_sub(1);
+                            if applied.as_ref() != Some(&desired) || retry_in == 0 {
+                                match dataplane.reconcile(&desired) {
+                                    Ok(report) => {
+                                        if report.changed() {
+                                            tracing::info!(created = ?report.created, reconfigured = ?report.reconfigured, removed = ?report.removed, "data plane reconciled");
+                                        }
+                                        retry_in = if report.unresolved.is_empty() {
+                                            u32::MAX
+                                        } else {
+                                            10
+                                        };
+                                        applied = Some(desired);
+                                    }
+                                    Err(error) => {
+                                        tracing::error!(%error, "data plane reconciliation failed");
+                                        retry_in = 10;
+                                    }
+                                }
+                            }
+                        }
+                        Err(error) => tracing::error!(%error, "cannot read the active version"),
+                    }
+                }
                 if let Err(error) = node.tick(&mut watch) {
                     tracing::error!(%error, "check failed");
                 }

@@ -17,6 +17,9 @@ pub enum Check {
     Bird,
     /// The controller accepts a TCP connection at `controller_endpoint` (`host:port`).
     Controller,
+    /// Every WireGuard link has received traffic from its peer (a completed handshake and
+    /// data: with BFD and keepalives running, a live link always has).
+    Wireguard,
 }
 
 /// Settings of the version lifecycle, from the version's attributes.
@@ -30,6 +33,8 @@ pub struct LifecycleSettings {
     pub timeout_s: u64,
     /// `controller_endpoint`: `host:port` the `controller` check connects to.
     pub controller_endpoint: Option<String>,
+    /// The WireGuard interfaces of the version (for the `wireguard` check).
+    pub links: Vec<String>,
 }
 
 impl LifecycleSettings {
@@ -67,10 +72,11 @@ impl LifecycleSettings {
                 .map(|item| match item.as_str() {
                     Some("bird") => Ok(Check::Bird),
                     Some("controller") => Ok(Check::Controller),
+                    Some("wireguard") => Ok(Check::Wireguard),
                     _ => Err(bad(
                         "node_health_checks",
                         &format!(
-                            "has `{item}`: this node knows the checks \"bird\" and \"controller\" (\"wireguard\" comes with the data plane)"
+                            "has `{item}`: this node knows the checks \"bird\", \"wireguard\" and \"controller\""
                         ),
                     )),
                 })
@@ -93,6 +99,17 @@ impl LifecycleSettings {
             checks,
             timeout_s: integer("node_health_timeout_s", 120, 1, 86_400)? as u64,
             controller_endpoint,
+            links: attributes
+                .get("peers")
+                .and_then(toml::Value::as_array)
+                .map(|peers| {
+                    peers
+                        .iter()
+                        .filter_map(|p| p.get("interface").and_then(toml::Value::as_str))
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
     }
 }
@@ -115,8 +132,33 @@ pub fn evaluate(settings: &LifecycleSettings, bird: &BirdControl) -> Vec<CheckRe
             Check::Controller => {
                 controller_check(settings.controller_endpoint.as_deref().unwrap_or_default())
             }
+            Check::Wireguard => wireguard_check(&settings.links),
         })
         .collect()
+}
+
+/// Reads the kernel's receive counter of each tunnel interface: what boringtun (or the kernel
+/// module) delivered from the peer.
+fn wireguard_check(links: &[String]) -> CheckResult {
+    let silent: Vec<String> = links
+        .iter()
+        .filter(|link| {
+            std::fs::read_to_string(format!("/sys/class/net/{link}/statistics/rx_bytes"))
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok())
+                .is_none_or(|bytes| bytes == 0)
+        })
+        .cloned()
+        .collect();
+    CheckResult {
+        check: Check::Wireguard,
+        ok: silent.is_empty(),
+        detail: if silent.is_empty() {
+            format!("{} link(s) receiving", links.len())
+        } else {
+            format!("nothing received on {}", silent.join(", "))
+        },
+    }
 }
 
 fn controller_check(endpoint: &str) -> CheckResult {

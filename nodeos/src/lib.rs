@@ -7,6 +7,7 @@
 pub mod apply;
 pub mod bird;
 pub mod cli;
+pub mod dataplane;
 pub mod health;
 pub mod lifecycle;
 pub mod slots;
@@ -57,4 +58,6 @@ pub enum Error {
     Reload { service: String, message: String },
     #[error("rolled back: {0}")]
     RolledBack(String),
+    #[error("data plane: {0}")]
+    DataPlane(String),
 }

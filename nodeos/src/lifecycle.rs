@@ -379,6 +379,28 @@ impl Node {
         Ok(())
     }
 
+    /// What the data plane should look like for the current version (none when no version is
+    /// active).
+    pub fn desired_dataplane(&self) -> Result<Option<crate::dataplane::DesiredState>, Error> {
+        let Some(slot) = self.state.current() else {
+            return Ok(None);
+        };
+        let bundle = self.state.slot_bundle(slot)?;
+        let node_toml: toml::Table = bundle
+            .files()
+            .get(crate::health::NODE_TOML)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_default();
+        let key_path = self.state.path("identity/wg_private_key");
+        let key = std::fs::read_to_string(&key_path).map_err(|source| Error::Io {
+            action: "cannot read",
+            path: key_path,
+            source,
+        })?;
+        crate::dataplane::desired(&node_toml, &key).map(Some)
+    }
+
     pub fn status(&self) -> Result<Status, Error> {
         let identity = self.state.identity()?;
         let disk = self.state.read()?;

@@ -9,6 +9,8 @@ use std::process::{Command, Output};
 
 use sha2::{Digest, Sha256};
 
+pub mod network;
+
 /// Path of a workspace binary (built by `cargo build --workspace --bins` before the tests),
 /// overridable by `TOWALINK_BIN_DIR`.
 pub fn binary(name: &str) -> PathBuf {
@@ -253,6 +255,7 @@ impl NodeEnv {
             .arg(&self.root)
             .arg("--bird-socket")
             .arg(&self.socket)
+            .args(["--dataplane", "none"])
             .args(args)
             .env_remove("TOWALINK_NODE_CRASH_AT");
         command

@@ -1,0 +1,254 @@
+//! The data plane: the node's WireGuard links, their addresses and the loopbacks, made to match
+//! the active version by reconciliation (desired state against what exists; applying the same
+//! state twice changes nothing; links of removed peers disappear).
+//!
+//! The desired state is computed purely from the version's `towalink/node.toml` and the node's
+//! private key ([`desired`]); [`DataPlane::reconcile`] carries it out through a [`WireGuard`]
+//! implementation (in-process boringtun, or kernel WireGuard) and rtnetlink ([`netlink`]).
+
+pub mod netlink;
+pub mod wireguard;
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs as _};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+
+pub use wireguard::{Boringtun, LinkStats, WireGuard, WireGuardLink};
+
+use crate::Error;
+
+/// Prefix of the interfaces Towalink owns; anything else is never touched.
+pub const INTERFACE_PREFIX: &str = "tlwg";
+
+/// One point-to-point link as the version wants it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredLink {
+    pub wireguard: WireGuardLink,
+    pub mtu: u32,
+    pub local_ipv4: Ipv4Addr,
+    pub peer_ipv4: Ipv4Addr,
+    pub local_link_local: Ipv6Addr,
+}
+
+/// Everything the data plane should look like.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DesiredState {
+    pub loopback_ipv4: Option<Ipv4Addr>,
+    pub loopback_ipv6: Option<Ipv6Addr>,
+    pub links: BTreeMap<String, DesiredLink>,
+}
+
+fn key_hex(base64_key: &str, what: &str) -> Result<String, Error> {
+    let bytes = BASE64
+        .decode(base64_key.trim())
+        .ok()
+        .filter(|b| b.len() == 32)
+        .ok_or_else(|| Error::DataPlane(format!("{what} is not a base64 WireGuard key")))?;
+    Ok(hex::encode(bytes))
+}
+
+/// The desired state of a version: pure, from its node.toml and the node's private key.
+pub fn desired(node_toml: &toml::Table, private_key: &str) -> Result<DesiredState, Error> {
+    let bad = |what: String| Error::DataPlane(format!("towalink/node.toml: {what}"));
+    let text = |table: &toml::Table, key: &str| -> Result<String, Error> {
+        table
+            .get(key)
+            .and_then(toml::Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| bad(format!("`{key}` is missing or not a string")))
+    };
+    let int = |table: &toml::Table, key: &str| -> Result<i64, Error> {
+        table
+            .get(key)
+            .and_then(toml::Value::as_integer)
+            .ok_or_else(|| bad(format!("`{key}` is missing or not an integer")))
+    };
+    fn parse<T: std::str::FromStr>(value: String, key: &str) -> Result<T, Error> {
+        value.parse().map_err(|_| {
+            Error::DataPlane(format!(
+                "towalink/node.toml: `{key}` = `{value}` is not an address"
+            ))
+        })
+    }
+    let private_key_hex = key_hex(private_key, "identity/wg_private_key")?;
+    let mut state = DesiredState {
+        loopback_ipv4: node_toml
+            .get("loopback_ipv4")
+            .and_then(toml::Value::as_str)
+            .and_then(|s| s.parse().ok()),
+        loopback_ipv6: node_toml
+            .get("loopback_ipv6")
+            .and_then(toml::Value::as_str)
+            .and_then(|s| s.parse().ok()),
+        links: BTreeMap::new(),
+    };
+    let peers = node_toml
+        .get("peers")
+        .and_then(toml::Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    for peer in peers {
+        let peer = peer
+            .as_table()
+            .ok_or_else(|| bad("a `peers` entry is not a table".into()))?;
+        let name = text(peer, "interface")?;
+        if !name.starts_with(INTERFACE_PREFIX) || name.len() > 15 {
+            return Err(bad(format!(
+                "interface `{name}` is not a Towalink interface name"
+            )));
+        }
+        let port = |key: &str| -> Result<u16, Error> {
+            u16::try_from(int(peer, key)?).map_err(|_| bad(format!("`{key}` is not a port")))
+        };
+        let link = DesiredLink {
+            wireguard: WireGuardLink {
+                name: name.clone(),
+                private_key_hex: private_key_hex.clone(),
+                listen_port: port("listen_port")?,
+                peer_public_key_hex: key_hex(&text(peer, "peer_public_key")?, "peer_public_key")?,
+                endpoint: peer
+                    .get("peer_endpoint")
+                    .and_then(toml::Value::as_str)
+                    .map(str::to_string),
+                keepalive: u16::try_from(int(peer, "keepalive")?).unwrap_or(0),
+            },
+            mtu: u32::try_from(int(peer, "mtu")?).unwrap_or(1420),
+            local_ipv4: parse(text(node_toml, "loopback_ipv4")?, "loopback_ipv4")?,
+            peer_ipv4: parse(text(peer, "peer_loopback_ipv4")?, "peer_loopback_ipv4")?,
+            local_link_local: parse(text(peer, "local_link_local")?, "local_link_local")?,
+        };
+        state.links.insert(name, link);
+    }
+    Ok(state)
+}
+
+/// Resolves an endpoint (`host:port`, names or addresses) to one socket address.
+pub fn resolve_endpoint(endpoint: &str) -> Option<SocketAddr> {
+    endpoint.to_socket_addrs().ok()?.next()
+}
+
+/// What a reconciliation did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub created: Vec<String>,
+    pub reconfigured: Vec<String>,
+    pub removed: Vec<String>,
+    pub unresolved: Vec<String>,
+}
+
+impl ReconcileReport {
+    pub fn changed(&self) -> bool {
+        !(self.created.is_empty() && self.reconfigured.is_empty() && self.removed.is_empty())
+    }
+}
+
+/// The node's data plane.
+pub struct DataPlane {
+    wireguard: Box<dyn WireGuard>,
+    netlink: netlink::Netlink,
+}
+
+impl DataPlane {
+    pub fn new(wireguard: Box<dyn WireGuard>) -> Result<DataPlane, Error> {
+        Ok(DataPlane {
+            wireguard,
+            netlink: netlink::Netlink::new()?,
+        })
+    }
+
+    /// Makes links, addresses and loopbacks match `desired`. A peer whose endpoint cannot be
+    /// resolved gets its link without an endpoint (it may still connect to us); the others go on.
+    pub fn reconcile(&mut self, desired: &DesiredState) -> Result<ReconcileReport, Error> {
+        let mut report = ReconcileReport::default();
+        for name in self.wireguard.names() {
+            if !desired.links.contains_key(&name) {
+                self.wireguard.remove(&name)?;
+                report.removed.push(name);
+            }
+        }
+        for (name, link) in &desired.links {
+            let mut wireguard = link.wireguard.clone();
+            if let Some(endpoint) = &link.wireguard.endpoint {
+                match resolve_endpoint(endpoint) {
+                    Some(address) => wireguard.endpoint = Some(address.to_string()),
+                    None => {
+                        tracing::warn!(link = %name, %endpoint, "cannot resolve endpoint; waiting for the peer");
+                        report.unresolved.push(name.clone());
+                        wireguard.endpoint = None;
+                    }
+                }
+            }
+            match self.wireguard.ensure(&wireguard)? {
+                wireguard::Ensured::Created => report.created.push(name.clone()),
+                wireguard::Ensured::Reconfigured => report.reconfigured.push(name.clone()),
+                wireguard::Ensured::Unchanged => {}
+            }
+            self.netlink.ensure_point_to_point(
+                name,
+                link.mtu,
+                link.local_ipv4,
+                link.peer_ipv4,
+                link.local_link_local,
+            )?;
+        }
+        self.netlink
+            .ensure_loopback(desired.loopback_ipv4, desired.loopback_ipv6)?;
+        Ok(report)
+    }
+
+    pub fn stats(&mut self, name: &str) -> Result<LinkStats, Error> {
+        self.wireguard.stats(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "v5baw1MF/aRJotly6e3ndIUEduDrJVE2qcnFlIYrbG8=";
+
+    #[test]
+    fn desired_state_from_node_toml() {
+        let node: toml::Table = format!(
+            r#"
+loopback_ipv4 = "10.254.0.1"
+loopback_ipv6 = "fd00::1"
+[[peers]]
+interface = "tlwg2"
+listen_port = 51822
+peer_public_key = "{KEY}"
+peer_endpoint = "192.0.2.2:51821"
+keepalive = 25
+mtu = 1420
+peer_loopback_ipv4 = "10.254.0.2"
+local_link_local = "fe80::1:0:2"
+"#
+        )
+        .parse()
+        .unwrap();
+        let state = desired(&node, KEY).unwrap();
+        let link = &state.links["tlwg2"];
+        assert_eq!(link.wireguard.listen_port, 51822);
+        assert_eq!(link.wireguard.endpoint.as_deref(), Some("192.0.2.2:51821"));
+        assert_eq!(link.wireguard.private_key_hex.len(), 64);
+        assert_eq!(link.peer_ipv4, "10.254.0.2".parse::<Ipv4Addr>().unwrap());
+        assert_eq!(state.loopback_ipv6, Some("fd00::1".parse().unwrap()));
+        assert!(desired(&node, "short").is_err());
+    }
+
+    #[test]
+    fn endpoints_resolve_names_and_addresses() {
+        assert_eq!(
+            resolve_endpoint("192.0.2.1:51820"),
+            Some("192.0.2.1:51820".parse().unwrap())
+        );
+        assert_eq!(
+            resolve_endpoint("[2001:db8::1]:51820"),
+            Some("[2001:db8::1]:51820".parse().unwrap())
+        );
+        assert!(resolve_endpoint("localhost:51820").is_some());
+        assert_eq!(resolve_endpoint("no-such-host.invalid:1"), None);
+    }
+}

@@ -1,0 +1,222 @@
+//! Link state and addresses through rtnetlink (never by spawning `ip`): the point-to-point
+//! addresses of each tunnel (the node's IPv4 loopback, peer = the peer's loopback; the link's
+//! IPv6 link-local address) and the loopbacks on `lo`. Only missing addresses are added, so
+//! reconciling twice changes nothing.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use futures::TryStreamExt as _;
+use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlag};
+use netlink_packet_route::link::{LinkAttribute, LinkFlag};
+use rtnetlink::Handle;
+
+use crate::Error;
+
+fn failed(what: String) -> Error {
+    Error::DataPlane(what)
+}
+
+/// A netlink connection driven by a small single-threaded runtime.
+pub struct Netlink {
+    runtime: tokio::runtime::Runtime,
+}
+
+/// One address on an interface: local, peer (point-to-point) and prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Address {
+    local: IpAddr,
+    peer: IpAddr,
+    prefix: u8,
+}
+
+impl Netlink {
+    pub fn new() -> Result<Netlink, Error> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(|e| failed(format!("netlink runtime: {e}")))?;
+        Ok(Netlink { runtime })
+    }
+
+    fn with_handle<T>(
+        &self,
+        job: impl AsyncFnOnce(Handle) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        self.runtime.block_on(async {
+            let (connection, handle, _) =
+                rtnetlink::new_connection().map_err(|e| failed(format!("netlink socket: {e}")))?;
+            let task = tokio::spawn(connection);
+            let result = job(handle).await;
+            task.abort();
+            result
+        })
+    }
+
+    /// Sets MTU and up, and adds the missing addresses of a tunnel interface.
+    pub fn ensure_point_to_point(
+        &self,
+        name: &str,
+        mtu: u32,
+        local: Ipv4Addr,
+        peer: Ipv4Addr,
+        link_local: Ipv6Addr,
+    ) -> Result<(), Error> {
+        let name = name.to_string();
+        self.with_handle(async move |handle| {
+            let index = link_index(&handle, &name).await?;
+            let (current_mtu, up) = link_state(&handle, index).await?;
+            if current_mtu != Some(mtu) || !up {
+                handle
+                    .link()
+                    .set(index)
+                    .mtu(mtu)
+                    .up()
+                    .execute()
+                    .await
+                    .map_err(|e| failed(format!("cannot set {name} up (mtu {mtu}): {e}")))?;
+            }
+            let existing = addresses(&handle, index).await?;
+            let wanted = [
+                Address {
+                    local: IpAddr::V4(local),
+                    peer: IpAddr::V4(peer),
+                    prefix: 32,
+                },
+                Address {
+                    local: IpAddr::V6(link_local),
+                    peer: IpAddr::V6(link_local),
+                    prefix: 64,
+                },
+            ];
+            for address in wanted {
+                if !existing.contains(&address) {
+                    add_address(&handle, index, address)
+                        .await
+                        .map_err(|e| failed(format!("cannot add {address:?} to {name}: {e}")))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Puts the node's loopbacks on `lo` (/32 and /128) and `lo` up.
+    pub fn ensure_loopback(&self, v4: Option<Ipv4Addr>, v6: Option<Ipv6Addr>) -> Result<(), Error> {
+        self.with_handle(async move |handle| {
+            let index = link_index(&handle, "lo").await?;
+            let (_, up) = link_state(&handle, index).await?;
+            if !up {
+                handle
+                    .link()
+                    .set(index)
+                    .up()
+                    .execute()
+                    .await
+                    .map_err(|e| failed(format!("cannot set lo up: {e}")))?;
+            }
+            let existing = addresses(&handle, index).await?;
+            let wanted = v4
+                .map(|a| Address {
+                    local: a.into(),
+                    peer: a.into(),
+                    prefix: 32,
+                })
+                .into_iter()
+                .chain(v6.map(|a| Address {
+                    local: a.into(),
+                    peer: a.into(),
+                    prefix: 128,
+                }));
+            for address in wanted {
+                if !existing.contains(&address) {
+                    add_address(&handle, index, address)
+                        .await
+                        .map_err(|e| failed(format!("cannot add {address:?} to lo: {e}")))?;
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+async fn link_index(handle: &Handle, name: &str) -> Result<u32, Error> {
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(Some(link)) => Ok(link.header.index),
+        Ok(None) => Err(failed(format!("no interface {name}"))),
+        Err(e) => Err(failed(format!("no interface {name}: {e}"))),
+    }
+}
+
+async fn link_state(handle: &Handle, index: u32) -> Result<(Option<u32>, bool), Error> {
+    let mut links = handle.link().get().match_index(index).execute();
+    let link = links
+        .try_next()
+        .await
+        .map_err(|e| failed(format!("interface {index}: {e}")))?
+        .ok_or_else(|| failed(format!("interface {index} vanished")))?;
+    let mtu = link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Mtu(m) => Some(*m),
+        _ => None,
+    });
+    Ok((mtu, link.header.flags.contains(&LinkFlag::Up)))
+}
+
+async fn addresses(handle: &Handle, index: u32) -> Result<Vec<Address>, Error> {
+    let mut stream = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute();
+    let mut found = Vec::new();
+    while let Some(message) = stream
+        .try_next()
+        .await
+        .map_err(|e| failed(format!("addresses of interface {index}: {e}")))?
+    {
+        let mut local = None;
+        let mut peer = None;
+        for attribute in &message.attributes {
+            match attribute {
+                AddressAttribute::Local(a) => local = Some(*a),
+                AddressAttribute::Address(a) => peer = Some(*a),
+                _ => {}
+            }
+        }
+        // IPv6 addresses carry only IFA_ADDRESS.
+        if let Some(peer) = peer {
+            found.push(Address {
+                local: local.unwrap_or(peer),
+                peer,
+                prefix: message.header.prefix_len,
+            });
+        }
+    }
+    Ok(found)
+}
+
+async fn add_address(
+    handle: &Handle,
+    index: u32,
+    address: Address,
+) -> Result<(), rtnetlink::Error> {
+    let mut request = handle.address().add(index, address.local, address.prefix);
+    let message = request.message_mut();
+    message.attributes.retain(|a| {
+        !matches!(
+            a,
+            AddressAttribute::Address(_) | AddressAttribute::Broadcast(_)
+        )
+    });
+    message
+        .attributes
+        .push(AddressAttribute::Address(address.peer));
+    if address.local.is_ipv6() {
+        // No duplicate address detection: the address is usable at once, and on a
+        // point-to-point tunnel nobody else can hold it.
+        message.header.flags.push(AddressHeaderFlag::Nodad);
+        message
+            .attributes
+            .retain(|a| !matches!(a, AddressAttribute::Local(_)));
+    }
+    request.execute().await
+}

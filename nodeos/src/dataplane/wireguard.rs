@@ -1,0 +1,195 @@
+//! WireGuard links behind one trait. [`Boringtun`] runs userspace WireGuard in this process
+//! (the default: many hosts lack the kernel module); each link is its own TUN interface and
+//! boringtun device, configured over the WireGuard UAPI through a socket pair (no shared
+//! socket directory, so several nodes on one host cannot clash).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::os::fd::IntoRawFd as _;
+use std::os::unix::net::UnixStream;
+
+use boringtun::device::{DeviceConfig, DeviceHandle};
+
+use crate::Error;
+
+/// One point-to-point WireGuard link: a single peer, every address allowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireGuardLink {
+    pub name: String,
+    pub private_key_hex: String,
+    pub listen_port: u16,
+    pub peer_public_key_hex: String,
+    /// A resolved `address:port`, or none (the peer connects to us).
+    pub endpoint: Option<String>,
+    pub keepalive: u16,
+}
+
+/// Traffic counters of a link.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// What `ensure` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ensured {
+    Created,
+    Reconfigured,
+    Unchanged,
+}
+
+/// A WireGuard implementation: in-process boringtun, or the kernel's.
+pub trait WireGuard: Send {
+    /// Creates the link or brings its configuration in line; an unchanged link is not touched
+    /// (its session keeps running).
+    fn ensure(&mut self, link: &WireGuardLink) -> Result<Ensured, Error>;
+    fn remove(&mut self, name: &str) -> Result<(), Error>;
+    fn names(&self) -> Vec<String>;
+    fn stats(&mut self, name: &str) -> Result<LinkStats, Error>;
+}
+
+struct Device {
+    // Dropping the handle stops the device's threads and closes the TUN interface.
+    _handle: DeviceHandle,
+    api: BufReader<UnixStream>,
+    config: WireGuardLink,
+}
+
+impl Device {
+    fn uapi(&mut self, request: &str) -> Result<Vec<(String, String)>, Error> {
+        let name = self.config.name.clone();
+        let failed = |what: String| Error::DataPlane(format!("WireGuard link {name}: {what}"));
+        self.api
+            .get_mut()
+            .write_all(request.as_bytes())
+            .map_err(|e| failed(format!("UAPI write: {e}")))?;
+        let mut pairs = Vec::new();
+        loop {
+            let mut line = String::new();
+            if self
+                .api
+                .read_line(&mut line)
+                .map_err(|e| failed(format!("UAPI read: {e}")))?
+                == 0
+            {
+                return Err(failed("UAPI closed".into()));
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((key, value)) = line.split_once('=') {
+                pairs.push((key.to_string(), value.to_string()));
+            }
+        }
+        match pairs.iter().find(|(k, _)| k == "errno") {
+            Some((_, errno)) if errno == "0" => Ok(pairs),
+            Some((_, errno)) => Err(failed(format!("UAPI errno {errno}"))),
+            None => Err(failed("UAPI reply without errno".into())),
+        }
+    }
+}
+
+/// The in-process userspace implementation.
+#[derive(Default)]
+pub struct Boringtun {
+    devices: BTreeMap<String, Device>,
+}
+
+impl Boringtun {
+    pub fn new() -> Boringtun {
+        Boringtun::default()
+    }
+}
+
+fn set_request(link: &WireGuardLink, full: bool) -> String {
+    let mut request = String::from("set=1\n");
+    if full {
+        request.push_str(&format!(
+            "private_key={}\nlisten_port={}\nreplace_peers=true\n",
+            link.private_key_hex, link.listen_port
+        ));
+    }
+    request.push_str(&format!("public_key={}\n", link.peer_public_key_hex));
+    if let Some(endpoint) = &link.endpoint {
+        request.push_str(&format!("endpoint={endpoint}\n"));
+    }
+    request.push_str(&format!(
+        "persistent_keepalive_interval={}\n",
+        link.keepalive
+    ));
+    if full {
+        request.push_str("replace_allowed_ips=true\nallowed_ip=0.0.0.0/0\nallowed_ip=::/0\n");
+    }
+    request.push('\n');
+    request
+}
+
+impl WireGuard for Boringtun {
+    fn ensure(&mut self, link: &WireGuardLink) -> Result<Ensured, Error> {
+        if let Some(device) = self.devices.get_mut(&link.name) {
+            if device.config == *link {
+                return Ok(Ensured::Unchanged);
+            }
+            let same_identity = device.config.private_key_hex == link.private_key_hex
+                && device.config.listen_port == link.listen_port
+                && device.config.peer_public_key_hex == link.peer_public_key_hex;
+            // Only the endpoint or keepalive changed: update the peer in place, the session
+            // keeps running. Otherwise configure from scratch.
+            device.uapi(&set_request(link, !same_identity))?;
+            device.config = link.clone();
+            return Ok(Ensured::Reconfigured);
+        }
+        let (ours, theirs) = UnixStream::pair()
+            .map_err(|e| Error::DataPlane(format!("socketpair for {}: {e}", link.name)))?;
+        let config = DeviceConfig {
+            n_threads: 1,
+            use_connected_socket: true,
+            use_multi_queue: false,
+            uapi_fd: theirs.into_raw_fd(),
+        };
+        let handle = DeviceHandle::new(&link.name, config).map_err(|e| {
+            Error::DataPlane(format!("cannot create WireGuard link {}: {e:?}", link.name))
+        })?;
+        let mut device = Device {
+            _handle: handle,
+            api: BufReader::new(ours),
+            config: link.clone(),
+        };
+        device.uapi(&set_request(link, true))?;
+        tracing::info!(link = %link.name, port = link.listen_port, endpoint = ?link.endpoint, "created WireGuard link");
+        self.devices.insert(link.name.clone(), device);
+        Ok(Ensured::Created)
+    }
+
+    fn remove(&mut self, name: &str) -> Result<(), Error> {
+        if self.devices.remove(name).is_some() {
+            tracing::info!(link = %name, "removed WireGuard link");
+        }
+        Ok(())
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.devices.keys().cloned().collect()
+    }
+
+    fn stats(&mut self, name: &str) -> Result<LinkStats, Error> {
+        let device = self
+            .devices
+            .get_mut(name)
+            .ok_or_else(|| Error::DataPlane(format!("no WireGuard link {name}")))?;
+        let pairs = device.uapi("get=1\n\n")?;
+        let value = |key: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == key)
+                .and_then(|(_, v)| v.parse().ok())
+                .unwrap_or(0)
+        };
+        Ok(LinkStats {
+            rx_bytes: value("rx_bytes"),
+            tx_bytes: value("tx_bytes"),
+        })
+    }
+}

@@ -1,0 +1,578 @@
+//! A real multi-site network on one machine: each site is a network namespace running the real
+//! `towalink-node` (in-process boringtun) and a real BIRD 2; the sites are joined by an underlay
+//! of veth links (documentation addresses, only inside the namespaces), each site has a LAN
+//! address, and the real `tlm` configures the installation.
+//!
+//! Names carry the process id and a counter, so two runs (or two tests) never clash. Dropping
+//! the [`Network`] kills every process and deletes every namespace (and with them their links),
+//! also when a test fails.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::{binary, Installation};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Runs a command, panicking with its output when it fails.
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The overlay topology the installation is configured with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    Mesh,
+    /// Site 1 is the hub.
+    Star,
+}
+
+/// One site: a namespace with one node.
+pub struct Site {
+    pub index: u32,
+    pub name: String,
+    pub netns: String,
+    pub state: PathBuf,
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    daemon: Option<Child>,
+    bird: Option<Child>,
+}
+
+impl Site {
+    /// `<node>.<site>` of this site's node.
+    pub fn node(&self) -> String {
+        format!("r.{}", self.name)
+    }
+    pub fn lan(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.index as u8, 0, 1)
+    }
+    pub fn endpoint(&self) -> Ipv4Addr {
+        Ipv4Addr::new(203, 0, 113, self.index as u8)
+    }
+
+    /// A command run inside the site's namespace.
+    pub fn exec(&self, program: &str) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.netns, program]);
+        command
+    }
+
+    pub fn sh(&self, program: &str, args: &[&str]) -> String {
+        let out = self
+            .exec(program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        assert!(
+            out.status.success(),
+            "[{}] {program} {}: {}",
+            self.name,
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `towalink-node` on this site's node, inside its namespace.
+    pub fn node_command(&self, args: &[&str]) -> Command {
+        let mut command = self.exec(binary("towalink-node").to_str().unwrap());
+        command
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--bird-socket")
+            .arg(&self.socket)
+            .args(args);
+        command
+    }
+
+    pub fn node_ok(&self, args: &[&str]) -> String {
+        let out = self.node_command(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "[{}] towalink-node {args:?}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.node_ok(&["status", "--format", "json"])).unwrap()
+    }
+
+    pub fn birdc(&self, command: &str) -> String {
+        let out = Command::new("birdc")
+            .arg("-s")
+            .arg(&self.socket)
+            .args(command.split_whitespace())
+            .output()
+            .expect("birdc");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// BGP protocols and whether each is Established.
+    pub fn bgp(&self) -> Vec<(String, bool, String)> {
+        self.birdc("show protocols")
+            .lines()
+            .filter(|l| l.contains(" BGP "))
+            .map(|l| {
+                let fields: Vec<&str> = l.split_whitespace().collect();
+                (
+                    fields[0].to_string(),
+                    l.contains("Established"),
+                    fields.get(4).unwrap_or(&"").to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// Starts (or restarts) the node daemon.
+    pub fn start_daemon(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = self
+            .node_command(&["--loglevel", "debug", "run", "--interval-ms", "200"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start towalink-node");
+        self.daemon = Some(child);
+    }
+
+    /// Kills the node daemon as a power cut would (its in-process tunnels die with it).
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Child::id)
+    }
+
+    fn start_bird(&mut self) {
+        let conf = self.root.join("etc/bird/bird.conf");
+        wait_for(
+            Duration::from_secs(20),
+            || conf.exists(),
+            || format!("{}: the node never wrote {}", self.name, conf.display()),
+        );
+        let child = self
+            .exec("bird")
+            .args(["-f", "-c"])
+            .arg(&conf)
+            .arg("-s")
+            .arg(&self.socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start bird");
+        self.bird = Some(child);
+        let socket = self.socket.clone();
+        wait_for(
+            Duration::from_secs(10),
+            || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+            || format!("{}: BIRD did not start", self.name),
+        );
+    }
+
+    /// Pings a LAN address from this site's LAN address; true when a reply came.
+    pub fn ping(&self, to: Ipv4Addr) -> bool {
+        self.exec("ping")
+            .args([
+                "-c",
+                "1",
+                "-W",
+                "1",
+                "-I",
+                &self.lan().to_string(),
+                &to.to_string(),
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// The interface the kernel would send a packet to `to` through.
+    pub fn route_dev(&self, to: Ipv4Addr) -> String {
+        let out = self.sh(
+            "ip",
+            &[
+                "-o",
+                "route",
+                "get",
+                &to.to_string(),
+                "from",
+                &self.lan().to_string(),
+            ],
+        );
+        out.split_whitespace()
+            .skip_while(|w| *w != "dev")
+            .nth(1)
+            .unwrap_or("")
+            .to_string()
+    }
+
+    pub fn ifindex(&self, interface: &str) -> String {
+        self.sh("cat", &[&format!("/sys/class/net/{interface}/ifindex")])
+            .trim()
+            .to_string()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Polls `check` until it holds or `limit` passes (then panics with `what()`).
+pub fn wait_for(limit: Duration, mut check: impl FnMut() -> bool, what: impl Fn() -> String) {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out: {}", what());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The network: the controller directory, the sites and the underlay.
+pub struct Network {
+    pub ctl: Installation,
+    pub sites: Vec<Site>,
+    pub temp: tempfile::TempDir,
+    prefix: String,
+}
+
+impl Network {
+    /// Builds `count` sites joined by a full underlay mesh, configures the installation with
+    /// `tlm` (`topology`, BFD 100 ms × 3), provisions each node, starts daemons and BIRDs.
+    pub fn start(count: u32, topology: Topology) -> Network {
+        assert!(
+            // SAFETY: getuid has no preconditions.
+            unsafe { libc::getuid() } == 0,
+            "the network tier needs root (network namespaces): run it as root, as .ci/run does"
+        );
+        let prefix = format!(
+            "tl{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let temp = tempfile::tempdir().unwrap();
+        let mut network = Network {
+            ctl: Installation::new(),
+            sites: Vec::new(),
+            temp,
+            prefix,
+        };
+        for index in 1..=count {
+            let netns = format!("{}s{index}", network.prefix);
+            let dir = network.temp.path().join(format!("s{index}"));
+            std::fs::create_dir_all(dir.join("root/etc/bird")).unwrap();
+            network.sites.push(Site {
+                index,
+                name: format!("s{index}"),
+                netns,
+                state: dir.join("state"),
+                root: dir.join("root"),
+                socket: dir.join("bird.ctl"),
+                log: dir.join("node.log"),
+                daemon: None,
+                bird: None,
+            });
+        }
+        network.build_underlay();
+        network.configure(topology);
+        for site in &mut network.sites {
+            site.start_daemon();
+        }
+        for site in &mut network.sites {
+            site.start_bird();
+        }
+        network
+    }
+
+    fn build_underlay(&self) {
+        for site in &self.sites {
+            sh("ip", &["netns", "add", &site.netns]);
+            let n = ["-n", site.netns.as_str()];
+            let ip = |args: &[&str]| sh("ip", &[&n[..], args].concat());
+            ip(&["link", "set", "lo", "up"]);
+            ip(&[
+                "link", "add", "lan0", "type", "veth", "peer", "name", "lan0p",
+            ]);
+            ip(&["link", "set", "lan0", "up"]);
+            ip(&["link", "set", "lan0p", "up"]);
+            ip(&["addr", "add", &format!("{}/24", site.lan()), "dev", "lan0"]);
+            ip(&[
+                "addr",
+                "add",
+                &format!("{}/32", site.endpoint()),
+                "dev",
+                "lo",
+            ]);
+            for setting in [
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+            ] {
+                sh(
+                    "ip",
+                    &["netns", "exec", &site.netns, "sysctl", "-q", "-w", setting],
+                );
+            }
+        }
+        let mut pair = 0;
+        for a in 0..self.sites.len() {
+            for b in a + 1..self.sites.len() {
+                let (sa, sb) = (&self.sites[a], &self.sites[b]);
+                let (ia, ib) = (format!("u{}", sb.index), format!("u{}", sa.index));
+                sh(
+                    "ip",
+                    &[
+                        "-n", &sa.netns, "link", "add", &ia, "type", "veth", "peer", "name", &ib,
+                        "netns", &sb.netns,
+                    ],
+                );
+                let (addr_a, addr_b) = (
+                    format!("198.51.100.{}", 2 * pair),
+                    format!("198.51.100.{}", 2 * pair + 1),
+                );
+                sh(
+                    "ip",
+                    &[
+                        "-n",
+                        &sa.netns,
+                        "addr",
+                        "add",
+                        &format!("{addr_a}/31"),
+                        "dev",
+                        &ia,
+                    ],
+                );
+                sh(
+                    "ip",
+                    &[
+                        "-n",
+                        &sb.netns,
+                        "addr",
+                        "add",
+                        &format!("{addr_b}/31"),
+                        "dev",
+                        &ib,
+                    ],
+                );
+                sh("ip", &["-n", &sa.netns, "link", "set", &ia, "up"]);
+                sh("ip", &["-n", &sb.netns, "link", "set", &ib, "up"]);
+                sh(
+                    "ip",
+                    &[
+                        "-n",
+                        &sa.netns,
+                        "route",
+                        "add",
+                        &format!("{}/32", sb.endpoint()),
+                        "via",
+                        &addr_b,
+                    ],
+                );
+                sh(
+                    "ip",
+                    &[
+                        "-n",
+                        &sb.netns,
+                        "route",
+                        "add",
+                        &format!("{}/32", sa.endpoint()),
+                        "via",
+                        &addr_a,
+                    ],
+                );
+                pair += 1;
+            }
+        }
+    }
+
+    fn configure(&self, topology: Topology) {
+        let t = &self.ctl;
+        t.ok(&["set", "global", "bird_announce_interfaces", r#"["lan*"]"#]);
+        t.ok(&["set", "global", "bird_bfd_interval_ms", "100"]);
+        t.ok(&["set", "global", "bird_bfd_multiplier", "3"]);
+        if topology == Topology::Star {
+            t.ok(&["set", "global", "topology", "star"]);
+        }
+        for site in &self.sites {
+            t.ok(&["add", "site", &site.name]);
+            t.ok(&["add", "node", &site.node()]);
+            t.ok(&[
+                "set",
+                "node",
+                &site.node(),
+                "wg_endpoint",
+                &site.endpoint().to_string(),
+            ]);
+        }
+        if topology == Topology::Star {
+            t.ok(&[
+                "set",
+                "node",
+                &self.sites[0].node(),
+                "groups",
+                r#"["hubs"]"#,
+            ]);
+        }
+        t.ok(&["commit", "all"]);
+        for site in &self.sites {
+            t.ok(&[
+                "provision",
+                "node",
+                &site.node(),
+                site.state.to_str().unwrap(),
+            ]);
+        }
+    }
+
+    /// Waits until every BGP session of every site is Established; returns how long it took.
+    pub fn wait_established(&self, limit: Duration) -> Duration {
+        let started = Instant::now();
+        wait_for(
+            limit,
+            || {
+                self.sites.iter().all(|s| {
+                    let bgp = s.bgp();
+                    !bgp.is_empty() && bgp.iter().all(|(_, up, _)| *up)
+                })
+            },
+            || {
+                self.sites
+                    .iter()
+                    .map(|s| {
+                        format!(
+                            "\n[{}] {}\n{}",
+                            s.name,
+                            s.birdc("show protocols"),
+                            tail(&s.log(), 15)
+                        )
+                    })
+                    .collect::<String>()
+            },
+        );
+        started.elapsed()
+    }
+
+    pub fn site(&self, index: u32) -> &Site {
+        &self.sites[index as usize - 1]
+    }
+
+    pub fn site_mut(&mut self, index: u32) -> &mut Site {
+        &mut self.sites[index as usize - 1]
+    }
+
+    /// Takes the underlay link between two sites down (both ends).
+    pub fn cut(&self, a: u32, b: u32) {
+        sh(
+            "ip",
+            &[
+                "-n",
+                &self.site(a).netns,
+                "link",
+                "set",
+                &format!("u{b}"),
+                "down",
+            ],
+        );
+        sh(
+            "ip",
+            &[
+                "-n",
+                &self.site(b).netns,
+                "link",
+                "set",
+                &format!("u{a}"),
+                "down",
+            ],
+        );
+    }
+
+    /// Brings it back, with the routes to the endpoints the kernel dropped with the link.
+    pub fn restore(&self, a: u32, b: u32) {
+        for (x, y) in [(a, b), (b, a)] {
+            let site = self.site(x);
+            sh(
+                "ip",
+                &["-n", &site.netns, "link", "set", &format!("u{y}"), "up"],
+            );
+            let peer = self.site(y);
+            let out = sh(
+                "ip",
+                &[
+                    "-n",
+                    &peer.netns,
+                    "-o",
+                    "-4",
+                    "addr",
+                    "show",
+                    "dev",
+                    &format!("u{x}"),
+                ],
+            );
+            let via = out
+                .split_whitespace()
+                .skip_while(|w| *w != "inet")
+                .nth(1)
+                .and_then(|a| a.split('/').next())
+                .unwrap()
+                .to_string();
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    &site.netns,
+                    "route",
+                    "replace",
+                    &format!("{}/32", peer.endpoint()),
+                    "via",
+                    &via,
+                ],
+            );
+        }
+    }
+}
+
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        for site in &mut self.sites {
+            site.kill_daemon();
+            if let Some(mut bird) = site.bird.take() {
+                let _ = bird.kill();
+                let _ = bird.wait();
+            }
+            let _ = Command::new("ip")
+                .args(["netns", "del", &site.netns])
+                .status();
+        }
+    }
+}

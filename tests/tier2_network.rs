@@ -1,0 +1,251 @@
+//! Tier 2 (network): sites as network namespaces joined by veth underlay links, each running
+//! the real `towalink-node` (in-process boringtun) and a real BIRD 2, configured by the real
+//! `tlm`. What an engineer checks: BGP Established with BFD, LAN-to-LAN ping through the
+//! tunnels, failover through a third site when the underlay is cut, the direct path back after
+//! a restore, a star, no controller at all, and a BFD change that reloads only BIRD.
+
+use std::time::Duration;
+
+use towalink_tests::network::{tail, wait_for, Network, Topology};
+
+/// One network at a time: on two cores, parallel networks would make BFD's 300 ms detection
+/// time a test of the scheduler.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[test]
+fn three_sites_full_mesh_failover_restore_and_no_controller() {
+    let _serial = serial();
+    let mut net = Network::start(3, Topology::Mesh);
+    let took = net.wait_established(Duration::from_secs(60));
+    eprintln!(
+        "3 sites: all BGP sessions Established {:.1} s after the daemons started",
+        took.as_secs_f64()
+    );
+    for site in &net.sites {
+        // Two peers, an IPv4 and an IPv6 session each, all with BFD.
+        assert_eq!(
+            site.bgp().len(),
+            4,
+            "[{}] {}",
+            site.name,
+            site.birdc("show protocols")
+        );
+        let bfd = site.birdc("show bfd sessions");
+        assert_eq!(bfd.matches(" Up ").count(), 4, "[{}] {bfd}", site.name);
+    }
+    for a in &net.sites {
+        for b in &net.sites {
+            if a.index != b.index {
+                assert!(
+                    a.ping(b.lan()),
+                    "{} cannot ping {}:\n{}\n{}\n{}",
+                    a.name,
+                    b.name,
+                    a.sh("ip", &["route"]),
+                    a.sh("ip", &["addr"]),
+                    a.birdc("show route all")
+                );
+                assert_eq!(
+                    a.route_dev(b.lan()),
+                    format!("tlwg{}", b.index),
+                    "{} -> {}",
+                    a.name,
+                    b.name
+                );
+            }
+        }
+    }
+
+    // Cut the underlay between sites 1 and 2 while pinging across every 10 ms: traffic goes
+    // on through site 3.
+    let (s1, s2) = (net.site(1), net.site(2));
+    let pinger = s1
+        .exec("ping")
+        .args([
+            "-i",
+            "0.01",
+            "-c",
+            "400",
+            "-q",
+            "-I",
+            &s1.lan().to_string(),
+            &s2.lan().to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    net.cut(1, 2);
+    let outage = ping_outage(pinger.wait_with_output().unwrap());
+    eprintln!(
+        "failover: {} of {} pings lost, outage about {:.0} ms",
+        outage.0, outage.1, outage.2
+    );
+    assert!(outage.0 < outage.1 / 2, "traffic did not go on: {outage:?}");
+    wait_for(
+        Duration::from_secs(10),
+        || s1.route_dev(s2.lan()) == "tlwg3",
+        || {
+            format!(
+                "no failover: {}\n{}",
+                s1.sh("ip", &["route"]),
+                s1.birdc("show protocols")
+            )
+        },
+    );
+    assert!(s1.ping(s2.lan()), "no LAN-to-LAN path through site 3");
+
+    // Restore it: the direct path returns.
+    net.restore(1, 2);
+    let (s1, s2) = (net.site(1), net.site(2));
+    wait_for(
+        Duration::from_secs(60),
+        || s1.route_dev(s2.lan()) == "tlwg2",
+        || {
+            format!(
+                "direct path not back: {}\n{}",
+                s1.sh("ip", &["route"]),
+                s1.birdc("show protocols")
+            )
+        },
+    );
+    assert!(s1.ping(s2.lan()));
+
+    // No controller at all: routing keeps working; a node restart comes back to the same
+    // version and the same routes.
+    let ctl_dir = net.ctl.dir.clone();
+    std::fs::remove_dir_all(&ctl_dir).unwrap();
+    assert!(net.site(1).ping(net.site(3).lan()));
+    let version_before = net.site(2).status()["active_version"].clone();
+    let routes_before = net.site(2).sh("ip", &["route", "show", "proto", "bird"]);
+    net.site_mut(2).kill_daemon();
+    net.site_mut(2).start_daemon();
+    net.wait_established(Duration::from_secs(60));
+    let s2 = net.site(2);
+    assert_eq!(s2.status()["active_version"], version_before);
+    wait_for(
+        Duration::from_secs(10),
+        || s2.sh("ip", &["route", "show", "proto", "bird"]) == routes_before,
+        || {
+            format!(
+                "routes differ after restart:\nbefore:\n{routes_before}\nafter:\n{}",
+                s2.sh("ip", &["route", "show", "proto", "bird"])
+            )
+        },
+    );
+    assert!(net.site(1).ping(net.site(2).lan()));
+    assert!(!s2.log().contains(
+        &std::fs::read_to_string(s2.state.join("identity/wg_private_key"))
+            .unwrap()
+            .trim()
+            .to_string()
+    ));
+}
+
+/// (lost, sent, outage ms) from `ping -q` output: lost packets times the real interval.
+fn ping_outage(output: std::process::Output) -> (u64, u64, f64) {
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let numbers: Vec<f64> = line
+        .split(|c: char| !c.is_ascii_digit() && c != '.')
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (sent, received) = (numbers[0] as u64, numbers[1] as u64);
+    let time_ms = *numbers.last().unwrap();
+    let lost = sent - received;
+    (lost, sent, lost as f64 * time_ms / sent as f64)
+}
+
+#[test]
+fn star_of_four_spokes_reach_each_other_through_the_hub() {
+    let _serial = serial();
+    let net = Network::start(4, Topology::Star);
+    net.wait_established(Duration::from_secs(60));
+    let hub = net.site(1);
+    assert_eq!(hub.bgp().len(), 6, "{}", hub.birdc("show protocols"));
+    for spoke in &net.sites[1..] {
+        assert_eq!(
+            spoke.bgp().len(),
+            2,
+            "[{}] {}",
+            spoke.name,
+            spoke.birdc("show protocols")
+        );
+    }
+    for a in &net.sites[1..] {
+        for b in &net.sites[1..] {
+            if a.index != b.index {
+                assert_eq!(
+                    a.route_dev(b.lan()),
+                    "tlwg1",
+                    "{} -> {} not via the hub",
+                    a.name,
+                    b.name
+                );
+                assert!(
+                    a.ping(b.lan()),
+                    "{} cannot ping {} through the hub",
+                    a.name,
+                    b.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_bfd_change_reloads_bird_only_and_no_tunnel_flaps() {
+    let _serial = serial();
+    let net = Network::start(3, Topology::Mesh);
+    net.wait_established(Duration::from_secs(60));
+    let (s1, s2, s3) = (net.site(1), net.site(2), net.site(3));
+    let ifindex_before: Vec<String> = ["tlwg2", "tlwg3"].iter().map(|i| s1.ifindex(i)).collect();
+    let since_before: Vec<_> = [s2, s3].iter().map(|s| s.bgp()).collect();
+    net.ctl
+        .ok(&["set", "site", "s1", "bird_bfd_interval_ms", "200"]);
+    let out = net.ctl.ok(&["commit", "all"]);
+    assert_eq!(
+        out.lines().filter(|l| l.contains(": v")).count(),
+        1,
+        "only s1 changes: {out}"
+    );
+    let bundle = net.ctl.path("effective/s1/r/v2/s1-r-v2.tar.zst");
+    s1.node_ok(&["install", bundle.to_str().unwrap()]);
+    let out = s1.node_ok(&["activate", "latest"]);
+    assert!(out.contains("reloaded bird"), "{out}");
+    // The daemon blesses it once every session is (still) Established.
+    wait_for(
+        Duration::from_secs(20),
+        || s1.status()["state"] == "good",
+        || {
+            format!(
+                "not blessed: {}\n{}",
+                s1.birdc("show protocols"),
+                tail(&s1.log(), 20)
+            )
+        },
+    );
+    assert!(
+        s1.birdc("show bfd sessions").contains("    0.200"),
+        "{}",
+        s1.birdc("show bfd sessions")
+    );
+    let ifindex_after: Vec<String> = ["tlwg2", "tlwg3"].iter().map(|i| s1.ifindex(i)).collect();
+    assert_eq!(ifindex_before, ifindex_after, "a tunnel was recreated");
+    let since_after: Vec<_> = [s2, s3].iter().map(|s| s.bgp()).collect();
+    assert_eq!(
+        since_before, since_after,
+        "a BGP session on another site flapped"
+    );
+    assert!(
+        !s1.log().contains("created WireGuard link tlwg2\n")
+            || s1.log().matches("created WireGuard link").count() == 2
+    );
+}
