@@ -258,6 +258,8 @@ pub struct Network {
     pub ctl: Installation,
     pub sites: Vec<Site>,
     pub temp: tempfile::TempDir,
+    /// When the node daemons were started.
+    pub daemons_started: Instant,
     prefix: String,
 }
 
@@ -280,6 +282,7 @@ impl Network {
             ctl: Installation::new(),
             sites: Vec::new(),
             temp,
+            daemons_started: Instant::now(),
             prefix,
         };
         for index in 1..=count {
@@ -300,6 +303,7 @@ impl Network {
         }
         network.build_underlay();
         network.configure(topology);
+        network.daemons_started = Instant::now();
         for site in &mut network.sites {
             site.start_daemon();
         }
