@@ -232,6 +232,13 @@ fn a_bfd_change_reloads_bird_only_and_no_tunnel_flaps() {
             )
         },
     );
+    // The endpoint of site 3 is a host name: its tunnel came up all the same.
+    let node_toml =
+        std::fs::read_to_string(s1.state.join("current/files/towalink/node.toml")).unwrap();
+    assert!(
+        node_toml.contains("peer_endpoint = \"s3.towalink.test:"),
+        "{node_toml}"
+    );
     assert!(
         s1.birdc("show bfd sessions").contains("    0.200"),
         "{}",
@@ -248,4 +255,37 @@ fn a_bfd_change_reloads_bird_only_and_no_tunnel_flaps() {
         !s1.log().contains("created WireGuard link tlwg2\n")
             || s1.log().matches("created WireGuard link").count() == 2
     );
+}
+
+/// A peer removed from the installation: its link disappears, the others stay.
+#[test]
+fn links_of_a_removed_peer_disappear() {
+    let _serial = serial();
+    let net = Network::start(3, Topology::Mesh);
+    net.wait_established(Duration::from_secs(60));
+    let s1 = net.site(1);
+    let kept = s1.ifindex("tlwg2");
+    net.ctl.ok(&["del", "node", "r.s3"]);
+    let out = net.ctl.ok(&["commit", "all"]);
+    assert!(out.contains("r.s1: v2"), "{out}");
+    let bundle = net.ctl.path("effective/s1/r/v2/s1-r-v2.tar.zst");
+    s1.node_ok(&["install", bundle.to_str().unwrap()]);
+    s1.node_ok(&["activate", "latest"]);
+    wait_for(
+        Duration::from_secs(10),
+        || !s1.sh("ip", &["-o", "link"]).contains("tlwg3"),
+        || format!("tlwg3 still there: {}", s1.sh("ip", &["-o", "link"])),
+    );
+    assert_eq!(
+        s1.ifindex("tlwg2"),
+        kept,
+        "the remaining link was recreated"
+    );
+    assert!(!s1.birdc("show protocols").contains("peer3_v4"));
+    wait_for(
+        Duration::from_secs(20),
+        || s1.status()["state"] == "good",
+        || s1.birdc("show protocols"),
+    );
+    assert!(s1.ping(net.site(2).lan()));
 }

@@ -64,6 +64,10 @@ impl Site {
     pub fn endpoint(&self) -> Ipv4Addr {
         Ipv4Addr::new(203, 0, 113, self.index as u8)
     }
+    /// The host name of the endpoint, resolvable inside every site's namespace.
+    pub fn endpoint_name(&self) -> String {
+        format!("{}.towalink.test", self.name)
+    }
 
     /// A command run inside the site's namespace.
     pub fn exec(&self, program: &str) -> Command {
@@ -314,6 +318,17 @@ impl Network {
     }
 
     fn build_underlay(&self) {
+        // `ip netns exec` bind-mounts /etc/netns/<name>/hosts over /etc/hosts: the endpoints'
+        // names resolve inside the namespaces only.
+        let mut hosts = String::from("127.0.0.1 localhost\n");
+        for site in &self.sites {
+            hosts.push_str(&format!("{} {}\n", site.endpoint(), site.endpoint_name()));
+        }
+        for site in &self.sites {
+            let dir = PathBuf::from("/etc/netns").join(&site.netns);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("hosts"), &hosts).unwrap();
+        }
         for site in &self.sites {
             sh("ip", &["netns", "add", &site.netns]);
             let n = ["-n", site.netns.as_str()];
@@ -423,16 +438,17 @@ impl Network {
         if topology == Topology::Star {
             t.ok(&["set", "global", "topology", "star"]);
         }
+        let last = self.sites.len() as u32;
         for site in &self.sites {
             t.ok(&["add", "site", &site.name]);
             t.ok(&["add", "node", &site.node()]);
-            t.ok(&[
-                "set",
-                "node",
-                &site.node(),
-                "wg_endpoint",
-                &site.endpoint().to_string(),
-            ]);
+            // The last site's endpoint is a name, the others are addresses.
+            let endpoint = if site.index == last {
+                site.endpoint_name()
+            } else {
+                site.endpoint().to_string()
+            };
+            t.ok(&["set", "node", &site.node(), "wg_endpoint", &endpoint]);
         }
         if topology == Topology::Star {
             t.ok(&[
@@ -577,6 +593,7 @@ impl Drop for Network {
             let _ = Command::new("ip")
                 .args(["netns", "del", &site.netns])
                 .status();
+            let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&site.netns));
         }
     }
 }
