@@ -289,3 +289,52 @@ fn links_of_a_removed_peer_disappear() {
     );
     assert!(s1.ping(net.site(2).lan()));
 }
+
+/// Kernel WireGuard is chosen only where the module exists (not on these build machines):
+/// asking for it here fails with the reason, and `auto` falls back to boringtun.
+#[test]
+fn kernel_wireguard_is_probed_and_refused_without_the_module() {
+    let _serial = serial();
+    let netns = format!("tlk{}", std::process::id());
+    towalink_tests::network::sh("ip", &["netns", "add", &netns]);
+    struct Delete(String);
+    impl Drop for Delete {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
+        }
+    }
+    let _delete = Delete(netns.clone());
+    let state = tempfile::tempdir().unwrap();
+    let node = towalink_tests::binary("towalink-node");
+    let run = |mode: &str| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &netns])
+            .arg(&node)
+            .arg("--state-dir")
+            .arg(state.path())
+            .args(["--dataplane", mode, "run", "--once"])
+            .output()
+            .unwrap()
+    };
+    let has_module = std::path::Path::new("/sys/module/wireguard").exists();
+    let kernel = run("kernel");
+    if has_module {
+        assert!(
+            kernel.status.success(),
+            "{}",
+            String::from_utf8_lossy(&kernel.stderr)
+        );
+    } else {
+        assert_eq!(kernel.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&kernel.stderr);
+        assert!(
+            stderr.contains("kernel WireGuard is not available"),
+            "{stderr}"
+        );
+        let auto = run("auto");
+        assert!(auto.status.success());
+        assert!(String::from_utf8_lossy(&auto.stderr).contains("WireGuard: in-process boringtun"));
+    }
+}

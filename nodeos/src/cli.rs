@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::apply::Reloader;
 use crate::bird::BirdControl;
-use crate::dataplane::{Boringtun, DataPlane, DesiredState};
+use crate::dataplane::{Boringtun, DataPlane, DesiredState, KernelWireGuard};
 use crate::lifecycle::{Node, VersionSpec, Watch};
 use crate::state::Installed;
 
@@ -32,9 +32,10 @@ pub struct Cli {
     /// BIRD's control socket.
     #[arg(long, default_value = "/run/bird/bird.ctl", global = true)]
     pub bird_socket: PathBuf,
-    /// WireGuard implementation the daemon drives: in-process boringtun, or none (manage only
-    /// files and BIRD, e.g. where another tool owns the tunnels).
-    #[arg(long, value_enum, default_value = "boringtun", global = true)]
+    /// WireGuard implementation the daemon drives: `auto` takes the kernel's when its module is
+    /// there and in-process boringtun otherwise; `none` manages only files and BIRD (where
+    /// another tool owns the tunnels).
+    #[arg(long, value_enum, default_value = "auto", global = true)]
     pub dataplane: DataPlaneKind,
     /// Log level on stderr.
     #[arg(short = 'l', long, value_enum, default_value = "info", global = true)]
@@ -64,7 +65,9 @@ impl LogLevel {
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum DataPlaneKind {
+    Auto,
     Boringtun,
+    Kernel,
     None,
 }
 
@@ -217,6 +220,17 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             node.startup()?;
             let mut dataplane = match cli.dataplane {
                 DataPlaneKind::Boringtun => Some(DataPlane::new(Box::new(Boringtun::new()))?),
+                DataPlaneKind::Kernel => Some(DataPlane::new(Box::new(KernelWireGuard::probe()?))?),
+                DataPlaneKind::Auto => Some(match KernelWireGuard::probe() {
+                    Ok(kernel) => {
+                        tracing::info!("WireGuard: kernel module");
+                        DataPlane::new(Box::new(kernel))?
+                    }
+                    Err(reason) => {
+                        tracing::info!(%reason, "WireGuard: in-process boringtun");
+                        DataPlane::new(Box::new(Boringtun::new()))?
+                    }
+                }),
                 DataPlaneKind::None => None,
             };
             let mut applied: Option<DesiredState> = None;

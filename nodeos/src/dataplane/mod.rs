@@ -6,6 +6,7 @@
 //! private key ([`desired`]); [`DataPlane::reconcile`] carries it out through a [`WireGuard`]
 //! implementation (in-process boringtun, or kernel WireGuard) and rtnetlink ([`netlink`]).
 
+pub mod kernel;
 pub mod netlink;
 pub mod wireguard;
 
@@ -15,6 +16,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs as _};
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 
+pub use kernel::KernelWireGuard;
 pub use wireguard::{Boringtun, LinkStats, WireGuard, WireGuardLink};
 
 use crate::Error;

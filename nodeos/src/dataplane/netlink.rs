@@ -99,6 +99,57 @@ impl Netlink {
         })
     }
 
+    /// Names of the interfaces starting with `prefix`.
+    pub fn links_with_prefix(&self, prefix: &str) -> Result<Vec<String>, Error> {
+        let prefix = prefix.to_string();
+        self.with_handle(async move |handle| {
+            let mut links = handle.link().get().execute();
+            let mut names = Vec::new();
+            while let Some(link) = links
+                .try_next()
+                .await
+                .map_err(|e| failed(format!("listing interfaces: {e}")))?
+            {
+                for attribute in &link.attributes {
+                    if let LinkAttribute::IfName(name) = attribute {
+                        if name.starts_with(&prefix) {
+                            names.push(name.clone());
+                        }
+                    }
+                }
+            }
+            Ok(names)
+        })
+    }
+
+    /// Creates a kernel WireGuard interface.
+    pub fn add_wireguard_link(&self, name: &str) -> Result<(), Error> {
+        let name = name.to_string();
+        self.with_handle(async move |handle| {
+            handle
+                .link()
+                .add()
+                .wireguard(name.clone())
+                .execute()
+                .await
+                .map_err(|e| failed(format!("cannot create WireGuard interface {name}: {e}")))
+        })
+    }
+
+    /// Deletes an interface.
+    pub fn delete_link(&self, name: &str) -> Result<(), Error> {
+        let name = name.to_string();
+        self.with_handle(async move |handle| {
+            let index = link_index(&handle, &name).await?;
+            handle
+                .link()
+                .del(index)
+                .execute()
+                .await
+                .map_err(|e| failed(format!("cannot delete {name}: {e}")))
+        })
+    }
+
     /// Puts the node's loopbacks on `lo` (/32 and /128) and `lo` up.
     pub fn ensure_loopback(&self, v4: Option<Ipv4Addr>, v6: Option<Ipv6Addr>) -> Result<(), Error> {
         self.with_handle(async move |handle| {
