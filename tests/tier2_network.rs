@@ -206,6 +206,9 @@ fn a_bfd_change_reloads_bird_only_and_no_tunnel_flaps() {
     let net = Network::start(3, Topology::Mesh);
     net.wait_established(Duration::from_secs(60));
     let (s1, s2, s3) = (net.site(1), net.site(2), net.site(3));
+    // Let the sessions settle: BIRD stamps "Since" again when a fresh session finishes its
+    // initial route exchange, a millisecond after Established.
+    std::thread::sleep(Duration::from_secs(2));
     let ifindex_before: Vec<String> = ["tlwg2", "tlwg3"].iter().map(|i| s1.ifindex(i)).collect();
     let since_before: Vec<_> = [s2, s3].iter().map(|s| s.bgp()).collect();
     net.ctl
