@@ -60,6 +60,29 @@ impl Fixture {
     }
 }
 
+/// Runs the daemon while `busy(status)` holds (at most `limit`), then kills it; returns the
+/// last status.
+fn run_daemon_while(
+    node: &NodeEnv,
+    limit: Duration,
+    busy: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let mut daemon = node
+        .command(&["run", "--interval-ms", "200"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    let mut status = node.status();
+    while busy(&status) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        status = node.status();
+    }
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    status
+}
+
 fn active(status: &serde_json::Value) -> (u64, String) {
     (
         status["active_version"].as_u64().unwrap_or(0),
@@ -160,20 +183,9 @@ fn bgp_that_never_comes_up_rolls_back_by_itself() {
     f.node.ok(&["install", &f.bundle(2)]);
     f.node.ok(&["activate", "v2"]);
     assert!(f.node.birdc("show protocols").contains("peer2_v4"));
-    let mut daemon = f
-        .node
-        .command(&["run", "--interval-ms", "200"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut status = f.node.status();
-    while active(&status).0 != 1 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-        status = f.node.status();
-    }
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    let status = run_daemon_while(&f.node, Duration::from_secs(30), |status| {
+        active(&status).0 != 1
+    });
     assert_eq!(active(&status), (1, "good".into()), "{status:#}");
     let reason = status["last_rollback"]["reason"].as_str().unwrap();
     assert!(
@@ -557,20 +569,9 @@ fn controller_check_blesses_when_reachable_and_rolls_back_when_not() {
     };
     let v3 = f.commit_and_install("controller_endpoint", &format!("\"{closed}\""));
     f.node.ok(&["activate", "latest"]);
-    let mut daemon = f
-        .node
-        .command(&["run", "--interval-ms", "200"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut status = f.node.status();
-    while active(&status).0 == u64::from(v3) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-        status = f.node.status();
-    }
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    let status = run_daemon_while(&f.node, Duration::from_secs(20), |status| {
+        active(&status).0 == u64::from(v3)
+    });
     assert_eq!(
         active(&status),
         (u64::from(v2), "good".into()),

@@ -122,10 +122,7 @@ impl Node {
             .state
             .load_version_tree(&self.state.version_dir(version))?;
         let settings = LifecycleSettings::from_bundle(&bundle)?;
-        let previous = disk
-            .current
-            .and_then(|s| self.state.slot_bundle(s).ok())
-            .map(|b| b.manifest().clone());
+        let previous = disk.current.and_then(|s| self.state.slot_manifest(s));
         self.state.fill_slot(
             slot,
             version,
@@ -199,11 +196,7 @@ impl Node {
         crash_point("rollback-switched");
         tracing::warn!(from = ?from_version, to = ?to_version, reason, "rolled back");
         let bundle = self.state.slot_bundle(to)?;
-        let previous = self
-            .state
-            .slot_bundle(from)
-            .ok()
-            .map(|b| b.manifest().clone());
+        let previous = self.state.slot_manifest(from);
         let report = apply(&bundle, previous.as_ref(), &self.root, &self.reloader)?;
         crash_point("rollback-applied");
         Ok(Some(report))
@@ -281,11 +274,7 @@ impl Node {
             StartupAction::Run { slot, .. } | StartupAction::NoFallback { slot, .. } => {
                 // Reconcile against the other slot too: an interrupted rollback may have left
                 // its files. The running version stays whatever apply says.
-                let previous = self
-                    .state
-                    .slot_bundle(slot.other())
-                    .ok()
-                    .map(|b| b.manifest().clone());
+                let previous = self.state.slot_manifest(slot.other());
                 if let Err(error) = self.apply_current(&disk, previous.as_ref()) {
                     tracing::error!(%error, "apply of the current version failed");
                 }
@@ -297,11 +286,7 @@ impl Node {
                         tries_left: *tries_left,
                     },
                 )?;
-                let previous = self
-                    .state
-                    .slot_bundle(slot.other())
-                    .ok()
-                    .map(|b| b.manifest().clone());
+                let previous = self.state.slot_manifest(slot.other());
                 if let Err(error) = self.apply_current(&disk, previous.as_ref()) {
                     self.roll_back_locked(*slot, &format!("apply failed: {error}"))?;
                 }

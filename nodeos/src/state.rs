@@ -393,6 +393,11 @@ impl StateDir {
         self.load_version_tree(&self.slot_dir(slot))
     }
 
+    /// The manifest of the version in a slot, if the slot holds a complete one.
+    pub fn slot_manifest(&self, slot: Slot) -> Option<Manifest> {
+        self.slot_bundle(slot).ok().map(|b| b.manifest().clone())
+    }
+
     pub fn slot_files_dir(&self, slot: Slot) -> PathBuf {
         self.slot_dir(slot).join("files")
     }

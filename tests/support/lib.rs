@@ -315,15 +315,9 @@ impl NodeEnv {
         }
     }
 
-    /// `birdc show protocols` through the real birdc.
+    /// A `birdc` command on this node's BIRD.
     pub fn birdc(&self, command: &str) -> String {
-        let out = Command::new("birdc")
-            .arg("-s")
-            .arg(&self.socket)
-            .args(command.split_whitespace())
-            .output()
-            .expect("run birdc");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        birdc(&self.socket, command)
     }
 
     /// The files under the root, relative path → content.
@@ -344,6 +338,17 @@ fn collect_files(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
             out.insert(relative, std::fs::read(&path).unwrap());
         }
     }
+}
+
+/// Runs the real `birdc` against a control socket; returns what it printed.
+pub fn birdc(socket: &Path, command: &str) -> String {
+    let out = Command::new("birdc")
+        .arg("-s")
+        .arg(socket)
+        .args(command.split_whitespace())
+        .output()
+        .expect("run birdc (Debian package bird2)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn unsafe_is_root() -> bool {

@@ -122,13 +122,7 @@ impl Site {
     }
 
     pub fn birdc(&self, command: &str) -> String {
-        let out = Command::new("birdc")
-            .arg("-s")
-            .arg(&self.socket)
-            .args(command.split_whitespace())
-            .output()
-            .expect("birdc");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        crate::birdc(&self.socket, command)
     }
 
     /// BGP protocols and whether each is Established.
