@@ -16,7 +16,7 @@ use crate::attributes::{parse_value, Level, Merged};
 use crate::names::{NodeFullName, NodeRef, SiteName, VersionSpec};
 use crate::resolve::{merge_site, resolve};
 use crate::store::Store;
-use crate::{installation, versions, Error};
+use crate::{installation, operate, versions, Error};
 
 /// tlm: manage a Towalink installation (sites, nodes, configuration versions).
 #[derive(Debug, Parser)]
@@ -129,10 +129,65 @@ pub enum Command {
         #[command(subcommand)]
         scope: Scope,
     },
-    /// Record which version nodes should run (default: latest).
+    /// Make nodes run a version (default: latest): recorded, then carried out by the nodes
+    /// through the controller service; prints what each node did.
     Activate {
         #[command(subcommand)]
         scope: ActivateScope,
+        /// Each node rolls back unless the version is confirmed within SECONDS: healthy and
+        /// the controller reached through it.
+        #[arg(long, value_name = "SECONDS", global = true)]
+        confirm: Option<u64>,
+        /// Activate on this node or site first; go on only when all of it blesses the
+        /// version (within --timeout), else stop.
+        #[arg(long, value_name = "NODE-OR-SITE", global = true)]
+        canary: Option<String>,
+        /// How long to wait for the nodes (seconds).
+        #[arg(long, value_name = "SECONDS", default_value = "30", global = true)]
+        timeout: u64,
+        /// Wait until each node blessed (or rolled back) the version, not only activated it.
+        #[arg(long, global = true)]
+        wait_blessed: bool,
+        /// Record only; do not wait for the nodes.
+        #[arg(long, global = true)]
+        no_wait: bool,
+    },
+    /// Per node: reachable, last seen, active and pending version, tunnels, BGP, uptime,
+    /// last rollback (from the controller service's view).
+    Status {
+        #[command(subcommand)]
+        scope: Option<Scope>,
+        #[command(flatten)]
+        format: FormatArg,
+    },
+    /// Run the controller service: the management WireGuard endpoint and the nodes' API.
+    Serve {
+        /// Name of the management interface.
+        #[arg(long, default_value = "tlmgmt0")]
+        interface: String,
+    },
+    /// Pair a device running `towalink-node bootstrap` with a node (HTTPS, port 8000).
+    Attach {
+        #[command(subcommand)]
+        what: AttachWhat,
+        /// Address and port of the attach endpoint.
+        #[arg(long, default_value = "0.0.0.0:8000", global = true)]
+        listen: std::net::SocketAddr,
+        /// How long to collect requests before choosing (seconds).
+        #[arg(long, value_name = "SECONDS", default_value = "20", global = true)]
+        collect: u64,
+        /// Choose this device (its id or a unique prefix) without asking.
+        #[arg(long, global = true)]
+        device: Option<String>,
+        /// Choose the only requesting device without asking.
+        #[arg(long, global = true)]
+        yes: bool,
+        /// How long to wait for the chosen device and its management link (seconds).
+        #[arg(long, value_name = "SECONDS", default_value = "120", global = true)]
+        timeout: u64,
+        /// Extra host name or address for a certificate made now (repeatable).
+        #[arg(long, value_name = "NAME", global = true)]
+        san: Vec<String>,
     },
     /// Write a node state directory (identity + latest version) to start `towalink-node` from.
     Provision {
@@ -208,12 +263,18 @@ pub enum SetWhat {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum AttachWhat {
+    /// <node>.<site> or id.
+    Node { node: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ProvisionWhat {
     /// <node>.<site> or id, and the directory to write (the node's --state-dir).
     Node { node: String, dir: PathBuf },
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum Scope {
     All,
     Site { site: String },
@@ -250,8 +311,72 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
     }
     // Bad names are refused before the directory is opened (or created by a first command).
     check_arguments(&cli.command)?;
+    match &cli.command {
+        Command::Serve { interface } => {
+            let store = Store::open_existing(&cli.config_dir)?;
+            {
+                let _lock = store.lock()?;
+                versions::recover(&store)?;
+                store.ensure_gitignore()?;
+            }
+            crate::service::serve(&store, interface)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Status { scope, format } => {
+            let store = Store::open_existing(&cli.config_dir)?;
+            let generated = store.load_generated()?;
+            let scope = scope.clone().unwrap_or(Scope::All);
+            let detailed = matches!(scope, Scope::Node { .. });
+            let filter = scope_filter(&generated, &scope)?;
+            let index = versions::load_index(&store)?;
+            let activations = versions::load_activations(&store)?;
+            let nodes: Vec<operate::NodeStatus> = generated
+                .nodes
+                .iter()
+                .filter(|n| filter(n))
+                .map(|n| {
+                    let full = n.full_name();
+                    operate::NodeStatus {
+                        latest: index.nodes.get(&full.to_string()).map(|e| e.latest),
+                        desired: activations.nodes.get(&full.to_string()).map(|a| a.version),
+                        record: crate::service::records::read_node(&store, &full),
+                        node: full,
+                        id: n.id,
+                    }
+                })
+                .collect();
+            let mut out = std::io::stdout().lock();
+            operate::print_status(&store, &nodes, detailed, format.format == Format::Json, &mut out)
+                .ok();
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Attach {
+            what: AttachWhat::Node { node },
+            listen,
+            collect,
+            device,
+            yes,
+            timeout,
+            san,
+        } => {
+            let store = Store::open_existing(&cli.config_dir)?;
+            let options = crate::attach::AttachOptions {
+                listen: *listen,
+                collect: std::time::Duration::from_secs(*collect),
+                device: device.clone(),
+                yes: *yes,
+                timeout: std::time::Duration::from_secs(*timeout),
+                extra_names: san.clone(),
+            };
+            let mut input = std::io::stdin().lock();
+            let mut out = std::io::stdout().lock();
+            crate::attach::attach(&store, &node.parse()?, &options, &mut input, &mut out)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
     let store = Store::open_or_init(&cli.config_dir)?;
-    let _lock = store.lock()?;
+    let lock = store.lock()?;
     versions::recover(&store)?;
     let mut out = std::io::stdout().lock();
     let message = cli.message.clone();
@@ -354,7 +479,14 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
             )
             .ok();
         }
-        Command::Activate { scope } => {
+        Command::Activate {
+            scope,
+            confirm,
+            canary,
+            timeout,
+            wait_blessed,
+            no_wait,
+        } => {
             let tree = store.load_tree()?;
             let (filter, spec, words) = match &scope {
                 ActivateScope::All { version } => (
@@ -375,13 +507,64 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
             };
             let nodes = versions::nodes_in_scope(&tree, filter);
             let message = message.unwrap_or_else(|| format!("tlm activate {words} {spec}"));
-            for (node, version, previous) in versions::activate(&store, &nodes, spec, &message)? {
-                match previous {
-                    Some(p) if p != version => writeln!(out, "{node}: v{version} (was v{p})"),
-                    Some(_) => writeln!(out, "{node}: v{version} (unchanged)"),
-                    None => writeln!(out, "{node}: v{version}"),
+            let service = crate::service::records::running_service(&store);
+            let (first, rest): (Vec<&NodeAllocation>, Vec<&NodeAllocation>) = match &canary {
+                None => (nodes, Vec::new()),
+                Some(c) => {
+                    if service.is_none() {
+                        return Err(Error::Service(
+                            "--canary needs the controller service running (`tlm serve`): it waits for the canary to bless".into(),
+                        ));
+                    }
+                    let (canaries, rest): (Vec<_>, Vec<_>) =
+                        nodes.into_iter().partition(|n| canary_matches(c, n));
+                    if canaries.is_empty() {
+                        return Err(Error::Service(format!(
+                            "--canary `{c}` matches no node in the scope of this activation"
+                        )));
+                    }
+                    (canaries, rest)
                 }
-                .ok();
+            };
+            let timeout = std::time::Duration::from_secs(timeout);
+            let recorded = versions::activate(&store, &first, spec, confirm, &message)?;
+            drop(lock);
+            print_recorded(&recorded, &mut out);
+            if no_wait {
+                return Ok(ExitCode::SUCCESS);
+            }
+            if service.is_none() {
+                eprintln!("the controller service is not running: recorded; the nodes take it when `tlm serve` runs");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let until_blessed = wait_blessed || canary.is_some();
+            let ok = report_outcomes(&store, &recorded, until_blessed, timeout, &mut out);
+            if let Some(c) = &canary {
+                if !ok {
+                    writeln!(
+                        out,
+                        "stopped: canary `{c}` did not bless the version; {} other node(s) keep their version",
+                        rest.len()
+                    )
+                    .ok();
+                    return Ok(ExitCode::FAILURE);
+                }
+                if rest.is_empty() {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                writeln!(out, "canary `{c}` blessed the version; activating the other {} node(s)", rest.len()).ok();
+                let recorded = {
+                    let _lock = store.lock()?;
+                    versions::activate(&store, &rest, spec, confirm, &message)?
+                };
+                print_recorded(&recorded, &mut out);
+                if !report_outcomes(&store, &recorded, wait_blessed, timeout, &mut out) {
+                    return Ok(ExitCode::FAILURE);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            if !ok {
+                return Ok(ExitCode::FAILURE);
             }
         }
         Command::Provision {
@@ -397,9 +580,67 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
             )
             .ok();
         }
-        Command::Git { .. } => unreachable!("handled above"),
+        Command::Git { .. }
+        | Command::Serve { .. }
+        | Command::Status { .. }
+        | Command::Attach { .. } => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn canary_matches(canary: &str, node: &NodeAllocation) -> bool {
+    match canary.parse::<NodeRef>() {
+        Ok(NodeRef::Id(id)) => node.id == id,
+        Ok(NodeRef::Name(full)) => full == node.full_name(),
+        Err(_) => node.site.as_str() == canary,
+    }
+}
+
+fn print_recorded(recorded: &[versions::Recorded], out: &mut impl std::io::Write) {
+    for r in recorded {
+        let version = r.activation.version;
+        match r.previous {
+            Some(p) if p != version => writeln!(out, "{}: v{version} (was v{p})", r.node),
+            Some(_) => writeln!(out, "{}: v{version} (unchanged)", r.node),
+            None => writeln!(out, "{}: v{version}", r.node),
+        }
+        .ok();
+    }
+}
+
+/// Waits for the nodes and prints each one's outcome; true when all succeeded.
+fn report_outcomes(
+    store: &Store,
+    recorded: &[versions::Recorded],
+    until_blessed: bool,
+    timeout: std::time::Duration,
+    out: &mut impl std::io::Write,
+) -> bool {
+    let targets: Vec<operate::Target> = recorded
+        .iter()
+        .map(|r| operate::Target {
+            node: r.node.clone(),
+            version: r.activation.version,
+            order: r.activation.order,
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let outcomes = operate::wait(store, &targets, until_blessed, timeout);
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut ok = true;
+    for (target, outcome) in targets.iter().zip(&outcomes) {
+        ok &= outcome.success(until_blessed);
+        writeln!(out, "{}: v{} {}", target.node, target.version, outcome.word()).ok();
+    }
+    let done = outcomes.iter().filter(|o| o.success(until_blessed)).count();
+    writeln!(
+        out,
+        "{done} of {} node(s) {} in {elapsed:.2} s",
+        targets.len(),
+        if until_blessed { "blessed the version" } else { "took the version" }
+    )
+    .ok();
+    ok
 }
 
 /// Parses every name, node and version argument, so a refused command touches nothing.
@@ -453,6 +694,7 @@ fn check_arguments(command: &Command) -> Result<(), Error> {
         } => n.parse::<NodeFullName>().map(|_| ()).map_err(Error::from),
         Command::Activate {
             scope: ActivateScope::All { version: v },
+            ..
         } => version(v),
         Command::Activate {
             scope:
@@ -460,6 +702,7 @@ fn check_arguments(command: &Command) -> Result<(), Error> {
                     site: s,
                     version: v,
                 },
+            ..
         } => site(s).and_then(|_| version(v)),
         Command::Activate {
             scope:
@@ -467,6 +710,7 @@ fn check_arguments(command: &Command) -> Result<(), Error> {
                     node: n,
                     version: v,
                 },
+            ..
         } => node(n).and_then(|_| version(v)),
         Command::List {
             what: ListWhat::Nodes { site: s },
@@ -563,7 +807,7 @@ fn list(
             for n in nodes {
                 let full = n.full_name();
                 let latest = index.nodes.get(&full.to_string()).map(|e| e.latest);
-                let active = activations.nodes.get(&full.to_string()).copied();
+                let active = activations.nodes.get(&full.to_string()).map(|a| a.version);
                 objects.push(json!({
                     "node": full.to_string(), "id": n.id, "site": n.site, "name": n.name,
                     "loopback_ipv4": n.loopback_ipv4, "loopback_ipv6": n.loopback_ipv6,

@@ -221,20 +221,7 @@ pub fn provision_node(
         .get(&full.to_string())
         .map(|e| e.latest)
         .ok_or_else(|| Error::NoVersion(full.clone()))?;
-    let controller_key =
-        crate::versions::controller_public_key(store)?.ok_or_else(|| Error::Corrupt {
-            file: crate::versions::SIGNING_PUB.to_string(),
-            message: "missing: commit once to create the controller key".into(),
-        })?;
-    let secrets = store.load_secrets()?;
-    let node_secrets = secrets
-        .nodes
-        .iter()
-        .find(|s| s.id == node.id)
-        .ok_or_else(|| Error::Corrupt {
-            file: "generated/secrets.toml".into(),
-            message: format!("has no keys for node {full} (id {})", node.id),
-        })?;
+    let (identity, node_secrets) = crate::management::node_identity(store, &node)?;
     let mut probe = dir.to_path_buf();
     while !probe.exists() {
         match probe.parent() {
@@ -264,15 +251,6 @@ pub fn provision_node(
             });
         }
     }
-    let mut identity = toml::Table::new();
-    identity.insert("node_id".into(), Value::Integer(node.id.into()));
-    identity.insert("site".into(), Value::String(node.site.to_string()));
-    identity.insert("node".into(), Value::String(node.name.to_string()));
-    identity.insert("controller_key".into(), Value::String(controller_key));
-    identity.insert(
-        "wg_public_key".into(),
-        Value::String(node.wg_public_key.clone()),
-    );
     create_dir_all(&dir.join("identity"))?;
     create_dir_all(&dir.join("incoming"))?;
     std::fs::set_permissions(

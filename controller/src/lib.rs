@@ -7,14 +7,18 @@
 //! onto these.
 
 pub mod allocation;
+pub mod attach;
 pub mod attributes;
 pub mod cli;
 pub mod durable;
 pub mod external;
 pub mod installation;
+pub mod management;
 pub mod names;
+pub mod operate;
 pub mod render;
 pub mod resolve;
+pub mod service;
 pub mod store;
 pub mod topology;
 pub mod versions;
@@ -63,6 +67,10 @@ pub enum Error {
     NoVersion(names::NodeFullName),
     #[error("`{file}`: {message}")]
     Corrupt { file: String, message: String },
+    #[error("controller service: {0}")]
+    Service(String),
+    #[error("management link: {0}")]
+    Link(#[from] towalink_node::Error),
 }
 
 impl Error {

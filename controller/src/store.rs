@@ -54,6 +54,9 @@ const GITIGNORE: &str = "\
 # Secrets never go into git: back them up separately.
 /generated/secrets.toml
 /certs/*.key
+/certs/key.pem
+# What `tlm serve` reports about the running fleet (soft state).
+/status/
 # tlm's lock, journal, staging and temporary files.
 /.tlm.lock
 /effective/.commit-journal.toml
@@ -130,6 +133,31 @@ impl Store {
         } else {
             Err(Error::NotConfigDir(root.to_path_buf()))
         }
+    }
+
+    /// Adds to `.gitignore` the entries of this version that a directory made by an earlier
+    /// version lacks (the service's status, the TLS key).
+    pub fn ensure_gitignore(&self) -> Result<(), Error> {
+        let path = self.root.join(".gitignore");
+        let existing = durable::read_optional(&path)?.unwrap_or_default();
+        let missing: Vec<&str> = GITIGNORE
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .filter(|l| !existing.lines().any(|e| e.trim() == *l))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut text = existing;
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        for line in missing {
+            text.push_str(line);
+            text.push('\n');
+        }
+        durable::write_atomic(&path, text.as_bytes(), 0o644)?;
+        Ok(())
     }
 
     /// Builds the default directory next to the target and moves it into place, so an

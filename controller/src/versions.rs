@@ -74,7 +74,56 @@ pub struct IndexEntry {
 #[serde(deny_unknown_fields)]
 pub struct Activations {
     #[serde(default)]
-    pub nodes: BTreeMap<String, u32>,
+    pub nodes: BTreeMap<String, Activation>,
+}
+
+/// One node's activation: the version, and the order number the node acts on (it grows with
+/// every `tlm activate` of the node, so a node carries out each activation once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "ActivationOnDisk")]
+pub struct Activation {
+    pub version: u32,
+    pub order: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirm_s: Option<u64>,
+}
+
+/// Earlier files held just the version number.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ActivationOnDisk {
+    Version(u32),
+    Full(FullActivation),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FullActivation {
+    version: u32,
+    order: u64,
+    #[serde(default)]
+    confirm_s: Option<u64>,
+}
+
+impl From<ActivationOnDisk> for Activation {
+    fn from(on_disk: ActivationOnDisk) -> Activation {
+        match on_disk {
+            ActivationOnDisk::Version(version) => Activation {
+                version,
+                order: 1,
+                confirm_s: None,
+            },
+            ActivationOnDisk::Full(FullActivation {
+                version,
+                order,
+                confirm_s,
+            }) => Activation {
+                version,
+                order,
+                confirm_s,
+            },
+        }
+    }
 }
 
 /// The index; rebuilt from the version directories when the file is missing.
@@ -647,14 +696,25 @@ fn write_version_dir(
     Ok(())
 }
 
-/// Resolves the version to activate for each node, then records all of them. An unknown
-/// version on any node changes nothing.
+/// What `activate` recorded for one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    pub node: NodeFullName,
+    pub id: u32,
+    pub activation: Activation,
+    /// The version recorded before.
+    pub previous: Option<u32>,
+}
+
+/// Resolves the version to activate for each node, then records all of them, each with a new
+/// order number. An unknown version on any node changes nothing.
 pub fn activate(
     store: &Store,
     nodes: &[&NodeAllocation],
     spec: VersionSpec,
+    confirm_s: Option<u64>,
     message: &str,
-) -> Result<Vec<(NodeFullName, u32, Option<u32>)>, Error> {
+) -> Result<Vec<Recorded>, Error> {
     let index = load_index(store)?;
     let mut activations = load_activations(store)?;
     let mut plan = Vec::new();
@@ -677,10 +737,21 @@ pub fn activate(
             }
         };
         let previous = activations.nodes.get(&name).copied();
-        plan.push((full, version, previous));
+        plan.push(Recorded {
+            node: full,
+            id: node.id,
+            activation: Activation {
+                version,
+                order: previous.map_or(1, |p| p.order + 1),
+                confirm_s,
+            },
+            previous: previous.map(|p| p.version),
+        });
     }
-    for (node, version, _) in &plan {
-        activations.nodes.insert(node.to_string(), *version);
+    for recorded in &plan {
+        activations
+            .nodes
+            .insert(recorded.node.to_string(), recorded.activation);
     }
     save_activations(store, &activations)?;
     store.git_commit(message)?;
@@ -690,6 +761,26 @@ pub fn activate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn activations_read_the_old_and_the_new_form() {
+        let old: Activations = toml::from_str("[nodes]\n\"r.a\" = 3\n").unwrap();
+        assert_eq!(
+            old.nodes["r.a"],
+            Activation {
+                version: 3,
+                order: 1,
+                confirm_s: None
+            }
+        );
+        let text = toml::to_string(&old).unwrap();
+        let again: Activations = toml::from_str(&text).unwrap();
+        assert_eq!(again.nodes["r.a"], old.nodes["r.a"]);
+        assert!(toml::from_str::<Activations>(
+            "[nodes.\"r.a\"]\nversion = 3\norder = 2\nbogus = 1\n"
+        )
+        .is_err());
+    }
 
     #[test]
     fn rfc3339_formats() {

@@ -8,7 +8,15 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use towalink_bundle::messages::TunnelReport;
+
 use crate::apply::Reloader;
+use crate::management::{self, Shared};
 use crate::bird::BirdControl;
 use crate::dataplane::{Boringtun, DataPlane, DesiredState, KernelWireGuard};
 use crate::lifecycle::{Node, VersionSpec, Watch};
@@ -100,6 +108,23 @@ pub enum Command {
     MarkBad {
         #[arg(long, default_value = "marked bad by the operator")]
         reason: String,
+    },
+    /// Ask a controller running `tlm attach` for this device's identity (until the operator
+    /// picks this device), and write it to the state directory.
+    Bootstrap {
+        /// The controller's attach endpoint, `host:port` (port 8000 by default).
+        #[arg(long)]
+        controller: String,
+        /// PEM file with the certificate(s) to trust for the controller (its self-signed
+        /// certificate or its CA); default: the system's CA bundle.
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+        /// Milliseconds between requests.
+        #[arg(long, default_value = "2000")]
+        interval_ms: u64,
+        /// Give up after this many seconds (default: keep asking).
+        #[arg(long, value_name = "SECONDS")]
+        timeout_s: Option<u64>,
     },
     /// The daemon: recover from disk, then watch pending versions (bless or roll back).
     Run {
@@ -233,16 +258,32 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }),
                 DataPlaneKind::None => None,
             };
+            let shared = Arc::new(Shared::default());
+            match node.controller_api() {
+                Some(api) if !once => {
+                    let node = Node::new(&cli.state_dir, &cli.root, node.reloader.clone());
+                    let shared = Arc::clone(&shared);
+                    std::thread::Builder::new()
+                        .name("management".into())
+                        .spawn(move || management::run(node, api, shared))
+                        .context("cannot start the management thread")?;
+                    tracing::info!(%api, "syncing with the controller through the management link");
+                }
+                Some(_) => {}
+                None => tracing::info!("no management link in the identity: running without a controller"),
+            }
             let mut applied: Option<DesiredState> = None;
             let mut retry_in = 0u32;
             let mut watch = Watch::default();
+            let mut last_rx: BTreeMap<String, (u64, Instant)> = BTreeMap::new();
+            let mut fingerprint = String::new();
             loop {
+                let seen = shared.generation.load(Ordering::SeqCst);
                 if let Some(dataplane) = dataplane.as_mut() {
-                    // The tunnels follow the current version; unresolved endpoints are
-                    // retried every ten checks.
+                    // The tunnels follow the current version and the identity; unresolved
+                    // endpoints are retried every ten checks.
                     match node.desired_dataplane() {
                         Ok(desired) => {
-                            let desired = desired.unwrap_or_default();
                             retry_in = retry_in.saturating_sub(1);
                             if applied.as_ref() != Some(&desired) || retry_in == 0 {
                                 match dataplane.reconcile(&desired) {
@@ -263,6 +304,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                                     }
                                 }
                             }
+                            let tunnels = tunnel_reports(dataplane, applied.as_ref(), &mut last_rx);
+                            if let Ok(mut shared_tunnels) = shared.tunnels.lock() {
+                                *shared_tunnels = tunnels;
+                            }
                         }
                         Err(error) => tracing::error!(%error, "cannot read the active version"),
                     }
@@ -270,12 +315,74 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if let Err(error) = node.tick(&mut watch) {
                     tracing::error!(%error, "check failed");
                 }
+                let now_state = format!("{:?}", node.state.read().ok());
+                if now_state != fingerprint {
+                    fingerprint = now_state;
+                    shared.changed();
+                }
                 if once {
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(interval_ms));
+                // Sleep, but wake early when the management thread changed something.
+                let until = Instant::now() + Duration::from_millis(interval_ms);
+                while Instant::now() < until && shared.generation.load(Ordering::SeqCst) == seen {
+                    std::thread::sleep(Duration::from_millis(25));
+                }
             }
+        }
+        Command::Bootstrap {
+            controller,
+            ca,
+            interval_ms,
+            timeout_s,
+        } => {
+            let outcome = crate::bootstrap::bootstrap(
+                &node.state,
+                &controller,
+                ca.as_deref(),
+                Duration::from_millis(interval_ms),
+                timeout_s.map(Duration::from_secs),
+            )?;
+            writeln!(
+                out,
+                "attached as {} (id {}); start `towalink-node run`",
+                outcome.node, outcome.node_id
+            )?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Counters of the node's links, with how long ago each last received something.
+fn tunnel_reports(
+    dataplane: &mut DataPlane,
+    desired: Option<&DesiredState>,
+    last_rx: &mut BTreeMap<String, (u64, Instant)>,
+) -> Vec<TunnelReport> {
+    let Some(desired) = desired else {
+        return Vec::new();
+    };
+    let names = desired
+        .links
+        .keys()
+        .cloned()
+        .chain(desired.management.as_ref().map(|m| m.wireguard.name.clone()));
+    let mut reports = Vec::new();
+    for name in names {
+        let Ok(stats) = dataplane.stats(&name) else {
+            continue;
+        };
+        let entry = last_rx.entry(name.clone()).or_insert((0, Instant::now()));
+        if stats.rx_bytes != entry.0 {
+            *entry = (stats.rx_bytes, Instant::now());
+        }
+        reports.push(TunnelReport {
+            interface: name,
+            rx_bytes: stats.rx_bytes,
+            tx_bytes: stats.tx_bytes,
+            last_rx_age_s: (stats.rx_bytes > 0).then(|| entry.1.elapsed().as_secs()),
+        });
+    }
+    last_rx.retain(|name, _| reports.iter().any(|r| &r.interface == name));
+    reports
 }

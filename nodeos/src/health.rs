@@ -15,7 +15,7 @@ pub const NODE_TOML: &str = "towalink/node.toml";
 pub enum Check {
     /// Every BGP protocol in BIRD is up and Established.
     Bird,
-    /// The controller accepts a TCP connection at `controller_endpoint` (`host:port`).
+    /// The controller's management API accepts a connection through the management link.
     Controller,
     /// Every WireGuard link has received traffic from its peer (a completed handshake and
     /// data: with BFD and keepalives running, a live link always has).
@@ -31,8 +31,6 @@ pub struct LifecycleSettings {
     pub checks: Vec<Check>,
     /// `node_health_timeout_s`: how long a pending version may take to pass (default 120).
     pub timeout_s: u64,
-    /// `controller_endpoint`: `host:port` the `controller` check connects to.
-    pub controller_endpoint: Option<String>,
     /// The WireGuard interfaces of the version (for the `wireguard` check).
     pub links: Vec<String>,
 }
@@ -83,22 +81,10 @@ impl LifecycleSettings {
                 .collect::<Result<_, _>>()?,
             Some(_) => return Err(bad("node_health_checks", "must be a list of check names")),
         };
-        let controller_endpoint = match attributes.get("controller_endpoint") {
-            None => None,
-            Some(toml::Value::String(s)) if s.contains(':') => Some(s.clone()),
-            Some(_) => return Err(bad("controller_endpoint", "must be a string `host:port`")),
-        };
-        if checks.contains(&Check::Controller) && controller_endpoint.is_none() {
-            return Err(bad(
-                "node_health_checks",
-                "has \"controller\" but `controller_endpoint` is not set",
-            ));
-        }
         Ok(LifecycleSettings {
             boot_tries: integer("node_boot_tries", 3, 1, 100)? as u32,
             checks,
             timeout_s: integer("node_health_timeout_s", 120, 1, 86_400)? as u64,
-            controller_endpoint,
             links: attributes
                 .get("peers")
                 .and_then(toml::Value::as_array)
@@ -122,16 +108,19 @@ pub struct CheckResult {
     pub detail: String,
 }
 
-/// Runs the checks once.
-pub fn evaluate(settings: &LifecycleSettings, bird: &BirdControl) -> Vec<CheckResult> {
+/// Runs the checks once. `controller_api` is the management API's address (from the
+/// identity); without one the `controller` check fails.
+pub fn evaluate(
+    settings: &LifecycleSettings,
+    bird: &BirdControl,
+    controller_api: Option<std::net::SocketAddr>,
+) -> Vec<CheckResult> {
     settings
         .checks
         .iter()
         .map(|check| match check {
             Check::Bird => bird_check(bird),
-            Check::Controller => {
-                controller_check(settings.controller_endpoint.as_deref().unwrap_or_default())
-            }
+            Check::Controller => controller_check(controller_api),
             Check::Wireguard => wireguard_check(&settings.links),
         })
         .collect()
@@ -161,22 +150,14 @@ fn wireguard_check(links: &[String]) -> CheckResult {
     }
 }
 
-fn controller_check(endpoint: &str) -> CheckResult {
-    use std::net::ToSocketAddrs as _;
+fn controller_check(api: Option<std::net::SocketAddr>) -> CheckResult {
     let timeout = std::time::Duration::from_secs(2);
-    let result = endpoint
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {endpoint}: {e}"))
-        .and_then(|addresses| {
-            let mut last = format!("{endpoint} resolves to no address");
-            for address in addresses {
-                match std::net::TcpStream::connect_timeout(&address, timeout) {
-                    Ok(_) => return Ok(format!("{address} reachable")),
-                    Err(e) => last = format!("{address}: {e}"),
-                }
-            }
-            Err(last)
-        });
+    let result = match api {
+        None => Err("this node's identity has no management link".to_string()),
+        Some(address) => std::net::TcpStream::connect_timeout(&address, timeout)
+            .map(|_| format!("management API at {address} reachable"))
+            .map_err(|e| format!("management API at {address}: {e}")),
+    };
     CheckResult {
         check: Check::Controller,
         ok: result.is_ok(),

@@ -6,10 +6,12 @@
 
 pub mod apply;
 pub mod bird;
+pub mod bootstrap;
 pub mod cli;
 pub mod dataplane;
 pub mod health;
 pub mod lifecycle;
+pub mod management;
 pub mod slots;
 pub mod state;
 

@@ -262,14 +262,7 @@ impl Node {
         tracing::info!(?action, "startup");
         match &action {
             StartupAction::Idle => {
-                if let Some(&latest) = self.state.versions()?.last() {
-                    // The first version (provisioned or baked into an image) starts as good:
-                    // there is nothing to roll back to.
-                    let slot = plan_activation(&disk, latest)?;
-                    self.state.fill_slot(slot, latest, Marker::Good)?;
-                    self.state.switch_current(slot)?;
-                    self.apply_current(&self.state.read()?, None)?;
-                }
+                self.adopt_first_version_locked(&disk)?;
             }
             StartupAction::Run { slot, .. } | StartupAction::NoFallback { slot, .. } => {
                 // Reconcile against the other slot too: an interrupted rollback may have left
@@ -296,6 +289,30 @@ impl Node {
             }
         }
         Ok(action)
+    }
+
+    /// With nothing active, makes the newest installed version active. The first version
+    /// (provisioned, baked into an image, or the first one an attached node receives) starts
+    /// as good: there is nothing to roll back to. Returns the version when it did.
+    pub fn adopt_first_version(&self) -> Result<Option<u32>, Error> {
+        let _lock = self.state.lock()?;
+        let disk = self.state.read()?;
+        if disk.current.is_some() {
+            return Ok(None);
+        }
+        self.adopt_first_version_locked(&disk)
+    }
+
+    fn adopt_first_version_locked(&self, disk: &DiskState) -> Result<Option<u32>, Error> {
+        let Some(&latest) = self.state.versions()?.last() else {
+            return Ok(None);
+        };
+        let slot = plan_activation(disk, latest)?;
+        self.state.fill_slot(slot, latest, Marker::Good)?;
+        self.state.switch_current(slot)?;
+        self.apply_current(&self.state.read()?, None)?;
+        tracing::info!(version = latest, "first version active");
+        Ok(Some(latest))
     }
 
     fn apply_current(
@@ -341,7 +358,7 @@ impl Node {
         };
         let bundle = self.state.slot_bundle(slot)?;
         let settings = LifecycleSettings::from_bundle(&bundle)?;
-        let results = evaluate(&settings, &self.reloader.bird);
+        let results = evaluate(&settings, &self.reloader.bird, self.controller_api());
         let healthy = results.iter().all(|r| r.ok);
         if healthy && disk.confirm_by.is_none() {
             self.state.set_marker(slot, Marker::Good)?;
@@ -364,26 +381,39 @@ impl Node {
         Ok(())
     }
 
-    /// What the data plane should look like for the current version (none when no version is
-    /// active).
-    pub fn desired_dataplane(&self) -> Result<Option<crate::dataplane::DesiredState>, Error> {
-        let Some(slot) = self.state.current() else {
-            return Ok(None);
-        };
-        let bundle = self.state.slot_bundle(slot)?;
-        let node_toml: toml::Table = bundle
-            .files()
-            .get(crate::health::NODE_TOML)
-            .and_then(|b| std::str::from_utf8(b).ok())
-            .and_then(|t| t.parse().ok())
-            .unwrap_or_default();
+    /// The management API's address, from the identity (none without a management link).
+    pub fn controller_api(&self) -> Option<std::net::SocketAddr> {
+        let management = self.state.identity().ok()?.management?;
+        Some(std::net::SocketAddr::new(
+            management.controller_address,
+            management.api_port,
+        ))
+    }
+
+    /// What the data plane should look like: the current version's links (none when no
+    /// version is active) and the identity's management link.
+    pub fn desired_dataplane(&self) -> Result<crate::dataplane::DesiredState, Error> {
         let key_path = self.state.path("identity/wg_private_key");
         let key = std::fs::read_to_string(&key_path).map_err(|source| Error::Io {
             action: "cannot read",
             path: key_path,
             source,
         })?;
-        crate::dataplane::desired(&node_toml, &key).map(Some)
+        let mut state = match self.state.current() {
+            Some(slot) => {
+                let bundle = self.state.slot_bundle(slot)?;
+                let node_toml: toml::Table = bundle
+                    .files()
+                    .get(crate::health::NODE_TOML)
+                    .and_then(|b| std::str::from_utf8(b).ok())
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or_default();
+                crate::dataplane::desired(&node_toml, &key)?
+            }
+            None => crate::dataplane::DesiredState::default(),
+        };
+        state.management = crate::dataplane::management_link(&self.state.identity()?, &key)?;
+        Ok(state)
     }
 
     pub fn status(&self) -> Result<Status, Error> {
@@ -395,7 +425,7 @@ impl Node {
         let health = match current.and_then(|s| self.state.slot_bundle(s).ok()) {
             Some(bundle) => {
                 let settings = LifecycleSettings::from_bundle(&bundle)?;
-                evaluate(&settings, &self.reloader.bird)
+                evaluate(&settings, &self.reloader.bird, self.controller_api())
             }
             None => Vec::new(),
         };

@@ -33,17 +33,9 @@ use crate::Error;
 /// How many installed versions are kept besides the ones in the slots.
 pub const KEEP_VERSIONS: usize = 10;
 
-/// The node's identity, baked into an image or written by provisioning/attach.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Identity {
-    pub node_id: u32,
-    pub site: String,
-    pub node: String,
-    /// The controller's ed25519 public key (base64) that signs bundles.
-    pub controller_key: String,
-    pub wg_public_key: String,
-}
+/// The node's identity (`identity/node.toml`), baked into an image or written by
+/// provisioning or attach.
+pub type Identity = towalink_bundle::messages::NodeIdentity;
 
 /// The last rollback, kept for `status` and the controller.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -479,6 +471,20 @@ impl StateDir {
     pub fn record_rollback(&self, record: &RollbackRecord) -> Result<(), Error> {
         let text = toml::to_string(record).expect("rollback record serializes");
         write_atomic(&self.path("last-rollback.toml"), text.as_bytes(), 0o644)
+    }
+
+    /// The last controller order this node carried out or refused.
+    pub fn last_order(&self) -> Option<towalink_bundle::messages::OrderOutcome> {
+        let text = std::fs::read_to_string(self.path("last-order.toml")).ok()?;
+        toml::from_str(&text).ok()
+    }
+
+    pub fn record_order(
+        &self,
+        outcome: &towalink_bundle::messages::OrderOutcome,
+    ) -> Result<(), Error> {
+        let text = toml::to_string(outcome).expect("order outcome serializes");
+        write_atomic(&self.path("last-order.toml"), text.as_bytes(), 0o644)
     }
 
     /// Bundles waiting in `incoming/`, oldest name first.

@@ -38,7 +38,47 @@ pub enum Topology {
     Mesh,
     /// Site 1 is the hub.
     Star,
+    /// No links between the sites (only management links to the controller).
+    None,
 }
+
+/// How to build a [`Network`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub sites: u32,
+    pub topology: Topology,
+    /// A controller namespace running `tlm serve`, linked to every site.
+    pub controller: bool,
+    /// Underlay links between every pair of sites (else only site–controller links).
+    pub underlay_mesh: bool,
+    /// Sites whose node is configured but not provisioned nor started (for attach).
+    pub spare: Vec<u32>,
+    /// Global attributes set before the first commit.
+    pub global: Vec<(String, String)>,
+}
+
+impl Options {
+    pub fn new(sites: u32, topology: Topology) -> Options {
+        Options {
+            sites,
+            topology,
+            controller: false,
+            underlay_mesh: true,
+            spare: Vec::new(),
+            global: Vec::new(),
+        }
+    }
+}
+
+/// The controller's namespace and service.
+pub struct Controller {
+    pub netns: String,
+    pub log: PathBuf,
+    service: Option<Child>,
+}
+
+/// The controller's underlay address (on its `lo`), the nodes' `controller_endpoint`.
+pub const CONTROLLER_ENDPOINT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 254);
 
 /// One site: a namespace with one node.
 pub struct Site {
@@ -169,7 +209,7 @@ impl Site {
         self.daemon.as_ref().map(Child::id)
     }
 
-    fn start_bird(&mut self) {
+    pub fn start_bird(&mut self) {
         let conf = self.root.join("etc/bird/bird.conf");
         wait_for(
             Duration::from_secs(20),
@@ -258,6 +298,7 @@ pub struct Network {
     pub temp: tempfile::TempDir,
     /// When the node daemons were started.
     pub daemons_started: Instant,
+    pub controller: Option<Controller>,
     prefix: String,
 }
 
@@ -265,6 +306,12 @@ impl Network {
     /// Builds `count` sites joined by a full underlay mesh, configures the installation with
     /// `tlm` (`topology`, BFD 100 ms × 3), provisions each node, starts daemons and BIRDs.
     pub fn start(count: u32, topology: Topology) -> Network {
+        Network::build(Options::new(count, topology))
+    }
+
+    /// Builds the sites (and the controller), configures and provisions the nodes, starts the
+    /// controller service, the daemons and the BIRDs (spare sites stay dark).
+    pub fn build(options: Options) -> Network {
         assert!(
             // SAFETY: getuid has no preconditions.
             unsafe { libc::getuid() } == 0,
@@ -281,9 +328,10 @@ impl Network {
             sites: Vec::new(),
             temp,
             daemons_started: Instant::now(),
+            controller: None,
             prefix,
         };
-        for index in 1..=count {
+        for index in 1..=options.sites {
             let netns = format!("{}s{index}", network.prefix);
             let dir = network.temp.path().join(format!("s{index}"));
             std::fs::create_dir_all(dir.join("root/etc/bird")).unwrap();
@@ -299,19 +347,158 @@ impl Network {
                 bird: None,
             });
         }
-        network.build_underlay();
-        network.configure(topology);
+        network.build_underlay(options.underlay_mesh);
+        if options.controller {
+            network.build_controller();
+        }
+        network.configure(&options);
+        if network.controller.is_some() {
+            network.start_controller();
+        }
         network.daemons_started = Instant::now();
         for site in &mut network.sites {
-            site.start_daemon();
+            if !options.spare.contains(&site.index) {
+                site.start_daemon();
+            }
         }
         for site in &mut network.sites {
-            site.start_bird();
+            if !options.spare.contains(&site.index) {
+                site.start_bird();
+            }
         }
         network
     }
 
-    fn build_underlay(&self) {
+    /// The controller's namespace, one veth to each site (192.0.2.2(i-1)/31 on the controller's
+    /// side, .2(i-1)+1 on the site's), its endpoint on `lo`, a route to it in every site.
+    fn build_controller(&mut self) {
+        let netns = format!("{}c", self.prefix);
+        sh("ip", &["netns", "add", &netns]);
+        sh("ip", &["-n", &netns, "link", "set", "lo", "up"]);
+        sh(
+            "ip",
+            &["-n", &netns, "addr", "add", &format!("{CONTROLLER_ENDPOINT}/32"), "dev", "lo"],
+        );
+        for site in &self.sites {
+            let i = site.index;
+            assert!(i < 128, "at most 127 sites with a controller");
+            let (ctl_addr, site_addr) = (
+                format!("192.0.2.{}", 2 * (i - 1)),
+                format!("192.0.2.{}", 2 * (i - 1) + 1),
+            );
+            let ctl_if = format!("c{i}");
+            sh(
+                "ip",
+                &["-n", &netns, "link", "add", &ctl_if, "type", "veth", "peer", "name", "uc", "netns", &site.netns],
+            );
+            sh("ip", &["-n", &netns, "addr", "add", &format!("{ctl_addr}/31"), "dev", &ctl_if]);
+            sh("ip", &["-n", &site.netns, "addr", "add", &format!("{site_addr}/31"), "dev", "uc"]);
+            sh("ip", &["-n", &netns, "link", "set", &ctl_if, "up"]);
+            sh("ip", &["-n", &site.netns, "link", "set", "uc", "up"]);
+            sh(
+                "ip",
+                &["-n", &site.netns, "route", "add", &format!("{CONTROLLER_ENDPOINT}/32"), "via", &ctl_addr],
+            );
+        }
+        self.controller = Some(Controller {
+            netns,
+            log: self.temp.path().join("controller.log"),
+            service: None,
+        });
+    }
+
+    /// `tlm` run inside the controller's namespace.
+    pub fn ctl_in_netns(&self, args: &[&str]) -> Command {
+        let controller = self.controller.as_ref().expect("a network with a controller");
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &controller.netns])
+            .arg(binary("tlm"))
+            .args(args)
+            .env("TOWALINK_CONFIG_DIR", &self.ctl.dir)
+            .env("NO_COLOR", "1");
+        command
+    }
+
+    /// Starts `tlm serve` in the controller's namespace and waits for its heartbeat.
+    pub fn start_controller(&mut self) {
+        let log = {
+            let controller = self.controller.as_ref().expect("a network with a controller");
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&controller.log)
+                .unwrap()
+        };
+        let child = self
+            .ctl_in_netns(&["--loglevel", "debug", "serve"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start tlm serve");
+        let controller = self.controller.as_mut().unwrap();
+        controller.service = Some(child);
+        let heartbeat = self.ctl.dir.join("status/service.json");
+        let started = Instant::now();
+        let _ = std::fs::remove_file(&heartbeat);
+        wait_for(
+            Duration::from_secs(10),
+            || heartbeat.exists(),
+            || format!("tlm serve did not start:\n{}", tail(&std::fs::read_to_string(&self.controller.as_ref().unwrap().log).unwrap_or_default(), 20)),
+        );
+        let _ = started;
+    }
+
+    /// Kills the controller service.
+    pub fn kill_controller(&mut self) {
+        if let Some(controller) = self.controller.as_mut() {
+            if let Some(mut child) = controller.service.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    pub fn controller_log(&self) -> String {
+        self.controller
+            .as_ref()
+            .and_then(|c| std::fs::read_to_string(&c.log).ok())
+            .unwrap_or_default()
+    }
+
+    /// `tlm status --format json`, node by name.
+    pub fn fleet_status(&self) -> serde_json::Value {
+        let text = self.ctl.ok(&["status", "--format", "json"]);
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// Waits until every given site's node reports `version` active with `state`.
+    pub fn wait_reported(&self, sites: &[u32], version: u32, state: &str, limit: Duration) {
+        wait_for(
+            limit,
+            || {
+                let status = self.fleet_status();
+                sites.iter().all(|i| {
+                    let node = self.site(*i).node();
+                    status["nodes"].as_array().unwrap().iter().any(|n| {
+                        n["node"] == node.as_str()
+                            && n["reachable"] == true
+                            && n["active_version"] == version
+                            && n["state"] == state
+                    })
+                })
+            },
+            || {
+                format!(
+                    "nodes {sites:?} never reported v{version} {state}:\n{}\ncontroller log:\n{}",
+                    self.ctl.ok(&["status"]),
+                    tail(&self.controller_log(), 20)
+                )
+            },
+        );
+    }
+
+    fn build_underlay(&self, mesh: bool) {
         // `ip netns exec` bind-mounts /etc/netns/<name>/hosts over /etc/hosts: the endpoints'
         // names resolve inside the namespaces only.
         let mut hosts = String::from("127.0.0.1 localhost\n");
@@ -354,7 +541,8 @@ impl Network {
             }
         }
         let mut pair = 0;
-        for a in 0..self.sites.len() {
+        let pairs = if mesh { self.sites.len() } else { 0 };
+        for a in 0..pairs {
             for b in a + 1..self.sites.len() {
                 let (sa, sb) = (&self.sites[a], &self.sites[b]);
                 let (ia, ib) = (format!("u{}", sb.index), format!("u{}", sa.index));
@@ -424,16 +612,29 @@ impl Network {
         }
     }
 
-    fn configure(&self, topology: Topology) {
+    fn configure(&self, options: &Options) {
+        let topology = options.topology;
         let t = &self.ctl;
         t.ok(&["set", "global", "bird_announce_interfaces", r#"["lan*"]"#]);
         t.ok(&["set", "global", "bird_bfd_interval_ms", "100"]);
         t.ok(&["set", "global", "bird_bfd_multiplier", "3"]);
-        if topology == Topology::Star {
-            t.ok(&["set", "global", "topology", "star"]);
+        match topology {
+            Topology::Star => {
+                t.ok(&["set", "global", "topology", "star"]);
+            }
+            Topology::None => {
+                t.ok(&["set", "global", "topology", "none"]);
+            }
+            Topology::Mesh => {}
+        }
+        if self.controller.is_some() {
+            t.ok(&["set", "global", "controller_endpoint", &format!("\"{CONTROLLER_ENDPOINT}\"")]);
+        }
+        for (attribute, value) in &options.global {
+            t.ok(&["set", "global", attribute, value]);
         }
         let last = self.sites.len() as u32;
-        for site in &self.sites {
+        for site in self.sites.iter().filter(|s| !options.spare.contains(&s.index)) {
             t.ok(&["add", "site", &site.name]);
             t.ok(&["add", "node", &site.node()]);
             // The last site's endpoint is a name, the others are addresses.
@@ -454,7 +655,7 @@ impl Network {
             ]);
         }
         t.ok(&["commit", "all"]);
-        for site in &self.sites {
+        for site in self.sites.iter().filter(|s| !options.spare.contains(&s.index)) {
             t.ok(&[
                 "provision",
                 "node",
@@ -470,7 +671,7 @@ impl Network {
         wait_for(
             limit,
             || {
-                self.sites.iter().all(|s| {
+                self.sites.iter().filter(|s| s.bird.is_some()).all(|s| {
                     let bgp = s.bgp();
                     !bgp.is_empty() && bgp.iter().all(|(_, up, _)| *up)
                 })
@@ -578,6 +779,12 @@ pub fn tail(text: &str, lines: usize) -> String {
 
 impl Drop for Network {
     fn drop(&mut self) {
+        self.kill_controller();
+        if let Some(controller) = &self.controller {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &controller.netns])
+                .status();
+        }
         for site in &mut self.sites {
             site.kill_daemon();
             if let Some(mut bird) = site.bird.take() {
@@ -590,4 +797,24 @@ impl Drop for Network {
             let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&site.netns));
         }
     }
+}
+
+/// Runs `job` on a thread that joined the network namespace `netns` (sockets it opens live
+/// there), and returns its result.
+pub fn in_netns<T: Send + 'static>(netns: &str, job: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = PathBuf::from("/var/run/netns").join(netns);
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open the namespace");
+        // SAFETY: setns on a namespace file we hold open; it affects this thread only.
+        let rc = unsafe {
+            libc::setns(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                libc::CLONE_NEWNET,
+            )
+        };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        job()
+    })
+    .join()
+    .expect("namespace thread")
 }

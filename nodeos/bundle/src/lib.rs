@@ -14,6 +14,9 @@
 //! Only [`verify`] makes a [`VerifiedBundle`], so code that stages files on a node can only take
 //! a bundle whose signature, node id and hashes have been checked.
 
+pub mod messages;
+pub mod wire;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 

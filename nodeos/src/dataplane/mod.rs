@@ -11,7 +11,7 @@ pub mod netlink;
 pub mod wireguard;
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs as _};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs as _};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -23,6 +23,47 @@ use crate::Error;
 
 /// Prefix of the interfaces Towalink owns; anything else is never touched.
 pub const INTERFACE_PREFIX: &str = "tlwg";
+/// The node's end of the management link to the controller.
+pub const MANAGEMENT_INTERFACE: &str = "tlmgmt";
+/// MTU of the management link.
+pub const MANAGEMENT_MTU: u32 = 1420;
+
+/// The management link: one WireGuard peer (the controller), the node's management address
+/// with the controller's as point-to-point peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagementLink {
+    pub wireguard: WireGuardLink,
+    /// The controller's endpoints (`host:port`); the first that resolves is used.
+    pub endpoints: Vec<String>,
+    pub address: IpAddr,
+    pub controller_address: IpAddr,
+}
+
+/// The management link an identity describes (none for a node without a controller).
+pub fn management_link(
+    identity: &crate::state::Identity,
+    private_key: &str,
+) -> Result<Option<ManagementLink>, Error> {
+    let Some(management) = &identity.management else {
+        return Ok(None);
+    };
+    Ok(Some(ManagementLink {
+        wireguard: WireGuardLink {
+            name: MANAGEMENT_INTERFACE.to_string(),
+            private_key_hex: key_hex(private_key, "identity/wg_private_key")?,
+            listen_port: management.listen_port,
+            peer_public_key_hex: key_hex(
+                &management.controller_wg_public_key,
+                "identity/node.toml: management.controller_wg_public_key",
+            )?,
+            endpoint: None,
+            keepalive: management.keepalive_s,
+        },
+        endpoints: management.controller_endpoints.clone(),
+        address: management.address,
+        controller_address: management.controller_address,
+    }))
+}
 
 /// One point-to-point link as the version wants it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +81,7 @@ pub struct DesiredState {
     pub loopback_ipv4: Option<Ipv4Addr>,
     pub loopback_ipv6: Option<Ipv6Addr>,
     pub links: BTreeMap<String, DesiredLink>,
+    pub management: Option<ManagementLink>,
 }
 
 fn key_hex(base64_key: &str, what: &str) -> Result<String, Error> {
@@ -85,6 +127,7 @@ pub fn desired(node_toml: &toml::Table, private_key: &str) -> Result<DesiredStat
             .and_then(toml::Value::as_str)
             .and_then(|s| s.parse().ok()),
         links: BTreeMap::new(),
+        management: None,
     };
     let peers = node_toml
         .get("peers")
@@ -165,7 +208,10 @@ impl DataPlane {
     pub fn reconcile(&mut self, desired: &DesiredState) -> Result<ReconcileReport, Error> {
         let mut report = ReconcileReport::default();
         for name in self.wireguard.names() {
-            if !desired.links.contains_key(&name) {
+            let wanted = desired.links.contains_key(&name)
+                || desired.management.as_ref().map(|m| m.wireguard.name.as_str())
+                    == Some(name.as_str());
+            if !wanted {
                 self.wireguard.remove(&name)?;
                 report.removed.push(name);
             }
@@ -193,6 +239,29 @@ impl DataPlane {
                 link.local_ipv4,
                 link.peer_ipv4,
                 link.local_link_local,
+            )?;
+        }
+        if let Some(management) = &desired.management {
+            let mut wireguard = management.wireguard.clone();
+            wireguard.endpoint = management
+                .endpoints
+                .iter()
+                .find_map(|e| resolve_endpoint(e))
+                .map(|a| a.to_string());
+            if wireguard.endpoint.is_none() {
+                tracing::warn!(endpoints = ?management.endpoints, "cannot resolve the controller's endpoint; retrying");
+                report.unresolved.push(wireguard.name.clone());
+            }
+            match self.wireguard.ensure(&wireguard)? {
+                wireguard::Ensured::Created => report.created.push(wireguard.name.clone()),
+                wireguard::Ensured::Reconfigured => report.reconfigured.push(wireguard.name.clone()),
+                wireguard::Ensured::Unchanged => {}
+            }
+            let prefix = if management.address.is_ipv4() { 32 } else { 128 };
+            self.netlink.ensure_interface(
+                &wireguard.name,
+                MANAGEMENT_MTU,
+                &[(management.address, management.controller_address, prefix)],
             )?;
         }
         self.netlink

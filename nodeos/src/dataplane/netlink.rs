@@ -52,7 +52,8 @@ impl Netlink {
         })
     }
 
-    /// Sets MTU and up, and adds the missing addresses of a tunnel interface.
+    /// Sets MTU and up, and adds the missing addresses of a tunnel interface: the node's IPv4
+    /// loopback with the peer's as point-to-point peer, and the link's IPv6 link-local address.
     pub fn ensure_point_to_point(
         &self,
         name: &str,
@@ -61,7 +62,33 @@ impl Netlink {
         peer: Ipv4Addr,
         link_local: Ipv6Addr,
     ) -> Result<(), Error> {
+        self.ensure_interface(
+            name,
+            mtu,
+            &[
+                (IpAddr::V4(local), IpAddr::V4(peer), 32),
+                (IpAddr::V6(link_local), IpAddr::V6(link_local), 64),
+            ],
+        )
+    }
+
+    /// Sets MTU and up, and adds the missing addresses (`local`, `peer`, prefix length; `peer`
+    /// equal to `local` for an ordinary address) of an interface.
+    pub fn ensure_interface(
+        &self,
+        name: &str,
+        mtu: u32,
+        wanted: &[(IpAddr, IpAddr, u8)],
+    ) -> Result<(), Error> {
         let name = name.to_string();
+        let wanted: Vec<Address> = wanted
+            .iter()
+            .map(|&(local, peer, prefix)| Address {
+                local,
+                peer,
+                prefix,
+            })
+            .collect();
         self.with_handle(async move |handle| {
             let index = link_index(&handle, &name).await?;
             let (current_mtu, up) = link_state(&handle, index).await?;
@@ -76,18 +103,6 @@ impl Netlink {
                     .map_err(|e| failed(format!("cannot set {name} up (mtu {mtu}): {e}")))?;
             }
             let existing = addresses(&handle, index).await?;
-            let wanted = [
-                Address {
-                    local: IpAddr::V4(local),
-                    peer: IpAddr::V4(peer),
-                    prefix: 32,
-                },
-                Address {
-                    local: IpAddr::V6(link_local),
-                    peer: IpAddr::V6(link_local),
-                    prefix: 64,
-                },
-            ];
             for address in wanted {
                 if !existing.contains(&address) {
                     add_address(&handle, index, address)
@@ -268,6 +283,11 @@ async fn add_address(
         message
             .attributes
             .retain(|a| !matches!(a, AddressAttribute::Local(_)));
+        if address.local != address.peer {
+            message
+                .attributes
+                .push(AddressAttribute::Local(address.local));
+        }
     }
     request.execute().await
 }

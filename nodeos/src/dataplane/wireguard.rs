@@ -52,15 +52,24 @@ pub trait WireGuard: Send {
 struct Device {
     // Dropping the handle stops the device's threads and closes the TUN interface.
     _handle: DeviceHandle,
-    api: BufReader<UnixStream>,
+    api: Uapi,
     config: WireGuardLink,
 }
 
-impl Device {
-    fn uapi(&mut self, request: &str) -> Result<Vec<(String, String)>, Error> {
-        let name = self.config.name.clone();
+/// The WireGuard UAPI (`set=1` / `get=1` requests) of one boringtun device, spoken over a
+/// socket pair.
+pub struct Uapi {
+    name: String,
+    reader: BufReader<UnixStream>,
+}
+
+impl Uapi {
+    /// Sends a request (ending with an empty line) and returns the reply's `key=value` pairs;
+    /// a non-zero `errno` is an error.
+    pub fn request(&mut self, request: &str) -> Result<Vec<(String, String)>, Error> {
+        let name = self.name.clone();
         let failed = |what: String| Error::DataPlane(format!("WireGuard link {name}: {what}"));
-        self.api
+        self.reader
             .get_mut()
             .write_all(request.as_bytes())
             .map_err(|e| failed(format!("UAPI write: {e}")))?;
@@ -68,7 +77,7 @@ impl Device {
         loop {
             let mut line = String::new();
             if self
-                .api
+                .reader
                 .read_line(&mut line)
                 .map_err(|e| failed(format!("UAPI read: {e}")))?
                 == 0
@@ -89,6 +98,28 @@ impl Device {
             None => Err(failed("UAPI reply without errno".into())),
         }
     }
+}
+
+/// Creates an in-process boringtun device (its TUN interface `name`) and its UAPI. Dropping
+/// the handle removes the device.
+pub fn boringtun_device(name: &str) -> Result<(DeviceHandle, Uapi), Error> {
+    let (ours, theirs) = UnixStream::pair()
+        .map_err(|e| Error::DataPlane(format!("socketpair for {name}: {e}")))?;
+    let config = DeviceConfig {
+        n_threads: 1,
+        use_connected_socket: true,
+        use_multi_queue: false,
+        uapi_fd: theirs.into_raw_fd(),
+    };
+    let handle = DeviceHandle::new(name, config)
+        .map_err(|e| Error::DataPlane(format!("cannot create WireGuard link {name}: {e:?}")))?;
+    Ok((
+        handle,
+        Uapi {
+            name: name.to_string(),
+            reader: BufReader::new(ours),
+        },
+    ))
 }
 
 /// The in-process userspace implementation.
@@ -137,27 +168,17 @@ impl WireGuard for Boringtun {
                 && device.config.peer_public_key_hex == link.peer_public_key_hex;
             // Only the endpoint or keepalive changed: update the peer in place, the session
             // keeps running. Otherwise configure from scratch.
-            device.uapi(&set_request(link, !same_identity))?;
+            device.api.request(&set_request(link, !same_identity))?;
             device.config = link.clone();
             return Ok(Ensured::Reconfigured);
         }
-        let (ours, theirs) = UnixStream::pair()
-            .map_err(|e| Error::DataPlane(format!("socketpair for {}: {e}", link.name)))?;
-        let config = DeviceConfig {
-            n_threads: 1,
-            use_connected_socket: true,
-            use_multi_queue: false,
-            uapi_fd: theirs.into_raw_fd(),
-        };
-        let handle = DeviceHandle::new(&link.name, config).map_err(|e| {
-            Error::DataPlane(format!("cannot create WireGuard link {}: {e:?}", link.name))
-        })?;
+        let (handle, api) = boringtun_device(&link.name)?;
         let mut device = Device {
             _handle: handle,
-            api: BufReader::new(ours),
+            api,
             config: link.clone(),
         };
-        device.uapi(&set_request(link, true))?;
+        device.api.request(&set_request(link, true))?;
         tracing::info!(link = %link.name, port = link.listen_port, endpoint = ?link.endpoint, "created WireGuard link");
         self.devices.insert(link.name.clone(), device);
         Ok(Ensured::Created)
@@ -179,7 +200,7 @@ impl WireGuard for Boringtun {
             .devices
             .get_mut(name)
             .ok_or_else(|| Error::DataPlane(format!("no WireGuard link {name}")))?;
-        let pairs = device.uapi("get=1\n\n")?;
+        let pairs = device.api.request("get=1\n\n")?;
         let value = |key: &str| {
             pairs
                 .iter()

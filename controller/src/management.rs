@@ -1,0 +1,287 @@
+//! The management link's settings and identities: where the controller listens, the
+//! management addresses (derived from the pool and the never-reused node ids), the
+//! controller's management WireGuard key, and the identity a node receives (provisioning,
+//! attach, images).
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use towalink_bundle::messages::{Management, NodeIdentity};
+
+use crate::allocation::{NodeAllocation, NodeSecrets};
+use crate::attributes::{defaults, Level, Merged};
+use crate::durable::{self, Secret};
+use crate::resolve::ResolveError;
+use crate::store::Store;
+use crate::Error;
+
+/// The controller's management WireGuard key.
+pub const MANAGEMENT_KEY: &str = "certs/management.key";
+pub const MANAGEMENT_PUB: &str = "certs/management.pub";
+
+/// Offset of node addresses in the pool: node N gets pool + 0x1_0000 + N (`…::1:<N in hex>`),
+/// the controller pool + 1.
+const NODE_OFFSET: u128 = 0x1_0000;
+
+/// The management settings (global attributes `mgmt_*` and `controller_endpoint`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManagementSettings {
+    pub pool: ipnet::Ipv6Net,
+    pub listen_port: u16,
+    pub api_port: u16,
+    pub keepalive_s: u16,
+    pub report_interval_s: u64,
+    /// Where nodes reach the controller's WireGuard endpoint (`host:port`); empty when unset.
+    pub controller_endpoints: Vec<String>,
+}
+
+fn bad(merged: &Merged, attribute: &str, message: impl Into<String>) -> ResolveError {
+    ResolveError::Attribute {
+        file: merged
+            .origin(attribute)
+            .map(Level::file)
+            .unwrap_or_else(|| "built-in default".to_string()),
+        attribute: attribute.to_string(),
+        message: message.into(),
+    }
+}
+
+fn integer(merged: &Merged, key: &str, min: i64, max: i64) -> Result<i64, ResolveError> {
+    match merged.values.get(key) {
+        Some(toml::Value::Integer(n)) if (min..=max).contains(n) => Ok(*n),
+        None => Err(bad(merged, key, "is missing")),
+        Some(_) => Err(bad(merged, key, format!("must be an integer from {min} to {max}"))),
+    }
+}
+
+impl ManagementSettings {
+    /// Reads the settings from merged global attributes. Pure.
+    pub fn from_attributes(merged: &Merged) -> Result<ManagementSettings, ResolveError> {
+        let pool: ipnet::Ipv6Net = match merged.values.get("mgmt_ipv6_pool") {
+            Some(toml::Value::String(s)) => s
+                .parse()
+                .map_err(|_| bad(merged, "mgmt_ipv6_pool", format!("is `{s}`, not an IPv6 prefix")))?,
+            None => return Err(bad(merged, "mgmt_ipv6_pool", "is missing")),
+            Some(_) => return Err(bad(merged, "mgmt_ipv6_pool", "must be a string")),
+        };
+        if pool.prefix_len() > 96 {
+            return Err(bad(
+                merged,
+                "mgmt_ipv6_pool",
+                "must be a /96 or larger (node addresses are pool + 65536 + node id)",
+            ));
+        }
+        let listen_port = integer(merged, "mgmt_listen_port", 1, 65535)? as u16;
+        let endpoints = match merged.values.get("controller_endpoint") {
+            None => Vec::new(),
+            Some(toml::Value::String(s)) => vec![s.clone()],
+            Some(toml::Value::Array(items)) => items
+                .iter()
+                .map(|i| {
+                    i.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| bad(merged, "controller_endpoint", "must hold strings"))
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => {
+                return Err(bad(
+                    merged,
+                    "controller_endpoint",
+                    "must be a string `host[:port]` or a list of them",
+                ))
+            }
+        };
+        let controller_endpoints = endpoints
+            .into_iter()
+            .map(|e| with_port(&e, listen_port).ok_or_else(|| bad(merged, "controller_endpoint", format!("`{e}` is not `host[:port]`"))))
+            .collect::<Result<_, _>>()?;
+        Ok(ManagementSettings {
+            pool,
+            listen_port,
+            api_port: integer(merged, "mgmt_api_port", 1, 65535)? as u16,
+            keepalive_s: integer(merged, "mgmt_keepalive", 0, 65535)? as u16,
+            report_interval_s: integer(merged, "mgmt_report_interval_s", 1, 300)? as u64,
+            controller_endpoints,
+        })
+    }
+
+    /// The controller's management address (the pool's first host).
+    pub fn controller_address(&self) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.pool.network()) + 1)
+    }
+
+    /// A node's management address.
+    pub fn node_address(&self, node_id: u32) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(self.pool.network()) + NODE_OFFSET + u128::from(node_id))
+    }
+
+    /// The node id a management address belongs to.
+    pub fn node_id_of(&self, address: IpAddr) -> Option<u32> {
+        let IpAddr::V6(v6) = address else {
+            return None;
+        };
+        if !self.pool.contains(&v6) {
+            return None;
+        }
+        let offset = u128::from(v6) - u128::from(self.pool.network());
+        offset
+            .checked_sub(NODE_OFFSET)
+            .and_then(|id| u32::try_from(id).ok())
+            .filter(|id| *id > 0)
+    }
+}
+
+/// `host:port`, adding `port` when the endpoint has none.
+fn with_port(endpoint: &str, port: u16) -> Option<String> {
+    let endpoint = endpoint.trim();
+    if endpoint.is_empty() {
+        return None;
+    }
+    if let Ok(ip) = endpoint.parse::<IpAddr>() {
+        return Some(std::net::SocketAddr::new(ip, port).to_string());
+    }
+    if endpoint.parse::<std::net::SocketAddr>().is_ok() {
+        return Some(endpoint.to_string());
+    }
+    match endpoint.rsplit_once(':') {
+        Some((host, p)) if !host.is_empty() && !host.contains(':') => {
+            p.parse::<u16>().ok().map(|_| endpoint.to_string())
+        }
+        Some(_) => None,
+        None => Some(format!("{endpoint}:{port}")),
+    }
+}
+
+/// The management settings of a configuration directory (defaults → global).
+pub fn settings(store: &Store) -> Result<ManagementSettings, Error> {
+    let global = store.level_attributes(&Level::Global)?;
+    let defaults = defaults();
+    let merged = Merged::from_layers([(Level::Default, &defaults), (Level::Global, &global)]);
+    Ok(ManagementSettings::from_attributes(&merged)?)
+}
+
+/// The controller's management key pair, made (0600) on first use. The caller holds the lock
+/// when it may create it.
+pub fn controller_key(store: &Store) -> Result<(Secret, String), Error> {
+    let path = store.root().join(MANAGEMENT_KEY);
+    if let Some(text) = durable::read_optional(&path)? {
+        let bytes: [u8; 32] = BASE64
+            .decode(text.trim())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| Error::Corrupt {
+                file: MANAGEMENT_KEY.into(),
+                message: "is not a base64 WireGuard private key".into(),
+            })?;
+        let secret = x25519_dalek::StaticSecret::from(bytes);
+        let public = BASE64.encode(x25519_dalek::PublicKey::from(&secret).as_bytes());
+        return Ok((Secret::new(text.trim().to_string()), public));
+    }
+    let (secret, public) = crate::allocation::wireguard_key_pair(&mut rand_core::OsRng);
+    durable::create_dir_all(&store.root().join("certs"))?;
+    durable::write_atomic(&path, format!("{}\n", secret.expose()).as_bytes(), 0o600)?;
+    durable::write_atomic(
+        &store.root().join(MANAGEMENT_PUB),
+        format!("{public}\n").as_bytes(),
+        0o644,
+    )?;
+    Ok((secret, public))
+}
+
+/// A node's identity (what goes to `identity/node.toml`) and its secrets. Without a
+/// `controller_endpoint` the identity has no management link (the node runs alone).
+pub fn node_identity(
+    store: &Store,
+    node: &NodeAllocation,
+) -> Result<(NodeIdentity, NodeSecrets), Error> {
+    let signing_key =
+        crate::versions::controller_public_key(store)?.ok_or_else(|| Error::Corrupt {
+            file: crate::versions::SIGNING_PUB.to_string(),
+            message: "missing: commit once to create the controller key".into(),
+        })?;
+    let secrets = store.load_secrets()?;
+    let node_secrets = secrets
+        .nodes
+        .into_iter()
+        .find(|s| s.id == node.id)
+        .ok_or_else(|| Error::Corrupt {
+            file: "generated/secrets.toml".into(),
+            message: format!("has no keys for node {} (id {})", node.full_name(), node.id),
+        })?;
+    let settings = settings(store)?;
+    let management = if settings.controller_endpoints.is_empty() {
+        None
+    } else {
+        let (_, controller_public) = controller_key(store)?;
+        Some(Management {
+            controller_endpoints: settings.controller_endpoints.clone(),
+            controller_wg_public_key: controller_public,
+            address: IpAddr::V6(settings.node_address(node.id)),
+            controller_address: IpAddr::V6(settings.controller_address()),
+            api_port: settings.api_port,
+            listen_port: 0,
+            keepalive_s: settings.keepalive_s,
+        })
+    };
+    Ok((
+        NodeIdentity {
+            node_id: node.id,
+            site: node.site.to_string(),
+            node: node.name.to_string(),
+            controller_key: signing_key,
+            wg_public_key: node.wg_public_key.clone(),
+            management,
+        },
+        node_secrets,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn merged(extra: &str) -> Merged {
+        let global: toml::Table = extra.parse().unwrap();
+        let defaults = defaults();
+        Merged::from_layers([(Level::Default, &defaults), (Level::Global, &global)])
+    }
+
+    #[test]
+    fn addresses_derive_from_pool_and_id() {
+        let s = ManagementSettings::from_attributes(&merged("")).unwrap();
+        assert_eq!(s.controller_address().to_string(), "fd54:6f77:616c:ffff::1");
+        assert_eq!(s.node_address(10).to_string(), "fd54:6f77:616c:ffff::1:a");
+        assert_eq!(s.node_id_of(s.node_address(10).into()), Some(10));
+        assert_eq!(s.node_id_of(s.controller_address().into()), None);
+        assert_eq!(s.node_id_of("fd00::1:a".parse().unwrap()), None);
+        assert_eq!(s.node_id_of("192.0.2.1".parse().unwrap()), None);
+        assert!(s.controller_endpoints.is_empty());
+    }
+
+    #[test]
+    fn endpoints_get_the_listen_port() {
+        let s = ManagementSettings::from_attributes(&merged(
+            r#"controller_endpoint = ["ctl.example.net", "192.0.2.1", "2001:db8::1", "[2001:db8::2]:4000", "h:1"]"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            s.controller_endpoints,
+            [
+                "ctl.example.net:51819",
+                "192.0.2.1:51819",
+                "[2001:db8::1]:51819",
+                "[2001:db8::2]:4000",
+                "h:1"
+            ]
+        );
+        let error = ManagementSettings::from_attributes(&merged(r#"controller_endpoint = "h:x""#))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("controller_endpoint") && error.contains("config.toml"), "{error}");
+        let error = ManagementSettings::from_attributes(&merged(r#"mgmt_ipv6_pool = "10.0.0.0/8""#))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("mgmt_ipv6_pool"), "{error}");
+    }
+}

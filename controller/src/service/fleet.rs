@@ -1,0 +1,237 @@
+//! The service's view of the fleet: every node's management identity, committed versions and
+//! activation order, reloaded when `tlm` changes the configuration directory; and the
+//! long-poll rendezvous between nodes waiting for news and those changes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use towalink_bundle::messages::{NodeReport, Order, SyncReply};
+
+use crate::management::ManagementSettings;
+use crate::names::NodeFullName;
+use crate::store::Store;
+use crate::{versions, Error};
+
+/// How many versions a reply offers (the node keeps as many).
+pub const OFFERED_VERSIONS: usize = 10;
+
+/// One node as the service knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeEntry {
+    pub name: NodeFullName,
+    pub public_key: String,
+    /// Committed versions, oldest first.
+    pub versions: Vec<u32>,
+    pub order: Option<Order>,
+}
+
+/// What the nodes should know, by node id.
+#[derive(Debug, Default)]
+pub struct View {
+    pub generation: u64,
+    pub nodes: BTreeMap<u32, NodeEntry>,
+}
+
+/// The reply a node gets, and whether it carries news (a version the node lacks among the
+/// offered ones, or an order it has not carried out). Pure.
+pub fn reply_for(entry: &NodeEntry, report: &NodeReport, interval_s: u64) -> (SyncReply, bool) {
+    let skip = entry.versions.len().saturating_sub(OFFERED_VERSIONS);
+    let offered: Vec<u32> = entry.versions[skip..].to_vec();
+    let missing = offered
+        .iter()
+        .any(|v| !report.installed_versions.contains(v));
+    let new_order = entry
+        .order
+        .is_some_and(|o| report.order_done.as_ref().is_none_or(|d| o.seq > d.seq));
+    (
+        SyncReply {
+            versions: offered,
+            order: entry.order,
+            report_interval_s: interval_s,
+        },
+        missing || new_order,
+    )
+}
+
+/// Files whose change makes the service reload.
+const WATCHED: [&str; 3] = [
+    "generated/config.toml",
+    "effective/index.toml",
+    "effective/activation.toml",
+];
+
+type Stamp = Vec<Option<(i64, i64, u64, u64)>>;
+
+pub struct Fleet {
+    store: Store,
+    pub settings: ManagementSettings,
+    view: Mutex<View>,
+    changed: Condvar,
+    stamp: Mutex<Stamp>,
+}
+
+fn stamp(store: &Store) -> Stamp {
+    use std::os::unix::fs::MetadataExt as _;
+    WATCHED
+        .iter()
+        .map(|f| {
+            std::fs::metadata(store.root().join(f))
+                .ok()
+                .map(|m| (m.mtime(), m.mtime_nsec(), m.ino(), m.len()))
+        })
+        .collect()
+}
+
+impl Fleet {
+    pub fn new(store: Store, settings: ManagementSettings) -> Fleet {
+        Fleet {
+            store,
+            settings,
+            view: Mutex::new(View::default()),
+            changed: Condvar::new(),
+            stamp: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Reloads when a watched file changed; returns whether it did.
+    pub fn reload_if_changed(&self) -> Result<bool, Error> {
+        let now = stamp(&self.store);
+        if *self.stamp.lock().expect("stamp lock") == now {
+            return Ok(false);
+        }
+        self.reload()?;
+        *self.stamp.lock().expect("stamp lock") = now;
+        Ok(true)
+    }
+
+    /// Reads nodes, versions and orders from the directory and wakes every waiting node.
+    pub fn reload(&self) -> Result<(), Error> {
+        let generated = self.store.load_generated()?;
+        let activations = versions::load_activations(&self.store)?;
+        let mut nodes = BTreeMap::new();
+        for node in &generated.nodes {
+            let name = node.full_name();
+            let order = activations.nodes.get(&name.to_string()).map(|a| Order {
+                seq: a.order,
+                version: a.version,
+                confirm_s: a.confirm_s,
+            });
+            nodes.insert(
+                node.id,
+                NodeEntry {
+                    versions: versions::list_versions(&self.store, &name)?,
+                    name,
+                    public_key: node.wg_public_key.clone(),
+                    order,
+                },
+            );
+        }
+        let mut view = self.view.lock().expect("fleet lock");
+        if view.nodes != nodes {
+            view.nodes = nodes;
+            view.generation += 1;
+            tracing::info!(nodes = view.nodes.len(), generation = view.generation, "fleet reloaded");
+            self.changed.notify_all();
+        }
+        Ok(())
+    }
+
+    pub fn node(&self, id: u32) -> Option<NodeEntry> {
+        self.view.lock().expect("fleet lock").nodes.get(&id).cloned()
+    }
+
+    /// The public keys and ids of all nodes.
+    pub fn peers(&self) -> Vec<(u32, String)> {
+        let view = self.view.lock().expect("fleet lock");
+        view.nodes
+            .iter()
+            .map(|(id, n)| (*id, n.public_key.clone()))
+            .collect()
+    }
+
+    /// The reply for a node: at once when there is news for it, else when the fleet changes
+    /// with news for it, or after `wait`.
+    pub fn wait_reply(&self, id: u32, report: &NodeReport, wait: Duration) -> Option<SyncReply> {
+        let deadline = Instant::now() + wait;
+        let mut view = self.view.lock().expect("fleet lock");
+        loop {
+            let entry = view.nodes.get(&id)?;
+            let (reply, news) = reply_for(entry, report, self.settings.report_interval_s);
+            let now = Instant::now();
+            if news || now >= deadline {
+                return Some(reply);
+            }
+            view = self
+                .changed
+                .wait_timeout(view, deadline - now)
+                .expect("fleet lock")
+                .0;
+        }
+    }
+
+    pub fn bundle_path(&self, id: u32, version: u32) -> Option<PathBuf> {
+        let entry = self.node(id)?;
+        entry
+            .versions
+            .contains(&version)
+            .then(|| versions::bundle_path(&self.store, &entry.name, version))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use towalink_bundle::messages::OrderOutcome;
+
+    fn entry(versions: Vec<u32>, order: Option<(u64, u32)>) -> NodeEntry {
+        NodeEntry {
+            name: "r.s1".parse().unwrap(),
+            public_key: String::new(),
+            versions,
+            order: order.map(|(seq, version)| Order {
+                seq,
+                version,
+                confirm_s: None,
+            }),
+        }
+    }
+
+    fn report(installed: Vec<u32>, done: Option<u64>) -> NodeReport {
+        NodeReport {
+            installed_versions: installed,
+            order_done: done.map(|seq| OrderOutcome {
+                seq,
+                version: 1,
+                result: "activated".into(),
+                time: 0,
+            }),
+            ..NodeReport::default()
+        }
+    }
+
+    #[test]
+    fn news_is_a_missing_version_or_a_new_order() {
+        let (reply, news) = reply_for(&entry(vec![1, 2], None), &report(vec![1, 2], None), 5);
+        assert!(!news);
+        assert_eq!(reply.versions, [1, 2]);
+        assert!(reply_for(&entry(vec![1, 2, 3], None), &report(vec![1, 2], None), 5).1);
+        assert!(reply_for(&entry(vec![1], Some((1, 1))), &report(vec![1], None), 5).1);
+        assert!(!reply_for(&entry(vec![1], Some((1, 1))), &report(vec![1], Some(1)), 5).1);
+        assert!(reply_for(&entry(vec![1], Some((2, 1))), &report(vec![1], Some(1)), 5).1);
+    }
+
+    #[test]
+    fn only_the_newest_versions_are_offered() {
+        let all: Vec<u32> = (1..=25).collect();
+        let installed: Vec<u32> = (16..=25).collect();
+        let (reply, news) = reply_for(&entry(all, None), &report(installed.clone(), None), 5);
+        assert_eq!(reply.versions, installed);
+        assert!(!news, "old versions the node pruned are not news");
+    }
+}

@@ -1,0 +1,388 @@
+//! `tlm serve`: the controller service. It runs the management WireGuard endpoint in-process
+//! (boringtun, one interface, one peer per node whose allowed address is the node's
+//! management address), and the management API on the controller's management address only:
+//! bound to that address and to the management interface, so a connection from anywhere
+//! else is refused by the kernel. Because WireGuard only accepts packets from a node's
+//! address when they come with that node's key, the source address of a connection
+//! identifies the node.
+//!
+//! The service reads the configuration directory (it never writes it, except `status/` and
+//! the management key on first start) and notices `tlm commit` / `tlm activate` within
+//! 100 ms by watching `generated/config.toml`, `effective/index.toml` and
+//! `effective/activation.toml`.
+
+pub mod fleet;
+pub mod records;
+
+use std::collections::BTreeMap;
+use std::io::BufReader;
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd as _;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use towalink_bundle::messages::{NodeReport, BUNDLE_PATH, MAX_WAIT_MS, SYNC_PATH};
+use towalink_bundle::wire::{self, WireError};
+use towalink_node::dataplane::netlink::Netlink;
+use towalink_node::dataplane::wireguard::{boringtun_device, Uapi};
+
+use crate::store::Store;
+use crate::{management, Error};
+use fleet::Fleet;
+use records::{NodeRecord, PeerRecord, ServiceRecord};
+
+/// Largest request body (a node report).
+pub const MAX_REQUEST_BYTES: u64 = 256 * 1024;
+/// Connections served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 1024;
+
+fn failed(what: impl std::fmt::Display) -> Error {
+    Error::Service(what.to_string())
+}
+
+fn key_hex(base64_key: &str) -> Result<String, Error> {
+    BASE64
+        .decode(base64_key.trim())
+        .ok()
+        .filter(|k| k.len() == 32)
+        .map(hex::encode)
+        .ok_or_else(|| failed(format!("`{base64_key}` is not a WireGuard key")))
+}
+
+/// The management endpoint: the boringtun device and its peers.
+struct Hub {
+    uapi: Uapi,
+    /// Peer public key (hex) → node id.
+    peers: BTreeMap<String, u32>,
+}
+
+impl Hub {
+    /// Adds new nodes' peers, removes removed nodes' peers; unchanged peers keep their session.
+    fn sync_peers(&mut self, fleet: &Fleet) -> Result<(), Error> {
+        let mut wanted = BTreeMap::new();
+        for (id, key) in fleet.peers() {
+            wanted.insert(key_hex(&key)?, id);
+        }
+        let mut request = String::from("set=1\n");
+        let mut changes = 0;
+        for key in self.peers.keys() {
+            if !wanted.contains_key(key) {
+                request.push_str(&format!("public_key={key}\nremove=true\n"));
+                changes += 1;
+            }
+        }
+        for (key, id) in &wanted {
+            if self.peers.get(key) != Some(id) {
+                let address = fleet.settings.node_address(*id);
+                request.push_str(&format!(
+                    "public_key={key}\nreplace_allowed_ips=true\nallowed_ip={address}/128\n"
+                ));
+                changes += 1;
+            }
+        }
+        if changes > 0 {
+            request.push('\n');
+            self.uapi.request(&request)?;
+            tracing::info!(peers = wanted.len(), changes, "management peers updated");
+            self.peers = wanted;
+        }
+        Ok(())
+    }
+
+    /// Endpoint and counters of every peer.
+    fn peer_records(&mut self) -> Vec<PeerRecord> {
+        let Ok(pairs) = self.uapi.request("get=1\n\n") else {
+            return Vec::new();
+        };
+        let mut records = Vec::new();
+        for (key, value) in pairs {
+            match key.as_str() {
+                "public_key" => {
+                    if let Some(&node_id) = self.peers.get(&value) {
+                        records.push(PeerRecord {
+                            node_id,
+                            endpoint: None,
+                            rx_bytes: 0,
+                            tx_bytes: 0,
+                        });
+                    }
+                }
+                "endpoint" => {
+                    if let Some(r) = records.last_mut() {
+                        r.endpoint = Some(value);
+                    }
+                }
+                "rx_bytes" => {
+                    if let Some(r) = records.last_mut() {
+                        r.rx_bytes = value.parse().unwrap_or(0);
+                    }
+                }
+                "tx_bytes" => {
+                    if let Some(r) = records.last_mut() {
+                        r.tx_bytes = value.parse().unwrap_or(0);
+                    }
+                }
+                _ => {}
+            }
+        }
+        records
+    }
+}
+
+/// Binds a listening socket to an interface: connections arriving on any other interface
+/// are refused by the kernel.
+fn bind_to_device(listener: &TcpListener, interface: &str) -> Result<(), Error> {
+    // SAFETY: setsockopt with a valid descriptor and a buffer of the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_BINDTODEVICE,
+            interface.as_ptr().cast(),
+            interface.len() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(failed(format!(
+            "cannot bind the API to interface {interface}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// Runs the service until the process is stopped.
+pub fn serve(store: &Store, interface: &str) -> Result<(), Error> {
+    let settings = management::settings(store)?;
+    let (secret, public) = {
+        let _lock = store.lock()?;
+        management::controller_key(store)?
+    };
+    let controller_address = IpAddr::V6(settings.controller_address());
+    let (_device, mut uapi) = boringtun_device(interface)?;
+    uapi.request(&format!(
+        "set=1\nprivate_key={}\nlisten_port={}\nreplace_peers=true\n\n",
+        key_hex(secret.expose())?,
+        settings.listen_port
+    ))?;
+    Netlink::new()?.ensure_interface(
+        interface,
+        towalink_node::dataplane::MANAGEMENT_MTU,
+        &[(
+            controller_address,
+            controller_address,
+            settings.pool.prefix_len(),
+        )],
+    )?;
+    let fleet = Arc::new(Fleet::new(store.clone(), settings.clone()));
+    fleet.reload_if_changed()?;
+    let mut hub = Hub {
+        uapi,
+        peers: BTreeMap::new(),
+    };
+    hub.sync_peers(&fleet)?;
+    let api = SocketAddr::new(controller_address, settings.api_port);
+    let listener = TcpListener::bind(api)
+        .map_err(|e| failed(format!("cannot listen on {api}: {e}")))?;
+    bind_to_device(&listener, interface)?;
+    tracing::info!(%api, interface, listen_port = settings.listen_port, public_key = %public, "controller service running");
+    eprintln!(
+        "tlm serve: management endpoint UDP {} on {interface} (public key {public}), API {api}",
+        settings.listen_port
+    );
+    let endpoints: Arc<std::sync::Mutex<BTreeMap<u32, String>>> = Arc::default();
+    {
+        let fleet = Arc::clone(&fleet);
+        let endpoints = Arc::clone(&endpoints);
+        std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || accept_loop(listener, fleet, endpoints))
+            .map_err(failed)?;
+    }
+    let started_ms = records::now_ms();
+    let mut next_heartbeat = Instant::now();
+    loop {
+        match fleet.reload_if_changed() {
+            Ok(true) => {
+                if let Err(error) = hub.sync_peers(&fleet) {
+                    tracing::error!(%error, "cannot update the management peers");
+                }
+            }
+            Ok(false) => {}
+            Err(error) => tracing::error!(%error, "cannot read the configuration directory; keeping the last view"),
+        }
+        if Instant::now() >= next_heartbeat {
+            next_heartbeat = Instant::now() + Duration::from_secs(1);
+            let peers = hub.peer_records();
+            if let Ok(mut map) = endpoints.lock() {
+                *map = peers
+                    .iter()
+                    .filter_map(|p| p.endpoint.clone().map(|e| (p.node_id, e)))
+                    .collect();
+            }
+            let record = ServiceRecord {
+                pid: std::process::id(),
+                started_ms,
+                updated_ms: records::now_ms(),
+                api: api.to_string(),
+                listen_port: settings.listen_port,
+                report_interval_s: settings.report_interval_s,
+                peers,
+            };
+            let bytes = serde_json::to_vec_pretty(&record).expect("service record serializes");
+            if let Err(error) = records::write_soft(&records::service_path(store), &bytes) {
+                tracing::error!(%error, "cannot write the service heartbeat");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    fleet: Arc<Fleet>,
+    endpoints: Arc<std::sync::Mutex<BTreeMap<u32, String>>>,
+) {
+    let active = Arc::new(AtomicUsize::new(0));
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+            tracing::warn!("too many API connections; closing one");
+            continue;
+        }
+        active.fetch_add(1, Ordering::SeqCst);
+        let fleet = Arc::clone(&fleet);
+        let active = Arc::clone(&active);
+        let endpoints = Arc::clone(&endpoints);
+        let spawned = std::thread::Builder::new()
+            .name("api-conn".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                handle(stream, &fleet, &endpoints);
+                active.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            tracing::error!("cannot start a thread for an API connection");
+        }
+    }
+}
+
+fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &[u8]) {
+    let _ = wire::write_response(stream, status, content_type, body);
+}
+
+fn refuse(stream: &mut TcpStream, status: u16, message: &str) {
+    respond(stream, status, "text/plain", format!("{message}\n").as_bytes());
+}
+
+/// Serves one request on a connection.
+fn handle(
+    mut stream: TcpStream,
+    fleet: &Fleet,
+    endpoints: &std::sync::Mutex<BTreeMap<u32, String>>,
+) {
+    let Ok(peer) = stream.peer_addr() else {
+        return;
+    };
+    let node_id = fleet
+        .settings
+        .node_id_of(peer.ip())
+        .filter(|id| fleet.node(*id).is_some());
+    let Some(node_id) = node_id else {
+        tracing::warn!(%peer, "API request from an address that is no node's management address: refused");
+        refuse(&mut stream, 403, "not a node's management address");
+        return;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(30)));
+    let request = {
+        let mut reader = BufReader::new(&stream);
+        wire::read_request(&mut reader, MAX_REQUEST_BYTES)
+    };
+    let request = match request {
+        Ok(r) => r,
+        Err(WireError::BodyTooLarge { length, limit }) => {
+            tracing::warn!(%peer, node_id, length, limit, "oversize request refused");
+            refuse(&mut stream, 413, &format!("body of {length} bytes; at most {limit}"));
+            return;
+        }
+        Err(WireError::Closed) => return,
+        Err(error) => {
+            tracing::warn!(%peer, node_id, %error, "malformed request refused");
+            refuse(&mut stream, 400, &error.to_string());
+            return;
+        }
+    };
+    match (request.method.as_str(), request.path.as_str()) {
+        ("POST", SYNC_PATH) => {
+            let report: NodeReport = match serde_json::from_slice(&request.body) {
+                Ok(r) => r,
+                Err(error) => {
+                    tracing::warn!(%peer, node_id, %error, "malformed report refused");
+                    refuse(&mut stream, 400, &format!("report is not valid: {error}"));
+                    return;
+                }
+            };
+            if report.node_id != node_id {
+                tracing::warn!(%peer, node_id, claimed = report.node_id, "report for another node refused");
+                refuse(
+                    &mut stream,
+                    403,
+                    &format!("this link belongs to node {node_id}, not {}", report.node_id),
+                );
+                return;
+            }
+            let Some(entry) = fleet.node(node_id) else {
+                refuse(&mut stream, 403, "node removed");
+                return;
+            };
+            let record = NodeRecord {
+                node: entry.name.to_string(),
+                node_id,
+                last_seen_ms: records::now_ms(),
+                endpoint: endpoints.lock().ok().and_then(|m| m.get(&node_id).cloned()),
+                report,
+            };
+            let bytes = serde_json::to_vec(&record).expect("record serializes");
+            if let Err(error) =
+                records::write_soft(&records::node_path(fleet.store(), &entry.name), &bytes)
+            {
+                tracing::error!(%error, node = %entry.name, "cannot write the node's status");
+            }
+            let wait = request
+                .query_value("wait_ms")
+                .and_then(|w| w.parse::<u64>().ok())
+                .unwrap_or(0)
+                .min(MAX_WAIT_MS);
+            match fleet.wait_reply(node_id, &record.report, Duration::from_millis(wait)) {
+                Some(reply) => respond(
+                    &mut stream,
+                    200,
+                    "application/json",
+                    &serde_json::to_vec(&reply).expect("reply serializes"),
+                ),
+                None => refuse(&mut stream, 403, "node removed"),
+            }
+        }
+        ("GET", path) if path.starts_with(BUNDLE_PATH) => {
+            let version = path[BUNDLE_PATH.len()..].trim_start_matches('v').parse::<u32>();
+            match version.ok().and_then(|v| fleet.bundle_path(node_id, v)) {
+                Some(file) => match std::fs::read(&file) {
+                    Ok(bytes) => respond(&mut stream, 200, "application/zstd", &bytes),
+                    Err(error) => {
+                        tracing::error!(file = %file.display(), %error, "cannot read bundle");
+                        refuse(&mut stream, 500, "cannot read the bundle");
+                    }
+                },
+                None => refuse(&mut stream, 404, "no such version for this node"),
+            }
+        }
+        (method, path) => {
+            tracing::warn!(%peer, node_id, method, path, "unknown API request refused");
+            refuse(&mut stream, 404, "unknown request");
+        }
+    }
+}

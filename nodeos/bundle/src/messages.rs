@@ -1,0 +1,219 @@
+//! What the controller and a node say to each other, as JSON over the management API (inside
+//! the management WireGuard tunnel) and over the attach endpoint (HTTPS, before the node has
+//! an identity). Pure data: both sides serialize these types and nothing else.
+//!
+//! Management API (plain HTTP/1.1 on the controller's management address; WireGuard already
+//! authenticates and encrypts, the controller identifies the node by the tunnel address):
+//!
+//! - `POST /v1/sync?wait_ms=N` with a [`NodeReport`]: the controller records the report and
+//!   answers with a [`SyncReply`] at once when it has something new for the node (a version the
+//!   node lacks, an order it has not done), otherwise after at most `N` ms or as soon as
+//!   something changes (long poll).
+//! - `GET /v1/bundle/<N>`: the signed bundle of the node's version N.
+//!
+//! Attach endpoint (HTTPS, port 8000, open while `tlm attach` runs):
+//!
+//! - `POST /attach/v1/request` with an [`AttachRequest`]: `202` with an [`AttachWaiting`] until the
+//!   operator has chosen, then `200` with an [`AttachGrant`] for the chosen device and `403` for
+//!   every other one.
+
+use serde::{Deserialize, Serialize};
+
+/// Path of the sync call.
+pub const SYNC_PATH: &str = "/v1/sync";
+/// Path prefix of the bundle download.
+pub const BUNDLE_PATH: &str = "/v1/bundle/";
+/// Path of the attach request.
+pub const ATTACH_PATH: &str = "/attach/v1/request";
+/// Longest long poll a controller holds.
+pub const MAX_WAIT_MS: u64 = 60_000;
+
+/// A node's report: everything `tlm status` shows about it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeReport {
+    pub node_id: u32,
+    /// `<node>.<site>` as the node's identity says.
+    pub node: String,
+    pub daemon_version: String,
+    /// Seconds since the node booted.
+    pub uptime_s: u64,
+    /// Seconds since the daemon started.
+    pub daemon_uptime_s: u64,
+    pub active_version: Option<u32>,
+    /// `good`, `pending` or `bad`.
+    pub state: Option<String>,
+    pub tries_left: Option<u32>,
+    pub confirm_by: Option<u64>,
+    pub last_good_version: Option<u32>,
+    pub installed_versions: Vec<u32>,
+    pub health: Vec<HealthReport>,
+    pub last_rollback: Option<RollbackReport>,
+    pub tunnels: Vec<TunnelReport>,
+    pub bgp: Vec<BgpSession>,
+    /// The last order the node carried out (or refused).
+    pub order_done: Option<OrderOutcome>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthReport {
+    pub check: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackReport {
+    /// Unix time.
+    pub time: u64,
+    pub from_version: Option<u32>,
+    pub to_version: Option<u32>,
+    pub reason: String,
+}
+
+/// One WireGuard link of the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunnelReport {
+    pub interface: String,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    /// Seconds since the link last received anything (a handshake, a keepalive, data), as
+    /// seen by the daemon; none when it has received nothing since the daemon started. The
+    /// kernel module reports handshake times, boringtun does not: this works for both.
+    pub last_rx_age_s: Option<u64>,
+}
+
+/// One BGP protocol in BIRD.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpSession {
+    pub name: String,
+    /// BIRD's state (`up`, `start`, …) and info (`Established`, `Active`, …).
+    pub state: String,
+    pub info: String,
+}
+
+/// An activation the controller asks for. `seq` grows with every `tlm activate` of the node;
+/// a node carries out each order once (it never re-activates a version it rolled back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Order {
+    pub seq: u64,
+    pub version: u32,
+    /// Roll back unless the version is confirmed (healthy and the controller reached through
+    /// it) within this many seconds.
+    pub confirm_s: Option<u64>,
+}
+
+/// What became of an order on the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderOutcome {
+    pub seq: u64,
+    pub version: u32,
+    /// `activated`, `already active`, or why the node could not (`refused: …`).
+    pub result: String,
+    /// Unix time.
+    pub time: u64,
+}
+
+/// The controller's answer to a sync.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncReply {
+    /// The versions the controller has for this node, oldest first (at most the newest few).
+    pub versions: Vec<u32>,
+    pub order: Option<Order>,
+    /// How long the node should wait before its next sync when nothing happens.
+    pub report_interval_s: u64,
+}
+
+/// A device asking for a configuration while `tlm attach` runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachRequest {
+    /// Random, made by the device for this bootstrap run; the operator picks by it.
+    pub device_id: String,
+    pub hostname: String,
+    /// `uname -m` of the device.
+    pub machine: String,
+}
+
+/// The answer until the operator has chosen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachWaiting {
+    pub status: String,
+}
+
+/// Everything a chosen device needs to become the node: its identity and secrets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachGrant {
+    pub identity: NodeIdentity,
+    /// base64 WireGuard private key.
+    pub wg_private_key: String,
+    pub recovery_token: String,
+}
+
+/// A node's identity without its secrets: `identity/node.toml` on the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeIdentity {
+    pub node_id: u32,
+    pub site: String,
+    pub node: String,
+    /// The controller's ed25519 public key (base64) that signs bundles.
+    pub controller_key: String,
+    /// The node's WireGuard public key (base64).
+    pub wg_public_key: String,
+    /// The management link; absent on a node that runs without a controller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub management: Option<Management>,
+}
+
+/// Where and how the node reaches the controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Management {
+    /// The controller's WireGuard endpoint(s), `host:port`, tried in order.
+    pub controller_endpoints: Vec<String>,
+    /// The controller's management WireGuard public key (base64).
+    pub controller_wg_public_key: String,
+    /// The node's address on the management link.
+    pub address: std::net::IpAddr,
+    /// The controller's address on the management link (the API listens there).
+    pub controller_address: std::net::IpAddr,
+    /// TCP port of the management API.
+    pub api_port: u16,
+    /// UDP port the node's end of the management link uses (0: any).
+    #[serde(default)]
+    pub listen_port: u16,
+    /// Persistent keepalive (seconds) so NAT keeps the link open.
+    pub keepalive_s: u16,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identity_round_trips_and_rejects_unknown_fields() {
+        let identity = NodeIdentity {
+            node_id: 3,
+            site: "s1".into(),
+            node: "r".into(),
+            controller_key: "k".into(),
+            wg_public_key: "p".into(),
+            management: Some(Management {
+                controller_endpoints: vec!["192.0.2.1:51819".into()],
+                controller_wg_public_key: "c".into(),
+                address: "fd54:6f77:616c:ffff::1:3".parse().unwrap(),
+                controller_address: "fd54:6f77:616c:ffff::1".parse().unwrap(),
+                api_port: 8001,
+                listen_port: 0,
+                keepalive_s: 25,
+            }),
+        };
+        let text = toml::to_string(&identity).unwrap();
+        assert_eq!(toml::from_str::<NodeIdentity>(&text).unwrap(), identity);
+        assert!(toml::from_str::<NodeIdentity>(&format!("{text}\nextra = 1\n")).is_err());
+        let without: NodeIdentity = toml::from_str(
+            "node_id = 1\nsite = \"a\"\nnode = \"x\"\ncontroller_key = \"k\"\nwg_public_key = \"p\"\n",
+        )
+        .unwrap();
+        assert_eq!(without.management, None);
+    }
+}

@@ -1,0 +1,377 @@
+//! The node's side of the management API: a thread that keeps syncing with the controller
+//! through the management link. Each sync sends a fresh [`NodeReport`]; the reply names the
+//! versions the controller has (missing ones are downloaded and installed, not activated:
+//! mirroring) and the latest activation order (carried out once, by its sequence number).
+//!
+//! The controller holds a sync open (long poll) until it has something new; the node drops a
+//! held sync and reports at once when its own state changes (a version blessed or rolled
+//! back), so the controller learns within a fraction of a second. Nothing here is needed for
+//! routing: when the controller is unreachable the node keeps running its active version and
+//! retries quietly.
+
+use std::io::{BufReader, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use towalink_bundle::messages::{
+    BgpSession, HealthReport, NodeReport, Order, OrderOutcome, RollbackReport, SyncReply,
+    TunnelReport, BUNDLE_PATH, SYNC_PATH,
+};
+use towalink_bundle::wire;
+
+use crate::lifecycle::{Node, VersionSpec};
+use crate::state::{now, Installed, KEEP_VERSIONS};
+use crate::Error;
+
+/// Largest bundle the node downloads.
+const MAX_BUNDLE_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest sync reply.
+const MAX_REPLY_BYTES: u64 = 1024 * 1024;
+
+/// What the daemon's main loop shares with the management thread.
+pub struct Shared {
+    /// Bumped by the main loop whenever the node's state on disk changes.
+    pub generation: AtomicU64,
+    /// The data plane links as the main loop last saw them.
+    pub tunnels: Mutex<Vec<TunnelReport>>,
+    pub started: Instant,
+}
+
+impl Default for Shared {
+    fn default() -> Shared {
+        Shared {
+            generation: AtomicU64::new(0),
+            tunnels: Mutex::new(Vec::new()),
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Shared {
+    pub fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Why a call to the controller failed.
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Wire(#[from] wire::WireError),
+    #[error("controller answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("reply is not valid: {0}")]
+    Reply(String),
+    #[error("dropped for a fresh report")]
+    Superseded,
+}
+
+/// A stream whose reads give up when `abort` says so (checked every 200 ms) or at `deadline`.
+struct Interruptible<'a> {
+    stream: TcpStream,
+    deadline: Instant,
+    abort: &'a dyn Fn() -> bool,
+}
+
+impl Read for Interruptible<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.stream.read(buf) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if (self.abort)() {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::Interrupted,
+                            "superseded",
+                        ));
+                    }
+                    if Instant::now() >= self.deadline {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "controller did not answer in time",
+                        ));
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// One HTTP exchange with the management API.
+fn call(
+    api: SocketAddr,
+    method: &str,
+    target: &str,
+    body: &[u8],
+    limit: u64,
+    timeout: Duration,
+    abort: &dyn Fn() -> bool,
+) -> Result<wire::Response, CallError> {
+    let mut stream = TcpStream::connect_timeout(&api, Duration::from_secs(3))?;
+    stream.set_read_timeout(Some(Duration::from_millis(200)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    wire::write_request(
+        &mut stream,
+        method,
+        &api.to_string(),
+        target,
+        "application/json",
+        body,
+    )?;
+    let mut reader = BufReader::new(Interruptible {
+        stream,
+        deadline: Instant::now() + timeout,
+        abort,
+    });
+    match wire::read_response(&mut reader, limit) {
+        Ok(response) if response.status == 200 => Ok(response),
+        Ok(response) => Err(CallError::Status {
+            status: response.status,
+            body: String::from_utf8_lossy(&response.body).trim().to_string(),
+        }),
+        Err(wire::WireError::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {
+            Err(CallError::Superseded)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn system_uptime_s() -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|t| t.split('.').next().and_then(|s| s.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// The report the node sends now.
+pub fn build_report(node: &Node, shared: &Shared) -> Result<NodeReport, Error> {
+    let status = node.status()?;
+    let bgp = node
+        .reloader
+        .bird
+        .protocols()
+        .map(|protocols| {
+            protocols
+                .into_iter()
+                .filter(|p| p.proto == "BGP")
+                .map(|p| BgpSession {
+                    name: p.name,
+                    state: p.state,
+                    info: p.info,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(NodeReport {
+        node_id: status.node_id,
+        node: status.node,
+        daemon_version: env!("CARGO_PKG_VERSION").to_string(),
+        uptime_s: system_uptime_s(),
+        daemon_uptime_s: shared.started.elapsed().as_secs(),
+        active_version: status.active_version,
+        state: status.state,
+        tries_left: status.tries_left,
+        confirm_by: status.confirm_by,
+        last_good_version: status.last_good_version,
+        installed_versions: status.installed_versions,
+        health: status
+            .health
+            .into_iter()
+            .map(|c| HealthReport {
+                check: format!("{:?}", c.check).to_lowercase(),
+                ok: c.ok,
+                detail: c.detail,
+            })
+            .collect(),
+        last_rollback: status.last_rollback.map(|r| RollbackReport {
+            time: r.time,
+            from_version: r.from_version,
+            to_version: r.to_version,
+            reason: r.reason,
+        }),
+        tunnels: shared
+            .tunnels
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_default(),
+        bgp,
+        order_done: node.state.last_order(),
+    })
+}
+
+/// The management thread: sync, act on the reply, repeat. Never returns.
+pub fn run(node: Node, api: SocketAddr, shared: Arc<Shared>) {
+    let mut interval = Duration::from_secs(5);
+    let mut reachable = true;
+    let mut wait_ms = 0u64;
+    loop {
+        let seen = shared.generation.load(Ordering::SeqCst);
+        let report = match build_report(&node, &shared) {
+            Ok(report) => report,
+            Err(error) => {
+                tracing::error!(%error, "cannot build the status report");
+                std::thread::sleep(interval);
+                continue;
+            }
+        };
+        let body = serde_json::to_vec(&report).expect("report serializes");
+        let abort = || shared.generation.load(Ordering::SeqCst) != seen;
+        let target = format!("{SYNC_PATH}?wait_ms={wait_ms}");
+        let timeout = Duration::from_millis(wait_ms) + Duration::from_secs(10);
+        match call(api, "POST", &target, &body, MAX_REPLY_BYTES, timeout, &abort) {
+            Ok(response) => {
+                if !reachable {
+                    tracing::info!(%api, "controller reachable again");
+                    reachable = true;
+                }
+                let reply: SyncReply = match serde_json::from_slice(&response.body) {
+                    Ok(reply) => reply,
+                    Err(e) => {
+                        tracing::error!(error = %CallError::Reply(e.to_string()), "bad sync reply");
+                        std::thread::sleep(interval);
+                        continue;
+                    }
+                };
+                interval = Duration::from_secs(reply.report_interval_s.clamp(1, 300));
+                let acted = act_on(&node, api, &reply, &report);
+                confirm_if_healthy(&node, &report);
+                if acted {
+                    shared.changed();
+                    wait_ms = 0;
+                } else {
+                    wait_ms = interval.as_millis() as u64;
+                }
+            }
+            Err(CallError::Superseded) => wait_ms = 0,
+            Err(error) => {
+                if reachable {
+                    tracing::warn!(%api, %error, "controller unreachable; running on the active version, retrying");
+                    reachable = false;
+                } else {
+                    tracing::debug!(%api, %error, "controller still unreachable");
+                }
+                wait_ms = 0;
+                // Come back early when the local state changes, else after the interval.
+                let until = Instant::now() + interval.min(Duration::from_secs(2));
+                while Instant::now() < until && !abort() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+}
+
+/// Downloads and installs the versions the node lacks, adopts a first version, carries out a
+/// new order. Returns whether anything changed.
+fn act_on(node: &Node, api: SocketAddr, reply: &SyncReply, report: &NodeReport) -> bool {
+    let mut changed = false;
+    let newest: Vec<u32> = reply
+        .versions
+        .iter()
+        .rev()
+        .take(KEEP_VERSIONS)
+        .copied()
+        .collect();
+    let order = reply
+        .order
+        .filter(|o| report.order_done.as_ref().is_none_or(|d| o.seq > d.seq));
+    let mut wanted: Vec<u32> = newest
+        .into_iter()
+        .chain(order.map(|o| o.version))
+        .filter(|v| !report.installed_versions.contains(v))
+        .collect();
+    wanted.sort_unstable();
+    wanted.dedup();
+    for version in wanted {
+        match fetch_and_install(node, api, version) {
+            Ok(Installed::New(v)) => {
+                tracing::info!(version = v, "received and installed");
+                changed = true;
+            }
+            Ok(Installed::AlreadyPresent(_)) => {}
+            Err(error) => tracing::error!(version, %error, "cannot take version"),
+        }
+    }
+    if report.active_version.is_none() {
+        match node.adopt_first_version() {
+            Ok(Some(_)) => changed = true,
+            Ok(None) => {}
+            Err(error) => tracing::error!(%error, "cannot make the first version active"),
+        }
+    }
+    if let Some(order) = order {
+        carry_out(node, order);
+        changed = true;
+    }
+    changed
+}
+
+fn fetch_and_install(node: &Node, api: SocketAddr, version: u32) -> Result<Installed, String> {
+    let response = call(
+        api,
+        "GET",
+        &format!("{BUNDLE_PATH}{version}"),
+        b"",
+        MAX_BUNDLE_BYTES,
+        Duration::from_secs(60),
+        &|| false,
+    )
+    .map_err(|e| format!("download: {e}"))?;
+    node.install(&response.body).map_err(|e| e.to_string())
+}
+
+fn carry_out(node: &Node, order: Order) {
+    let already = node.state.read().ok().is_some_and(|disk| {
+        disk.active_version() == Some(order.version)
+            && disk
+                .current
+                .is_some_and(|s| disk.slot(s).marker != Some(crate::slots::Marker::Bad))
+    });
+    let result = if already {
+        "already active".to_string()
+    } else {
+        match node.activate(VersionSpec::Number(order.version), order.confirm_s) {
+            Ok(report) => {
+                tracing::info!(version = order.version, seq = order.seq, ms = report.activation_ms, "activated by the controller");
+                "activated".to_string()
+            }
+            Err(Error::RolledBack(reason)) => format!("rolled back: {reason}"),
+            Err(error) => {
+                tracing::error!(version = order.version, %error, "cannot carry out the controller's order");
+                format!("refused: {error}")
+            }
+        }
+    };
+    let outcome = OrderOutcome {
+        seq: order.seq,
+        version: order.version,
+        result,
+        time: now(),
+    };
+    if let Err(error) = node.state.record_order(&outcome) {
+        tracing::error!(%error, "cannot record the order");
+    }
+}
+
+/// An activation made with a confirm timer is confirmed once the controller was reached
+/// through it (this sync just succeeded) and its health checks pass.
+fn confirm_if_healthy(node: &Node, report: &NodeReport) {
+    if report.state.as_deref() == Some("pending")
+        && report.confirm_by.is_some()
+        && report.health.iter().all(|c| c.ok)
+    {
+        match node.mark_good() {
+            Ok(version) => tracing::info!(version, "confirmed: controller reached and health checks pass"),
+            Err(error) => tracing::error!(%error, "cannot confirm"),
+        }
+    }
+}
