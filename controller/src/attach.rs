@@ -306,10 +306,21 @@ pub fn attach(
         let started = Instant::now();
         loop {
             if let Some(record) = records::read_node(store, &full).filter(|r| r.last_seen_ms >= since) {
+                // The service learns the peer's endpoint from WireGuard once a second.
+                let endpoint = loop {
+                    let known = records::running_service(store)
+                        .and_then(|s| s.peers.into_iter().find(|p| p.node_id == node.id))
+                        .and_then(|p| p.endpoint)
+                        .or_else(|| record.endpoint.clone());
+                    if known.is_some() || started.elapsed() >= options.timeout {
+                        break known;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                };
                 writeln!(
                     out,
                     "management link up: {full} reports from {}, active {}",
-                    record.endpoint.as_deref().unwrap_or("?"),
+                    endpoint.as_deref().unwrap_or("?"),
                     record.report.active_version.map_or("none yet".to_string(), |v| format!("v{v}"))
                 )
                 .ok();

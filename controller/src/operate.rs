@@ -196,7 +196,7 @@ pub fn print_status(
                     "reachable": reachable(service.as_ref(), n.record.as_ref(), now),
                     "last_seen_ms": n.record.as_ref().map(|r| r.last_seen_ms),
                     "last_seen_age_s": n.record.as_ref().map(|r| now.saturating_sub(r.last_seen_ms) / 1000),
-                    "endpoint": n.record.as_ref().and_then(|r| r.endpoint.clone()),
+                    "endpoint": peer(n.id).and_then(|p| p.endpoint).or_else(|| n.record.as_ref().and_then(|r| r.endpoint.clone())),
                     "latest_version": n.latest,
                     "desired_version": n.desired,
                     "active_version": report.and_then(|r| r.active_version),

@@ -174,7 +174,7 @@ pub fn bootstrap(
         hostname,
         machine: std::env::consts::ARCH.to_string(),
     })?;
-    tracing::info!(device = %device_id, %controller, "asking for a configuration; pick this device in `tlm attach`");
+    tracing::debug!(device = %device_id, %controller, "asking for a configuration");
     eprintln!("device id {device_id}: waiting for the operator to pick this device");
     let started = Instant::now();
     let mut last_error = String::new();

@@ -315,7 +315,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 if let Err(error) = node.tick(&mut watch) {
                     tracing::error!(%error, "check failed");
                 }
-                let now_state = format!("{:?}", node.state.read().ok());
+                // Report at once when the disk state or a BGP session changes.
+                let bgp: Vec<(String, String, String)> = node
+                    .reloader
+                    .bird
+                    .protocols()
+                    .map(|ps| {
+                        ps.into_iter()
+                            .filter(|p| p.proto == "BGP")
+                            .map(|p| (p.name, p.state, p.info))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let now_state = format!("{:?} {bgp:?}", node.state.read().ok());
                 if now_state != fingerprint {
                     fingerprint = now_state;
                     shared.changed();
