@@ -543,16 +543,33 @@ fn a_crash_at_any_step_leaves_one_complete_version() {
     }
 }
 
-/// The `controller` check: a real TCP listener on loopback blesses; a closed port rolls back.
+/// Points the node's identity at a management API address (as attach or an image would).
+fn set_controller_api(f: &Fixture, api: std::net::SocketAddr) {
+    let path = f.node.state.join("identity/node.toml");
+    let mut identity: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+    let management: toml::Table = format!(
+        "controller_endpoints = [\"192.0.2.1:51819\"]\ncontroller_wg_public_key = \"{}\"\naddress = \"127.0.0.2\"\ncontroller_address = \"{}\"\napi_port = {}\nkeepalive_s = 25\n",
+        identity["wg_public_key"].as_str().unwrap(),
+        api.ip(),
+        api.port()
+    )
+    .parse()
+    .unwrap();
+    identity.insert("management".into(), management.into());
+    std::fs::write(&path, toml::to_string(&identity).unwrap()).unwrap();
+}
+
+/// The `controller` check: the management API answering (a real listener) blesses; an API
+/// that does not answer rolls back.
 #[test]
 fn controller_check_blesses_when_reachable_and_rolls_back_when_not() {
     let f = Fixture::new();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let open = listener.local_addr().unwrap().to_string();
+    let open = listener.local_addr().unwrap();
+    set_controller_api(&f, open);
     f.ctl
         .ok(&["set", "global", "node_health_checks", r#"["controller"]"#]);
-    f.ctl.ok(&["set", "global", "node_health_timeout_s", "1"]);
-    let v2 = f.commit_and_install("controller_endpoint", &format!("\"{open}\""));
+    let v2 = f.commit_and_install("node_health_timeout_s", "1");
     f.node.ok(&["activate", "latest"]);
     f.node.ok(&["run", "--once"]);
     let status = f.node.status();
@@ -565,9 +582,10 @@ fn controller_check_blesses_when_reachable_and_rolls_back_when_not() {
 
     let closed = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
+        l.local_addr().unwrap()
     };
-    let v3 = f.commit_and_install("controller_endpoint", &format!("\"{closed}\""));
+    set_controller_api(&f, closed);
+    let v3 = f.commit_and_install("node_health_timeout_s", "2");
     f.node.ok(&["activate", "latest"]);
     let status = run_daemon_while(&f.node, Duration::from_secs(20), |status| {
         active(&status).0 == u64::from(v3)
@@ -579,7 +597,7 @@ fn controller_check_blesses_when_reachable_and_rolls_back_when_not() {
     );
     let reason = status["last_rollback"]["reason"].as_str().unwrap();
     assert!(
-        reason.contains("controller") && reason.contains(&closed),
+        reason.contains("controller") && reason.contains(&closed.to_string()),
         "{reason}"
     );
     drop(listener);
