@@ -146,14 +146,16 @@ fn fleet_versions_activation_rollback_attach_and_controller_loss() {
     std::fs::write(&node_file, broken).unwrap();
     let out = net.ctl.ok(&["commit", "all"]);
     assert!(out.contains("r.s2: v3") && !out.contains("r.s1: v3"), "{out}");
-    let run = net.ctl.run(&["activate", "all", "--wait-blessed", "--timeout", "60"]);
+    // Staged: r.s2 first; it does not bless, so the rollout stops there.
+    let run = net.ctl.run(&["activate", "all", "--canary", "s2", "--timeout", "60"]);
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
-    assert!(run.stdout.contains("r.s1: v2 activated, blessed"), "{}", run.stdout);
+    assert!(!run.stdout.contains("r.s1: v2"), "{}", run.stdout);
     assert!(
         run.stdout.contains("r.s2: v3 rolled back:") && run.stdout.contains("did not pass its health checks"),
         "{}",
         run.stdout
     );
+    assert!(run.stdout.contains("stopped: canary `s2` did not bless the version; 2 other node(s) keep their version"), "{}", run.stdout);
     let status = net.fleet_status();
     let s2 = node_entry(&status, "r.s2");
     assert_eq!(s2["active_version"], 2, "{s2:#}");
@@ -163,6 +165,10 @@ fn fleet_versions_activation_rollback_attach_and_controller_loss() {
     net.wait_established(Duration::from_secs(30));
     std::fs::remove_file(&node_file).unwrap();
     net.ctl.ok(&["commit", "all"]);
+    let out = net.ctl.ok(&["activate", "all", "--canary", "r.s2", "--wait-blessed"]);
+    assert!(out.contains("r.s2: v4 activated, blessed"), "{out}");
+    assert!(out.contains("canary `r.s2` blessed the version; activating the other 2 node(s)"), "{out}");
+    assert!(out.contains("r.s1: v2 activated, blessed") && out.contains("2 of 2 node(s) blessed the version"), "{out}");
 
     // A fresh device attached by the bootstrap flow; a second device asking gets nothing.
     net.ctl.ok(&["add", "site", "s4"]);
