@@ -449,6 +449,10 @@ impl Network {
         let _ = started;
     }
 
+    pub fn controller_pid(&self) -> Option<u32> {
+        self.controller.as_ref()?.service.as_ref().map(Child::id)
+    }
+
     /// Kills the controller service.
     pub fn kill_controller(&mut self) {
         if let Some(controller) = self.controller.as_mut() {
