@@ -227,6 +227,8 @@ pub fn run(node: Node, api: SocketAddr, shared: Arc<Shared>) {
         let abort = || shared.generation.load(Ordering::SeqCst) != seen;
         let target = format!("{SYNC_PATH}?wait_ms={wait_ms}");
         let timeout = Duration::from_millis(wait_ms) + Duration::from_secs(10);
+        let asked = Instant::now();
+        let asked_wait = wait_ms;
         match call(api, "POST", &target, &body, MAX_REPLY_BYTES, timeout, &abort) {
             Ok(response) => {
                 if !reachable {
@@ -249,6 +251,14 @@ pub fn run(node: Node, api: SocketAddr, shared: Arc<Shared>) {
                     wait_ms = 0;
                 } else {
                     wait_ms = interval.as_millis() as u64;
+                    // The controller answered a long poll at once with news this node could
+                    // not take (a bundle it refuses): do not ask again right away.
+                    if asked_wait > 0 && asked.elapsed() < Duration::from_millis(500) {
+                        let until = Instant::now() + interval;
+                        while Instant::now() < until && !abort() {
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    }
                 }
             }
             Err(CallError::Superseded) => wait_ms = 0,
