@@ -296,10 +296,11 @@ pub fn attach(
             }
         })
     };
-    let result = choose_and_hand_out(store, &full, options, &pairing, input, out);
-    stop.store(true, Ordering::SeqCst);
-    let _ = server.join();
-    let device = result?;
+    // The endpoint stays open until attach ends: a chosen device whose grant was lost in
+    // transit (a reset) asks again and gets it again.
+    let _server = server;
+    let _stop = stop;
+    let device = choose_and_hand_out(store, &full, options, &pairing, input, out)?;
     writeln!(out, "handed the identity of {full} to device {}", device.id).ok();
     let since = records::now_ms();
     let reported = if records::running_service(store).is_some() {
