@@ -331,20 +331,41 @@ fn activate_records_the_wanted_version() {
     let out = t.ok(&["activate", "all"]);
     assert!(out.contains("primary.mysite1: v2"), "{out}");
     let activation: toml::Table = t.read("effective/activation.toml").parse().unwrap();
-    assert_eq!(activation["nodes"]["primary.mysite1"]["version"].as_integer(), Some(2));
-    assert_eq!(activation["nodes"]["primary.mysite1"]["order"].as_integer(), Some(1));
+    assert_eq!(
+        activation["nodes"]["primary.mysite1"]["version"].as_integer(),
+        Some(2)
+    );
+    assert_eq!(
+        activation["nodes"]["primary.mysite1"]["order"].as_integer(),
+        Some(1)
+    );
     let run = t.run(&["activate", "site", "mysite1", "v1"]);
     assert_eq!(run.code, 0);
-    assert!(run.stdout.contains("primary.mysite1: v1 (was v2)"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("primary.mysite1: v1 (was v2)"),
+        "{}",
+        run.stdout
+    );
     // Without the service the activation is recorded and the nodes take it later.
-    assert!(run.stderr.contains("the controller service is not running"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("the controller service is not running"),
+        "{}",
+        run.stderr
+    );
     let activation: toml::Table = t.read("effective/activation.toml").parse().unwrap();
-    assert_eq!(activation["nodes"]["primary.mysite1"]["order"].as_integer(), Some(2));
+    assert_eq!(
+        activation["nodes"]["primary.mysite1"]["order"].as_integer(),
+        Some(2)
+    );
     // --canary needs the service; nothing is recorded.
     let before = t.read("effective/activation.toml");
     let run = t.run(&["activate", "all", "--canary", "mysite1"]);
     assert_eq!(run.code, 1);
-    assert!(run.stderr.contains("--canary needs the controller service"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("--canary needs the controller service"),
+        "{}",
+        run.stderr
+    );
     assert_eq!(t.read("effective/activation.toml"), before);
     t.ok(&["activate", "node", "edge.mysite2", "1"]);
     t.ok(&["activate", "node", "4", "latest"]);

@@ -89,7 +89,11 @@ fn tls_identity(
     let key_path = store.root().join(KEY_FILE);
     let mut made = false;
     if !cert_path.exists() && !key_path.exists() {
-        let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
+        let mut names = vec![
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ];
         if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
             names.push(host.trim().to_string());
         }
@@ -109,7 +113,11 @@ fn tls_identity(
         let certified = rcgen::generate_simple_self_signed(names)
             .map_err(|e| failed(format!("cannot make a certificate: {e}")))?;
         durable::create_dir_all(&store.root().join("certs"))?;
-        durable::write_atomic(&key_path, certified.key_pair.serialize_pem().as_bytes(), 0o600)?;
+        durable::write_atomic(
+            &key_path,
+            certified.key_pair.serialize_pem().as_bytes(),
+            0o600,
+        )?;
         durable::write_atomic(&cert_path, certified.cert.pem().as_bytes(), 0o644)?;
         made = true;
     }
@@ -128,7 +136,12 @@ fn tls_identity(
         .map_err(failed)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| failed(format!("`{}` and `{}` do not fit: {e}", CERT_FILE, KEY_FILE)))?;
+        .map_err(|e| {
+            failed(format!(
+                "`{}` and `{}` do not fit: {e}",
+                CERT_FILE, KEY_FILE
+            ))
+        })?;
     Ok((Arc::new(config), print, made))
 }
 
@@ -153,7 +166,8 @@ fn serve_one(
         Ok(r) => r,
         Err(error) => {
             tracing::warn!(%address, %error, "attach request refused");
-            let _ = wire::write_response(&mut tls, 400, "text/plain", format!("{error}\n").as_bytes());
+            let _ =
+                wire::write_response(&mut tls, 400, "text/plain", format!("{error}\n").as_bytes());
             return;
         }
     };
@@ -184,7 +198,10 @@ fn serve_one(
         }
         Some(_) => {
             drop(state);
-            answer(403, b"{\"error\":\"the operator chose another device\"}".to_vec());
+            answer(
+                403,
+                b"{\"error\":\"the operator chose another device\"}".to_vec(),
+            );
         }
         None => {
             let known = state.devices.contains_key(&ask.device_id);
@@ -193,13 +210,16 @@ fn serve_one(
                 answer(503, b"{\"error\":\"too many devices are asking\"}".to_vec());
                 return;
             }
-            let device = state.devices.entry(ask.device_id.clone()).or_insert_with(|| Device {
-                id: ask.device_id.clone(),
-                hostname: ask.hostname.chars().take(64).collect(),
-                machine: ask.machine.chars().take(32).collect(),
-                address,
-                requests: 0,
-            });
+            let device = state
+                .devices
+                .entry(ask.device_id.clone())
+                .or_insert_with(|| Device {
+                    id: ask.device_id.clone(),
+                    hostname: ask.hostname.chars().take(64).collect(),
+                    machine: ask.machine.chars().take(32).collect(),
+                    address,
+                    requests: 0,
+                });
             device.requests += 1;
             device.address = address;
             if !known {
@@ -260,7 +280,11 @@ pub fn attach(
         tls_identity(store, &options.extra_names)?
     };
     if made {
-        writeln!(out, "made a self-signed certificate {CERT_FILE}; give it to devices with `--ca`").ok();
+        writeln!(
+            out,
+            "made a self-signed certificate {CERT_FILE}; give it to devices with `--ca`"
+        )
+        .ok();
     }
     writeln!(out, "certificate SHA-256 fingerprint {print}").ok();
     let listener = TcpListener::bind(options.listen)
@@ -306,7 +330,9 @@ pub fn attach(
     let reported = if records::running_service(store).is_some() {
         let started = Instant::now();
         loop {
-            if let Some(record) = records::read_node(store, &full).filter(|r| r.last_seen_ms >= since) {
+            if let Some(record) =
+                records::read_node(store, &full).filter(|r| r.last_seen_ms >= since)
+            {
                 // The service learns the peer's endpoint from WireGuard once a second.
                 let endpoint = loop {
                     let known = records::running_service(store)
@@ -322,7 +348,10 @@ pub fn attach(
                     out,
                     "management link up: {full} reports from {}, active {}",
                     endpoint.as_deref().unwrap_or("?"),
-                    record.report.active_version.map_or("none yet".to_string(), |v| format!("v{v}"))
+                    record
+                        .report
+                        .active_version
+                        .map_or("none yet".to_string(), |v| format!("v{v}"))
                 )
                 .ok();
                 break Some(record);
@@ -358,7 +387,12 @@ fn choose_and_hand_out(
     loop {
         let state = pairing.lock().expect("pairing lock");
         let named_seen = options.device.as_ref().is_some_and(|d| {
-            state.devices.keys().filter(|id| id.starts_with(d.as_str())).count() == 1
+            state
+                .devices
+                .keys()
+                .filter(|id| id.starts_with(d.as_str()))
+                .count()
+                == 1
         });
         drop(state);
         if named_seen || started.elapsed() >= options.collect {
@@ -368,7 +402,11 @@ fn choose_and_hand_out(
     }
     let devices: Vec<Device> = {
         let state = pairing.lock().expect("pairing lock");
-        state.order.iter().map(|id| state.devices[id].clone()).collect()
+        state
+            .order
+            .iter()
+            .map(|id| state.devices[id].clone())
+            .collect()
     };
     if devices.is_empty() {
         return Err(failed(format!(
@@ -378,16 +416,27 @@ fn choose_and_hand_out(
         )));
     }
     let chosen = if let Some(prefix) = &options.device {
-        let matching: Vec<&Device> = devices.iter().filter(|d| d.id.starts_with(prefix.as_str())).collect();
+        let matching: Vec<&Device> = devices
+            .iter()
+            .filter(|d| d.id.starts_with(prefix.as_str()))
+            .collect();
         match matching.as_slice() {
             [one] => (*one).clone(),
             [] => {
                 return Err(failed(format!(
                     "--device `{prefix}` has not asked (devices: {})",
-                    devices.iter().map(|d| d.id.as_str()).collect::<Vec<_>>().join(", ")
+                    devices
+                        .iter()
+                        .map(|d| d.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )))
             }
-            _ => return Err(failed(format!("--device `{prefix}` matches several devices: give more of its id"))),
+            _ => {
+                return Err(failed(format!(
+                    "--device `{prefix}` matches several devices: give more of its id"
+                )))
+            }
         }
     } else if options.yes {
         match devices.as_slice() {
@@ -414,7 +463,12 @@ fn choose_and_hand_out(
             )
             .ok();
         }
-        write!(out, "attach which device as {full}? [1-{}, empty to abort] ", devices.len()).ok();
+        write!(
+            out,
+            "attach which device as {full}? [1-{}, empty to abort] ",
+            devices.len()
+        )
+        .ok();
         out.flush().ok();
         let mut line = String::new();
         input.read_line(&mut line).map_err(failed)?;
@@ -422,13 +476,28 @@ fn choose_and_hand_out(
         if line.is_empty() {
             return Err(failed("aborted by the operator; no device got anything"));
         }
-        match line.parse::<usize>().ok().and_then(|n| n.checked_sub(1)).and_then(|i| devices.get(i)) {
+        match line
+            .parse::<usize>()
+            .ok()
+            .and_then(|n| n.checked_sub(1))
+            .and_then(|i| devices.get(i))
+        {
             Some(d) => d.clone(),
-            None => return Err(failed(format!("`{line}` is not one of 1-{}", devices.len()))),
+            None => {
+                return Err(failed(format!(
+                    "`{line}` is not one of 1-{}",
+                    devices.len()
+                )))
+            }
         }
     };
     pairing.lock().expect("pairing lock").chosen = Some(chosen.id.clone());
-    writeln!(out, "chose device {}; waiting for it to ask again", chosen.id).ok();
+    writeln!(
+        out,
+        "chose device {}; waiting for it to ask again",
+        chosen.id
+    )
+    .ok();
     let started = Instant::now();
     loop {
         if pairing.lock().expect("pairing lock").granted {

@@ -346,8 +346,14 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
                 })
                 .collect();
             let mut out = std::io::stdout().lock();
-            operate::print_status(&store, &nodes, detailed, format.format == Format::Json, &mut out)
-                .ok();
+            operate::print_status(
+                &store,
+                &nodes,
+                detailed,
+                format.format == Format::Json,
+                &mut out,
+            )
+            .ok();
             return Ok(ExitCode::SUCCESS);
         }
         Command::Attach {
@@ -552,7 +558,12 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
                 if rest.is_empty() {
                     return Ok(ExitCode::SUCCESS);
                 }
-                writeln!(out, "canary `{c}` blessed the version; activating the other {} node(s)", rest.len()).ok();
+                writeln!(
+                    out,
+                    "canary `{c}` blessed the version; activating the other {} node(s)",
+                    rest.len()
+                )
+                .ok();
                 let recorded = {
                     let _lock = store.lock()?;
                     versions::activate(&store, &rest, spec, confirm, &message)?
@@ -630,14 +641,25 @@ fn report_outcomes(
     let mut ok = true;
     for (target, outcome) in targets.iter().zip(&outcomes) {
         ok &= outcome.success(until_blessed);
-        writeln!(out, "{}: v{} {}", target.node, target.version, outcome.word()).ok();
+        writeln!(
+            out,
+            "{}: v{} {}",
+            target.node,
+            target.version,
+            outcome.word()
+        )
+        .ok();
     }
     let done = outcomes.iter().filter(|o| o.success(until_blessed)).count();
     writeln!(
         out,
         "{done} of {} node(s) {} in {elapsed:.2} s",
         targets.len(),
-        if until_blessed { "blessed the version" } else { "took the version" }
+        if until_blessed {
+            "blessed the version"
+        } else {
+            "took the version"
+        }
     )
     .ok();
     ok

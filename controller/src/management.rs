@@ -51,7 +51,11 @@ fn integer(merged: &Merged, key: &str, min: i64, max: i64) -> Result<i64, Resolv
     match merged.values.get(key) {
         Some(toml::Value::Integer(n)) if (min..=max).contains(n) => Ok(*n),
         None => Err(bad(merged, key, "is missing")),
-        Some(_) => Err(bad(merged, key, format!("must be an integer from {min} to {max}"))),
+        Some(_) => Err(bad(
+            merged,
+            key,
+            format!("must be an integer from {min} to {max}"),
+        )),
     }
 }
 
@@ -59,9 +63,13 @@ impl ManagementSettings {
     /// Reads the settings from merged global attributes. Pure.
     pub fn from_attributes(merged: &Merged) -> Result<ManagementSettings, ResolveError> {
         let pool: ipnet::Ipv6Net = match merged.values.get("mgmt_ipv6_pool") {
-            Some(toml::Value::String(s)) => s
-                .parse()
-                .map_err(|_| bad(merged, "mgmt_ipv6_pool", format!("is `{s}`, not an IPv6 prefix")))?,
+            Some(toml::Value::String(s)) => s.parse().map_err(|_| {
+                bad(
+                    merged,
+                    "mgmt_ipv6_pool",
+                    format!("is `{s}`, not an IPv6 prefix"),
+                )
+            })?,
             None => return Err(bad(merged, "mgmt_ipv6_pool", "is missing")),
             Some(_) => return Err(bad(merged, "mgmt_ipv6_pool", "must be a string")),
         };
@@ -94,7 +102,15 @@ impl ManagementSettings {
         };
         let controller_endpoints = endpoints
             .into_iter()
-            .map(|e| with_port(&e, listen_port).ok_or_else(|| bad(merged, "controller_endpoint", format!("`{e}` is not `host[:port]`"))))
+            .map(|e| {
+                with_port(&e, listen_port).ok_or_else(|| {
+                    bad(
+                        merged,
+                        "controller_endpoint",
+                        format!("`{e}` is not `host[:port]`"),
+                    )
+                })
+            })
             .collect::<Result<_, _>>()?;
         Ok(ManagementSettings {
             pool,
@@ -278,10 +294,14 @@ mod tests {
         let error = ManagementSettings::from_attributes(&merged(r#"controller_endpoint = "h:x""#))
             .unwrap_err()
             .to_string();
-        assert!(error.contains("controller_endpoint") && error.contains("config.toml"), "{error}");
-        let error = ManagementSettings::from_attributes(&merged(r#"mgmt_ipv6_pool = "10.0.0.0/8""#))
-            .unwrap_err()
-            .to_string();
+        assert!(
+            error.contains("controller_endpoint") && error.contains("config.toml"),
+            "{error}"
+        );
+        let error =
+            ManagementSettings::from_attributes(&merged(r#"mgmt_ipv6_pool = "10.0.0.0/8""#))
+                .unwrap_err()
+                .to_string();
         assert!(error.contains("mgmt_ipv6_pool"), "{error}");
     }
 }

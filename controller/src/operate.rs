@@ -43,7 +43,10 @@ impl Outcome {
             Outcome::RolledBack(reason) => format!("rolled back: {reason}"),
             Outcome::Refused(reason) => format!("refused: {reason}"),
             Outcome::Unreachable(Some(age)) => {
-                format!("unreachable (last seen {} ago): takes it when it returns", age_text(*age))
+                format!(
+                    "unreachable (last seen {} ago): takes it when it returns",
+                    age_text(*age)
+                )
             }
             Outcome::Unreachable(None) => {
                 "unreachable (never seen): takes it when it comes up".into()
@@ -93,7 +96,9 @@ pub fn judge(target: &Target, record: Option<&NodeRecord>) -> Outcome {
     if report.active_version == Some(target.version) {
         match report.state.as_deref() {
             Some("good") => Outcome::Blessed,
-            Some("bad") => Outcome::RolledBack(rollback_reason().unwrap_or_else(|| "marked bad".into())),
+            Some("bad") => {
+                Outcome::RolledBack(rollback_reason().unwrap_or_else(|| "marked bad".into()))
+            }
             _ => Outcome::Pending,
         }
     } else {
@@ -220,40 +225,78 @@ pub fn print_status(
             "service": service.as_ref().map(|s| json!({"pid": s.pid, "api": s.api, "listen_port": s.listen_port})),
             "nodes": list,
         });
-        writeln!(out, "{}", serde_json::to_string_pretty(&document).expect("json"))?;
+        writeln!(
+            out,
+            "{}",
+            serde_json::to_string_pretty(&document).expect("json")
+        )?;
         return Ok(());
     }
     match &service {
-        Some(s) => writeln!(out, "controller service: running (pid {}, API {})", s.pid, s.api)?,
+        Some(s) => writeln!(
+            out,
+            "controller service: running (pid {}, API {})",
+            s.pid, s.api
+        )?,
         None => writeln!(
             out,
             "controller service: not running (start `tlm serve`); last known state shown"
         )?,
     }
     let header = [
-        "NODE", "REACHABLE", "LAST SEEN", "ACTIVE", "STATE", "DESIRED", "LATEST", "TUNNELS", "BGP",
-        "UPTIME", "LAST ROLLBACK",
+        "NODE",
+        "REACHABLE",
+        "LAST SEEN",
+        "ACTIVE",
+        "STATE",
+        "DESIRED",
+        "LATEST",
+        "TUNNELS",
+        "BGP",
+        "UPTIME",
+        "LAST ROLLBACK",
     ];
     let mut rows = Vec::new();
     for n in nodes {
         let report = n.record.as_ref().map(|r| &r.report);
         let tunnels = report.map_or("-".to_string(), |r| {
-            let data: Vec<_> = r.tunnels.iter().filter(|t| t.interface != "tlmgmt").collect();
-            let live = data.iter().filter(|t| t.last_rx_age_s.is_some_and(|a| a < 30)).count();
+            let data: Vec<_> = r
+                .tunnels
+                .iter()
+                .filter(|t| t.interface != "tlmgmt")
+                .collect();
+            let live = data
+                .iter()
+                .filter(|t| t.last_rx_age_s.is_some_and(|a| a < 30))
+                .count();
             format!("{live}/{} live", data.len())
         });
         let bgp = report.map_or("-".to_string(), |r| {
-            let up = r.bgp.iter().filter(|b| b.info.starts_with("Established")).count();
+            let up = r
+                .bgp
+                .iter()
+                .filter(|b| b.info.starts_with("Established"))
+                .count();
             format!("{up}/{} up", r.bgp.len())
         });
         rows.push(vec![
             n.node.to_string(),
-            if reachable(service.as_ref(), n.record.as_ref(), now) { "yes" } else { "no" }.to_string(),
+            if reachable(service.as_ref(), n.record.as_ref(), now) {
+                "yes"
+            } else {
+                "no"
+            }
+            .to_string(),
             n.record.as_ref().map_or("never".to_string(), |r| {
-                format!("{} ago", age_text(now.saturating_sub(r.last_seen_ms) / 1000))
+                format!(
+                    "{} ago",
+                    age_text(now.saturating_sub(r.last_seen_ms) / 1000)
+                )
             }),
             version_text(report.and_then(|r| r.active_version)),
-            report.and_then(|r| r.state.clone()).unwrap_or_else(|| "-".into()),
+            report
+                .and_then(|r| r.state.clone())
+                .unwrap_or_else(|| "-".into()),
             version_text(n.desired),
             version_text(n.latest),
             tunnels,
@@ -262,7 +305,12 @@ pub fn print_status(
             report
                 .and_then(|r| r.last_rollback.as_ref())
                 .map_or("-".to_string(), |r| {
-                    format!("{} -> {}: {}", version_text(r.from_version), version_text(r.to_version), r.reason)
+                    format!(
+                        "{} -> {}: {}",
+                        version_text(r.from_version),
+                        version_text(r.to_version),
+                        r.reason
+                    )
                 }),
         ]);
     }
@@ -283,7 +331,11 @@ pub fn print_status(
         }
         text.trim_end().to_string()
     };
-    writeln!(out, "{}", line(header.iter().map(|h| h.to_string()).collect()))?;
+    writeln!(
+        out,
+        "{}",
+        line(header.iter().map(|h| h.to_string()).collect())
+    )?;
     for row in rows {
         writeln!(out, "{}", line(row))?;
     }
@@ -291,7 +343,14 @@ pub fn print_status(
         for n in nodes {
             let Some(record) = &n.record else { continue };
             let r = &record.report;
-            writeln!(out, "\n{} (id {}), daemon {}, up {}", n.node, n.id, r.daemon_version, age_text(r.daemon_uptime_s))?;
+            writeln!(
+                out,
+                "\n{} (id {}), daemon {}, up {}",
+                n.node,
+                n.id,
+                r.daemon_version,
+                age_text(r.daemon_uptime_s)
+            )?;
             if let Some(p) = peer(n.id) {
                 writeln!(
                     out,
@@ -301,7 +360,11 @@ pub fn print_status(
                     p.tx_bytes
                 )?;
             }
-            let installed: Vec<String> = r.installed_versions.iter().map(|v| format!("v{v}")).collect();
+            let installed: Vec<String> = r
+                .installed_versions
+                .iter()
+                .map(|v| format!("v{v}"))
+                .collect();
             writeln!(out, "  installed: {}", installed.join(" "))?;
             for t in &r.tunnels {
                 writeln!(
@@ -310,14 +373,21 @@ pub fn print_status(
                     t.interface,
                     t.rx_bytes,
                     t.tx_bytes,
-                    t.last_rx_age_s.map_or("never".to_string(), |a| format!("{} ago", age_text(a)))
+                    t.last_rx_age_s
+                        .map_or("never".to_string(), |a| format!("{} ago", age_text(a)))
                 )?;
             }
             for b in &r.bgp {
                 writeln!(out, "  bgp {:<16} {:<6} {}", b.name, b.state, b.info)?;
             }
             for h in &r.health {
-                writeln!(out, "  health {:<10} {} ({})", h.check, if h.ok { "ok" } else { "failing" }, h.detail)?;
+                writeln!(
+                    out,
+                    "  health {:<10} {} ({})",
+                    h.check,
+                    if h.ok { "ok" } else { "failing" },
+                    h.detail
+                )?;
             }
             if let Some(o) = &r.order_done {
                 writeln!(out, "  last order: #{} v{}: {}", o.seq, o.version, o.result)?;
@@ -332,7 +402,12 @@ mod tests {
     use super::*;
     use towalink_bundle::messages::{NodeReport, OrderOutcome, RollbackReport};
 
-    fn record(active: u32, state: &str, done: Option<(u64, &str)>, rollback_from: Option<u32>) -> NodeRecord {
+    fn record(
+        active: u32,
+        state: &str,
+        done: Option<(u64, &str)>,
+        rollback_from: Option<u32>,
+    ) -> NodeRecord {
         NodeRecord {
             node: "r.s1".into(),
             node_id: 1,
@@ -366,15 +441,41 @@ mod tests {
             order: 5,
         };
         assert_eq!(judge(&t, None), Outcome::Waiting);
-        assert_eq!(judge(&t, Some(&record(2, "good", Some((4, "activated")), None))), Outcome::Waiting);
-        assert_eq!(judge(&t, Some(&record(3, "pending", Some((5, "activated")), None))), Outcome::Pending);
-        assert_eq!(judge(&t, Some(&record(3, "good", Some((5, "already active")), None))), Outcome::Blessed);
         assert_eq!(
-            judge(&t, Some(&record(2, "good", Some((5, "activated")), Some(3)))),
+            judge(&t, Some(&record(2, "good", Some((4, "activated")), None))),
+            Outcome::Waiting
+        );
+        assert_eq!(
+            judge(
+                &t,
+                Some(&record(3, "pending", Some((5, "activated")), None))
+            ),
+            Outcome::Pending
+        );
+        assert_eq!(
+            judge(
+                &t,
+                Some(&record(3, "good", Some((5, "already active")), None))
+            ),
+            Outcome::Blessed
+        );
+        assert_eq!(
+            judge(
+                &t,
+                Some(&record(2, "good", Some((5, "activated")), Some(3)))
+            ),
             Outcome::RolledBack("v3 did not pass".into())
         );
         assert_eq!(
-            judge(&t, Some(&record(2, "good", Some((5, "refused: no version v3")), None))),
+            judge(
+                &t,
+                Some(&record(
+                    2,
+                    "good",
+                    Some((5, "refused: no version v3")),
+                    None
+                ))
+            ),
             Outcome::Refused("no version v3".into())
         );
         assert!(Outcome::Pending.settled(false) && !Outcome::Pending.settled(true));

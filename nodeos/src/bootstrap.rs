@@ -32,7 +32,10 @@ fn random_hex(bytes: usize) -> anyhow::Result<String> {
     // SAFETY: getrandom writes at most `buffer.len()` bytes into the buffer we own.
     let n = unsafe { libc::getrandom(buffer.as_mut_ptr().cast(), buffer.len(), 0) };
     if n != bytes as isize {
-        bail!("cannot get random bytes: {}", std::io::Error::last_os_error());
+        bail!(
+            "cannot get random bytes: {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(hex::encode(buffer))
 }
@@ -122,10 +125,7 @@ fn ask(
 fn store(state: &StateDir, grant: &AttachGrant) -> anyhow::Result<()> {
     let dir = state.path("identity");
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
-    std::fs::set_permissions(
-        &dir,
-        std::os::unix::fs::PermissionsExt::from_mode(0o700),
-    )?;
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     std::fs::create_dir_all(state.path("incoming"))?;
     write_atomic(
         &dir.join("wg_private_key"),
@@ -163,8 +163,9 @@ pub fn bootstrap(
     }
     let config = tls_config(ca)?;
     let host = host_of(controller)?;
-    let server_name = ServerName::try_from(host.clone())
-        .map_err(|_| anyhow!("--controller `{controller}`: `{host}` is not a host name or address"))?;
+    let server_name = ServerName::try_from(host.clone()).map_err(|_| {
+        anyhow!("--controller `{controller}`: `{host}` is not a host name or address")
+    })?;
     let device_id = random_hex(16)?;
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
@@ -189,7 +190,9 @@ pub fn bootstrap(
                 });
             }
             Ok(Answer::Waiting) => {}
-            Err(error) if error.to_string().contains("turned this device away") => return Err(error),
+            Err(error) if error.to_string().contains("turned this device away") => {
+                return Err(error)
+            }
             Err(error) => {
                 let message = format!("{error:#}");
                 if message != last_error {
@@ -202,7 +205,11 @@ pub fn bootstrap(
             bail!(
                 "no identity from {controller} within {} s{}",
                 timeout.unwrap().as_secs(),
-                if last_error.is_empty() { String::new() } else { format!(" (last error: {last_error})") }
+                if last_error.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (last error: {last_error})")
+                }
             );
         }
         std::thread::sleep(interval);

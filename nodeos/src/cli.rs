@@ -16,10 +16,10 @@ use std::time::Instant;
 use towalink_bundle::messages::TunnelReport;
 
 use crate::apply::Reloader;
-use crate::management::{self, Shared};
 use crate::bird::BirdControl;
 use crate::dataplane::{Boringtun, DataPlane, DesiredState, KernelWireGuard};
 use crate::lifecycle::{Node, VersionSpec, Watch};
+use crate::management::{self, Shared};
 use crate::state::Installed;
 
 /// towalink-node: keep signed configuration versions in A/B slots, activate, apply, roll back.
@@ -270,7 +270,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     tracing::info!(%api, "syncing with the controller through the management link");
                 }
                 Some(_) => {}
-                None => tracing::info!("no management link in the identity: running without a controller"),
+                None => tracing::info!(
+                    "no management link in the identity: running without a controller"
+                ),
             }
             let mut applied: Option<DesiredState> = None;
             let mut retry_in = 0u32;
@@ -374,11 +376,12 @@ fn tunnel_reports(
     let Some(desired) = desired else {
         return Vec::new();
     };
-    let names = desired
-        .links
-        .keys()
-        .cloned()
-        .chain(desired.management.as_ref().map(|m| m.wireguard.name.clone()));
+    let names = desired.links.keys().cloned().chain(
+        desired
+            .management
+            .as_ref()
+            .map(|m| m.wireguard.name.clone()),
+    );
     let mut reports = Vec::new();
     for name in names {
         let Ok(stats) = dataplane.stats(&name) else {

@@ -198,11 +198,7 @@ pub fn build_report(node: &Node, shared: &Shared) -> Result<NodeReport, Error> {
             to_version: r.to_version,
             reason: r.reason,
         }),
-        tunnels: shared
-            .tunnels
-            .lock()
-            .map(|t| t.clone())
-            .unwrap_or_default(),
+        tunnels: shared.tunnels.lock().map(|t| t.clone()).unwrap_or_default(),
         bgp,
         order_done: node.state.last_order(),
     })
@@ -229,7 +225,15 @@ pub fn run(node: Node, api: SocketAddr, shared: Arc<Shared>) {
         let timeout = Duration::from_millis(wait_ms) + Duration::from_secs(10);
         let asked = Instant::now();
         let asked_wait = wait_ms;
-        match call(api, "POST", &target, &body, MAX_REPLY_BYTES, timeout, &abort) {
+        match call(
+            api,
+            "POST",
+            &target,
+            &body,
+            MAX_REPLY_BYTES,
+            timeout,
+            &abort,
+        ) {
             Ok(response) => {
                 if !reachable {
                     tracing::info!(%api, "controller reachable again");
@@ -351,7 +355,12 @@ fn carry_out(node: &Node, order: Order) {
     } else {
         match node.activate(VersionSpec::Number(order.version), order.confirm_s) {
             Ok(report) => {
-                tracing::info!(version = order.version, seq = order.seq, ms = report.activation_ms, "activated by the controller");
+                tracing::info!(
+                    version = order.version,
+                    seq = order.seq,
+                    ms = report.activation_ms,
+                    "activated by the controller"
+                );
                 "activated".to_string()
             }
             Err(Error::RolledBack(reason)) => format!("rolled back: {reason}"),
@@ -380,7 +389,10 @@ fn confirm_if_healthy(node: &Node, report: &NodeReport) {
         && report.health.iter().all(|c| c.ok)
     {
         match node.mark_good() {
-            Ok(version) => tracing::info!(version, "confirmed: controller reached and health checks pass"),
+            Ok(version) => tracing::info!(
+                version,
+                "confirmed: controller reached and health checks pass"
+            ),
             Err(error) => tracing::error!(%error, "cannot confirm"),
         }
     }

@@ -32,7 +32,12 @@ fn main() {
         let mut times = Vec::new();
         for round in 0..rounds {
             let version = round + 2;
-            net.ctl.ok(&["set", "global", "bird_bgp_hold_time", &(10 + round).to_string()]);
+            net.ctl.ok(&[
+                "set",
+                "global",
+                "bird_bgp_hold_time",
+                &(10 + round).to_string(),
+            ]);
             net.ctl.ok(&["commit", "all"]);
             wait_for(
                 Duration::from_secs(60),

@@ -377,7 +377,15 @@ impl Network {
         sh("ip", &["-n", &netns, "link", "set", "lo", "up"]);
         sh(
             "ip",
-            &["-n", &netns, "addr", "add", &format!("{CONTROLLER_ENDPOINT}/32"), "dev", "lo"],
+            &[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{CONTROLLER_ENDPOINT}/32"),
+                "dev",
+                "lo",
+            ],
         );
         for site in &self.sites {
             let i = site.index;
@@ -389,15 +397,58 @@ impl Network {
             let ctl_if = format!("c{i}");
             sh(
                 "ip",
-                &["-n", &netns, "link", "add", &ctl_if, "type", "veth", "peer", "name", "uc", "netns", &site.netns],
+                &[
+                    "-n",
+                    &netns,
+                    "link",
+                    "add",
+                    &ctl_if,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "uc",
+                    "netns",
+                    &site.netns,
+                ],
             );
-            sh("ip", &["-n", &netns, "addr", "add", &format!("{ctl_addr}/31"), "dev", &ctl_if]);
-            sh("ip", &["-n", &site.netns, "addr", "add", &format!("{site_addr}/31"), "dev", "uc"]);
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    &netns,
+                    "addr",
+                    "add",
+                    &format!("{ctl_addr}/31"),
+                    "dev",
+                    &ctl_if,
+                ],
+            );
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    &site.netns,
+                    "addr",
+                    "add",
+                    &format!("{site_addr}/31"),
+                    "dev",
+                    "uc",
+                ],
+            );
             sh("ip", &["-n", &netns, "link", "set", &ctl_if, "up"]);
             sh("ip", &["-n", &site.netns, "link", "set", "uc", "up"]);
             sh(
                 "ip",
-                &["-n", &site.netns, "route", "add", &format!("{CONTROLLER_ENDPOINT}/32"), "via", &ctl_addr],
+                &[
+                    "-n",
+                    &site.netns,
+                    "route",
+                    "add",
+                    &format!("{CONTROLLER_ENDPOINT}/32"),
+                    "via",
+                    &ctl_addr,
+                ],
             );
         }
         self.controller = Some(Controller {
@@ -409,7 +460,10 @@ impl Network {
 
     /// `tlm` run inside the controller's namespace.
     pub fn ctl_in_netns(&self, args: &[&str]) -> Command {
-        let controller = self.controller.as_ref().expect("a network with a controller");
+        let controller = self
+            .controller
+            .as_ref()
+            .expect("a network with a controller");
         let mut command = Command::new("ip");
         command
             .args(["netns", "exec", &controller.netns])
@@ -423,7 +477,10 @@ impl Network {
     /// Starts `tlm serve` in the controller's namespace and waits for its heartbeat.
     pub fn start_controller(&mut self) {
         let log = {
-            let controller = self.controller.as_ref().expect("a network with a controller");
+            let controller = self
+                .controller
+                .as_ref()
+                .expect("a network with a controller");
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -444,7 +501,16 @@ impl Network {
         wait_for(
             Duration::from_secs(10),
             || heartbeat.exists(),
-            || format!("tlm serve did not start:\n{}", tail(&std::fs::read_to_string(&self.controller.as_ref().unwrap().log).unwrap_or_default(), 20)),
+            || {
+                format!(
+                    "tlm serve did not start:\n{}",
+                    tail(
+                        &std::fs::read_to_string(&self.controller.as_ref().unwrap().log)
+                            .unwrap_or_default(),
+                        20
+                    )
+                )
+            },
         );
         let _ = started;
     }
@@ -632,13 +698,22 @@ impl Network {
             Topology::Mesh => {}
         }
         if self.controller.is_some() {
-            t.ok(&["set", "global", "controller_endpoint", &format!("\"{CONTROLLER_ENDPOINT}\"")]);
+            t.ok(&[
+                "set",
+                "global",
+                "controller_endpoint",
+                &format!("\"{CONTROLLER_ENDPOINT}\""),
+            ]);
         }
         for (attribute, value) in &options.global {
             t.ok(&["set", "global", attribute, value]);
         }
         let last = self.sites.len() as u32;
-        for site in self.sites.iter().filter(|s| !options.spare.contains(&s.index)) {
+        for site in self
+            .sites
+            .iter()
+            .filter(|s| !options.spare.contains(&s.index))
+        {
             t.ok(&["add", "site", &site.name]);
             t.ok(&["add", "node", &site.node()]);
             // The last site's endpoint is a name, the others are addresses.
@@ -659,7 +734,11 @@ impl Network {
             ]);
         }
         t.ok(&["commit", "all"]);
-        for site in self.sites.iter().filter(|s| !options.spare.contains(&s.index)) {
+        for site in self
+            .sites
+            .iter()
+            .filter(|s| !options.spare.contains(&s.index))
+        {
             t.ok(&[
                 "provision",
                 "node",
@@ -810,12 +889,7 @@ pub fn in_netns<T: Send + 'static>(netns: &str, job: impl FnOnce() -> T + Send +
     std::thread::spawn(move || {
         let file = std::fs::File::open(&path).expect("open the namespace");
         // SAFETY: setns on a namespace file we hold open; it affects this thread only.
-        let rc = unsafe {
-            libc::setns(
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                libc::CLONE_NEWNET,
-            )
-        };
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
         assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
         job()
     })

@@ -136,14 +136,23 @@ impl Fleet {
         if view.nodes != nodes {
             view.nodes = nodes;
             view.generation += 1;
-            tracing::info!(nodes = view.nodes.len(), generation = view.generation, "fleet reloaded");
+            tracing::info!(
+                nodes = view.nodes.len(),
+                generation = view.generation,
+                "fleet reloaded"
+            );
             self.changed.notify_all();
         }
         Ok(())
     }
 
     pub fn node(&self, id: u32) -> Option<NodeEntry> {
-        self.view.lock().expect("fleet lock").nodes.get(&id).cloned()
+        self.view
+            .lock()
+            .expect("fleet lock")
+            .nodes
+            .get(&id)
+            .cloned()
     }
 
     /// The public keys and ids of all nodes.

@@ -185,8 +185,8 @@ pub fn serve(store: &Store, interface: &str) -> Result<(), Error> {
     };
     hub.sync_peers(&fleet)?;
     let api = SocketAddr::new(controller_address, settings.api_port);
-    let listener = TcpListener::bind(api)
-        .map_err(|e| failed(format!("cannot listen on {api}: {e}")))?;
+    let listener =
+        TcpListener::bind(api).map_err(|e| failed(format!("cannot listen on {api}: {e}")))?;
     bind_to_device(&listener, interface)?;
     tracing::info!(%api, interface, listen_port = settings.listen_port, public_key = %public, "controller service running");
     eprintln!(
@@ -212,7 +212,9 @@ pub fn serve(store: &Store, interface: &str) -> Result<(), Error> {
                 }
             }
             Ok(false) => {}
-            Err(error) => tracing::error!(%error, "cannot read the configuration directory; keeping the last view"),
+            Err(error) => {
+                tracing::error!(%error, "cannot read the configuration directory; keeping the last view")
+            }
         }
         if Instant::now() >= next_heartbeat {
             next_heartbeat = Instant::now() + Duration::from_secs(1);
@@ -275,7 +277,12 @@ fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &[u8])
 }
 
 fn refuse(stream: &mut TcpStream, status: u16, message: &str) {
-    respond(stream, status, "text/plain", format!("{message}\n").as_bytes());
+    respond(
+        stream,
+        status,
+        "text/plain",
+        format!("{message}\n").as_bytes(),
+    );
 }
 
 /// Serves one request on a connection.
@@ -306,7 +313,11 @@ fn handle(
         Ok(r) => r,
         Err(WireError::BodyTooLarge { length, limit }) => {
             tracing::warn!(%peer, node_id, length, limit, "oversize request refused");
-            refuse(&mut stream, 413, &format!("body of {length} bytes; at most {limit}"));
+            refuse(
+                &mut stream,
+                413,
+                &format!("body of {length} bytes; at most {limit}"),
+            );
             return;
         }
         Err(WireError::Closed) => return,
@@ -331,7 +342,10 @@ fn handle(
                 refuse(
                     &mut stream,
                     403,
-                    &format!("this link belongs to node {node_id}, not {}", report.node_id),
+                    &format!(
+                        "this link belongs to node {node_id}, not {}",
+                        report.node_id
+                    ),
                 );
                 return;
             }
@@ -368,7 +382,9 @@ fn handle(
             }
         }
         ("GET", path) if path.starts_with(BUNDLE_PATH) => {
-            let version = path[BUNDLE_PATH.len()..].trim_start_matches('v').parse::<u32>();
+            let version = path[BUNDLE_PATH.len()..]
+                .trim_start_matches('v')
+                .parse::<u32>();
             match version.ok().and_then(|v| fleet.bundle_path(node_id, v)) {
                 Some(file) => match std::fs::read(&file) {
                     Ok(bytes) => respond(&mut stream, 200, "application/zstd", &bytes),

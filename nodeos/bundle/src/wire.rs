@@ -238,7 +238,15 @@ mod tests {
     #[test]
     fn request_round_trips() {
         let mut bytes = Vec::new();
-        write_request(&mut bytes, "POST", "h", "/v1/sync?wait_ms=500&x", "application/json", b"{}").unwrap();
+        write_request(
+            &mut bytes,
+            "POST",
+            "h",
+            "/v1/sync?wait_ms=500&x",
+            "application/json",
+            b"{}",
+        )
+        .unwrap();
         let request = read_request(&mut &bytes[..], 10).unwrap();
         assert_eq!(request.method, "POST");
         assert_eq!(request.path, "/v1/sync");
@@ -262,10 +270,16 @@ mod tests {
         let big = b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\nhello world";
         assert!(matches!(
             read_request(&mut &big[..], 10),
-            Err(WireError::BodyTooLarge { length: 11, limit: 10 })
+            Err(WireError::BodyTooLarge {
+                length: 11,
+                limit: 10
+            })
         ));
         let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(MAX_HEAD_BYTES));
-        assert!(matches!(read_request(&mut long.as_bytes(), 10), Err(WireError::HeadTooLarge)));
+        assert!(matches!(
+            read_request(&mut long.as_bytes(), 10),
+            Err(WireError::HeadTooLarge)
+        ));
         for garbage in [
             &b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n"[..],
             b"GET\r\n\r\n",
@@ -279,7 +293,13 @@ mod tests {
             assert!(read_request(&mut &garbage[..], 10).is_err(), "{garbage:?}");
         }
         let short = b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nab";
-        assert!(matches!(read_request(&mut &short[..], 10), Err(WireError::Closed)));
-        assert!(matches!(read_request(&mut &b"GET / HT"[..], 10), Err(WireError::Closed)));
+        assert!(matches!(
+            read_request(&mut &short[..], 10),
+            Err(WireError::Closed)
+        ));
+        assert!(matches!(
+            read_request(&mut &b"GET / HT"[..], 10),
+            Err(WireError::Closed)
+        ));
     }
 }

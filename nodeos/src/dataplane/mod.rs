@@ -209,7 +209,10 @@ impl DataPlane {
         let mut report = ReconcileReport::default();
         for name in self.wireguard.names() {
             let wanted = desired.links.contains_key(&name)
-                || desired.management.as_ref().map(|m| m.wireguard.name.as_str())
+                || desired
+                    .management
+                    .as_ref()
+                    .map(|m| m.wireguard.name.as_str())
                     == Some(name.as_str());
             if !wanted {
                 self.wireguard.remove(&name)?;
@@ -254,10 +257,16 @@ impl DataPlane {
             }
             match self.wireguard.ensure(&wireguard)? {
                 wireguard::Ensured::Created => report.created.push(wireguard.name.clone()),
-                wireguard::Ensured::Reconfigured => report.reconfigured.push(wireguard.name.clone()),
+                wireguard::Ensured::Reconfigured => {
+                    report.reconfigured.push(wireguard.name.clone())
+                }
                 wireguard::Ensured::Unchanged => {}
             }
-            let prefix = if management.address.is_ipv4() { 32 } else { 128 };
+            let prefix = if management.address.is_ipv4() {
+                32
+            } else {
+                128
+            };
             self.netlink.ensure_interface(
                 &wireguard.name,
                 MANAGEMENT_MTU,

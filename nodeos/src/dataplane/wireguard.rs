@@ -103,8 +103,8 @@ impl Uapi {
 /// Creates an in-process boringtun device (its TUN interface `name`) and its UAPI. Dropping
 /// the handle removes the device.
 pub fn boringtun_device(name: &str) -> Result<(DeviceHandle, Uapi), Error> {
-    let (ours, theirs) = UnixStream::pair()
-        .map_err(|e| Error::DataPlane(format!("socketpair for {name}: {e}")))?;
+    let (ours, theirs) =
+        UnixStream::pair().map_err(|e| Error::DataPlane(format!("socketpair for {name}: {e}")))?;
     let config = DeviceConfig {
         n_threads: 1,
         use_connected_socket: true,
