@@ -36,16 +36,7 @@ pub struct ManagementSettings {
     pub controller_endpoints: Vec<String>,
 }
 
-fn bad(merged: &Merged, attribute: &str, message: impl Into<String>) -> ResolveError {
-    ResolveError::Attribute {
-        file: merged
-            .origin(attribute)
-            .map(Level::file)
-            .unwrap_or_else(|| "built-in default".to_string()),
-        attribute: attribute.to_string(),
-        message: message.into(),
-    }
-}
+use crate::resolve::attribute_error as bad;
 
 fn integer(merged: &Merged, key: &str, min: i64, max: i64) -> Result<i64, ResolveError> {
     match merged.values.get(key) {

@@ -43,7 +43,11 @@ pub enum ResolveError {
     },
 }
 
-fn attribute_error(merged: &Merged, attribute: &str, message: impl Into<String>) -> ResolveError {
+pub(crate) fn attribute_error(
+    merged: &Merged,
+    attribute: &str,
+    message: impl Into<String>,
+) -> ResolveError {
     ResolveError::Attribute {
         file: merged
             .origin(attribute)

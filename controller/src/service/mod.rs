@@ -22,8 +22,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine as _;
 use towalink_bundle::messages::{NodeReport, BUNDLE_PATH, MAX_WAIT_MS, SYNC_PATH};
 use towalink_bundle::wire::{self, WireError};
 use towalink_node::dataplane::netlink::Netlink;
@@ -44,12 +42,10 @@ fn failed(what: impl std::fmt::Display) -> Error {
 }
 
 fn key_hex(base64_key: &str) -> Result<String, Error> {
-    BASE64
-        .decode(base64_key.trim())
-        .ok()
-        .filter(|k| k.len() == 32)
-        .map(hex::encode)
-        .ok_or_else(|| failed(format!("`{base64_key}` is not a WireGuard key")))
+    Ok(towalink_node::dataplane::key_hex(
+        base64_key,
+        "WireGuard key",
+    )?)
 }
 
 /// The management endpoint: the boringtun device and its peers.

@@ -84,7 +84,8 @@ pub struct DesiredState {
     pub management: Option<ManagementLink>,
 }
 
-fn key_hex(base64_key: &str, what: &str) -> Result<String, Error> {
+/// A base64 WireGuard key as the hex the UAPI wants; `what` names it in the error.
+pub fn key_hex(base64_key: &str, what: &str) -> Result<String, Error> {
     let bytes = BASE64
         .decode(base64_key.trim())
         .ok()
