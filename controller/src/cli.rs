@@ -194,6 +194,11 @@ pub enum Command {
         #[command(subcommand)]
         what: ProvisionWhat,
     },
+    /// Node disk images: build (Alpine, diskless, with the node baked in), inspect.
+    Image {
+        #[command(subcommand)]
+        what: ImageWhat,
+    },
     /// Run git in the configuration directory.
     Git {
         /// Arguments for git.
@@ -274,6 +279,86 @@ pub enum ProvisionWhat {
     Node { node: String, dir: PathBuf },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum ImageWhat {
+    /// Write a bootable disk image for a node (or one per node of a site) from its latest
+    /// committed version.
+    Build {
+        #[command(subcommand)]
+        target: ImageTarget,
+    },
+    /// Show an image's partitions, boot files, node, version and key fingerprints.
+    Inspect {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageTarget {
+    /// One node: `-o FILE` (`.img` raw and sparse, `.img.zst` zstd).
+    Node {
+        node: String,
+        #[command(flatten)]
+        options: ImageOptions,
+    },
+    /// Every node of a site: `-o DIR` gets `<site>-<node>.img` (`.img.zst` with --zstd).
+    Site {
+        site: String,
+        #[command(flatten)]
+        options: ImageOptions,
+        /// Compress each image with zstd.
+        #[arg(long)]
+        zstd: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ImageOptions {
+    /// Board profile: x86_64 or rpi4.
+    #[arg(long)]
+    pub board: String,
+    /// Output file (node) or directory (site).
+    #[arg(short = 'o', long = "output")]
+    pub output: PathBuf,
+    /// Alpine release to fetch (`3.23`: its newest point release; or `3.23.2`).
+    #[arg(long, default_value = "3.23", conflicts_with = "alpine_dir")]
+    pub alpine_version: String,
+    /// Local Alpine release files (laid out as the release file unpacks) instead of a download.
+    #[arg(long, value_name = "DIR")]
+    pub alpine_dir: Option<PathBuf>,
+    /// Alpine mirror (http, https or file URL).
+    #[arg(long, env = "TOWALINK_ALPINE_MIRROR", default_value = towalink_images::assets::DEFAULT_MIRROR)]
+    pub mirror: String,
+    /// Cache of downloaded release files (default: ~/.cache/towalink/alpine).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// The towalink-node binary for the board (default: found by target, see docs/images.md).
+    #[arg(long, value_name = "FILE")]
+    pub node_binary: Option<PathBuf>,
+}
+
+impl ImageOptions {
+    fn sources(&self) -> crate::image::ImageSources {
+        let alpine = match &self.alpine_dir {
+            Some(dir) => towalink_images::assets::AlpineSource::Dir(dir.clone()),
+            None => towalink_images::assets::AlpineSource::Release {
+                version: self.alpine_version.clone(),
+                mirror: self.mirror.clone(),
+                cache: self
+                    .cache_dir
+                    .clone()
+                    .unwrap_or_else(crate::image::default_cache_dir),
+            },
+        };
+        crate::image::ImageSources {
+            alpine,
+            node_binary: self.node_binary.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Subcommand)]
 pub enum Scope {
     All,
@@ -322,6 +407,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
             crate::service::serve(&store, interface)?;
             return Ok(ExitCode::SUCCESS);
         }
+        Command::Image { what } => return run_image(&cli.config_dir, what),
         Command::Status { scope, format } => {
             let store = Store::open_existing(&cli.config_dir)?;
             let generated = store.load_generated()?;
@@ -594,6 +680,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Git { .. }
         | Command::Serve { .. }
         | Command::Status { .. }
+        | Command::Image { .. }
         | Command::Attach { .. } => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)
@@ -1071,4 +1158,188 @@ fn show_all(
         }
     }
     Ok(())
+}
+
+fn print_build(report: &towalink_images::build::BuildReport, out: &mut impl std::io::Write) {
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let total: f64 = report.millis.values().sum();
+    writeln!(
+        out,
+        "wrote {} for {} (id {}, v{}, board {}, Alpine {}): image {:.0} MiB, file {:.1} MiB, apkovl {:.1} MiB; {:.0} ms",
+        report.output.display(),
+        report.manifest.node,
+        report.manifest.node_id,
+        report.manifest.version,
+        report.manifest.board,
+        report.manifest.alpine_version,
+        mib(report.image_bytes),
+        mib(report.output_bytes),
+        mib(report.apkovl_bytes),
+        total
+    )
+    .ok();
+    tracing::debug!(phases = ?report.millis, "image build");
+}
+
+fn run_image(config_dir: &std::path::Path, what: &ImageWhat) -> Result<ExitCode, Error> {
+    let mut out = std::io::stdout().lock();
+    match what {
+        ImageWhat::Inspect { file, format } => {
+            let report = towalink_images::inspect::inspect(file).map_err(Error::Image)?;
+            if *format == Format::Json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("report serializes")
+                )
+                .ok();
+            } else {
+                print_inspection(&report, &mut out);
+            }
+        }
+        ImageWhat::Build { target } => {
+            let store = Store::open_existing(config_dir)?;
+            match target {
+                ImageTarget::Node { node, options } => {
+                    let node_ref: NodeRef = node.parse()?;
+                    let board = crate::image::board(&options.board)?;
+                    let report = crate::image::build_node_image(
+                        &store,
+                        &node_ref,
+                        &board,
+                        &options.sources(),
+                        &options.output,
+                    )?;
+                    print_build(&report, &mut out);
+                }
+                ImageTarget::Site {
+                    site,
+                    options,
+                    zstd,
+                } => {
+                    let site: SiteName = site.parse()?;
+                    let board = crate::image::board(&options.board)?;
+                    let generated = store.load_generated()?;
+                    if !generated.sites.iter().any(|s| s.name == site) {
+                        return Err(crate::allocation::AllocationError::UnknownSite(
+                            site.to_string(),
+                        )
+                        .into());
+                    }
+                    let nodes: Vec<&NodeAllocation> =
+                        generated.nodes.iter().filter(|n| n.site == site).collect();
+                    crate::durable::create_dir_all(&options.output)?;
+                    let sources = options.sources();
+                    for n in nodes {
+                        let file = options.output.join(format!(
+                            "{}-{}.img{}",
+                            n.site,
+                            n.name,
+                            if *zstd { ".zst" } else { "" }
+                        ));
+                        let report = crate::image::build_node_image(
+                            &store,
+                            &NodeRef::Id(n.id),
+                            &board,
+                            &sources,
+                            &file,
+                        )?;
+                        print_build(&report, &mut out);
+                    }
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_inspection(r: &towalink_images::inspect::ImageReport, out: &mut impl std::io::Write) {
+    let mib = |b: u64| b as f64 / 1048576.0;
+    writeln!(
+        out,
+        "image:       {} ({}{:.0} MiB, disk id {})",
+        r.file,
+        if r.compressed { "zstd, " } else { "" },
+        mib(r.image_bytes),
+        r.disk_id
+    )
+    .ok();
+    if let Some(m) = &r.manifest {
+        writeln!(
+            out,
+            "node:        {} (id {}), version v{}, hostname {}",
+            m.node, m.node_id, m.version, m.hostname
+        )
+        .ok();
+        writeln!(
+            out,
+            "board:       {} ({}), Alpine {}",
+            m.board, m.alpine_arch, m.alpine_version
+        )
+        .ok();
+    }
+    writeln!(
+        out,
+        "boot:        BIOS {}, UEFI {}",
+        if r.bios_boot { "yes (syslinux)" } else { "no" },
+        if r.uefi_boot { "yes" } else { "no" }
+    )
+    .ok();
+    for p in &r.partitions {
+        writeln!(
+            out,
+            "partition {}: {}{}, at {:.0} MiB, {:.0} MiB, {}",
+            p.number,
+            p.kind,
+            if p.bootable { ", active" } else { "" },
+            mib(p.start_bytes),
+            mib(p.size_bytes),
+            p.filesystem
+        )
+        .ok();
+    }
+    if let Some(n) = &r.node {
+        writeln!(
+            out,
+            "identity:    {} (id {}), versions {}",
+            n.node,
+            n.node_id,
+            n.versions
+                .iter()
+                .map(|v| format!("v{v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+        .ok();
+        writeln!(
+            out,
+            "  wireguard key    {} ({})",
+            n.wg_public_key, n.wg_key_fingerprint
+        )
+        .ok();
+        writeln!(out, "  controller key   {}", n.controller_key_fingerprint).ok();
+        if let Some(m) = &n.management_wg_key_fingerprint {
+            writeln!(
+                out,
+                "  management key   {m}, endpoints {}",
+                n.controller_endpoints.join(", ")
+            )
+            .ok();
+        }
+    }
+    if let Some(a) = &r.apkovl {
+        writeln!(
+            out,
+            "apkovl:      {} ({} entries, sha256 {}), towalink-node: {}",
+            a.file,
+            a.entries.len(),
+            &a.sha256[..16],
+            a.node_binary.as_deref().unwrap_or("missing")
+        )
+        .ok();
+    }
+    writeln!(out, "boot files:").ok();
+    for f in &r.boot_files {
+        writeln!(out, "  {:>10}  {}", f.size, f.path).ok();
+    }
 }

@@ -12,6 +12,7 @@ pub mod attributes;
 pub mod cli;
 pub mod durable;
 pub mod external;
+pub mod image;
 pub mod installation;
 pub mod management;
 pub mod names;
@@ -71,6 +72,8 @@ pub enum Error {
     Service(String),
     #[error("management link: {0}")]
     Link(#[from] towalink_node::Error),
+    #[error("image: {0}")]
+    Image(towalink_images::Error),
 }
 
 impl Error {
@@ -89,6 +92,9 @@ impl Error {
             }
             Error::NotConfigDir(_) => Some(
                 "pass --config-dir (or TOWALINK_CONFIG_DIR) with an existing Towalink directory or a new one".into(),
+            ),
+            Error::Image(towalink_images::Error::Fetch { .. }) => Some(
+                "pass --mirror with a reachable Alpine mirror, or --alpine-dir with local release files".into(),
             ),
             _ => None,
         }

@@ -26,7 +26,9 @@ const LAYER_SKIP: &[&str] = &[
     "boot",
     "lib/modules",
     "etc/runlevels",
+    "etc/rc.conf",
     "lost+found",
+    ".dockerenv",
     "etc/hostname",
     "etc/hosts",
     "etc/network/interfaces",
@@ -240,10 +242,14 @@ pub fn overlay(spec: &NodeImage, node_binary: Vec<u8>) -> Result<Overlay, Error>
             .collect();
         o.file("etc/resolv.conf", text, 0o644);
     }
+    // The packages the node installs at boot. A layer brings its own installed packages:
+    // they stay in the world, or apk would purge them from the new root.
+    let layer_world = std::fs::read_to_string(layer.join("etc/apk/world")).unwrap_or_default();
     let mut world: Vec<String> = ["alpine-base", "bird", "e2fsprogs"]
         .iter()
         .map(|s| s.to_string())
         .chain(spec.packages.iter().cloned())
+        .chain(layer_world.split_whitespace().map(str::to_string))
         .collect();
     world.sort();
     world.dedup();

@@ -1,0 +1,303 @@
+//! `tlm image build` and `tlm image inspect`: the controller's side of node images. The
+//! controller knows the node (identity, latest version, image attributes); `towalink-images`
+//! knows boards, Alpine and disks.
+
+use std::path::{Path, PathBuf};
+
+use toml::Value;
+use towalink_images::assets::{self, AlpineSource};
+use towalink_images::build::{self, BuildReport, Network, NodeImage, UplinkAddress};
+use towalink_images::profile::{self, Board};
+
+use crate::allocation::NodeAllocation;
+use crate::attributes::Merged;
+use crate::names::NodeRef;
+use crate::resolve::{attribute_error, resolve, ResolveError};
+use crate::store::Store;
+use crate::{installation, Error};
+
+/// The image attributes of one node, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSettings {
+    pub hostname: String,
+    pub network: (String, UplinkAddress, Vec<String>),
+    pub packages: Vec<String>,
+}
+
+fn string_list(merged: &Merged, key: &str) -> Result<Vec<String>, ResolveError> {
+    match merged.values.get(key) {
+        None => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| attribute_error(merged, key, "must be a list of strings"))
+            })
+            .collect(),
+        Some(_) => Err(attribute_error(merged, key, "must be a list of strings")),
+    }
+}
+
+fn optional_string(merged: &Merged, key: &str) -> Result<Option<String>, ResolveError> {
+    match merged.values.get(key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(attribute_error(merged, key, "must be a string")),
+    }
+}
+
+/// Reads `image_*` attributes (all optional) of a node's complete attributes. Pure.
+pub fn image_settings(
+    merged: &Merged,
+    node: &NodeAllocation,
+    default_uplink: &str,
+) -> Result<ImageSettings, ResolveError> {
+    let hostname = optional_string(merged, "image_hostname")?
+        .unwrap_or_else(|| format!("{}-{}", node.site, node.name));
+    let valid_host = !hostname.is_empty()
+        && hostname.len() <= 63
+        && hostname
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && !hostname.starts_with('-');
+    if !valid_host {
+        return Err(attribute_error(
+            merged,
+            "image_hostname",
+            "must be a host name (letters, digits, '-', at most 63)",
+        ));
+    }
+    let interface =
+        optional_string(merged, "image_uplink")?.unwrap_or_else(|| default_uplink.to_string());
+    if interface.is_empty()
+        || interface.len() > 15
+        || !interface
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(attribute_error(
+            merged,
+            "image_uplink",
+            "must be an interface name (at most 15 characters)",
+        ));
+    }
+    let address = match optional_string(merged, "image_uplink_address")?.as_deref() {
+        None | Some("dhcp") => UplinkAddress::Dhcp,
+        Some(cidr) => {
+            if cidr.parse::<ipnet::IpNet>().is_err() {
+                return Err(attribute_error(
+                    merged,
+                    "image_uplink_address",
+                    format!("is `{cidr}`: expected \"dhcp\" or an address with prefix length, e.g. \"192.0.2.10/24\""),
+                ));
+            }
+            let gateway = optional_string(merged, "image_uplink_gateway")?;
+            if let Some(g) = &gateway {
+                if g.parse::<std::net::IpAddr>().is_err() {
+                    return Err(attribute_error(
+                        merged,
+                        "image_uplink_gateway",
+                        format!("is `{g}`: expected an IP address"),
+                    ));
+                }
+            }
+            UplinkAddress::Static {
+                cidr: cidr.to_string(),
+                gateway,
+            }
+        }
+    };
+    let dns = string_list(merged, "image_dns")?;
+    for d in &dns {
+        if d.parse::<std::net::IpAddr>().is_err() {
+            return Err(attribute_error(
+                merged,
+                "image_dns",
+                format!("has `{d}`: expected IP addresses"),
+            ));
+        }
+    }
+    let packages = string_list(merged, "image_packages")?;
+    for p in &packages {
+        if p.is_empty()
+            || !p
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
+        {
+            return Err(attribute_error(
+                merged,
+                "image_packages",
+                format!("has `{p}`: not an Alpine package name"),
+            ));
+        }
+    }
+    Ok(ImageSettings {
+        hostname,
+        network: (interface, address, dns),
+        packages,
+    })
+}
+
+/// Where the Alpine files and the node binary come from.
+#[derive(Debug, Clone)]
+pub struct ImageSources {
+    pub alpine: AlpineSource,
+    pub node_binary: Option<PathBuf>,
+}
+
+/// The default cache of Alpine release files.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_CACHE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("towalink/alpine");
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        Some(h) => PathBuf::from(h).join(".cache/towalink/alpine"),
+        None => PathBuf::from("/var/cache/towalink/alpine"),
+    }
+}
+
+/// The `towalink-node` binary for a board: `--node-binary`, else `$TOWALINK_NODE_BIN_DIR/<target>/`,
+/// a cargo target directory beside `tlm` (`target/<target>/release/`), or
+/// `/usr/lib/towalink/<target>/`.
+pub fn find_node_binary(board: &Board, given: Option<&Path>) -> Result<PathBuf, Error> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    let target = &board.profile.rust_target;
+    let mut candidates = Vec::new();
+    if let Some(dir) = std::env::var_os("TOWALINK_NODE_BIN_DIR") {
+        candidates.push(PathBuf::from(dir).join(target).join("towalink-node"));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(profile_dir) = exe.parent() {
+            if let Some(target_dir) = profile_dir.parent() {
+                candidates.push(target_dir.join(target).join("release/towalink-node"));
+            }
+        }
+    }
+    candidates.push(
+        PathBuf::from("/usr/lib/towalink")
+            .join(target)
+            .join("towalink-node"),
+    );
+    candidates
+        .into_iter()
+        .find(|c| c.is_file())
+        .ok_or_else(|| Error::Image(towalink_images::Error::NodeBinary {
+            path: PathBuf::from("towalink-node"),
+            message: format!(
+                "none found for {target} (build it with `cargo build --release -p towalink-node --target {target}`, or pass --node-binary)"
+            ),
+        }))
+}
+
+/// Builds the image of one node from its latest committed version.
+pub fn build_node_image(
+    store: &Store,
+    node_ref: &NodeRef,
+    board: &Board,
+    sources: &ImageSources,
+    output: &Path,
+) -> Result<BuildReport, Error> {
+    let generated = store.load_generated()?;
+    let node = generated.node(node_ref)?.clone();
+    let resolved = resolve(&store.load_tree()?)?;
+    let merged = resolved
+        .complete_attributes(node.id)
+        .expect("every allocated node resolves");
+    let settings = image_settings(&merged, &node, &board.profile.uplink)?;
+    let node_binary = find_node_binary(board, sources.node_binary.as_deref())?;
+    let release = assets::resolve(&sources.alpine, board).map_err(Error::Image)?;
+    let state = tempfile::Builder::new()
+        .prefix("towalink-image-state-")
+        .tempdir()
+        .map_err(|e| {
+            crate::durable::IoError::new("cannot create", Path::new("temporary dir"), e)
+        })?;
+    let (_, version) = installation::provision_node(store, node_ref, state.path())?;
+    let (interface, address, dns) = settings.network;
+    let spec = NodeImage {
+        board,
+        release: &release,
+        node_binary: &node_binary,
+        node: node.full_name().to_string(),
+        node_id: node.id,
+        version,
+        hostname: settings.hostname,
+        state_dir: state.path(),
+        network: Network {
+            interface,
+            address,
+            dns,
+        },
+        packages: settings.packages,
+    };
+    build::build(&spec, output).map_err(Error::Image)
+}
+
+/// The board called `name`, as a `tlm` error.
+pub fn board(name: &str) -> Result<Board, Error> {
+    profile::board(name).map_err(Error::Image)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attributes::Level;
+
+    fn node() -> NodeAllocation {
+        toml::from_str(
+            "id = 3\nsite = \"s1\"\nname = \"r1\"\nloopback_ipv4 = \"10.254.0.3\"\nloopback_ipv6 = \"fd54:6f77:616c::3\"\nwg_public_key = \"k\"",
+        )
+        .unwrap()
+    }
+
+    fn merged(toml_text: &str) -> Merged {
+        let t: toml::Table = toml::from_str(toml_text).unwrap();
+        Merged::from_layers([(Level::Global, &t)])
+    }
+
+    #[test]
+    fn defaults_are_dhcp_on_the_board_uplink_and_site_node_hostname() {
+        let s = image_settings(&merged(""), &node(), "eth0").unwrap();
+        assert_eq!(s.hostname, "s1-r1");
+        assert_eq!(s.network, ("eth0".into(), UplinkAddress::Dhcp, vec![]));
+    }
+
+    #[test]
+    fn static_uplink_and_bad_values_name_the_attribute() {
+        let s = image_settings(
+            &merged("image_uplink = \"enp1s0\"\nimage_uplink_address = \"192.0.2.10/24\"\nimage_uplink_gateway = \"192.0.2.1\"\nimage_dns = [\"192.0.2.53\"]"),
+            &node(),
+            "eth0",
+        )
+        .unwrap();
+        assert_eq!(
+            s.network.1,
+            UplinkAddress::Static {
+                cidr: "192.0.2.10/24".into(),
+                gateway: Some("192.0.2.1".into())
+            }
+        );
+        let e = image_settings(
+            &merged("image_uplink_address = \"192.0.2.10\""),
+            &node(),
+            "eth0",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("config.toml") && e.contains("image_uplink_address"),
+            "{e}"
+        );
+        let e = image_settings(&merged("image_packages = [\"bird; rm\"]"), &node(), "eth0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("image_packages"), "{e}");
+        let e = image_settings(&merged("image_hostname = \"a b\""), &node(), "eth0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("image_hostname"), "{e}");
+    }
+}
