@@ -10,6 +10,7 @@ use std::process::{Command, Output};
 use sha2::{Digest, Sha256};
 
 pub mod network;
+pub mod vm;
 
 /// Path of a workspace binary (built by `cargo build --workspace --bins` before the tests),
 /// overridable by `TOWALINK_BIN_DIR`.

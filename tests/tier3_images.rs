@@ -1,0 +1,519 @@
+//! Tier 3: images built by the real `tlm image build`, booted in qemu (TCG) or checked
+//! structurally, from the pinned test assets (tests/assets.sh). Boots run one at a time.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, Read as _, Write as _};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use towalink_tests::network::{tail, wait_for};
+use towalink_tests::vm::{assets, node_binary, Firmware, Guard, Netns, Vm};
+use towalink_tests::{binary, Installation};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+const X86: &str = "x86_64-unknown-linux-musl";
+const ARM: &str = "aarch64-unknown-linux-musl";
+
+/// One site, one node that reaches the controller at qemu's host address and is blessed once
+/// the controller answers through the management link (the test system has no BIRD).
+fn installation(nodes: &[&str]) -> Installation {
+    let ctl = Installation::new();
+    ctl.ok(&["add", "site", "s1"]);
+    for n in nodes {
+        ctl.ok(&["add", "node", &format!("{n}.s1")]);
+    }
+    ctl.ok(&["set", "global", "controller_endpoint", "10.0.2.2"]);
+    ctl.ok(&["set", "global", "node_health_checks", r#"["controller"]"#]);
+    ctl.ok(&["set", "global", "mgmt_report_interval_s", "2"]);
+    ctl.ok(&["-m", "first", "commit", "all"]);
+    ctl
+}
+
+fn alpine(board: &str) -> String {
+    assets()
+        .join(match board {
+            "rpi4" => "alpine-rpi4",
+            _ => "alpine-x86_64",
+        })
+        .display()
+        .to_string()
+}
+
+fn build(ctl: &Installation, board: &str, out: &Path, extra: &[&str]) -> String {
+    let dir = alpine(board);
+    let out = out.display().to_string();
+    let mut args = vec![
+        "image", "build", "node", "r1.s1", "--board", board, "--alpine-dir", &dir, "-o", &out,
+    ];
+    args.extend_from_slice(extra);
+    ctl.ok(&args)
+}
+
+/// Every file of the image's FAT boot partition.
+fn boot_files(image: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut bytes = std::fs::read(image).unwrap();
+    let (_, parts) = towalink_images::disk::parse_mbr(&bytes).expect("an MBR");
+    let start = parts[0].start_lba as usize * 512;
+    let end = start + parts[0].sectors as usize * 512;
+    towalink_images::disk::read_fat(&mut bytes[start..end]).unwrap()
+}
+
+fn apkovl(files: &BTreeMap<String, Vec<u8>>) -> towalink_images::apkovl::Overlay {
+    let name = files
+        .keys()
+        .find(|k| k.ends_with(".apkovl.tar.gz"))
+        .expect("an apkovl on the boot partition");
+    towalink_images::apkovl::read_tar_gz(&files[name]).unwrap()
+}
+
+/// `tlm serve` in the namespace, killed on drop; waits for its heartbeat.
+fn serve(ctl: &Installation, netns: &Netns, log: &Path) -> Guard {
+    let heartbeat = ctl.path("status/service.json");
+    let _ = std::fs::remove_file(&heartbeat);
+    let child = netns
+        .exec(binary("tlm"))
+        .args(["--loglevel", "info", "serve"])
+        .env("TOWALINK_CONFIG_DIR", &ctl.dir)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("start tlm serve");
+    let guard = Guard(Some(child));
+    wait_for(
+        Duration::from_secs(10),
+        || heartbeat.exists(),
+        || format!("tlm serve did not start: {}", std::fs::read_to_string(log).unwrap_or_default()),
+    );
+    guard
+}
+
+fn node_status(ctl: &Installation) -> serde_json::Value {
+    let status: serde_json::Value =
+        serde_json::from_str(&ctl.ok(&["status", "--format", "json"])).unwrap();
+    status["nodes"][0].clone()
+}
+
+/// Waits until the controller sees r1.s1 reachable with `version` active in `state` and a
+/// system uptime below `max_uptime_s` (a report from this boot).
+fn wait_online(ctl: &Installation, vm: &Vm, version: u32, state: &str, max_uptime_s: u64) {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let n = node_status(ctl);
+        if n["reachable"] == true
+            && n["active_version"] == version
+            && n["state"] == state
+            && n["uptime_s"].as_u64().is_some_and(|u| u < max_uptime_s)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: the controller never saw r1.s1 online with v{version} {state}: {n:#}\nconsole:\n{}",
+            vm.name,
+            tail(&vm.console(), 40)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn x86_64_image_boots_under_bios_and_uefi_reaches_the_controller_and_keeps_its_state() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ctl = installation(&["r1"]);
+    let work = tempfile::tempdir().unwrap();
+    let image = work.path().join("r1.img");
+    // No --node-binary: tlm finds the x86_64 musl build beside its own target directory.
+    let out = build(&ctl, "x86_64", &image, &[]);
+    assert!(out.contains("for r1.s1 (id 1, v1, board x86_64"), "{out}");
+    let private_key = {
+        let files = boot_files(&image);
+        let ovl = apkovl(&files);
+        match &ovl
+            .get("usr/share/towalink/initial-state/identity/wg_private_key")
+            .unwrap()
+            .kind
+        {
+            towalink_images::apkovl::Kind::File(b) => String::from_utf8(b.clone()).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    };
+
+    let netns = Netns::new();
+    let _service = serve(&ctl, &netns, &work.path().join("serve.log"));
+
+    // First boot, SeaBIOS → syslinux: the data partition is formatted and seeded, OpenRC starts
+    // the daemon through the image's own service, the node reaches the controller.
+    let mut vm = Vm::boot(&netns, "x86_64-bios", &image, Firmware::Bios);
+    vm.wait_console("towalink-node: r1.s1 (id 1), active v1", Duration::from_secs(240));
+    wait_online(&ctl, &vm, 1, "good", 600);
+    let console = vm.console();
+    assert!(console.contains("Formatting /dev/vda2 for the node state (first boot)"), "{}", tail(&console, 40));
+    assert!(console.contains("Seeding /var/lib/towalink"));
+    assert!(console.contains("Setting hostname to s1-r1"), "{}", tail(&console, 60));
+    assert!(!console.contains(private_key.trim()), "the private key reached the console");
+
+    // A new version over the management link, activated and blessed on the running node.
+    ctl.ok(&["set", "node", "r1.s1", "bird_bfd_interval_ms", "200"]);
+    ctl.ok(&["-m", "bfd 200", "commit", "all"]);
+    let activated = ctl.ok(&["activate", "node", "r1.s1", "--wait-blessed", "--timeout", "120"]);
+    assert!(activated.contains("blessed"), "{activated}");
+    wait_online(&ctl, &vm, 2, "good", 600);
+
+    // Power cut, then the same disk under UEFI (OVMF → systemd-boot): no second format, the
+    // A/B state on the data partition survived, v2 comes up active.
+    vm.power_off();
+    drop(vm);
+    let vm = Vm::boot(&netns, "x86_64-uefi", &image, Firmware::Uefi);
+    vm.wait_console("towalink-node: r1.s1 (id 1), active v2", Duration::from_secs(240));
+    let console = vm.console();
+    assert!(console.contains("EFI v"), "not booted through UEFI:\n{}", tail(&console, 40));
+    assert!(!console.contains("Formatting /dev/vda2"), "formatted again:\n{}", tail(&console, 40));
+    assert!(!console.contains("Seeding"), "seeded again:\n{}", tail(&console, 40));
+    wait_online(&ctl, &vm, 2, "good", 120);
+}
+
+#[test]
+fn aarch64_apkovl_and_binary_boot_under_qemu_virt_and_reach_the_controller() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ctl = installation(&["r1"]);
+    let work = tempfile::tempdir().unwrap();
+    let image = work.path().join("r1-rpi4.img");
+    let arm = node_binary(ARM).display().to_string();
+    build(&ctl, "rpi4", &image, &["--node-binary", &arm]);
+    let files = boot_files(&image);
+    let cmdline = String::from_utf8(files["cmdline.txt"].clone()).unwrap();
+    let initrd = work.path().join("initramfs");
+    std::fs::write(&initrd, &files["boot/initramfs-rpi"]).unwrap();
+    let netns = Netns::new();
+    let _service = serve(&ctl, &netns, &work.path().join("serve.log"));
+    // No emulator runs the Pi's firmware: qemu's virt machine gets the kernel, the image's own
+    // initramfs and the image's cmdline.txt (plus its serial console); the rest is the image.
+    let vm = Vm::boot(
+        &netns,
+        "aarch64-virt",
+        &image,
+        Firmware::Aarch64Kernel {
+            kernel: assets().join("aarch64-kernel"),
+            initrd,
+            cmdline: format!("{} console=ttyAMA0", cmdline.trim()),
+        },
+    );
+    vm.wait_console("towalink-node: r1.s1 (id 1), active v1", Duration::from_secs(400));
+    assert!(vm.console().contains("Mounting modloop"), "{}", tail(&vm.console(), 40));
+    wait_online(&ctl, &vm, 1, "good", 900);
+}
+
+#[test]
+fn rpi4_image_has_what_the_pi_firmware_and_alpine_need() {
+    let ctl = installation(&["r1"]);
+    let work = tempfile::tempdir().unwrap();
+    let image = work.path().join("r1.img");
+    let arm = node_binary(ARM).display().to_string();
+    build(&ctl, "rpi4", &image, &["--node-binary", &arm]);
+    let inspected: serde_json::Value = serde_json::from_str(&ctl.ok(&[
+        "image",
+        "inspect",
+        &image.display().to_string(),
+        "--format",
+        "json",
+    ]))
+    .unwrap();
+    let parts = inspected["partitions"].as_array().unwrap();
+    assert_eq!(parts.len(), 2, "{inspected:#}");
+    assert_eq!(parts[0]["kind"], "FAT32 (LBA), 0x0c");
+    assert_eq!(parts[0]["filesystem"], "fat32");
+    assert_eq!(parts[0]["start_bytes"], 1 << 20);
+    assert_eq!(parts[1]["kind"], "Linux, 0x83");
+    assert_eq!(inspected["manifest"]["board"], "rpi4");
+    assert_eq!(inspected["manifest"]["alpine_arch"], "aarch64");
+    assert_eq!(inspected["node"]["node"], "r1.s1");
+    assert_eq!(inspected["node"]["versions"], serde_json::json!([1]));
+    assert_eq!(
+        inspected["apkovl"]["node_binary"], "static ELF, aarch64",
+        "{:#}",
+        inspected["apkovl"]
+    );
+
+    // The firmware's files, the device trees and Alpine's boot files, byte for byte.
+    let files = boot_files(&image);
+    let rel = assets().join("alpine-rpi4");
+    for f in [
+        "start4.elf",
+        "fixup4.dat",
+        "bcm2711-rpi-4-b.dtb",
+        "bcm2711-rpi-400.dtb",
+        "bcm2711-rpi-cm4-io.dtb",
+        "boot/vmlinuz-rpi",
+        "boot/initramfs-rpi",
+        "boot/modloop-rpi",
+    ] {
+        assert!(files.get(f) == Some(&std::fs::read(rel.join(f)).unwrap()), "{f} missing or different");
+    }
+    let config = String::from_utf8(files["config.txt"].clone()).unwrap();
+    for line in [
+        "arm_64bit=1",
+        "kernel=boot/vmlinuz-rpi",
+        "initramfs boot/initramfs-rpi followkernel",
+        "device_tree=bcm2711-rpi-4-b.dtb",
+    ] {
+        assert!(config.lines().any(|l| l == line), "config.txt lacks `{line}`:\n{config}");
+    }
+    let cmdline = String::from_utf8(files["cmdline.txt"].clone()).unwrap();
+    assert_eq!(cmdline.lines().count(), 1, "cmdline.txt is one line: {cmdline:?}");
+    assert!(cmdline.contains("modloop=/boot/modloop-rpi") && cmdline.contains("console=serial0,115200"), "{cmdline}");
+
+    // The apkovl: daemon, services, identity with private modes, owned by root.
+    let ovl = apkovl(&files);
+    let entry = |p: &str| ovl.get(p).unwrap_or_else(|| panic!("{p} not in the apkovl"));
+    let expect = |p: &str, mode: u32| {
+        let e = entry(p);
+        assert_eq!((e.mode, e.uid, e.gid), (mode, 0, 0), "{p}");
+    };
+    expect("usr/sbin/towalink-node", 0o755);
+    expect("etc/init.d/towalink-node", 0o755);
+    expect("etc/init.d/towalink-data", 0o755);
+    expect("usr/share/towalink/initial-state/identity", 0o700);
+    expect("usr/share/towalink/initial-state/identity/wg_private_key", 0o600);
+    expect("usr/share/towalink/initial-state/identity/recovery_token", 0o600);
+    expect("usr/share/towalink/initial-state/incoming/s1-r1-v1.tar.zst", 0o644);
+    assert_eq!(
+        entry("etc/runlevels/default/towalink-node").kind,
+        towalink_images::apkovl::Kind::Symlink("/etc/init.d/towalink-node".into())
+    );
+    assert_eq!(entry("etc/hostname").kind, towalink_images::apkovl::Kind::File(b"s1-r1\n".to_vec()));
+    let towalink_images::apkovl::Kind::File(binary) = &entry("usr/sbin/towalink-node").kind else {
+        panic!("not a file")
+    };
+    assert_eq!(u16::from_le_bytes([binary[18], binary[19]]), 183, "aarch64 ELF");
+    let towalink_images::apkovl::Kind::File(key) =
+        &entry("usr/share/towalink/initial-state/identity/wg_private_key").kind
+    else {
+        panic!("not a file")
+    };
+    let key = String::from_utf8(key.clone()).unwrap();
+    let key = key.trim();
+
+    // Inspection names the node and its key fingerprints, never the private key.
+    let text = ctl.ok(&["image", "inspect", &image.display().to_string()]);
+    assert!(text.contains("r1.s1 (id 1)") && text.contains("wireguard key"), "{text}");
+    let json = serde_json::to_string(&inspected).unwrap();
+    assert!(!text.contains(key) && !json.contains(key), "inspect printed the private key");
+}
+
+#[test]
+fn images_are_reproducible_compressed_per_site_and_refused_cleanly() {
+    let ctl = installation(&["r1", "r2"]);
+    let work = tempfile::tempdir().unwrap();
+    let a = work.path().join("a.img");
+    let b = work.path().join("b.img");
+    let z = work.path().join("a.img.zst");
+    build(&ctl, "x86_64", &a, &[]);
+    build(&ctl, "x86_64", &b, &[]);
+    build(&ctl, "x86_64", &z, &[]);
+    let raw = std::fs::read(&a).unwrap();
+    assert!(raw == std::fs::read(&b).unwrap(), "two builds of the same inputs differ");
+    let zst = std::fs::read(&z).unwrap();
+    assert!(zst.len() * 2 < raw.len(), "zstd: {} of {}", zst.len(), raw.len());
+    assert!(zstd::decode_all(zst.as_slice()).unwrap() == raw, "the .zst is not the raw image");
+    assert!(
+        std::fs::metadata(&a).unwrap().len() == raw.len() as u64
+            && file_blocks(&a) * 512 < raw.len() as u64,
+        "the raw image is not sparse"
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&a).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "an image holds the node's private key");
+
+    // One image per node of a site.
+    let site_dir = work.path().join("site");
+    let out = ctl.ok(&[
+        "image", "build", "site", "s1", "--board", "x86_64", "--alpine-dir", &alpine("x86_64"),
+        "-o", &site_dir.display().to_string(), "--zstd",
+    ]);
+    let mut made: Vec<String> = std::fs::read_dir(&site_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    made.sort();
+    assert_eq!(made, ["s1-r1.img.zst", "s1-r2.img.zst"], "{out}");
+
+    // Refusals: one line naming the problem, exit 1, an older image untouched, no temp files.
+    let target = work.path().join("kept.img");
+    std::fs::write(&target, b"the image from last week").unwrap();
+    let broken = work.path().join("broken-alpine");
+    copy_tree(&assets().join("alpine-x86_64/boot"), &broken.join("boot"));
+    std::fs::remove_file(broken.join("boot/vmlinuz-virt")).unwrap();
+    let t = target.display().to_string();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            args(&["image", "build", "node", "r1.s1", "--board", "x86_64", "--alpine-dir", &broken.display().to_string(), "-o", &t]),
+            "missing `boot/vmlinuz-virt`",
+        ),
+        (
+            args(&["image", "build", "node", "r1.s1", "--board", "rpi4", "--alpine-dir", &alpine("rpi4"), "--node-binary", &node_binary(X86).display().to_string(), "-o", &t]),
+            "built for x86_64 but the board needs aarch64",
+        ),
+        (
+            args(&["image", "build", "node", "r1.s1", "--board", "pi5", "--alpine-dir", &alpine("x86_64"), "-o", &t]),
+            "unknown board `pi5`",
+        ),
+        (
+            args(&["image", "build", "node", "r9.s1", "--board", "x86_64", "--alpine-dir", &alpine("x86_64"), "-o", &t]),
+            "r9.s1",
+        ),
+    ];
+    for (a, expected) in &cases {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let line = ctl.refused(&a, 1);
+        assert!(line.contains(expected), "{line}");
+    }
+    ctl.ok(&["set", "node", "r1.s1", "image_uplink_address", "192.0.2.10"]);
+    let line = ctl.refused(
+        &["image", "build", "node", "r1.s1", "--board", "x86_64", "--alpine-dir", &alpine("x86_64"), "-o", &t],
+        1,
+    );
+    assert!(line.contains("image_uplink_address") && line.contains("node_r1/config.toml"), "{line}");
+    assert_eq!(std::fs::read(&target).unwrap(), b"the image from last week");
+    let leftovers: Vec<String> = std::fs::read_dir(work.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+fn args(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+fn file_blocks(p: &Path) -> u64 {
+    std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(p).unwrap())
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// A static-file HTTP/1.1 server on loopback that counts requests per path.
+struct Mirror {
+    url: String,
+    hits: Arc<Mutex<BTreeMap<String, usize>>>,
+    _served: Arc<AtomicUsize>,
+}
+
+fn mirror(root: PathBuf) -> Mirror {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/alpine", listener.local_addr().unwrap());
+    let hits = Arc::new(Mutex::new(BTreeMap::new()));
+    let served = Arc::new(AtomicUsize::new(0));
+    let (h, s) = (Arc::clone(&hits), Arc::clone(&served));
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            loop {
+                let mut header = String::new();
+                if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
+                    break;
+                }
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+            *h.lock().unwrap().entry(path.clone()).or_default() += 1;
+            s.fetch_add(1, Ordering::SeqCst);
+            let file = root.join(path.trim_start_matches("/alpine/"));
+            match std::fs::read(&file) {
+                Ok(body) => {
+                    let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                    let _ = stream.write_all(&body);
+                }
+                Err(_) => {
+                    let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                }
+            }
+        }
+    });
+    Mirror { url, hits, _served: served }
+}
+
+#[test]
+fn release_files_come_from_a_mirror_verified_and_cached() {
+    let ctl = installation(&["r1"]);
+    let work = tempfile::tempdir().unwrap();
+    // A mirror laid out as Alpine's: v3.23/releases/x86_64/{latest-releases.yaml, tarball}.
+    let rel = work.path().join("mirror/v3.23/releases/x86_64");
+    std::fs::create_dir_all(&rel).unwrap();
+    let file = "alpine-netboot-3.23.9-x86_64.tar.gz";
+    let status = std::process::Command::new("tar")
+        .args(["-czf", &rel.join(file).display().to_string(), "-C", &alpine("x86_64"), "boot"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut tarball = Vec::new();
+    std::fs::File::open(rel.join(file)).unwrap().read_to_end(&mut tarball).unwrap();
+    let sha = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(&tarball))
+    };
+    let yaml = |sha: &str| format!("---\n-\n  title: \"Netboot\"\n  flavor: alpine-netboot\n  version: 3.23.9\n  file: {file}\n  sha256: {sha}\n");
+    std::fs::write(rel.join("latest-releases.yaml"), yaml(&sha)).unwrap();
+    std::fs::write(rel.join(format!("{file}.sha256")), format!("{sha}  {file}\n")).unwrap();
+    let m = mirror(work.path().join("mirror"));
+    let cache = work.path().join("cache");
+    let out = work.path().join("r1.img");
+    let run = |version: &str, cache: &Path| {
+        ctl.run(&[
+            "image", "build", "node", "r1.s1", "--board", "x86_64", "--alpine-version", version,
+            "--mirror", &m.url, "--cache-dir", &cache.display().to_string(), "-o", &out.display().to_string(),
+        ])
+    };
+    let tar_path = format!("/alpine/v3.23/releases/x86_64/{file}");
+
+    let first = run("3.23", &cache);
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    assert!(first.stdout.contains("Alpine 3.23.9"), "{}", first.stdout);
+    assert_eq!(std::fs::read(cache.join(file)).unwrap(), tarball, "the verified download is cached");
+    assert_eq!(m.hits.lock().unwrap()[&tar_path], 1);
+    // Cached: the second build fetches the list but not the release file again.
+    let second = run("3.23", &cache);
+    assert_eq!(second.code, 0, "{}", second.stderr);
+    assert_eq!(m.hits.lock().unwrap()[&tar_path], 1, "downloaded again");
+    // An exact version is checked against the release's .sha256 file.
+    let exact = run("3.23.9", &work.path().join("cache-exact"));
+    assert_eq!(exact.code, 0, "{}", exact.stderr);
+    assert_eq!(m.hits.lock().unwrap()[&format!("{tar_path}.sha256")], 1);
+
+    // A corrupt download (the published checksum does not match): refused, nothing kept.
+    std::fs::write(rel.join("latest-releases.yaml"), yaml(&"0".repeat(64))).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    let corrupt_cache = work.path().join("cache-corrupt");
+    let bad = run("3.23", &corrupt_cache);
+    assert_eq!(bad.code, 1, "{}", bad.stderr);
+    assert!(bad.stderr.contains("checksum mismatch") && bad.stderr.contains(file), "{}", bad.stderr);
+    assert!(!out.exists(), "an image was written from a corrupt asset");
+    let kept: Vec<_> = std::fs::read_dir(&corrupt_cache).map(|d| d.count()).into_iter().collect();
+    assert_eq!(kept, [0], "the corrupt download was kept");
+    // An unreachable mirror: a clear error with a hint.
+    let down = ctl.run(&[
+        "image", "build", "node", "r1.s1", "--board", "x86_64", "--mirror", "http://127.0.0.1:9/alpine",
+        "--cache-dir", &cache.display().to_string(), "-o", &out.display().to_string(),
+    ]);
+    assert_eq!(down.code, 1);
+    assert!(down.stderr.contains("cannot fetch http://127.0.0.1:9/alpine/v3.23/releases/x86_64/latest-releases.yaml"), "{}", down.stderr);
+    assert!(down.stderr.contains("--alpine-dir"), "{}", down.stderr);
+}
