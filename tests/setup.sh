@@ -1,26 +1,60 @@
 #!/usr/bin/env bash
-# Installs what Towalink's tests and demo need on a fresh Debian machine: BIRD 2 (its parser
-# checks every rendered configuration; nodes run it), git (the configuration directory is a
-# repository), iproute2, ping, iperf3 and unshare (the network tier). Rust comes from rustup;
-# this script does not install it.
+# Installs what Towalink's tests and demo need on a fresh Debian machine:
+# - BIRD 2 (its parser checks every rendered configuration; nodes run it), git (the
+#   configuration directory is a repository), iproute2, ping, iperf3 and unshare (the network
+#   tier);
+# - for node images and their tier: the syslinux installer and MBR code, systemd-boot's EFI
+#   loader, qemu (x86_64 and aarch64, with OVMF for UEFI) and qemu-img, debugfs, mksquashfs,
+#   cpio, depmod, curl, gpgv (tests/assets.sh prepares the test assets with them);
+# - the Rust targets of node binaries (static musl) and the aarch64 C compiler ring needs.
+# Rust itself comes from rustup; this script does not install it.
 set -euo pipefail
 
 need=()
-command -v bird >/dev/null 2>&1 || need+=(bird2)
-command -v git >/dev/null 2>&1 || need+=(git)
-command -v ip >/dev/null 2>&1 || need+=(iproute2)
-command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
-command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
-command -v unshare >/dev/null 2>&1 || need+=(util-linux)
+have() { command -v "$1" >/dev/null 2>&1; }
+have bird || need+=(bird2)
+have git || need+=(git)
+have ip || need+=(iproute2)
+have ping || need+=(iputils-ping)
+have iperf3 || need+=(iperf3)
+have unshare || need+=(util-linux)
+have syslinux || need+=(syslinux)
+[ -e /usr/lib/syslinux/mbr/mbr.bin ] || need+=(syslinux-common)
+[ -e /usr/lib/systemd/boot/efi/systemd-bootx64.efi ] || need+=(systemd-boot-efi)
+have mcopy || need+=(mtools)
+have qemu-system-x86_64 || need+=(qemu-system-x86)
+have qemu-system-aarch64 || need+=(qemu-system-arm)
+[ -e /usr/share/OVMF/OVMF_CODE_4M.fd ] || need+=(ovmf)
+have debugfs || need+=(e2fsprogs)
+have mksquashfs || need+=(squashfs-tools)
+have cpio || need+=(cpio)
+[ -x /sbin/depmod ] || have depmod || need+=(kmod)
+have curl || need+=(curl)
+have gpgv || need+=(gpgv)
+[ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
+have xz || need+=(xz-utils)
+have aarch64-linux-gnu-gcc || need+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
 if ((${#need[@]})); then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
+  # qemu-system-* from Debian want Debian's qemu-utils; a newer one from elsewhere would be
+  # removed, so it is named in the same command (at the version qemu-system-x86 comes with).
+  if printf '%s\n' "${need[@]}" | grep -q '^qemu-system'; then
+    $sudo apt-get update -qq
+    v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ { print $2 }')
+    need+=("qemu-utils=$v")
+  fi
   echo "setup: installing ${need[*]}" >&2
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    --allow-downgrades "${need[@]}" >/dev/null
 fi
 command -v cargo >/dev/null 2>&1 || {
   echo "setup: cargo not found: install Rust with rustup (https://rustup.rs)" >&2
   exit 1
 }
+targets=$(rustup target list --installed 2>/dev/null || true)
+for t in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
+  grep -qx "$t" <<<"$targets" || rustup target add "$t" >&2
+done
 bird --version >&2
