@@ -33,6 +33,7 @@ have curl || need+=(curl)
 have gpgv || need+=(gpgv)
 [ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || need+=(debian-archive-keyring)
 have xz || need+=(xz-utils)
+have zstd || need+=(zstd)
 have aarch64-linux-gnu-gcc || need+=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
 if ((${#need[@]})); then
   sudo=""

@@ -47,7 +47,16 @@ fn build(ctl: &Installation, board: &str, out: &Path, extra: &[&str]) -> String 
     let dir = alpine(board);
     let out = out.display().to_string();
     let mut args = vec![
-        "image", "build", "node", "r1.s1", "--board", board, "--alpine-dir", &dir, "-o", &out,
+        "image",
+        "build",
+        "node",
+        "r1.s1",
+        "--board",
+        board,
+        "--alpine-dir",
+        &dir,
+        "-o",
+        &out,
     ];
     args.extend_from_slice(extra);
     ctl.ok(&args)
@@ -87,7 +96,12 @@ fn serve(ctl: &Installation, netns: &Netns, log: &Path) -> Guard {
     wait_for(
         Duration::from_secs(10),
         || heartbeat.exists(),
-        || format!("tlm serve did not start: {}", std::fs::read_to_string(log).unwrap_or_default()),
+        || {
+            format!(
+                "tlm serve did not start: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        },
     );
     guard
 }
@@ -149,18 +163,39 @@ fn x86_64_image_boots_under_bios_and_uefi_reaches_the_controller_and_keeps_its_s
     // First boot, SeaBIOS → syslinux: the data partition is formatted and seeded, OpenRC starts
     // the daemon through the image's own service, the node reaches the controller.
     let mut vm = Vm::boot(&netns, "x86_64-bios", &image, Firmware::Bios);
-    vm.wait_console("towalink-node: r1.s1 (id 1), active v1", Duration::from_secs(240));
+    vm.wait_console(
+        "towalink-node: r1.s1 (id 1), active v1",
+        Duration::from_secs(240),
+    );
     wait_online(&ctl, &vm, 1, "good", 600);
     let console = vm.console();
-    assert!(console.contains("Formatting /dev/vda2 for the node state (first boot)"), "{}", tail(&console, 40));
+    assert!(
+        console.contains("Formatting /dev/vda2 for the node state (first boot)"),
+        "{}",
+        tail(&console, 40)
+    );
     assert!(console.contains("Seeding /var/lib/towalink"));
-    assert!(console.contains("Setting hostname to s1-r1"), "{}", tail(&console, 60));
-    assert!(!console.contains(private_key.trim()), "the private key reached the console");
+    assert!(
+        console.contains("Setting hostname to s1-r1"),
+        "{}",
+        tail(&console, 60)
+    );
+    assert!(
+        !console.contains(private_key.trim()),
+        "the private key reached the console"
+    );
 
     // A new version over the management link, activated and blessed on the running node.
     ctl.ok(&["set", "node", "r1.s1", "bird_bfd_interval_ms", "200"]);
     ctl.ok(&["-m", "bfd 200", "commit", "all"]);
-    let activated = ctl.ok(&["activate", "node", "r1.s1", "--wait-blessed", "--timeout", "120"]);
+    let activated = ctl.ok(&[
+        "activate",
+        "node",
+        "r1.s1",
+        "--wait-blessed",
+        "--timeout",
+        "120",
+    ]);
     assert!(activated.contains("blessed"), "{activated}");
     wait_online(&ctl, &vm, 2, "good", 600);
 
@@ -169,11 +204,26 @@ fn x86_64_image_boots_under_bios_and_uefi_reaches_the_controller_and_keeps_its_s
     vm.power_off();
     drop(vm);
     let vm = Vm::boot(&netns, "x86_64-uefi", &image, Firmware::Uefi);
-    vm.wait_console("towalink-node: r1.s1 (id 1), active v2", Duration::from_secs(240));
+    vm.wait_console(
+        "towalink-node: r1.s1 (id 1), active v2",
+        Duration::from_secs(240),
+    );
     let console = vm.console();
-    assert!(console.contains("EFI v"), "not booted through UEFI:\n{}", tail(&console, 40));
-    assert!(!console.contains("Formatting /dev/vda2"), "formatted again:\n{}", tail(&console, 40));
-    assert!(!console.contains("Seeding"), "seeded again:\n{}", tail(&console, 40));
+    assert!(
+        console.contains("EFI v"),
+        "not booted through UEFI:\n{}",
+        tail(&console, 40)
+    );
+    assert!(
+        !console.contains("Formatting /dev/vda2"),
+        "formatted again:\n{}",
+        tail(&console, 40)
+    );
+    assert!(
+        !console.contains("Seeding"),
+        "seeded again:\n{}",
+        tail(&console, 40)
+    );
     wait_online(&ctl, &vm, 2, "good", 120);
 }
 
@@ -203,8 +253,15 @@ fn aarch64_apkovl_and_binary_boot_under_qemu_virt_and_reach_the_controller() {
             cmdline: format!("{} console=ttyAMA0", cmdline.trim()),
         },
     );
-    vm.wait_console("towalink-node: r1.s1 (id 1), active v1", Duration::from_secs(400));
-    assert!(vm.console().contains("Mounting modloop"), "{}", tail(&vm.console(), 40));
+    vm.wait_console(
+        "towalink-node: r1.s1 (id 1), active v1",
+        Duration::from_secs(400),
+    );
+    assert!(
+        vm.console().contains("Mounting modloop"),
+        "{}",
+        tail(&vm.console(), 40)
+    );
     wait_online(&ctl, &vm, 1, "good", 900);
 }
 
@@ -252,7 +309,10 @@ fn rpi4_image_has_what_the_pi_firmware_and_alpine_need() {
         "boot/initramfs-rpi",
         "boot/modloop-rpi",
     ] {
-        assert!(files.get(f) == Some(&std::fs::read(rel.join(f)).unwrap()), "{f} missing or different");
+        assert!(
+            files.get(f) == Some(&std::fs::read(rel.join(f)).unwrap()),
+            "{f} missing or different"
+        );
     }
     let config = String::from_utf8(files["config.txt"].clone()).unwrap();
     for line in [
@@ -261,15 +321,28 @@ fn rpi4_image_has_what_the_pi_firmware_and_alpine_need() {
         "initramfs boot/initramfs-rpi followkernel",
         "device_tree=bcm2711-rpi-4-b.dtb",
     ] {
-        assert!(config.lines().any(|l| l == line), "config.txt lacks `{line}`:\n{config}");
+        assert!(
+            config.lines().any(|l| l == line),
+            "config.txt lacks `{line}`:\n{config}"
+        );
     }
     let cmdline = String::from_utf8(files["cmdline.txt"].clone()).unwrap();
-    assert_eq!(cmdline.lines().count(), 1, "cmdline.txt is one line: {cmdline:?}");
-    assert!(cmdline.contains("modloop=/boot/modloop-rpi") && cmdline.contains("console=serial0,115200"), "{cmdline}");
+    assert_eq!(
+        cmdline.lines().count(),
+        1,
+        "cmdline.txt is one line: {cmdline:?}"
+    );
+    assert!(
+        cmdline.contains("modloop=/boot/modloop-rpi") && cmdline.contains("console=serial0,115200"),
+        "{cmdline}"
+    );
 
     // The apkovl: daemon, services, identity with private modes, owned by root.
     let ovl = apkovl(&files);
-    let entry = |p: &str| ovl.get(p).unwrap_or_else(|| panic!("{p} not in the apkovl"));
+    let entry = |p: &str| {
+        ovl.get(p)
+            .unwrap_or_else(|| panic!("{p} not in the apkovl"))
+    };
     let expect = |p: &str, mode: u32| {
         let e = entry(p);
         assert_eq!((e.mode, e.uid, e.gid), (mode, 0, 0), "{p}");
@@ -278,18 +351,34 @@ fn rpi4_image_has_what_the_pi_firmware_and_alpine_need() {
     expect("etc/init.d/towalink-node", 0o755);
     expect("etc/init.d/towalink-data", 0o755);
     expect("usr/share/towalink/initial-state/identity", 0o700);
-    expect("usr/share/towalink/initial-state/identity/wg_private_key", 0o600);
-    expect("usr/share/towalink/initial-state/identity/recovery_token", 0o600);
-    expect("usr/share/towalink/initial-state/incoming/s1-r1-v1.tar.zst", 0o644);
+    expect(
+        "usr/share/towalink/initial-state/identity/wg_private_key",
+        0o600,
+    );
+    expect(
+        "usr/share/towalink/initial-state/identity/recovery_token",
+        0o600,
+    );
+    expect(
+        "usr/share/towalink/initial-state/incoming/s1-r1-v1.tar.zst",
+        0o644,
+    );
     assert_eq!(
         entry("etc/runlevels/default/towalink-node").kind,
         towalink_images::apkovl::Kind::Symlink("/etc/init.d/towalink-node".into())
     );
-    assert_eq!(entry("etc/hostname").kind, towalink_images::apkovl::Kind::File(b"s1-r1\n".to_vec()));
+    assert_eq!(
+        entry("etc/hostname").kind,
+        towalink_images::apkovl::Kind::File(b"s1-r1\n".to_vec())
+    );
     let towalink_images::apkovl::Kind::File(binary) = &entry("usr/sbin/towalink-node").kind else {
         panic!("not a file")
     };
-    assert_eq!(u16::from_le_bytes([binary[18], binary[19]]), 183, "aarch64 ELF");
+    assert_eq!(
+        u16::from_le_bytes([binary[18], binary[19]]),
+        183,
+        "aarch64 ELF"
+    );
     let towalink_images::apkovl::Kind::File(key) =
         &entry("usr/share/towalink/initial-state/identity/wg_private_key").kind
     else {
@@ -300,9 +389,15 @@ fn rpi4_image_has_what_the_pi_firmware_and_alpine_need() {
 
     // Inspection names the node and its key fingerprints, never the private key.
     let text = ctl.ok(&["image", "inspect", &image.display().to_string()]);
-    assert!(text.contains("r1.s1 (id 1)") && text.contains("wireguard key"), "{text}");
+    assert!(
+        text.contains("r1.s1 (id 1)") && text.contains("wireguard key"),
+        "{text}"
+    );
     let json = serde_json::to_string(&inspected).unwrap();
-    assert!(!text.contains(key) && !json.contains(key), "inspect printed the private key");
+    assert!(
+        !text.contains(key) && !json.contains(key),
+        "inspect printed the private key"
+    );
 }
 
 #[test]
@@ -316,23 +411,44 @@ fn images_are_reproducible_compressed_per_site_and_refused_cleanly() {
     build(&ctl, "x86_64", &b, &[]);
     build(&ctl, "x86_64", &z, &[]);
     let raw = std::fs::read(&a).unwrap();
-    assert!(raw == std::fs::read(&b).unwrap(), "two builds of the same inputs differ");
+    assert!(
+        raw == std::fs::read(&b).unwrap(),
+        "two builds of the same inputs differ"
+    );
     let zst = std::fs::read(&z).unwrap();
-    assert!(zst.len() * 2 < raw.len(), "zstd: {} of {}", zst.len(), raw.len());
-    assert!(zstd::decode_all(zst.as_slice()).unwrap() == raw, "the .zst is not the raw image");
+    assert!(
+        zst.len() * 2 < raw.len(),
+        "zstd: {} of {}",
+        zst.len(),
+        raw.len()
+    );
+    assert!(
+        zstd::decode_all(zst.as_slice()).unwrap() == raw,
+        "the .zst is not the raw image"
+    );
     assert!(
         std::fs::metadata(&a).unwrap().len() == raw.len() as u64
             && file_blocks(&a) * 512 < raw.len() as u64,
         "the raw image is not sparse"
     );
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&a).unwrap().permissions());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&a).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600, "an image holds the node's private key");
 
     // One image per node of a site.
     let site_dir = work.path().join("site");
     let out = ctl.ok(&[
-        "image", "build", "site", "s1", "--board", "x86_64", "--alpine-dir", &alpine("x86_64"),
-        "-o", &site_dir.display().to_string(), "--zstd",
+        "image",
+        "build",
+        "site",
+        "s1",
+        "--board",
+        "x86_64",
+        "--alpine-dir",
+        &alpine("x86_64"),
+        "-o",
+        &site_dir.display().to_string(),
+        "--zstd",
     ]);
     let mut made: Vec<String> = std::fs::read_dir(&site_dir)
         .unwrap()
@@ -350,19 +466,65 @@ fn images_are_reproducible_compressed_per_site_and_refused_cleanly() {
     let t = target.display().to_string();
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
-            args(&["image", "build", "node", "r1.s1", "--board", "x86_64", "--alpine-dir", &broken.display().to_string(), "-o", &t]),
+            args(&[
+                "image",
+                "build",
+                "node",
+                "r1.s1",
+                "--board",
+                "x86_64",
+                "--alpine-dir",
+                &broken.display().to_string(),
+                "-o",
+                &t,
+            ]),
             "missing `boot/vmlinuz-virt`",
         ),
         (
-            args(&["image", "build", "node", "r1.s1", "--board", "rpi4", "--alpine-dir", &alpine("rpi4"), "--node-binary", &node_binary(X86).display().to_string(), "-o", &t]),
+            args(&[
+                "image",
+                "build",
+                "node",
+                "r1.s1",
+                "--board",
+                "rpi4",
+                "--alpine-dir",
+                &alpine("rpi4"),
+                "--node-binary",
+                &node_binary(X86).display().to_string(),
+                "-o",
+                &t,
+            ]),
             "built for x86_64 but the board needs aarch64",
         ),
         (
-            args(&["image", "build", "node", "r1.s1", "--board", "pi5", "--alpine-dir", &alpine("x86_64"), "-o", &t]),
+            args(&[
+                "image",
+                "build",
+                "node",
+                "r1.s1",
+                "--board",
+                "pi5",
+                "--alpine-dir",
+                &alpine("x86_64"),
+                "-o",
+                &t,
+            ]),
             "unknown board `pi5`",
         ),
         (
-            args(&["image", "build", "node", "r9.s1", "--board", "x86_64", "--alpine-dir", &alpine("x86_64"), "-o", &t]),
+            args(&[
+                "image",
+                "build",
+                "node",
+                "r9.s1",
+                "--board",
+                "x86_64",
+                "--alpine-dir",
+                &alpine("x86_64"),
+                "-o",
+                &t,
+            ]),
             "r9.s1",
         ),
     ];
@@ -373,10 +535,24 @@ fn images_are_reproducible_compressed_per_site_and_refused_cleanly() {
     }
     ctl.ok(&["set", "node", "r1.s1", "image_uplink_address", "192.0.2.10"]);
     let line = ctl.refused(
-        &["image", "build", "node", "r1.s1", "--board", "x86_64", "--alpine-dir", &alpine("x86_64"), "-o", &t],
+        &[
+            "image",
+            "build",
+            "node",
+            "r1.s1",
+            "--board",
+            "x86_64",
+            "--alpine-dir",
+            &alpine("x86_64"),
+            "-o",
+            &t,
+        ],
         1,
     );
-    assert!(line.contains("image_uplink_address") && line.contains("node_r1/config.toml"), "{line}");
+    assert!(
+        line.contains("image_uplink_address") && line.contains("node_r1/config.toml"),
+        "{line}"
+    );
     assert_eq!(std::fs::read(&target).unwrap(), b"the image from last week");
     let leftovers: Vec<String> = std::fs::read_dir(work.path())
         .unwrap()
@@ -439,16 +615,26 @@ fn mirror(root: PathBuf) -> Mirror {
             let file = root.join(path.trim_start_matches("/alpine/"));
             match std::fs::read(&file) {
                 Ok(body) => {
-                    let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
                     let _ = stream.write_all(&body);
                 }
                 Err(_) => {
-                    let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
                 }
             }
         }
     });
-    Mirror { url, hits, _served: served }
+    Mirror {
+        url,
+        hits,
+        _served: served,
+    }
 }
 
 #[test]
@@ -460,26 +646,53 @@ fn release_files_come_from_a_mirror_verified_and_cached() {
     std::fs::create_dir_all(&rel).unwrap();
     let file = "alpine-netboot-3.23.9-x86_64.tar.gz";
     let status = std::process::Command::new("tar")
-        .args(["-czf", &rel.join(file).display().to_string(), "-C", &alpine("x86_64"), "boot"])
+        .args([
+            "-czf",
+            &rel.join(file).display().to_string(),
+            "-C",
+            &alpine("x86_64"),
+            "boot",
+        ])
         .status()
         .unwrap();
     assert!(status.success());
     let mut tarball = Vec::new();
-    std::fs::File::open(rel.join(file)).unwrap().read_to_end(&mut tarball).unwrap();
+    std::fs::File::open(rel.join(file))
+        .unwrap()
+        .read_to_end(&mut tarball)
+        .unwrap();
     let sha = {
         use sha2::Digest as _;
         hex::encode(sha2::Sha256::digest(&tarball))
     };
-    let yaml = |sha: &str| format!("---\n-\n  title: \"Netboot\"\n  flavor: alpine-netboot\n  version: 3.23.9\n  file: {file}\n  sha256: {sha}\n");
+    let yaml = |sha: &str| {
+        format!("---\n-\n  title: \"Netboot\"\n  flavor: alpine-netboot\n  version: 3.23.9\n  file: {file}\n  sha256: {sha}\n")
+    };
     std::fs::write(rel.join("latest-releases.yaml"), yaml(&sha)).unwrap();
-    std::fs::write(rel.join(format!("{file}.sha256")), format!("{sha}  {file}\n")).unwrap();
+    std::fs::write(
+        rel.join(format!("{file}.sha256")),
+        format!("{sha}  {file}\n"),
+    )
+    .unwrap();
     let m = mirror(work.path().join("mirror"));
     let cache = work.path().join("cache");
     let out = work.path().join("r1.img");
     let run = |version: &str, cache: &Path| {
         ctl.run(&[
-            "image", "build", "node", "r1.s1", "--board", "x86_64", "--alpine-version", version,
-            "--mirror", &m.url, "--cache-dir", &cache.display().to_string(), "-o", &out.display().to_string(),
+            "image",
+            "build",
+            "node",
+            "r1.s1",
+            "--board",
+            "x86_64",
+            "--alpine-version",
+            version,
+            "--mirror",
+            &m.url,
+            "--cache-dir",
+            &cache.display().to_string(),
+            "-o",
+            &out.display().to_string(),
         ])
     };
     let tar_path = format!("/alpine/v3.23/releases/x86_64/{file}");
@@ -487,7 +700,11 @@ fn release_files_come_from_a_mirror_verified_and_cached() {
     let first = run("3.23", &cache);
     assert_eq!(first.code, 0, "{}", first.stderr);
     assert!(first.stdout.contains("Alpine 3.23.9"), "{}", first.stdout);
-    assert_eq!(std::fs::read(cache.join(file)).unwrap(), tarball, "the verified download is cached");
+    assert_eq!(
+        std::fs::read(cache.join(file)).unwrap(),
+        tarball,
+        "the verified download is cached"
+    );
     assert_eq!(m.hits.lock().unwrap()[&tar_path], 1);
     // Cached: the second build fetches the list but not the release file again.
     let second = run("3.23", &cache);
@@ -504,16 +721,39 @@ fn release_files_come_from_a_mirror_verified_and_cached() {
     let corrupt_cache = work.path().join("cache-corrupt");
     let bad = run("3.23", &corrupt_cache);
     assert_eq!(bad.code, 1, "{}", bad.stderr);
-    assert!(bad.stderr.contains("checksum mismatch") && bad.stderr.contains(file), "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("checksum mismatch") && bad.stderr.contains(file),
+        "{}",
+        bad.stderr
+    );
     assert!(!out.exists(), "an image was written from a corrupt asset");
-    let kept: Vec<_> = std::fs::read_dir(&corrupt_cache).map(|d| d.count()).into_iter().collect();
+    let kept: Vec<_> = std::fs::read_dir(&corrupt_cache)
+        .map(|d| d.count())
+        .into_iter()
+        .collect();
     assert_eq!(kept, [0], "the corrupt download was kept");
     // An unreachable mirror: a clear error with a hint.
     let down = ctl.run(&[
-        "image", "build", "node", "r1.s1", "--board", "x86_64", "--mirror", "http://127.0.0.1:9/alpine",
-        "--cache-dir", &cache.display().to_string(), "-o", &out.display().to_string(),
+        "image",
+        "build",
+        "node",
+        "r1.s1",
+        "--board",
+        "x86_64",
+        "--mirror",
+        "http://127.0.0.1:9/alpine",
+        "--cache-dir",
+        &cache.display().to_string(),
+        "-o",
+        &out.display().to_string(),
     ]);
     assert_eq!(down.code, 1);
-    assert!(down.stderr.contains("cannot fetch http://127.0.0.1:9/alpine/v3.23/releases/x86_64/latest-releases.yaml"), "{}", down.stderr);
+    assert!(
+        down.stderr.contains(
+            "cannot fetch http://127.0.0.1:9/alpine/v3.23/releases/x86_64/latest-releases.yaml"
+        ),
+        "{}",
+        down.stderr
+    );
     assert!(down.stderr.contains("--alpine-dir"), "{}", down.stderr);
 }

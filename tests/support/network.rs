@@ -253,22 +253,30 @@ impl Site {
 
     /// The interface the kernel would send a packet to `to` through.
     pub fn route_dev(&self, to: Ipv4Addr) -> String {
-        let out = self.sh(
-            "ip",
-            &[
+        self.try_route_dev(to)
+            .unwrap_or_else(|| panic!("[{}] no route to {to} from {}", self.name, self.lan()))
+    }
+
+    /// The interface towards `to`, or None while the kernel has no route there.
+    pub fn try_route_dev(&self, to: Ipv4Addr) -> Option<String> {
+        let out = self
+            .exec("ip")
+            .args([
                 "-o",
                 "route",
                 "get",
                 &to.to_string(),
                 "from",
                 &self.lan().to_string(),
-            ],
-        );
-        out.split_whitespace()
+            ])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())?;
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
             .skip_while(|w| *w != "dev")
             .nth(1)
-            .unwrap_or("")
-            .to_string()
+            .map(str::to_string)
     }
 
     pub fn ifindex(&self, interface: &str) -> String {

@@ -135,13 +135,26 @@ impl Vm {
             Firmware::Bios | Firmware::Uefi => ("qemu-system-x86_64", vec![]),
             Firmware::Aarch64Kernel { .. } => (
                 "qemu-system-aarch64",
-                vec!["-M".into(), "virt".into(), "-cpu".into(), "cortex-a72".into()],
+                vec![
+                    "-M".into(),
+                    "virt".into(),
+                    "-cpu".into(),
+                    "cortex-a72".into(),
+                ],
             ),
         };
         args.extend(
             [
-                "-accel", "tcg", "-smp", "2", "-m", "1024", "-nographic", "-no-reboot",
-                "-monitor", "none",
+                "-accel",
+                "tcg",
+                "-smp",
+                "2",
+                "-m",
+                "1024",
+                "-nographic",
+                "-no-reboot",
+                "-monitor",
+                "none",
             ]
             .map(String::from),
         );
@@ -150,7 +163,13 @@ impl Vm {
         args.push("-drive".into());
         args.push(format!("file={},format=raw,if=virtio", disk.display()));
         args.extend(
-            ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"].map(String::from),
+            [
+                "-netdev",
+                "user,id=n0",
+                "-device",
+                "virtio-net-pci,netdev=n0",
+            ]
+            .map(String::from),
         );
         match firmware {
             Firmware::Bios => {}
