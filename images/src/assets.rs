@@ -198,11 +198,7 @@ fn fetch_release(
             published.file
         )));
     }
-    fs_err::create_dir_all(cache).map_err(|e| Error::Io {
-        action: "cannot create the asset cache",
-        path: cache.to_path_buf(),
-        source: e.into(),
-    })?;
+    std::fs::create_dir_all(cache).map_err(Error::io("cannot create the asset cache", cache))?;
     let url = format!("{base}/{}", published.file);
     let archive = cache.join(&published.file);
     let cached_ok = archive.exists() && sha256_file(&archive)? == published.sha256;
@@ -368,11 +364,8 @@ impl Progress {
 
     fn advance(&mut self, n: u64) {
         self.done += n;
-        if self.tty
-            && self
-                .last_draw
-                .map_or(true, |t| t.elapsed().as_millis() >= 100)
-        {
+        let due = !matches!(self.last_draw, Some(t) if t.elapsed().as_millis() < 100);
+        if self.tty && due {
             self.last_draw = Some(Instant::now());
             eprint!("\r{}", self.line());
         }
