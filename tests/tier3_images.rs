@@ -554,6 +554,30 @@ fn images_are_reproducible_compressed_per_site_and_refused_cleanly() {
         "{line}"
     );
     assert_eq!(std::fs::read(&target).unwrap(), b"the image from last week");
+    // Uncommitted changes: built from the latest version, with a warning.
+    ctl.ok(&["set", "node", "r1.s1", "image_uplink_address", "dhcp"]);
+    let run = ctl.run(&[
+        "image",
+        "build",
+        "node",
+        "r1.s1",
+        "--board",
+        "x86_64",
+        "--alpine-dir",
+        &alpine("x86_64"),
+        "-o",
+        &work.path().join("warned.img").display().to_string(),
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr
+            .contains("r1.s1 has changes that are not committed; the image carries v1"),
+        "{}",
+        run.stderr
+    );
+    // Inspecting something that is no image.
+    let line = ctl.refused(&["image", "inspect", &target.display().to_string()], 1);
+    assert!(line.contains("is not a Towalink image: no MBR"), "{line}");
     let leftovers: Vec<String> = std::fs::read_dir(work.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

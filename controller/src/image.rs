@@ -202,11 +202,21 @@ pub fn build_node_image(
 ) -> Result<BuildReport, Error> {
     let generated = store.load_generated()?;
     let node = generated.node(node_ref)?.clone();
-    let resolved = resolve(&store.load_tree()?)?;
+    let tree = store.load_tree()?;
+    let resolved = resolve(&tree)?;
     let merged = resolved
         .complete_attributes(node.id)
         .expect("every allocated node resolves");
     let settings = image_settings(&merged, &node, &board.profile.uplink)?;
+    let state = crate::versions::changed_nodes(store, &tree, &[&node])?;
+    if let Some(s) = state.first().filter(|s| s.changed) {
+        eprintln!(
+            "tlm: warning: {} has changes that are not committed; the image carries v{} (`tlm commit node {}` first to include them)",
+            s.node,
+            s.latest.unwrap_or(0),
+            s.node
+        );
+    }
     let node_binary = find_node_binary(board, sources.node_binary.as_deref())?;
     let release = assets::resolve(&sources.alpine, board).map_err(Error::Image)?;
     let state = tempfile::Builder::new()
