@@ -43,23 +43,30 @@ fn alpine(board: &str) -> String {
         .to_string()
 }
 
-fn build(ctl: &Installation, board: &str, out: &Path, extra: &[&str]) -> String {
-    let dir = alpine(board);
+/// `tlm image build node <node> --board <board> --alpine-dir <dir> -o <out>`.
+fn build_args(node: &str, board: &str, dir: &str, out: &Path) -> Vec<String> {
     let out = out.display().to_string();
-    let mut args = vec![
+    [
         "image",
         "build",
         "node",
-        "r1.s1",
+        node,
         "--board",
         board,
         "--alpine-dir",
-        &dir,
+        dir,
         "-o",
         &out,
-    ];
-    args.extend_from_slice(extra);
-    ctl.ok(&args)
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn build(ctl: &Installation, board: &str, out: &Path, extra: &[&str]) -> String {
+    let mut args = build_args("r1.s1", board, &alpine(board), out);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    ctl.ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 /// Every file of the image's FAT boot partition.
@@ -463,68 +470,28 @@ fn images_are_reproducible_compressed_per_site_and_refused_cleanly() {
     let broken = work.path().join("broken-alpine");
     copy_tree(&assets().join("alpine-x86_64/boot"), &broken.join("boot"));
     std::fs::remove_file(broken.join("boot/vmlinuz-virt")).unwrap();
-    let t = target.display().to_string();
+    let with = |mut a: Vec<String>, extra: &[&str]| {
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
-            args(&[
-                "image",
-                "build",
-                "node",
-                "r1.s1",
-                "--board",
-                "x86_64",
-                "--alpine-dir",
-                &broken.display().to_string(),
-                "-o",
-                &t,
-            ]),
+            build_args("r1.s1", "x86_64", &broken.display().to_string(), &target),
             "missing `boot/vmlinuz-virt`",
         ),
         (
-            args(&[
-                "image",
-                "build",
-                "node",
-                "r1.s1",
-                "--board",
-                "rpi4",
-                "--alpine-dir",
-                &alpine("rpi4"),
-                "--node-binary",
-                &node_binary(X86).display().to_string(),
-                "-o",
-                &t,
-            ]),
+            with(
+                build_args("r1.s1", "rpi4", &alpine("rpi4"), &target),
+                &["--node-binary", &node_binary(X86).display().to_string()],
+            ),
             "built for x86_64 but the board needs aarch64",
         ),
         (
-            args(&[
-                "image",
-                "build",
-                "node",
-                "r1.s1",
-                "--board",
-                "pi5",
-                "--alpine-dir",
-                &alpine("x86_64"),
-                "-o",
-                &t,
-            ]),
+            build_args("r1.s1", "pi5", &alpine("x86_64"), &target),
             "unknown board `pi5`",
         ),
         (
-            args(&[
-                "image",
-                "build",
-                "node",
-                "r9.s1",
-                "--board",
-                "x86_64",
-                "--alpine-dir",
-                &alpine("x86_64"),
-                "-o",
-                &t,
-            ]),
+            build_args("r9.s1", "x86_64", &alpine("x86_64"), &target),
             "r9.s1",
         ),
     ];
@@ -534,21 +501,8 @@ fn images_are_reproducible_compressed_per_site_and_refused_cleanly() {
         assert!(line.contains(expected), "{line}");
     }
     ctl.ok(&["set", "node", "r1.s1", "image_uplink_address", "192.0.2.10"]);
-    let line = ctl.refused(
-        &[
-            "image",
-            "build",
-            "node",
-            "r1.s1",
-            "--board",
-            "x86_64",
-            "--alpine-dir",
-            &alpine("x86_64"),
-            "-o",
-            &t,
-        ],
-        1,
-    );
+    let uplink = build_args("r1.s1", "x86_64", &alpine("x86_64"), &target);
+    let line = ctl.refused(&uplink.iter().map(String::as_str).collect::<Vec<_>>(), 1);
     assert!(
         line.contains("image_uplink_address") && line.contains("node_r1/config.toml"),
         "{line}"
@@ -556,18 +510,13 @@ fn images_are_reproducible_compressed_per_site_and_refused_cleanly() {
     assert_eq!(std::fs::read(&target).unwrap(), b"the image from last week");
     // Uncommitted changes: built from the latest version, with a warning.
     ctl.ok(&["set", "node", "r1.s1", "image_uplink_address", "dhcp"]);
-    let run = ctl.run(&[
-        "image",
-        "build",
-        "node",
+    let warned = build_args(
         "r1.s1",
-        "--board",
         "x86_64",
-        "--alpine-dir",
         &alpine("x86_64"),
-        "-o",
-        &work.path().join("warned.img").display().to_string(),
-    ]);
+        &work.path().join("warned.img"),
+    );
+    let run = ctl.run(&warned.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert!(
         run.stderr
@@ -584,10 +533,6 @@ fn images_are_reproducible_compressed_per_site_and_refused_cleanly() {
         .filter(|n| n.starts_with('.'))
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
-}
-
-fn args(a: &[&str]) -> Vec<String> {
-    a.iter().map(|s| s.to_string()).collect()
 }
 
 fn file_blocks(p: &Path) -> u64 {
