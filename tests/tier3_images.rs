@@ -175,6 +175,12 @@ fn x86_64_image_boots_under_bios_and_uefi_reaches_the_controller_and_keeps_its_s
         Duration::from_secs(240),
     );
     wait_online(&ctl, &vm, 1, "good", 600);
+    // Alpine's kernel has the WireGuard module: the management link runs on kernel WireGuard
+    // (configured over generic netlink), the path the build machines cannot run themselves.
+    vm.wait_console(
+        "towalink-node: WireGuard: kernel module",
+        Duration::from_secs(30),
+    );
     let console = vm.console();
     assert!(
         console.contains("Formatting /dev/vda2 for the node state (first boot)"),
@@ -187,6 +193,7 @@ fn x86_64_image_boots_under_bios_and_uefi_reaches_the_controller_and_keeps_its_s
         "{}",
         tail(&console, 60)
     );
+
     assert!(
         !console.contains(private_key.trim()),
         "the private key reached the console"
@@ -268,6 +275,10 @@ fn aarch64_apkovl_and_binary_boot_under_qemu_virt_and_reach_the_controller() {
         vm.console().contains("Mounting modloop"),
         "{}",
         tail(&vm.console(), 40)
+    );
+    vm.wait_console(
+        "towalink-node: WireGuard: kernel module",
+        Duration::from_secs(30),
     );
     wait_online(&ctl, &vm, 1, "good", 900);
 }
