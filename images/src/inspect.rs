@@ -1,7 +1,6 @@
 //! Reading an image back: partitions, boot files, the node it is for, its version, the key
 //! fingerprints (never a private key), the apkovl's files with modes and owners.
 
-use std::io::Read as _;
 use std::path::Path;
 
 use base64::Engine as _;
@@ -94,23 +93,14 @@ pub fn inspect(path: &Path) -> Result<ImageReport, Error> {
         path: path.to_path_buf(),
         message,
     };
-    let mut file = std::fs::File::open(path).map_err(Error::io("cannot open", path))?;
-    let mut magic = [0u8; 4];
-    let n = file
-        .read(&mut magic)
-        .map_err(Error::io("cannot read", path))?;
-    let compressed = n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd];
-    let mut image = Vec::new();
-    let file = std::fs::File::open(path).map_err(Error::io("cannot open", path))?;
-    if compressed {
-        zstd::stream::Decoder::new(file)
-            .and_then(|mut d| d.read_to_end(&mut image))
-            .map_err(|e| not_image(format!("cannot decompress: {e}")))?;
+    let raw = std::fs::read(path).map_err(Error::io("cannot read", path))?;
+    let compressed = raw.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]);
+    let mut image = if compressed {
+        zstd::stream::decode_all(raw.as_slice())
+            .map_err(|e| not_image(format!("cannot decompress: {e}")))?
     } else {
-        let mut file = file;
-        file.read_to_end(&mut image)
-            .map_err(Error::io("cannot read", path))?;
-    }
+        raw
+    };
     let (id, parts) = disk::parse_mbr(&image).ok_or_else(|| not_image("no MBR".into()))?;
     let mbr_boot_code = image[..440].iter().any(|&b| b != 0);
     let mut partitions = Vec::new();

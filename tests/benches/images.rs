@@ -37,6 +37,26 @@ fn release_layout(from: &Path, to: &Path) {
     }
 }
 
+/// One `tlm --loglevel debug image build` of r1.s1 (the phases are on stderr).
+fn build(ctl: &Installation, board: &str, dir: &Path, out: &Path) -> towalink_tests::Run {
+    let run = ctl.run(&[
+        "--loglevel",
+        "debug",
+        "image",
+        "build",
+        "node",
+        "r1.s1",
+        "--board",
+        board,
+        "--alpine-dir",
+        &dir.display().to_string(),
+        "-o",
+        &out.display().to_string(),
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    run
+}
+
 /// The phase timings `tlm --loglevel debug` logs.
 fn phases(stderr: &str) -> BTreeMap<String, f64> {
     let Some(line) = stderr.lines().find(|l| l.contains("image build phases=")) else {
@@ -83,21 +103,7 @@ fn main() {
                 let mut last = None;
                 for _ in 0..5 {
                     let started = Instant::now();
-                    let run = ctl.run(&[
-                        "--loglevel",
-                        "debug",
-                        "image",
-                        "build",
-                        "node",
-                        "r1.s1",
-                        "--board",
-                        board,
-                        "--alpine-dir",
-                        &dir.display().to_string(),
-                        "-o",
-                        &out.display().to_string(),
-                    ]);
-                    assert_eq!(run.code, 0, "{}", run.stderr);
+                    let run = build(&ctl, board, dir, &out);
                     times.push(started.elapsed().as_secs_f64());
                     last = Some(run);
                 }
@@ -162,20 +168,7 @@ fn main() {
         for _ in 0..5 {
             let get = |ext: &str| {
                 let out = work.path().join(format!("stage.{ext}"));
-                let run = ctl.run(&[
-                    "--loglevel",
-                    "debug",
-                    "image",
-                    "build",
-                    "node",
-                    "r1.s1",
-                    "--board",
-                    board,
-                    "--alpine-dir",
-                    &plain.display().to_string(),
-                    "-o",
-                    &out.display().to_string(),
-                ]);
+                let run = build(&ctl, board, &plain, &out);
                 phases(&run.stderr).get("output").copied().unwrap_or(0.0)
             };
             let z = get("img.zst");
