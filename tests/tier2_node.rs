@@ -78,8 +78,19 @@ fn run_daemon_while(
         std::thread::sleep(Duration::from_millis(200));
         status = node.status();
     }
+    // Stop it between two steps: `status` already shows a rollback once `current` is switched,
+    // while the daemon still holds the state lock to apply the old version's files. Taking that
+    // lock waits for the step to finish (a kill inside it is repaired only by the next start).
+    let lock = std::fs::File::open(node.state.join(".lock")).ok();
+    if let Some(lock) = &lock {
+        // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
+        unsafe {
+            libc::flock(std::os::fd::AsRawFd::as_raw_fd(lock), libc::LOCK_EX);
+        }
+    }
     let _ = daemon.kill();
     let _ = daemon.wait();
+    drop(lock);
     status
 }
 
