@@ -9,13 +9,18 @@
 #                   virt kernel/initramfs/modloop standing in for Alpine's rpi flavour (no Pi
 #                   emulator here; qemu -M virt boots the same apkovl), rootfs/
 #   aarch64-kernel  the aarch64 kernel unwrapped from its EFI zboot for `qemu -kernel`
-# Every download is checked against its sha256 before use. Rootless apart from nothing:
+#   apk-mirror/     a signed Alpine package repository (v3.23/main/{x86_64,aarch64}) with BIRD 2
+#                   built from Debian's pinned bird2 source, static with musl, and an alpine-base
+#                   meta package; apk-keys/ its test signing key (tests/apk-repo.sh, self-tested
+#                   with the rootfs's own apk)
+# Every download is checked against its sha256 before use. Rootless apart from apk-repo.sh
+# (apt for its build tools on a fresh machine; apk's self-test writes roots owned by root):
 # debugfs reads the ext4 disk, mksquashfs writes the modloop. Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${TOWALINK_TEST_ASSETS:-$PWD/target/test-assets}
 manifest=tests/assets.toml
-stamp="$out/.ready-$(sha256sum "$manifest" tests/assets.sh | sha256sum | cut -c1-16)"
+stamp="$out/.ready-$(sha256sum "$manifest" tests/assets.sh tests/apk-repo.sh tests/apk_repo.py | sha256sum | cut -c1-16)"
 [ -e "$stamp" ] && exit 0
 mkdir -p "$out/dl"
 dl="$out/dl"
@@ -119,6 +124,8 @@ assert data[4:8] == b"zimg", "not an EFI zboot kernel"
 off, size = struct.unpack_from("<II", data, 8)
 open(sys.argv[2], "wb").write(gzip.decompress(data[off:off + size]))
 PY
+# BIRD 2 and the signed package repository the images install it from (needs the rootfs).
+TOWALINK_TEST_ASSETS="$out" tests/apk-repo.sh
 rm -f "$out"/.ready-*
 touch "$stamp"
 echo "assets: ready in $out" >&2

@@ -375,3 +375,58 @@ fn kernel_wireguard_is_probed_and_refused_without_the_module() {
         assert!(String::from_utf8_lossy(&auto.stderr).contains("WireGuard: in-process boringtun"));
     }
 }
+
+/// The image starts BIRD before the daemon (BIRD first takes a placeholder configuration, the
+/// node's arrives with links that did not exist yet); tests usually start the daemon first.
+/// Both orders end with every IPv4 and IPv6 session Established, every BFD session Up, the
+/// peers' IPv6 loopbacks as statics, and forwarding on (the node turns it on itself).
+#[test]
+fn both_start_orders_converge_with_bfd_loopback_statics_and_forwarding() {
+    for bird_first in [true, false] {
+        let _serial = serial();
+        let mut options = towalink_tests::network::Options::new(3, Topology::Mesh);
+        options.bird_first = bird_first;
+        let order = if bird_first { "BIRD first" } else { "daemon first" };
+        let net = Network::build(options);
+        let took = net.wait_established(Duration::from_secs(90));
+        eprintln!("{order}: all BGP sessions Established after {:.1} s", took.as_secs_f64());
+        for site in &net.sites {
+            assert_eq!(site.bgp().len(), 4, "[{}] {order}", site.name);
+            wait_for(
+                Duration::from_secs(60),
+                || {
+                    site.birdc("show bfd sessions").matches(" Up ").count() == 4
+                        && site
+                            .birdc("show route protocol static6")
+                            .matches("/128")
+                            .count()
+                            == 2
+                },
+                || {
+                    format!(
+                        "[{}] {order}: 4 BFD sessions Up and 2 IPv6 loopback statics:\n{}\n{}\n{}",
+                        site.name,
+                        site.birdc("show bfd sessions"),
+                        site.birdc("show route protocol static6"),
+                        tail(&site.log(), 20)
+                    )
+                },
+            );
+            for sysctl in ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding"] {
+                assert_eq!(
+                    site.sh("sysctl", &["-n", sysctl]).trim(),
+                    "1",
+                    "[{}] {order}: {sysctl}",
+                    site.name
+                );
+            }
+        }
+        for a in &net.sites {
+            for b in &net.sites {
+                if a.index != b.index {
+                    assert!(a.ping(b.lan()), "{order}: {} cannot ping {}", a.name, b.name);
+                }
+            }
+        }
+    }
+}

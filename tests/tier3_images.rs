@@ -43,10 +43,11 @@ fn alpine(board: &str) -> String {
         .to_string()
 }
 
-/// `tlm image build node <node> --board <board> --alpine-dir <dir> -o <out>`.
+/// `tlm image build node <node> --board <board> --alpine-dir <dir> -o <out>` with the test
+/// package mirror (`--mirror`, its signing key, a package cache of the test assets).
 fn build_args(node: &str, board: &str, dir: &str, out: &Path) -> Vec<String> {
     let out = out.display().to_string();
-    [
+    let mut args: Vec<String> = [
         "image",
         "build",
         "node",
@@ -60,7 +61,32 @@ fn build_args(node: &str, board: &str, dir: &str, out: &Path) -> Vec<String> {
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect()
+    .collect();
+    args.extend(package_args());
+    args
+}
+
+/// `--mirror file://<assets>/apk-mirror --apk-key <test key> --cache-dir <assets>/cache`.
+fn package_args() -> Vec<String> {
+    let assets = assets();
+    vec![
+        "--mirror".into(),
+        format!("file://{}", assets.join("apk-mirror").display()),
+        "--apk-key".into(),
+        apk_key().display().to_string(),
+        "--cache-dir".into(),
+        assets.join("cache").display().to_string(),
+    ]
+}
+
+/// The public key the test package repository is signed with (tests/apk-repo.sh).
+fn apk_key() -> PathBuf {
+    let dir = assets().join("apk-keys");
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e} (run tests/assets.sh)", dir.display()))
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".rsa.pub"))
+        .unwrap_or_else(|| panic!("no *.rsa.pub in {}", dir.display()))
 }
 
 fn build(ctl: &Installation, board: &str, out: &Path, extra: &[&str]) -> String {
@@ -119,22 +145,31 @@ fn node_status(ctl: &Installation) -> serde_json::Value {
     status["nodes"][0].clone()
 }
 
-/// Waits until the controller sees r1.s1 reachable with `version` active in `state` and a
-/// system uptime below `max_uptime_s` (a report from this boot).
-fn wait_online(ctl: &Installation, vm: &Vm, version: u32, state: &str, max_uptime_s: u64) {
-    let deadline = Instant::now() + Duration::from_secs(240);
+/// Waits until the controller sees r1.s1 reachable with `version` active in `state` in a
+/// report from a boot other than `not_boot` (the kernel's boot id of an earlier boot); returns
+/// the boot id of the report.
+fn wait_online(
+    ctl: &Installation,
+    vm: &Vm,
+    version: u32,
+    state: &str,
+    not_boot: Option<&str>,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let n = node_status(ctl);
+        let boot = n["boot_id"].as_str().unwrap_or_default().to_string();
         if n["reachable"] == true
             && n["active_version"] == version
             && n["state"] == state
-            && n["uptime_s"].as_u64().is_some_and(|u| u < max_uptime_s)
+            && !boot.is_empty()
+            && Some(boot.as_str()) != not_boot
         {
-            return;
+            return boot;
         }
         assert!(
             Instant::now() < deadline,
-            "{}: the controller never saw r1.s1 online with v{version} {state}: {n:#}\nconsole:\n{}",
+            "{}: waited 600 s for the controller to see r1.s1 online with v{version} {state} (a boot other than {not_boot:?}): {n:#}\nconsole:\n{}",
             vm.name,
             tail(&vm.console(), 40)
         );
@@ -174,7 +209,7 @@ fn x86_64_image_boots_under_bios_and_uefi_reaches_the_controller_and_keeps_its_s
         "towalink-node: r1.s1 (id 1), active v1",
         Duration::from_secs(240),
     );
-    wait_online(&ctl, &vm, 1, "good", 600);
+    let first_boot = wait_online(&ctl, &vm, 1, "good", None);
     // Alpine's kernel has the WireGuard module: the management link runs on kernel WireGuard
     // (configured over generic netlink), the path the build machines cannot run themselves.
     vm.wait_console(
@@ -211,7 +246,7 @@ fn x86_64_image_boots_under_bios_and_uefi_reaches_the_controller_and_keeps_its_s
         "120",
     ]);
     assert!(activated.contains("blessed"), "{activated}");
-    wait_online(&ctl, &vm, 2, "good", 600);
+    wait_online(&ctl, &vm, 2, "good", None);
 
     // Power cut, then the same disk under UEFI (OVMF → systemd-boot): no second format, the
     // A/B state on the data partition survived, v2 comes up active.
@@ -238,7 +273,7 @@ fn x86_64_image_boots_under_bios_and_uefi_reaches_the_controller_and_keeps_its_s
         "seeded again:\n{}",
         tail(&console, 40)
     );
-    wait_online(&ctl, &vm, 2, "good", 120);
+    wait_online(&ctl, &vm, 2, "good", Some(&first_boot));
 }
 
 #[test]
@@ -280,7 +315,7 @@ fn aarch64_apkovl_and_binary_boot_under_qemu_virt_and_reach_the_controller() {
         "towalink-node: WireGuard: kernel module",
         Duration::from_secs(30),
     );
-    wait_online(&ctl, &vm, 1, "good", 900);
+    wait_online(&ctl, &vm, 1, "good", None);
 }
 
 #[test]
@@ -455,7 +490,7 @@ fn images_are_reproducible_compressed_per_site_and_refused_cleanly() {
 
     // One image per node of a site.
     let site_dir = work.path().join("site");
-    let out = ctl.ok(&[
+    let mut site_args: Vec<String> = [
         "image",
         "build",
         "site",
@@ -467,7 +502,12 @@ fn images_are_reproducible_compressed_per_site_and_refused_cleanly() {
         "-o",
         &site_dir.display().to_string(),
         "--zstd",
-    ]);
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    site_args.extend(package_args());
+    let out = ctl.ok(&site_args.iter().map(String::as_str).collect::<Vec<_>>());
     let mut made: Vec<String> = std::fs::read_dir(&site_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -632,6 +672,7 @@ fn release_files_come_from_a_mirror_verified_and_cached() {
             "-C",
             &alpine("x86_64"),
             "boot",
+            "rootfs",
         ])
         .status()
         .unwrap();
@@ -654,9 +695,15 @@ fn release_files_come_from_a_mirror_verified_and_cached() {
         format!("{sha}  {file}\n"),
     )
     .unwrap();
+    // The branch's package repository beside the releases, as on Alpine's mirrors.
+    copy_tree(
+        &assets().join("apk-mirror/v3.23"),
+        &work.path().join("mirror/v3.23"),
+    );
     let m = mirror(work.path().join("mirror"));
     let cache = work.path().join("cache");
     let out = work.path().join("r1.img");
+    let key = apk_key().display().to_string();
     let run = |version: &str, cache: &Path| {
         ctl.run(&[
             "image",
@@ -669,6 +716,8 @@ fn release_files_come_from_a_mirror_verified_and_cached() {
             version,
             "--mirror",
             &m.url,
+            "--apk-key",
+            &key,
             "--cache-dir",
             &cache.display().to_string(),
             "-o",
@@ -686,10 +735,19 @@ fn release_files_come_from_a_mirror_verified_and_cached() {
         "the verified download is cached"
     );
     assert_eq!(m.hits.lock().unwrap()[&tar_path], 1);
-    // Cached: the second build fetches the list but not the release file again.
+    let bird_apk = |hits: &BTreeMap<String, usize>| {
+        hits.iter()
+            .filter(|(p, _)| p.starts_with("/alpine/v3.23/main/x86_64/bird-") && p.ends_with(".apk"))
+            .map(|(_, n)| *n)
+            .sum::<usize>()
+    };
+    assert_eq!(bird_apk(&m.hits.lock().unwrap()), 1, "BIRD fetched from the mirror");
+    // Cached: the second build fetches the list and the index, not the release file nor the
+    // packages again.
     let second = run("3.23", &cache);
     assert_eq!(second.code, 0, "{}", second.stderr);
     assert_eq!(m.hits.lock().unwrap()[&tar_path], 1, "downloaded again");
+    assert_eq!(bird_apk(&m.hits.lock().unwrap()), 1, "package downloaded again");
     // An exact version is checked against the release's .sha256 file.
     let exact = run("3.23.9", &work.path().join("cache-exact"));
     assert_eq!(exact.code, 0, "{}", exact.stderr);

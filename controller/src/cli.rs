@@ -328,10 +328,17 @@ pub struct ImageOptions {
     /// Local Alpine release files (laid out as the release file unpacks) instead of a download.
     #[arg(long, value_name = "DIR")]
     pub alpine_dir: Option<PathBuf>,
-    /// Alpine mirror (http, https or file URL).
+    /// Alpine mirror (http, https or file URL): release files and the packages the card carries.
     #[arg(long, env = "TOWALINK_ALPINE_MIRROR", default_value = towalink_images::assets::DEFAULT_MIRROR)]
     pub mirror: String,
-    /// Cache of downloaded release files (default: ~/.cache/towalink/alpine).
+    /// Package repository of the Alpine branch to take packages from (repeatable, in order).
+    #[arg(long = "repository", value_name = "NAME", default_values_t = vec!["main".to_string()])]
+    pub repositories: Vec<String>,
+    /// Trust this package-signing key besides Alpine's (a `*.rsa.pub` file; repeatable): the
+    /// builder checks the index with it and the image's apk trusts it too.
+    #[arg(long = "apk-key", value_name = "FILE")]
+    pub apk_keys: Vec<PathBuf>,
+    /// Cache of downloaded release files and packages (default: ~/.cache/towalink/alpine).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
     /// The towalink-node binary for the board (default: found by target, see docs/images.md).
@@ -341,19 +348,26 @@ pub struct ImageOptions {
 
 impl ImageOptions {
     fn sources(&self) -> crate::image::ImageSources {
+        let cache = self
+            .cache_dir
+            .clone()
+            .unwrap_or_else(crate::image::default_cache_dir);
         let alpine = match &self.alpine_dir {
             Some(dir) => towalink_images::assets::AlpineSource::Dir(dir.clone()),
             None => towalink_images::assets::AlpineSource::Release {
                 version: self.alpine_version.clone(),
                 mirror: self.mirror.clone(),
-                cache: self
-                    .cache_dir
-                    .clone()
-                    .unwrap_or_else(crate::image::default_cache_dir),
+                cache: cache.clone(),
             },
         };
         crate::image::ImageSources {
             alpine,
+            packages: towalink_images::packages::PackageSource::new(
+                self.mirror.clone(),
+                self.repositories.clone(),
+                self.apk_keys.clone(),
+                cache.join("packages"),
+            ),
             node_binary: self.node_binary.clone(),
         }
     }

@@ -139,10 +139,11 @@ pub fn image_settings(
     })
 }
 
-/// Where the Alpine files and the node binary come from.
-#[derive(Debug, Clone)]
+/// Where the Alpine files, the packages and the node binary come from.
+#[derive(Debug)]
 pub struct ImageSources {
     pub alpine: AlpineSource,
+    pub packages: towalink_images::packages::PackageSource,
     pub node_binary: Option<PathBuf>,
 }
 
@@ -219,6 +220,27 @@ pub fn build_node_image(
     }
     let node_binary = find_node_binary(board, sources.node_binary.as_deref())?;
     let release = assets::resolve(&sources.alpine, board).map_err(Error::Image)?;
+    let branch = towalink_images::packages::branch_of(&release.version).ok_or_else(|| {
+        Error::Image(towalink_images::Error::Release {
+            version: release.version.clone(),
+            arch: board.profile.alpine_arch.clone(),
+            message: format!(
+                "cannot tell the Alpine branch of `{}` (its `.alpine-release` names no version such as 3.23.2), so not which packages fit it",
+                release.origin
+            ),
+        })
+    })?;
+    let wanted = build::world(&release, &settings.packages);
+    let card = sources
+        .packages
+        .prepare(
+            &branch,
+            &board.profile.alpine_arch,
+            &board.apk_keys().map_err(Error::Image)?,
+            &wanted,
+            &build::layer_installed(&release),
+        )
+        .map_err(Error::Image)?;
     let state = tempfile::Builder::new()
         .prefix("towalink-image-state-")
         .tempdir()
@@ -242,6 +264,7 @@ pub fn build_node_image(
             dns,
         },
         packages: settings.packages,
+        card: &card,
     };
     build::build(&spec, output).map_err(Error::Image)
 }

@@ -211,6 +211,7 @@ pub fn print_status(
                     "last_good_version": report.and_then(|r| r.last_good_version),
                     "installed_versions": report.map(|r| r.installed_versions.clone()),
                     "uptime_s": report.map(|r| r.uptime_s),
+                    "boot_id": report.map(|r| r.boot_id.clone()),
                     "daemon_uptime_s": report.map(|r| r.daemon_uptime_s),
                     "tunnels": report.map(|r| r.tunnels.clone()),
                     "bgp": report.map(|r| r.bgp.clone()),

@@ -264,6 +264,26 @@ fn fetch_bytes(url: &str) -> Result<Vec<u8>, Error> {
     Ok(out)
 }
 
+/// Fetches `url` into memory, refusing more than `limit` bytes.
+pub(crate) fn fetch_limited(url: &str, limit: u64) -> Result<Vec<u8>, Error> {
+    let (reader, _) = open_url(url)?;
+    let mut out = Vec::new();
+    reader
+        .take(limit + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| Error::Fetch {
+            url: url.to_string(),
+            message: e.to_string(),
+        })?;
+    if out.len() as u64 > limit {
+        return Err(Error::Fetch {
+            url: url.to_string(),
+            message: format!("larger than the {limit} bytes expected"),
+        });
+    }
+    Ok(out)
+}
+
 /// Downloads `url` to `dest` through a temporary file, hashing as it goes; keeps it only when
 /// the hash is `expected`.
 fn download_verified(url: &str, file: &str, expected: &str, dest: &Path) -> Result<(), Error> {
@@ -341,7 +361,7 @@ pub fn sha256_file(path: &Path) -> Result<String, Error> {
 }
 
 /// A one-line progress bar on stderr, drawn only when stderr is a terminal.
-struct Progress {
+pub(crate) struct Progress {
     name: String,
     total: Option<u64>,
     done: u64,
@@ -351,7 +371,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(name: &str, total: Option<u64>) -> Progress {
+    pub(crate) fn new(name: &str, total: Option<u64>) -> Progress {
         Progress {
             name: name.to_string(),
             total,
@@ -362,7 +382,7 @@ impl Progress {
         }
     }
 
-    fn advance(&mut self, n: u64) {
+    pub(crate) fn advance(&mut self, n: u64) {
         self.done += n;
         let due = !matches!(self.last_draw, Some(t) if t.elapsed().as_millis() < 100);
         if self.tty && due {
@@ -393,7 +413,7 @@ impl Progress {
         }
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if self.tty {
             eprintln!("\r{}", self.line());
         }

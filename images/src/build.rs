@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use crate::apkovl::Overlay;
 use crate::assets::ReleaseFiles;
 use crate::disk::{self, Layout, MbrPartition};
+use crate::packages::CardPackages;
 use crate::profile::{Board, OVERLAY_FILES};
 use crate::Error;
 
@@ -68,9 +69,16 @@ pub struct NodeImage<'a> {
     /// A provisioned node state directory (`identity/`, `incoming/<bundle>`).
     pub state_dir: &'a Path,
     pub network: Network,
-    /// Alpine packages the node installs at boot (`/etc/apk/world`).
+    /// Alpine packages the node installs at boot besides [`NODE_PACKAGES`] (`image_packages`).
     pub packages: Vec<String>,
+    /// The packages on the card (resolved and fetched by [`crate::packages`]).
+    pub card: &'a CardPackages,
 }
+
+/// What every node installs: Alpine's base (its diskless init adds it anyway), BIRD (the
+/// routing daemon the versions configure) and e2fsprogs (`towalink-data` formats the data
+/// partition with it).
+pub const NODE_PACKAGES: &[&str] = &["alpine-base", "bird", "e2fsprogs"];
 
 /// The image's manifest (`towalink-image.toml` on the boot partition).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +94,9 @@ pub struct ImageManifest {
     pub apkovl: String,
     pub apkovl_sha256: String,
     pub builder: String,
+    /// The packages on the card (`name-version`), installed from it at every boot.
+    #[serde(default)]
+    pub packages: Vec<String>,
 }
 
 /// Output compression, from the file name: `.zst` means zstd.
@@ -165,13 +176,13 @@ pub fn machine_name(machine: u16) -> String {
 
 /// The kernel command line: diskless Alpine with the modloop, the board's consoles, and a
 /// network package repository when the medium carries none.
-pub fn kernel_cmdline(board: &Board, release: &ReleaseFiles) -> String {
+pub fn kernel_cmdline(board: &Board, release: &ReleaseFiles, card_has_repo: bool) -> String {
     let p = &board.profile;
     let mut args = vec![
         "modules=loop,squashfs,sd-mod,usb-storage".to_string(),
         format!("modloop=/boot/modloop-{}", p.kernel_flavor),
     ];
-    let has_repo = release.root.join("apks").is_dir();
+    let has_repo = card_has_repo || release.root.join("apks").is_dir();
     let has_layer = release.root.join("rootfs").is_dir();
     if !has_repo && !has_layer {
         if let Some(repo) = &release.package_repo {
@@ -242,18 +253,15 @@ pub fn overlay(spec: &NodeImage, node_binary: Vec<u8>) -> Result<Overlay, Error>
             .collect();
         o.file("etc/resolv.conf", text, 0o644);
     }
-    // The packages the node installs at boot. A layer brings its own installed packages:
-    // they stay in the world, or apk would purge them from the new root.
-    let layer_world = std::fs::read_to_string(layer.join("etc/apk/world")).unwrap_or_default();
-    let mut world: Vec<String> = ["alpine-base", "bird", "e2fsprogs"]
-        .iter()
-        .map(|s| s.to_string())
-        .chain(spec.packages.iter().cloned())
-        .chain(layer_world.split_whitespace().map(str::to_string))
-        .collect();
-    world.sort();
-    world.dedup();
-    o.file("etc/apk/world", world.join("\n") + "\n", 0o644);
+    o.file(
+        "etc/apk/world",
+        world(spec.release, &spec.packages).join("\n") + "\n",
+        0o644,
+    );
+    // Keys for packages signed by others than Alpine (Alpine's come with the initramfs).
+    for k in &spec.card.extra_keys {
+        o.file(&format!("etc/apk/keys/{}", k.name), k.pem.clone(), 0o644);
+    }
     let runlevels: &[(&str, &[&str])] = &[
         (
             "sysinit",
@@ -285,6 +293,31 @@ pub fn overlay(spec: &NodeImage, node_binary: Vec<u8>) -> Result<Overlay, Error>
     o.dir(SEED_DIR, 0o755);
     o.add_tree(spec.state_dir, SEED_DIR, &[], Some((0, 0)))?;
     Ok(o)
+}
+
+/// The packages the node installs at boot (`/etc/apk/world`): [`NODE_PACKAGES`], `extra`, and
+/// what an offline system layer has installed (they stay in the world, or apk would purge
+/// them from the new root). Sorted.
+pub fn world(release: &ReleaseFiles, extra: &[String]) -> Vec<String> {
+    let layer_world =
+        std::fs::read_to_string(release.root.join("rootfs/etc/apk/world")).unwrap_or_default();
+    let mut world: Vec<String> = NODE_PACKAGES
+        .iter()
+        .map(|s| s.to_string())
+        .chain(extra.iter().cloned())
+        .chain(layer_world.split_whitespace().map(str::to_string))
+        .collect();
+    world.sort();
+    world.dedup();
+    world
+}
+
+/// What an offline system layer (`rootfs/` of the release files) has installed already:
+/// the card need not carry it.
+pub fn layer_installed(release: &ReleaseFiles) -> std::collections::BTreeSet<String> {
+    std::fs::read_to_string(release.root.join("rootfs/lib/apk/db/installed"))
+        .map(|db| crate::packages::installed_names(&db))
+        .unwrap_or_default()
 }
 
 fn seed_u32(parts: &[&[u8]]) -> u32 {
@@ -376,6 +409,7 @@ pub fn build(spec: &NodeImage, output: &Path) -> Result<BuildReport, Error> {
         apkovl: apkovl_name.clone(),
         apkovl_sha256: apkovl_sha256.clone(),
         builder: concat!("towalink-images ", env!("CARGO_PKG_VERSION")).to_string(),
+        packages: spec.card.packages.clone(),
     };
     let mut files = BTreeMap::new();
     for f in &p.boot_files {
@@ -387,7 +421,12 @@ pub fn build(spec: &NodeImage, output: &Path) -> Result<BuildReport, Error> {
     for (to, content) in host {
         files.insert(to, content);
     }
-    let cmdline = kernel_cmdline(spec.board, spec.release);
+    files.extend(crate::packages::card_files(spec.card, &p.alpine_arch));
+    let cmdline = kernel_cmdline(
+        spec.board,
+        spec.release,
+        !spec.card.repositories.is_empty(),
+    );
     let env = minijinja::Environment::new();
     let ctx = minijinja::context! {
         node => spec.node,

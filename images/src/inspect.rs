@@ -26,6 +26,17 @@ pub struct ImageReport {
     pub manifest: Option<ImageManifest>,
     pub node: Option<NodeReport>,
     pub apkovl: Option<ApkovlReport>,
+    /// The packages on the card's boot repositories, read from the `.apk` files themselves.
+    pub packages: Vec<PackageReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PackageReport {
+    pub name: String,
+    pub version: String,
+    /// The card directory (`apks`, `apks-community`).
+    pub repository: String,
+    pub size: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -235,6 +246,22 @@ pub fn inspect(path: &Path) -> Result<ImageReport, Error> {
             size: c.len() as u64,
         })
         .collect();
+    let mut packages = Vec::new();
+    for (p, c) in &files {
+        let Some((dir, _)) = p.split_once('/') else {
+            continue;
+        };
+        if dir.starts_with(crate::packages::CARD_DIR) && p.ends_with(".apk") {
+            let (name, version) = crate::packages::package_info(c)
+                .ok_or_else(|| not_image(format!("`{p}` is not an Alpine package")))?;
+            packages.push(PackageReport {
+                name,
+                version,
+                repository: dir.to_string(),
+                size: c.len() as u64,
+            });
+        }
+    }
     let has = |p: &str| files.keys().any(|k| k.eq_ignore_ascii_case(p));
     Ok(ImageReport {
         file: path.display().to_string(),
@@ -249,5 +276,6 @@ pub fn inspect(path: &Path) -> Result<ImageReport, Error> {
         manifest,
         node,
         apkovl: apkovl_report,
+        packages,
     })
 }

@@ -13,6 +13,7 @@ pub mod assets;
 pub mod build;
 pub mod disk;
 pub mod inspect;
+pub mod packages;
 pub mod profile;
 
 use std::path::PathBuf;
@@ -68,6 +69,12 @@ pub enum Error {
         status: String,
         stderr: String,
     },
+    #[error("package index {url}: {message}")]
+    PackageIndex { url: String, message: String },
+    #[error("package {url}: {message}; it was not kept")]
+    Package { url: String, message: String },
+    #[error("packages: {0}")]
+    Packages(String),
     #[error("`{}` is not a Towalink image: {message}", path.display())]
     NotAnImage { path: PathBuf, message: String },
 }

@@ -96,6 +96,49 @@ type Embedded = (
     &'static [(&'static str, &'static str)],
 );
 
+/// Alpine's package-signing keys for each board's architecture (`board/<name>/apk-keys/`):
+/// the builder verifies the mirror's index with them; the node's initramfs has its own copy.
+const APK_KEYS: &[(&str, &str, &str)] = &[
+    (
+        "x86_64",
+        "alpine-devel@lists.alpinelinux.org-4a6a0840.rsa.pub",
+        include_str!("../../board/x86_64/apk-keys/alpine-devel@lists.alpinelinux.org-4a6a0840.rsa.pub"),
+    ),
+    (
+        "x86_64",
+        "alpine-devel@lists.alpinelinux.org-5261cecb.rsa.pub",
+        include_str!("../../board/x86_64/apk-keys/alpine-devel@lists.alpinelinux.org-5261cecb.rsa.pub"),
+    ),
+    (
+        "x86_64",
+        "alpine-devel@lists.alpinelinux.org-6165ee59.rsa.pub",
+        include_str!("../../board/x86_64/apk-keys/alpine-devel@lists.alpinelinux.org-6165ee59.rsa.pub"),
+    ),
+    (
+        "rpi4",
+        "alpine-devel@lists.alpinelinux.org-58199dcc.rsa.pub",
+        include_str!("../../board/rpi4/apk-keys/alpine-devel@lists.alpinelinux.org-58199dcc.rsa.pub"),
+    ),
+    (
+        "rpi4",
+        "alpine-devel@lists.alpinelinux.org-616ae350.rsa.pub",
+        include_str!("../../board/rpi4/apk-keys/alpine-devel@lists.alpinelinux.org-616ae350.rsa.pub"),
+    ),
+];
+
+impl Board {
+    /// Alpine's keys for this board's packages.
+    pub fn apk_keys(&self) -> Result<Vec<crate::packages::TrustedKey>, Error> {
+        APK_KEYS
+            .iter()
+            .filter(|(board, _, _)| *board == self.profile.name)
+            .map(|(board, name, pem)| {
+                crate::packages::TrustedKey::new(name, pem, &format!("board/{board}/apk-keys/{name}"))
+            })
+            .collect()
+    }
+}
+
 const BOARDS: &[Embedded] = &[
     (
         "x86_64",

@@ -242,6 +242,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             None => writeln!(out, "marked bad; no version to roll back to")?,
         },
         Command::Run { once, interval_ms } => {
+            crate::dataplane::netlink::enable_forwarding();
             node.startup()?;
             let mut dataplane = match cli.dataplane {
                 DataPlaneKind::Boringtun => Some(DataPlane::new(Box::new(Boringtun::new()))?),

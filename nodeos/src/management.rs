@@ -152,6 +152,13 @@ fn system_uptime_s() -> u64 {
         .unwrap_or(0)
 }
 
+/// The kernel's boot id, or empty where there is none.
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|t| t.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// The report the node sends now.
 pub fn build_report(node: &Node, shared: &Shared) -> Result<NodeReport, Error> {
     let status = node.status()?;
@@ -176,6 +183,7 @@ pub fn build_report(node: &Node, shared: &Shared) -> Result<NodeReport, Error> {
         node: status.node,
         daemon_version: env!("CARGO_PKG_VERSION").to_string(),
         uptime_s: system_uptime_s(),
+        boot_id: boot_id(),
         daemon_uptime_s: shared.started.elapsed().as_secs(),
         active_version: status.active_version,
         state: status.state,

@@ -55,6 +55,9 @@ pub struct Options {
     pub spare: Vec<u32>,
     /// Global attributes set before the first commit.
     pub global: Vec<(String, String)>,
+    /// Start BIRD before the node daemons (as the image's OpenRC order does), with the
+    /// placeholder configuration the image's BIRD service starts with.
+    pub bird_first: bool,
 }
 
 impl Options {
@@ -66,6 +69,7 @@ impl Options {
             underlay_mesh: true,
             spare: Vec::new(),
             global: Vec::new(),
+            bird_first: false,
         }
     }
 }
@@ -364,14 +368,28 @@ impl Network {
             network.start_controller();
         }
         network.daemons_started = Instant::now();
+        if options.bird_first {
+            for site in &mut network.sites {
+                if !options.spare.contains(&site.index) {
+                    std::fs::write(
+                        site.root.join("etc/bird/bird.conf"),
+                        "log stderr all; protocol device {}\n",
+                    )
+                    .unwrap();
+                    site.start_bird();
+                }
+            }
+        }
         for site in &mut network.sites {
             if !options.spare.contains(&site.index) {
                 site.start_daemon();
             }
         }
-        for site in &mut network.sites {
-            if !options.spare.contains(&site.index) {
-                site.start_bird();
+        if !options.bird_first {
+            for site in &mut network.sites {
+                if !options.spare.contains(&site.index) {
+                    site.start_bird();
+                }
             }
         }
         network
@@ -606,9 +624,8 @@ impl Network {
                 "dev",
                 "lo",
             ]);
+            // Forwarding is the node's business (towalink-node turns it on).
             for setting in [
-                "net.ipv4.ip_forward=1",
-                "net.ipv6.conf.all.forwarding=1",
                 "net.ipv4.conf.all.rp_filter=0",
                 "net.ipv4.conf.default.rp_filter=0",
             ] {

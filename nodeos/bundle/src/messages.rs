@@ -37,6 +37,10 @@ pub struct NodeReport {
     pub daemon_version: String,
     /// Seconds since the node booted.
     pub uptime_s: u64,
+    /// The kernel's id of this boot (`/proc/sys/kernel/random/boot_id`): a report from a new
+    /// boot has a new one. Empty from nodes before it was reported.
+    #[serde(default)]
+    pub boot_id: String,
     /// Seconds since the daemon started.
     pub daemon_uptime_s: u64,
     pub active_version: Option<u32>,

@@ -62,6 +62,10 @@ impl Netlink {
         peer: Ipv4Addr,
         link_local: Ipv6Addr,
     ) -> Result<(), Error> {
+        // The link's only link-local address is the one the peers' BIRD expects: no address
+        // of the kernel's own (stable-privacy/EUI-64) that BIRD could take as the source of
+        // its IPv6 BFD packets, which the peer would not answer.
+        no_kernel_link_local(name);
         self.ensure_interface(
             name,
             mtu,
@@ -69,7 +73,39 @@ impl Netlink {
                 (IpAddr::V4(local), IpAddr::V4(peer), 32),
                 (IpAddr::V6(link_local), IpAddr::V6(link_local), 64),
             ],
-        )
+        )?;
+        let name = name.to_string();
+        self.with_handle(async move |handle| {
+            let index = link_index(&handle, &name).await?;
+            let mut stream = handle
+                .address()
+                .get()
+                .set_link_index_filter(index)
+                .execute();
+            let mut stray = Vec::new();
+            while let Some(message) = stream
+                .try_next()
+                .await
+                .map_err(|e| failed(format!("addresses of {name}: {e}")))?
+            {
+                let is_stray = message.attributes.iter().any(|a| {
+                    matches!(a, AddressAttribute::Address(IpAddr::V6(v6))
+                        if v6.segments()[0] & 0xffc0 == 0xfe80 && *v6 != link_local)
+                });
+                if is_stray {
+                    stray.push(message);
+                }
+            }
+            for message in stray {
+                handle
+                    .address()
+                    .del(message)
+                    .execute()
+                    .await
+                    .map_err(|e| failed(format!("cannot remove a kernel link-local address of {name}: {e}")))?;
+            }
+            Ok(())
+        })
     }
 
     /// Sets MTU and up, and adds the missing addresses (`local`, `peer`, prefix length; `peer`
@@ -290,4 +326,36 @@ async fn add_address(
         }
     }
     request.execute().await
+}
+
+/// Tells the kernel not to give `interface` an IPv6 link-local address of its own
+/// (`addr_gen_mode` 1, "none"); effective when the interface goes up next.
+fn no_kernel_link_local(interface: &str) {
+    let path = format!("/proc/sys/net/ipv6/conf/{interface}/addr_gen_mode");
+    if std::fs::read_to_string(&path).map(|v| v.trim() != "1").unwrap_or(false) {
+        if let Err(error) = std::fs::write(&path, "1\n") {
+            tracing::warn!(%path, %error, "cannot turn off the kernel's link-local address");
+        }
+    }
+}
+
+/// The sysctls that make a host a router: IPv4 and IPv6 forwarding.
+pub const FORWARDING_SYSCTLS: &[&str] = &[
+    "/proc/sys/net/ipv4/ip_forward",
+    "/proc/sys/net/ipv6/conf/all/forwarding",
+];
+
+/// Turns forwarding on (a node routes between its LAN and its links, on images and on any
+/// other host); a sysctl that cannot be written is logged, not fatal (the node still routes
+/// its own traffic).
+pub fn enable_forwarding() {
+    for path in FORWARDING_SYSCTLS {
+        match std::fs::read_to_string(path) {
+            Ok(v) if v.trim() == "1" => {}
+            _ => match std::fs::write(path, "1\n") {
+                Ok(()) => tracing::info!(sysctl = path, "forwarding enabled"),
+                Err(error) => tracing::warn!(sysctl = path, %error, "cannot enable forwarding"),
+            },
+        }
+    }
 }
