@@ -19,7 +19,8 @@ const X86: &str = "x86_64-unknown-linux-musl";
 const ARM: &str = "aarch64-unknown-linux-musl";
 
 /// One site, one node that reaches the controller at qemu's host address and is blessed once
-/// the controller answers through the management link (the test system has no BIRD).
+/// the controller answers through the management link and BIRD (installed at boot from the
+/// card's package repository) answers on its control socket.
 fn installation(nodes: &[&str]) -> Installation {
     let ctl = Installation::new();
     ctl.ok(&["add", "site", "s1"]);
@@ -27,7 +28,7 @@ fn installation(nodes: &[&str]) -> Installation {
         ctl.ok(&["add", "node", &format!("{n}.s1")]);
     }
     ctl.ok(&["set", "global", "controller_endpoint", "10.0.2.2"]);
-    ctl.ok(&["set", "global", "node_health_checks", r#"["controller"]"#]);
+    ctl.ok(&["set", "global", "node_health_checks", r#"["controller", "bird"]"#]);
     ctl.ok(&["set", "global", "mgmt_report_interval_s", "2"]);
     ctl.ok(&["-m", "first", "commit", "all"]);
     ctl

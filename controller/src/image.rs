@@ -21,6 +21,8 @@ use crate::{installation, Error};
 pub struct ImageSettings {
     pub hostname: String,
     pub network: (String, UplinkAddress, Vec<String>),
+    /// `image_interfaces`: more ports with their addresses.
+    pub interfaces: Vec<(String, UplinkAddress)>,
     pub packages: Vec<String>,
 }
 
@@ -37,6 +39,14 @@ fn string_list(merged: &Merged, key: &str) -> Result<Vec<String>, ResolveError> 
             .collect(),
         Some(_) => Err(attribute_error(merged, key, "must be a list of strings")),
     }
+}
+
+fn is_interface_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 fn optional_string(merged: &Merged, key: &str) -> Result<Option<String>, ResolveError> {
@@ -70,12 +80,7 @@ pub fn image_settings(
     }
     let interface =
         optional_string(merged, "image_uplink")?.unwrap_or_else(|| default_uplink.to_string());
-    if interface.is_empty()
-        || interface.len() > 15
-        || !interface
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
+    if !is_interface_name(&interface) {
         return Err(attribute_error(
             merged,
             "image_uplink",
@@ -108,6 +113,41 @@ pub fn image_settings(
             }
         }
     };
+    // More ports (LANs): interface name -> "dhcp" or an address with prefix length.
+    let mut interfaces = Vec::new();
+    match merged.values.get("image_interfaces") {
+        None => {}
+        Some(Value::Table(table)) => {
+            for (name, value) in table {
+                let bad = |what: String| attribute_error(merged, "image_interfaces", what);
+                if !is_interface_name(name) || *name == interface {
+                    return Err(bad(format!(
+                        "has `{name}`: expected an interface name other than the uplink `{interface}`"
+                    )));
+                }
+                let address = match value.as_str() {
+                    Some("dhcp") => UplinkAddress::Dhcp,
+                    Some(cidr) if cidr.parse::<ipnet::IpNet>().is_ok() => UplinkAddress::Static {
+                        cidr: cidr.to_string(),
+                        gateway: None,
+                    },
+                    _ => {
+                        return Err(bad(format!(
+                            "`{name}` is `{value}`: expected \"dhcp\" or an address with prefix length, e.g. \"192.168.1.1/24\""
+                        )))
+                    }
+                };
+                interfaces.push((name.clone(), address));
+            }
+        }
+        Some(_) => {
+            return Err(attribute_error(
+                merged,
+                "image_interfaces",
+                "must be a table of interface = \"dhcp\" or \"address/prefix\"",
+            ))
+        }
+    }
     let dns = string_list(merged, "image_dns")?;
     for d in &dns {
         if d.parse::<std::net::IpAddr>().is_err() {
@@ -135,6 +175,7 @@ pub fn image_settings(
     Ok(ImageSettings {
         hostname,
         network: (interface, address, dns),
+        interfaces,
         packages,
     })
 }
@@ -262,6 +303,7 @@ pub fn build_node_image(
             interface,
             address,
             dns,
+            interfaces: settings.interfaces,
         },
         packages: settings.packages,
         card: &card,
@@ -332,5 +374,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("image_hostname"), "{e}");
+    }
+
+    #[test]
+    fn more_ports_get_dhcp_or_a_static_address() {
+        let s = image_settings(
+            &merged("image_interfaces = { eth1 = \"192.168.1.1/24\", eth2 = \"dhcp\" }"),
+            &node(),
+            "eth0",
+        )
+        .unwrap();
+        assert_eq!(
+            s.interfaces,
+            vec![
+                (
+                    "eth1".to_string(),
+                    UplinkAddress::Static {
+                        cidr: "192.168.1.1/24".into(),
+                        gateway: None
+                    }
+                ),
+                ("eth2".to_string(), UplinkAddress::Dhcp),
+            ]
+        );
+        for bad in [
+            "image_interfaces = { eth0 = \"dhcp\" }",
+            "image_interfaces = { eth1 = \"192.168.1.1\" }",
+            "image_interfaces = { \"a b\" = \"dhcp\" }",
+            "image_interfaces = [\"eth1\"]",
+        ] {
+            let e = image_settings(&merged(bad), &node(), "eth0")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("image_interfaces"), "{bad}: {e}");
+        }
     }
 }

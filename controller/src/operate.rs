@@ -215,6 +215,7 @@ pub fn print_status(
                     "daemon_uptime_s": report.map(|r| r.daemon_uptime_s),
                     "tunnels": report.map(|r| r.tunnels.clone()),
                     "bgp": report.map(|r| r.bgp.clone()),
+                    "bfd": report.map(|r| r.bfd.clone()),
                     "health": report.map(|r| r.health.clone()),
                     "last_rollback": report.and_then(|r| r.last_rollback.clone()),
                     "last_order": report.and_then(|r| r.order_done.clone()),

@@ -53,6 +53,8 @@ pub struct Network {
     pub interface: String,
     pub address: UplinkAddress,
     pub dns: Vec<String>,
+    /// More ports (LANs), configured at boot like the uplink (without a gateway).
+    pub interfaces: Vec<(String, UplinkAddress)>,
 }
 
 /// Everything that goes into one node's image.
@@ -196,19 +198,23 @@ pub fn kernel_cmdline(board: &Board, release: &ReleaseFiles, card_has_repo: bool
     args.join(" ")
 }
 
-/// `/etc/network/interfaces` for the uplink.
+/// `/etc/network/interfaces` for the uplink and the other ports.
 pub fn interfaces_file(network: &Network) -> String {
-    let mut s = String::from("auto lo\niface lo inet loopback\n\n");
-    s.push_str(&format!("auto {}\n", network.interface));
-    match &network.address {
-        UplinkAddress::Dhcp => s.push_str(&format!("iface {} inet dhcp\n", network.interface)),
-        UplinkAddress::Static { cidr, gateway } => {
-            s.push_str(&format!(
-                "iface {} inet static\n\taddress {cidr}\n",
-                network.interface
-            ));
-            if let Some(g) = gateway {
-                s.push_str(&format!("\tgateway {g}\n"));
+    let mut s = String::from("auto lo\niface lo inet loopback\n");
+    let ports = std::iter::once((&network.interface, &network.address))
+        .chain(network.interfaces.iter().map(|(i, a)| (i, a)));
+    for (interface, address) in ports {
+        s.push_str(&format!("\nauto {interface}\n"));
+        match address {
+            UplinkAddress::Dhcp => s.push_str(&format!("iface {interface} inet dhcp\n")),
+            UplinkAddress::Static { cidr, gateway } => {
+                let family = if cidr.contains(':') { "inet6" } else { "inet" };
+                s.push_str(&format!(
+                    "iface {interface} {family} static\n\taddress {cidr}\n"
+                ));
+                if let Some(g) = gateway {
+                    s.push_str(&format!("\tgateway {g}\n"));
+                }
             }
         }
     }
@@ -625,15 +631,24 @@ mod tests {
             interface: "eth0".into(),
             address: UplinkAddress::Dhcp,
             dns: vec![],
+            interfaces: vec![],
         };
         assert!(interfaces_file(&n).contains("iface eth0 inet dhcp"));
         n.address = UplinkAddress::Static {
             cidr: "192.0.2.10/24".into(),
             gateway: Some("192.0.2.1".into()),
         };
+        n.interfaces = vec![(
+            "eth1".into(),
+            UplinkAddress::Static {
+                cidr: "192.168.1.1/24".into(),
+                gateway: None,
+            },
+        )];
         let s = interfaces_file(&n);
         assert!(
             s.contains("iface eth0 inet static\n\taddress 192.0.2.10/24\n\tgateway 192.0.2.1\n")
         );
+        assert!(s.ends_with("\nauto eth1\niface eth1 inet static\n\taddress 192.168.1.1/24\n"), "{s}");
     }
 }

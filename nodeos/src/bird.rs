@@ -92,6 +92,19 @@ impl BirdControl {
         Ok(())
     }
 
+    /// `show bfd sessions`: (neighbor, interface, state).
+    pub fn bfd_sessions(&self) -> Result<Vec<(String, String, String)>, Error> {
+        let reply = self.request("show bfd sessions")?;
+        Ok(reply
+            .iter()
+            .filter_map(|(_, text)| {
+                let f: Vec<&str> = text.split_whitespace().collect();
+                (f.len() >= 3 && ["Up", "Down", "Init", "AdminDown"].contains(&f[2]))
+                    .then(|| (f[0].to_string(), f[1].to_string(), f[2].to_string()))
+            })
+            .collect())
+    }
+
     /// `show protocols`.
     pub fn protocols(&self) -> Result<Vec<Protocol>, Error> {
         let reply = self.request("show protocols")?;

@@ -208,6 +208,21 @@ pub fn build_report(node: &Node, shared: &Shared) -> Result<NodeReport, Error> {
         }),
         tunnels: shared.tunnels.lock().map(|t| t.clone()).unwrap_or_default(),
         bgp,
+        bfd: node
+            .reloader
+            .bird
+            .bfd_sessions()
+            .map(|sessions| {
+                sessions
+                    .into_iter()
+                    .map(|(peer, interface, state)| towalink_bundle::messages::BfdSession {
+                        peer,
+                        interface,
+                        state,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
         order_done: node.state.last_order(),
     })
 }

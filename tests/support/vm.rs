@@ -127,8 +127,43 @@ pub struct Vm {
     _temp: tempfile::TempDir,
 }
 
+/// A network card of a machine.
+pub enum Nic {
+    /// qemu's user network (guest 10.0.2.2 = the namespace's loopback).
+    User,
+    /// A tap device of the namespace (created by the caller), with this MAC address.
+    Tap { ifname: String, mac: String },
+}
+
+/// Size and cards of a machine.
+pub struct Hardware {
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub nics: Vec<Nic>,
+}
+
+impl Default for Hardware {
+    fn default() -> Self {
+        Hardware {
+            cpus: 2,
+            memory_mib: 1024,
+            nics: vec![Nic::User],
+        }
+    }
+}
+
 impl Vm {
     pub fn boot(netns: &Netns, name: &str, disk: &Path, firmware: Firmware) -> Vm {
+        Vm::boot_with(netns, name, disk, firmware, Hardware::default())
+    }
+
+    pub fn boot_with(
+        netns: &Netns,
+        name: &str,
+        disk: &Path,
+        firmware: Firmware,
+        hardware: Hardware,
+    ) -> Vm {
         let temp = tempfile::tempdir().unwrap();
         let serial = temp.path().join("serial.log");
         let (program, mut args): (&str, Vec<String>) = match &firmware {
@@ -148,9 +183,9 @@ impl Vm {
                 "-accel",
                 "tcg",
                 "-smp",
-                "2",
+                &hardware.cpus.to_string(),
                 "-m",
-                "1024",
+                &hardware.memory_mib.to_string(),
                 "-nographic",
                 "-no-reboot",
                 "-monitor",
@@ -162,15 +197,20 @@ impl Vm {
         args.push(format!("file:{}", serial.display()));
         args.push("-drive".into());
         args.push(format!("file={},format=raw,if=virtio", disk.display()));
-        args.extend(
-            [
-                "-netdev",
-                "user,id=n0",
-                "-device",
-                "virtio-net-pci,netdev=n0",
-            ]
-            .map(String::from),
-        );
+        for (i, nic) in hardware.nics.iter().enumerate() {
+            args.push("-netdev".into());
+            args.push(match nic {
+                Nic::User => format!("user,id=n{i}"),
+                Nic::Tap { ifname, .. } => {
+                    format!("tap,id=n{i},ifname={ifname},script=no,downscript=no")
+                }
+            });
+            args.push("-device".into());
+            args.push(match nic {
+                Nic::User => format!("virtio-net-pci,netdev=n{i}"),
+                Nic::Tap { mac, .. } => format!("virtio-net-pci,netdev=n{i},mac={mac}"),
+            });
+        }
         match firmware {
             Firmware::Bios => {}
             Firmware::Uefi => {
@@ -249,5 +289,142 @@ impl Drop for Vm {
                 eprintln!("{}: serial log kept in {}", self.name, kept.display());
             }
         }
+    }
+}
+
+/// The wiring of a lab of booted images, all inside one namespace (deleted on drop, with its
+/// taps and bridges): an underlay bridge `ul` joining every machine's first card (tap `u<i>`)
+/// and the controller's address 192.168.50.254 (the namespace's side of the bridge), and per
+/// machine a LAN: its second card (tap `l<i>`) bridged to a namespace of its own holding one
+/// host, 192.168.(10+i).2/24, whose default route is the machine (192.168.(10+i).1).
+pub struct LabWiring {
+    pub netns: Netns,
+    pub lans: Vec<Netns>,
+}
+
+/// The controller's address on a lab's underlay.
+pub const LAB_CONTROLLER: &str = "192.168.50.254";
+
+impl LabWiring {
+    pub fn new(machines: u32) -> LabWiring {
+        let netns = Netns::new();
+        let n = netns.name.clone();
+        let ip = |args: &[&str]| sh("ip", &[&["-n", n.as_str()][..], args].concat());
+        ip(&["link", "add", "ul", "type", "bridge"]);
+        ip(&["addr", "add", &format!("{LAB_CONTROLLER}/24"), "dev", "ul"]);
+        ip(&["link", "set", "ul", "up"]);
+        let mut lans = Vec::new();
+        for i in 1..=machines {
+            ip(&["tuntap", "add", "dev", &format!("u{i}"), "mode", "tap"]);
+            ip(&["link", "set", &format!("u{i}"), "master", "ul", "up"]);
+            ip(&["link", "add", &format!("lb{i}"), "type", "bridge"]);
+            ip(&["link", "set", &format!("lb{i}"), "up"]);
+            ip(&["tuntap", "add", "dev", &format!("l{i}"), "mode", "tap"]);
+            ip(&["link", "set", &format!("l{i}"), "master", &format!("lb{i}"), "up"]);
+            let lan = Netns::new();
+            ip(&[
+                "link",
+                "add",
+                &format!("lv{i}"),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &lan.name,
+            ]);
+            ip(&["link", "set", &format!("lv{i}"), "master", &format!("lb{i}"), "up"]);
+            let lip = |args: &[&str]| sh("ip", &[&["-n", lan.name.as_str()][..], args].concat());
+            lip(&["addr", "add", &format!("{}/24", Self::lan_host(i)), "dev", "eth0"]);
+            lip(&["link", "set", "eth0", "up"]);
+            lip(&["route", "add", "default", "via", &Self::lan_router(i)]);
+            lans.push(lan);
+        }
+        LabWiring { netns, lans }
+    }
+
+    /// Machine `i`'s address on the underlay.
+    pub fn underlay(i: u32) -> String {
+        format!("192.168.50.{i}")
+    }
+
+    /// Machine `i`'s LAN address (its second card).
+    pub fn lan_router(i: u32) -> String {
+        format!("192.168.{}.1", 10 + i)
+    }
+
+    /// The host on machine `i`'s LAN.
+    pub fn lan_host(i: u32) -> String {
+        format!("192.168.{}.2", 10 + i)
+    }
+
+    /// The cards of machine `i`: underlay, LAN.
+    pub fn hardware(i: u32) -> Hardware {
+        Hardware {
+            cpus: 1,
+            memory_mib: 512,
+            nics: vec![
+                Nic::Tap {
+                    ifname: format!("u{i}"),
+                    mac: format!("52:54:00:50:00:{i:02x}"),
+                },
+                Nic::Tap {
+                    ifname: format!("l{i}"),
+                    mac: format!("52:54:00:51:00:{i:02x}"),
+                },
+            ],
+        }
+    }
+
+    /// Cuts (or restores) the underlay between machines `a` and `b` only: both bridge ports
+    /// isolated, so they reach neither each other nor any other isolated port, but still the
+    /// third machine and the controller.
+    pub fn isolate(&self, machines: &[u32], on: bool) {
+        for i in machines {
+            sh(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    &self.netns.name,
+                    "bridge",
+                    "link",
+                    "set",
+                    "dev",
+                    &format!("u{i}"),
+                    "isolated",
+                    if on { "on" } else { "off" },
+                ],
+            );
+        }
+    }
+
+    /// One ping from the host on LAN `from` to the host on LAN `to`; true on a reply.
+    pub fn lan_ping(&self, from: u32, to: u32) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &self.lans[from as usize - 1].name])
+            .args(["ping", "-c", "1", "-W", "1", &Self::lan_host(to)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// `traceroute`-like: the hops `ip route get` would not tell; instead the TTL a reply
+    /// comes back with tells how many routers it crossed (64 minus hops).
+    pub fn lan_ping_ttl(&self, from: u32, to: u32) -> Option<u32> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.lans[from as usize - 1].name])
+            .args(["ping", "-c", "1", "-W", "1", &Self::lan_host(to)])
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split("ttl=")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
     }
 }

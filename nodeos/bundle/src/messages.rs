@@ -54,6 +54,9 @@ pub struct NodeReport {
     pub last_rollback: Option<RollbackReport>,
     pub tunnels: Vec<TunnelReport>,
     pub bgp: Vec<BgpSession>,
+    /// BFD sessions (empty from nodes before they were reported).
+    #[serde(default)]
+    pub bfd: Vec<BfdSession>,
     /// The last order the node carried out (or refused).
     pub order_done: Option<OrderOutcome>,
 }
@@ -93,6 +96,16 @@ pub struct BgpSession {
     /// BIRD's state (`up`, `start`, …) and info (`Established`, `Active`, …).
     pub state: String,
     pub info: String,
+}
+
+/// One BFD session as BIRD shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BfdSession {
+    /// The neighbor's address.
+    pub peer: String,
+    pub interface: String,
+    /// `Up`, `Down`, `Init`, `AdminDown`.
+    pub state: String,
 }
 
 /// An activation the controller asks for. `seq` grows with every `tlm activate` of the node;
