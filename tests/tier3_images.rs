@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use towalink_tests::network::{tail, wait_for};
-use towalink_tests::vm::{assets, node_binary, Firmware, Guard, Netns, Vm};
+use towalink_tests::vm::{assets, node_binary, Firmware, Guard, LabWiring, Netns, Vm, LAB_CONTROLLER};
 use towalink_tests::{binary, Installation};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -795,4 +795,353 @@ fn release_files_come_from_a_mirror_verified_and_cached() {
         down.stderr
     );
     assert!(down.stderr.contains("--alpine-dir"), "{}", down.stderr);
+}
+
+/// `tlm status --format json`'s entry of `node`.
+fn status_of(ctl: &Installation, node: &str) -> serde_json::Value {
+    let status: serde_json::Value =
+        serde_json::from_str(&ctl.ok(&["status", "--format", "json"])).unwrap();
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == node)
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Every BGP session Established and every BFD session Up, `sessions` of each, as `node`
+/// reports them.
+fn sessions_up(n: &serde_json::Value, sessions: usize) -> bool {
+    let all = |key: &str, ok: &dyn Fn(&serde_json::Value) -> bool| {
+        n[key]
+            .as_array()
+            .is_some_and(|a| a.len() == sessions && a.iter().all(ok))
+    };
+    n["reachable"] == true
+        && all("bgp", &|s| {
+            s["state"] == "up" && s["info"].as_str().is_some_and(|i| i.starts_with("Established"))
+        })
+        && all("bfd", &|s| s["state"] == "Up")
+}
+
+/// The lab: the x86_64 images of three sites booted together under TCG, joined by an underlay
+/// bridge, each with a LAN host of its own. Everything an engineer checks, inside the booted
+/// images: every tunnel and IPv4/IPv6 BGP + BFD session up, LAN-to-LAN traffic, a cut underlay
+/// link rerouted through the third site, a power cycle without the controller coming back
+/// routing alone, and a version that breaks BGP rolled back by boot counting across power
+/// cycles, which `tlm status` shows once the controller returns.
+#[test]
+fn lab_of_three_booted_images_routes_fails_over_survives_power_cuts_and_rolls_back() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ctl = Installation::new();
+    let nodes: Vec<String> = (1..=3).map(|i| format!("r.s{i}")).collect();
+    for i in 1..=3u32 {
+        ctl.ok(&["add", "site", &format!("s{i}")]);
+        ctl.ok(&["add", "node", &nodes[i as usize - 1]]);
+    }
+    for (k, v) in [
+        ("controller_endpoint", LAB_CONTROLLER),
+        ("mgmt_report_interval_s", "2"),
+        ("node_health_checks", r#"["bird"]"#),
+        ("node_boot_tries", "2"),
+        ("bird_announce_interfaces", r#"["eth1"]"#),
+    ] {
+        ctl.ok(&["set", "global", k, v]);
+    }
+    for i in 1..=3u32 {
+        let node = &nodes[i as usize - 1];
+        let underlay = LabWiring::underlay(i);
+        ctl.ok(&["set", "node", node, "wg_endpoint", &underlay]);
+        ctl.ok(&["set", "node", node, "image_uplink_address", &format!("{underlay}/24")]);
+        ctl.ok(&[
+            "set",
+            "node",
+            node,
+            "image_interfaces",
+            &format!("{{ eth1 = \"{}/24\" }}", LabWiring::lan_router(i)),
+        ]);
+    }
+    ctl.ok(&["-m", "lab", "commit", "all"]);
+    let work = tempfile::tempdir().unwrap();
+    let images: Vec<PathBuf> = (1..=3u32)
+        .map(|i| {
+            let image = work.path().join(format!("s{i}.img"));
+            let args = build_args(&nodes[i as usize - 1], "x86_64", &alpine("x86_64"), &image);
+            ctl.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+            image
+        })
+        .collect();
+    let wiring = LabWiring::new(3);
+    let mut service = serve(&ctl, &wiring.netns, &work.path().join("serve.log"));
+    let boot = |i: u32, name: &str| {
+        Vm::boot_with(
+            &wiring.netns,
+            name,
+            &images[i as usize - 1],
+            Firmware::Bios,
+            LabWiring::hardware(i),
+        )
+    };
+    let powered_on = Instant::now();
+    let mut vms: Vec<Vm> = (1..=3u32).map(|i| boot(i, &format!("lab-s{i}"))).collect();
+    let consoles = |vms: &[Vm]| {
+        vms.iter()
+            .map(|v| format!("\n[{}]\n{}", v.name, tail(&v.console(), 25)))
+            .collect::<String>()
+    };
+
+    // Every tunnel, BGP session (IPv4 + IPv6 per peer) and BFD session up in every image.
+    wait_for(
+        Duration::from_secs(1200),
+        || nodes.iter().all(|n| sessions_up(&status_of(&ctl, n), 4)),
+        || {
+            format!(
+                "waited 1200 s for 4 BGP sessions Established and 4 BFD sessions Up on every node:\n{}\n{}",
+                ctl.ok(&["status"]),
+                consoles(&vms)
+            )
+        },
+    );
+    let routing_after = powered_on.elapsed();
+    for v in &vms {
+        assert!(
+            v.console().contains("Installing bird (") && !v.console().contains("install completed with errors"),
+            "{}: BIRD not installed from the card:\n{}",
+            v.name,
+            tail(&v.console(), 60)
+        );
+    }
+    // LAN to LAN between every pair, over the direct tunnel (two routers: TTL 64 - 2).
+    for a in 1..=3u32 {
+        for b in 1..=3u32 {
+            if a != b {
+                wait_for(
+                    Duration::from_secs(120),
+                    || wiring.lan_ping_ttl(a, b) == Some(62),
+                    || format!("LAN {a} -> LAN {b} over the direct tunnel (TTL 62): {:?}\n{}", wiring.lan_ping_ttl(a, b), ctl.ok(&["status"])),
+                );
+            }
+        }
+    }
+    eprintln!(
+        "lab: 3 images powered on together under TCG: all BGP + BFD sessions up after {:.0} s",
+        routing_after.as_secs_f64()
+    );
+
+    // Cut the underlay between s1 and s2: traffic goes through s3 (three routers: TTL 61).
+    wiring.isolate(&[1, 2], true);
+    let cut = Instant::now();
+    wait_for(
+        Duration::from_secs(180),
+        || wiring.lan_ping_ttl(1, 2) == Some(61) && wiring.lan_ping_ttl(2, 1) == Some(61),
+        || format!("LAN 1 <-> LAN 2 through s3 after the cut (TTL 61): {:?} {:?}\n{}", wiring.lan_ping_ttl(1, 2), wiring.lan_ping_ttl(2, 1), ctl.ok(&["status"])),
+    );
+    eprintln!("lab: s1-s2 underlay cut: LAN traffic through s3 after {:.1} s", cut.elapsed().as_secs_f64());
+    wiring.isolate(&[1, 2], false);
+    wait_for(
+        Duration::from_secs(180),
+        || wiring.lan_ping_ttl(1, 2) == Some(62),
+        || "LAN 1 -> LAN 2 back on the direct tunnel after the restore".to_string(),
+    );
+
+    // The controller goes away; s2 loses power and comes back routing its version alone.
+    service.kill();
+    vms[1].power_off();
+    let restarted = Instant::now();
+    vms[1] = boot(2, "lab-s2-no-controller");
+    vms[1].wait_console("towalink-node: r.s2 (id 2), active v1", Duration::from_secs(600));
+    wait_for(
+        Duration::from_secs(300),
+        || wiring.lan_ping_ttl(1, 2) == Some(62) && wiring.lan_ping_ttl(3, 2) == Some(62),
+        || format!("s2 routing after its power cycle without a controller:\n{}", tail(&vms[1].console(), 40)),
+    );
+    eprintln!(
+        "lab: s2 power-cycled without a controller: LAN traffic through it {:.0} s after power-on",
+        restarted.elapsed().as_secs_f64()
+    );
+
+    // A version that breaks BGP on s2 (its peers' AS numbers off by one), with a health
+    // timeout long enough that only boot counting can end it.
+    let template = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../controller/defaults/bird_peers.conf.jinja"
+    ))
+    .unwrap();
+    let broken = template.replace("as {{ peer.peer_asn }};", "as {{ peer.peer_asn + 1 }};");
+    assert_ne!(broken, template);
+    std::fs::write(ctl.dir.join("site_s2/node_r/bird_peers.conf.jinja"), broken).unwrap();
+    ctl.ok(&["set", "node", "r.s2", "node_health_timeout_s", "3600"]);
+    let out = ctl.ok(&["-m", "breaks BGP on s2", "commit", "all"]);
+    assert!(out.contains("r.s2: v2"), "{out}");
+    service = serve(&ctl, &wiring.netns, &work.path().join("serve2.log"));
+    let activated = ctl.ok(&["activate", "node", "r.s2", "2", "--timeout", "600"]);
+    assert!(activated.contains("r.s2"), "{activated}");
+    wait_for(
+        Duration::from_secs(300),
+        || {
+            let n = status_of(&ctl, "r.s2");
+            n["active_version"] == 2 && n["state"] == "pending"
+        },
+        || format!("r.s2 running v2 pending:\n{}", ctl.ok(&["status"])),
+    );
+    service.kill();
+    // Power cycles until the tries run out: each start uses one of the 2 tries, the third
+    // goes back to v1.
+    let mut cycles = 0;
+    loop {
+        cycles += 1;
+        assert!(cycles <= 3, "v1 not back after {} power cycles (2 boot tries)", cycles - 1);
+        vms[1].power_off();
+        vms[1] = boot(2, &format!("lab-s2-cycle{cycles}"));
+        vms[1].wait_console("towalink-node: r.s2 (id 2), active v", Duration::from_secs(600));
+        if vms[1].console().contains("towalink-node: r.s2 (id 2), active v1") {
+            break;
+        }
+        let left = 2 - cycles;
+        assert!(
+            vms[1].console().contains(&format!("active v2 in slot B (pending, {left} tries left)")),
+            "power cycle {cycles}: v2 with {left} tries left expected:\n{}",
+            tail(&vms[1].console(), 30)
+        );
+    }
+    assert_eq!(cycles, 3, "the third start after the activation rolls back");
+    eprintln!("lab: the BGP-breaking v2 rolled back to v1 by boot counting after {cycles} power cycles");
+    wait_for(
+        Duration::from_secs(300),
+        || wiring.lan_ping_ttl(1, 2) == Some(62),
+        || format!("s2 routing again on v1:\n{}", tail(&vms[1].console(), 40)),
+    );
+    // The controller returns and hears of the rollback.
+    let _service = serve(&ctl, &wiring.netns, &work.path().join("serve3.log"));
+    wait_for(
+        Duration::from_secs(300),
+        || {
+            let n = status_of(&ctl, "r.s2");
+            n["reachable"] == true
+                && n["active_version"] == 1
+                && n["last_rollback"]["from_version"] == 2
+        },
+        || format!("tlm status showing r.s2's rollback from v2:\n{:#}", status_of(&ctl, "r.s2")),
+    );
+    let text = ctl.ok(&["status"]);
+    assert!(text.contains("r.s2"), "{text}");
+}
+
+/// The card's packages: resolved against the mirror's signed index, each checked against it,
+/// listed by `tlm image inspect`; an index signed by an unknown key, a tampered index or a
+/// package that does not match its index entry is refused with the URL named and no image;
+/// a corrupt cached package is fetched again.
+#[test]
+fn packages_come_from_the_signed_index_checked_and_listed() {
+    let ctl = installation(&["r1"]);
+    let work = tempfile::tempdir().unwrap();
+    let mirror_dir = work.path().join("mirror");
+    copy_tree(&assets().join("apk-mirror"), &mirror_dir);
+    let repo = mirror_dir.join("v3.23/main/x86_64");
+    let cache = work.path().join("cache");
+    let image = work.path().join("r1.img");
+    let key = apk_key().display().to_string();
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "image",
+            "build",
+            "node",
+            "r1.s1",
+            "--board",
+            "x86_64",
+            "--alpine-dir",
+            &alpine("x86_64"),
+            "--mirror",
+            &format!("file://{}", mirror_dir.display()),
+            "--cache-dir",
+            &cache.display().to_string(),
+            "-o",
+            &image.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |extra: &[&str]| {
+        let a = args(extra);
+        ctl.run(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+
+    let built = run(&["--apk-key", &key]);
+    assert_eq!(built.code, 0, "{}", built.stderr);
+    assert!(built.stdout.contains(", 2 packages;"), "{}", built.stdout);
+    let text = ctl.ok(&["image", "inspect", &image.display().to_string()]);
+    assert!(text.contains("packages:    2 on the card"), "{text}");
+    let bird_line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("bird "))
+        .unwrap_or_else(|| panic!("no bird package listed:\n{text}"));
+    assert!(bird_line.contains("2.0.12-r0") && bird_line.contains("apks"), "{bird_line}");
+    let files = boot_files(&image);
+    assert!(files.contains_key("apks/.boot_repository"));
+    assert_eq!(
+        files["apks/x86_64/APKINDEX.tar.gz"],
+        std::fs::read(repo.join("APKINDEX.tar.gz")).unwrap(),
+        "the index goes onto the card as the mirror signed it"
+    );
+    let ovl = apkovl(&files);
+    let key_name = apk_key().file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        ovl.get(&format!("etc/apk/keys/{key_name}")).is_some(),
+        "the image trusts the extra key"
+    );
+    let cmdline = String::from_utf8(files["syslinux.cfg"].clone()).unwrap();
+    assert!(!cmdline.contains("alpine_repo="), "offline boot must not name a network repository: {cmdline}");
+    let before = std::fs::read(&image).unwrap();
+
+    // A corrupt package in the cache is fetched again; the image is the same.
+    let cached = cache.join("packages/v3.23/main/x86_64/bird-2.0.12-r0.apk");
+    std::fs::write(&cached, b"junk").unwrap();
+    let again = run(&["--apk-key", &key]);
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert_eq!(std::fs::read(&cached).unwrap(), std::fs::read(repo.join("bird-2.0.12-r0.apk")).unwrap());
+    assert!(std::fs::read(&image).unwrap() == before, "same inputs, same image");
+
+    // Refusals name the index or package; the image from before stays as it was.
+    let untrusted = run(&[]);
+    assert_eq!(untrusted.code, 1);
+    assert!(
+        untrusted.stderr.contains("APKINDEX.tar.gz")
+            && untrusted.stderr.contains(&format!("signed by `{key_name}`, which is not a trusted key")),
+        "{}",
+        untrusted.stderr
+    );
+    let bird = std::fs::read(repo.join("bird-2.0.12-r0.apk")).unwrap();
+    std::fs::write(repo.join("bird-2.0.12-r0.apk"), &bird[..bird.len() - 1]).unwrap();
+    std::fs::remove_file(&cached).unwrap();
+    let tampered = run(&["--apk-key", &key]);
+    assert_eq!(tampered.code, 1);
+    assert!(
+        tampered.stderr.contains("bird-2.0.12-r0.apk") && tampered.stderr.contains("the index says"),
+        "{}",
+        tampered.stderr
+    );
+    assert!(!cached.exists(), "a package that fails its check was cached");
+    std::fs::write(repo.join("bird-2.0.12-r0.apk"), &bird).unwrap();
+    let mut index = std::fs::read(repo.join("APKINDEX.tar.gz")).unwrap();
+    let last = index.len() - 20;
+    index[last] ^= 0xff;
+    std::fs::write(repo.join("APKINDEX.tar.gz"), &index).unwrap();
+    let forged = run(&["--apk-key", &key]);
+    assert_eq!(forged.code, 1);
+    assert!(forged.stderr.contains("bad signature by"), "{}", forged.stderr);
+    assert!(std::fs::read(&image).unwrap() == before, "a refused build changed the image");
+    // A package nobody provides.
+    ctl.ok(&["set", "node", "r1.s1", "image_packages", r#"["no-such-package"]"#]);
+    ctl.ok(&["commit", "all"]);
+    std::fs::write(repo.join("APKINDEX.tar.gz"), std::fs::read(assets().join("apk-mirror/v3.23/main/x86_64/APKINDEX.tar.gz")).unwrap()).unwrap();
+    let missing = run(&["--apk-key", &key]);
+    assert_eq!(missing.code, 1);
+    assert!(missing.stderr.contains("no package provides `no-such-package`"), "{}", missing.stderr);
+    for r in [&untrusted, &tampered, &forged, &missing] {
+        assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
+    }
 }

@@ -1179,7 +1179,7 @@ fn print_build(report: &towalink_images::build::BuildReport, out: &mut impl std:
     let total: f64 = report.millis.values().sum();
     writeln!(
         out,
-        "wrote {} for {} (id {}, v{}, board {}, Alpine {}): image {:.0} MiB, file {:.1} MiB, apkovl {:.1} MiB; {:.0} ms",
+        "wrote {} for {} (id {}, v{}, board {}, Alpine {}): image {:.0} MiB, file {:.1} MiB, apkovl {:.1} MiB, {} packages; {:.0} ms",
         report.output.display(),
         report.manifest.node,
         report.manifest.node_id,
@@ -1189,6 +1189,7 @@ fn print_build(report: &towalink_images::build::BuildReport, out: &mut impl std:
         mib(report.image_bytes),
         mib(report.output_bytes),
         mib(report.apkovl_bytes),
+        report.manifest.packages.len(),
         total
     )
     .ok();
@@ -1351,6 +1352,20 @@ fn print_inspection(r: &towalink_images::inspect::ImageReport, out: &mut impl st
             a.node_binary.as_deref().unwrap_or("missing")
         )
         .ok();
+    }
+    if r.packages.is_empty() {
+        writeln!(out, "packages:    none on the card (installed from the network at boot)").ok();
+    } else {
+        writeln!(
+            out,
+            "packages:    {} on the card ({:.1} MiB), installed from it at every boot",
+            r.packages.len(),
+            mib(r.packages.iter().map(|p| p.size).sum())
+        )
+        .ok();
+        for p in &r.packages {
+            writeln!(out, "  {:<28} {:<16} {}", p.name, p.version, p.repository).ok();
+        }
     }
     writeln!(out, "boot files:").ok();
     for f in &r.boot_files {

@@ -1,8 +1,11 @@
-//! Benchmark of `tlm image build` from cached assets: one x86_64 and one rpi4 image, raw and
-//! zstd, with the release layout (kernel, initramfs, modloop, firmware: what a real Alpine
-//! release gives) and with the test assets' offline system layer (`rootfs/`, 22 MB more in
-//! the apkovl). Prints the median of 5 builds of the real release `tlm`, its phases, the image
-//! sizes, and `zstd -3` (single thread, the same level) on the same raw image for comparison.
+//! Benchmark of `tlm image build` from cached assets and a warm package cache: one x86_64 and
+//! one rpi4 image, raw and zstd, with the release layout (kernel, initramfs, modloop, firmware:
+//! what a real Alpine release gives; only the layer's package database kept, so the card's
+//! packages resolve the same) and with the test assets' offline system layer (`rootfs/`, 22 MB
+//! more in the apkovl). Every build resolves, checks and puts the packages on the card (from
+//! the test mirror, `file://`). Prints the median of 5 builds of the real release `tlm`, its
+//! phases, the image sizes, the packages on the card and their size, and `zstd -3` (single
+//! thread, the same level) on the same raw image for comparison.
 //! Run: `cargo build --release --bins && cargo bench -p towalink-tests --bench images`
 //! (after tests/assets.sh and the musl node builds).
 
@@ -19,9 +22,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Copies a release directory without its `rootfs/` layer.
+/// Copies a release directory without its `rootfs/` layer but the layer's package database
+/// and world (what the card's packages are resolved against).
 fn release_layout(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
+    for f in ["lib/apk/db/installed", "etc/apk/world"] {
+        let dest = to.join("rootfs").join(f);
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::copy(from.join("rootfs").join(f), dest).unwrap();
+    }
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
         if e.file_name() == "rootfs" {
@@ -50,11 +59,28 @@ fn build(ctl: &Installation, board: &str, dir: &Path, out: &Path) -> towalink_te
         board,
         "--alpine-dir",
         &dir.display().to_string(),
+        "--mirror",
+        &format!("file://{}", assets().join("apk-mirror").display()),
+        "--apk-key",
+        &apk_key(),
+        "--cache-dir",
+        &assets().join("cache").display().to_string(),
         "-o",
         &out.display().to_string(),
     ]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     run
+}
+
+/// The test repository's signing key (tests/apk-repo.sh).
+fn apk_key() -> String {
+    std::fs::read_dir(assets().join("apk-keys"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with(".rsa.pub"))
+        .expect("the test package key")
+        .display()
+        .to_string()
 }
 
 /// The phase timings `tlm --loglevel debug` logs.
@@ -84,9 +110,9 @@ fn main() {
     ctl.ok(&["-m", "bench", "commit", "all"]);
     let work = tempfile::tempdir().unwrap();
     println!(
-        "| board | assets | output | build (median of 5) | phases (ms) | image | file | apkovl |"
+        "| board | assets | output | build (median of 5) | phases (ms) | image | file | apkovl | packages on the card |"
     );
-    println!("|---|---|---|---:|---|---:|---:|---:|");
+    println!("|---|---|---|---:|---|---:|---:|---:|---:|");
     let mut raw_for_zstd = Vec::new();
     for board in ["x86_64", "rpi4"] {
         let full = assets().join(if board == "rpi4" {
@@ -126,11 +152,28 @@ fn main() {
                     .and_then(|s| s.split(',').next())
                     .unwrap_or("?")
                     .to_string();
+                let inspected: serde_json::Value = serde_json::from_str(&ctl.ok(&[
+                    "image",
+                    "inspect",
+                    &out.display().to_string(),
+                    "--format",
+                    "json",
+                ]))
+                .unwrap();
+                let card: u64 = inspected["boot_files"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|f| f["path"].as_str().unwrap_or("").starts_with("apks"))
+                    .map(|f| f["size"].as_u64().unwrap_or(0))
+                    .sum();
                 println!(
-                    "| {board} | {label} | {ext} | {:.2} s | {} | {image} | {:.1} MiB | {apkovl} MiB |",
+                    "| {board} | {label} | {ext} | {:.2} s | {} | {image} | {:.1} MiB | {apkovl} MiB | {} ({:.2} MiB with the index) |",
                     median(times),
                     phase_text.join(", "),
-                    file as f64 / 1048576.0
+                    file as f64 / 1048576.0,
+                    inspected["packages"].as_array().map_or(0, |p| p.len()),
+                    card as f64 / 1048576.0
                 );
                 if ext == "img" && label == "release layout" {
                     let keep = work.path().join(format!("{board}-raw.img"));
