@@ -238,13 +238,7 @@ fn fleet_versions_activation_rollback_attach_and_controller_loss() {
 
     // A version that breaks BGP on r.s2 only (its peers' AS numbers off by one): rolled back
     // there, the others keep theirs, `tlm activate` and `tlm status` say so.
-    let template = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../controller/defaults/bird_peers.conf.jinja"
-    ))
-    .unwrap();
-    let broken = template.replace("as {{ peer.peer_asn }};", "as {{ peer.peer_asn + 1 }};");
-    assert_ne!(broken, template);
+    let broken = towalink_tests::bird_peers_breaking_bgp();
     let node_file = net.ctl.dir.join("site_s2/node_r/bird_peers.conf.jinja");
     std::fs::write(&node_file, broken).unwrap();
     let out = net.ctl.ok(&["commit", "all"]);

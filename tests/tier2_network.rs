@@ -386,10 +386,17 @@ fn both_start_orders_converge_with_bfd_loopback_statics_and_forwarding() {
         let _serial = serial();
         let mut options = towalink_tests::network::Options::new(3, Topology::Mesh);
         options.bird_first = bird_first;
-        let order = if bird_first { "BIRD first" } else { "daemon first" };
+        let order = if bird_first {
+            "BIRD first"
+        } else {
+            "daemon first"
+        };
         let net = Network::build(options);
         let took = net.wait_established(Duration::from_secs(90));
-        eprintln!("{order}: all BGP sessions Established after {:.1} s", took.as_secs_f64());
+        eprintln!(
+            "{order}: all BGP sessions Established after {:.1} s",
+            took.as_secs_f64()
+        );
         for site in &net.sites {
             assert_eq!(site.bgp().len(), 4, "[{}] {order}", site.name);
             wait_for(
@@ -424,7 +431,12 @@ fn both_start_orders_converge_with_bfd_loopback_statics_and_forwarding() {
         for a in &net.sites {
             for b in &net.sites {
                 if a.index != b.index {
-                    assert!(a.ping(b.lan()), "{order}: {} cannot ping {}", a.name, b.name);
+                    assert!(
+                        a.ping(b.lan()),
+                        "{order}: {} cannot ping {}",
+                        a.name,
+                        b.name
+                    );
                 }
             }
         }

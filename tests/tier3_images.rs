@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use towalink_tests::network::{tail, wait_for};
-use towalink_tests::vm::{assets, node_binary, Firmware, Guard, LabWiring, Netns, Vm, LAB_CONTROLLER};
+use towalink_tests::vm::{
+    assets, node_binary, Firmware, Guard, LabWiring, Netns, Vm, LAB_CONTROLLER,
+};
 use towalink_tests::{binary, Installation};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -28,7 +30,12 @@ fn installation(nodes: &[&str]) -> Installation {
         ctl.ok(&["add", "node", &format!("{n}.s1")]);
     }
     ctl.ok(&["set", "global", "controller_endpoint", "10.0.2.2"]);
-    ctl.ok(&["set", "global", "node_health_checks", r#"["controller", "bird"]"#]);
+    ctl.ok(&[
+        "set",
+        "global",
+        "node_health_checks",
+        r#"["controller", "bird"]"#,
+    ]);
     ctl.ok(&["set", "global", "mgmt_report_interval_s", "2"]);
     ctl.ok(&["-m", "first", "commit", "all"]);
     ctl
@@ -738,17 +745,27 @@ fn release_files_come_from_a_mirror_verified_and_cached() {
     assert_eq!(m.hits.lock().unwrap()[&tar_path], 1);
     let bird_apk = |hits: &BTreeMap<String, usize>| {
         hits.iter()
-            .filter(|(p, _)| p.starts_with("/alpine/v3.23/main/x86_64/bird-") && p.ends_with(".apk"))
+            .filter(|(p, _)| {
+                p.starts_with("/alpine/v3.23/main/x86_64/bird-") && p.ends_with(".apk")
+            })
             .map(|(_, n)| *n)
             .sum::<usize>()
     };
-    assert_eq!(bird_apk(&m.hits.lock().unwrap()), 1, "BIRD fetched from the mirror");
+    assert_eq!(
+        bird_apk(&m.hits.lock().unwrap()),
+        1,
+        "BIRD fetched from the mirror"
+    );
     // Cached: the second build fetches the list and the index, not the release file nor the
     // packages again.
     let second = run("3.23", &cache);
     assert_eq!(second.code, 0, "{}", second.stderr);
     assert_eq!(m.hits.lock().unwrap()[&tar_path], 1, "downloaded again");
-    assert_eq!(bird_apk(&m.hits.lock().unwrap()), 1, "package downloaded again");
+    assert_eq!(
+        bird_apk(&m.hits.lock().unwrap()),
+        1,
+        "package downloaded again"
+    );
     // An exact version is checked against the release's .sha256 file.
     let exact = run("3.23.9", &work.path().join("cache-exact"));
     assert_eq!(exact.code, 0, "{}", exact.stderr);
@@ -820,7 +837,10 @@ fn sessions_up(n: &serde_json::Value, sessions: usize) -> bool {
     };
     n["reachable"] == true
         && all("bgp", &|s| {
-            s["state"] == "up" && s["info"].as_str().is_some_and(|i| i.starts_with("Established"))
+            s["state"] == "up"
+                && s["info"]
+                    .as_str()
+                    .is_some_and(|i| i.starts_with("Established"))
         })
         && all("bfd", &|s| s["state"] == "Up")
 }
@@ -853,7 +873,13 @@ fn lab_of_three_booted_images_routes_fails_over_survives_power_cuts_and_rolls_ba
         let node = &nodes[i as usize - 1];
         let underlay = LabWiring::underlay(i);
         ctl.ok(&["set", "node", node, "wg_endpoint", &underlay]);
-        ctl.ok(&["set", "node", node, "image_uplink_address", &format!("{underlay}/24")]);
+        ctl.ok(&[
+            "set",
+            "node",
+            node,
+            "image_uplink_address",
+            &format!("{underlay}/24"),
+        ]);
         ctl.ok(&[
             "set",
             "node",
@@ -906,7 +932,8 @@ fn lab_of_three_booted_images_routes_fails_over_survives_power_cuts_and_rolls_ba
     let routing_after = powered_on.elapsed();
     for v in &vms {
         assert!(
-            v.console().contains("Installing bird (") && !v.console().contains("install completed with errors"),
+            v.console().contains("Installing bird (")
+                && !v.console().contains("install completed with errors"),
             "{}: BIRD not installed from the card:\n{}",
             v.name,
             tail(&v.console(), 60)
@@ -919,7 +946,13 @@ fn lab_of_three_booted_images_routes_fails_over_survives_power_cuts_and_rolls_ba
                 wait_for(
                     Duration::from_secs(120),
                     || wiring.lan_ping_ttl(a, b) == Some(62),
-                    || format!("LAN {a} -> LAN {b} over the direct tunnel (TTL 62): {:?}\n{}", wiring.lan_ping_ttl(a, b), ctl.ok(&["status"])),
+                    || {
+                        format!(
+                            "LAN {a} -> LAN {b} over the direct tunnel (TTL 62): {:?}\n{}",
+                            wiring.lan_ping_ttl(a, b),
+                            ctl.ok(&["status"])
+                        )
+                    },
                 );
             }
         }
@@ -935,9 +968,19 @@ fn lab_of_three_booted_images_routes_fails_over_survives_power_cuts_and_rolls_ba
     wait_for(
         Duration::from_secs(180),
         || wiring.lan_ping_ttl(1, 2) == Some(61) && wiring.lan_ping_ttl(2, 1) == Some(61),
-        || format!("LAN 1 <-> LAN 2 through s3 after the cut (TTL 61): {:?} {:?}\n{}", wiring.lan_ping_ttl(1, 2), wiring.lan_ping_ttl(2, 1), ctl.ok(&["status"])),
+        || {
+            format!(
+                "LAN 1 <-> LAN 2 through s3 after the cut (TTL 61): {:?} {:?}\n{}",
+                wiring.lan_ping_ttl(1, 2),
+                wiring.lan_ping_ttl(2, 1),
+                ctl.ok(&["status"])
+            )
+        },
     );
-    eprintln!("lab: s1-s2 underlay cut: LAN traffic through s3 after {:.1} s", cut.elapsed().as_secs_f64());
+    eprintln!(
+        "lab: s1-s2 underlay cut: LAN traffic through s3 after {:.1} s",
+        cut.elapsed().as_secs_f64()
+    );
     wiring.isolate(&[1, 2], false);
     wait_for(
         Duration::from_secs(180),
@@ -950,11 +993,19 @@ fn lab_of_three_booted_images_routes_fails_over_survives_power_cuts_and_rolls_ba
     vms[1].power_off();
     let restarted = Instant::now();
     vms[1] = boot(2, "lab-s2-no-controller");
-    vms[1].wait_console("towalink-node: r.s2 (id 2), active v1", Duration::from_secs(600));
+    vms[1].wait_console(
+        "towalink-node: r.s2 (id 2), active v1",
+        Duration::from_secs(600),
+    );
     wait_for(
         Duration::from_secs(300),
         || wiring.lan_ping_ttl(1, 2) == Some(62) && wiring.lan_ping_ttl(3, 2) == Some(62),
-        || format!("s2 routing after its power cycle without a controller:\n{}", tail(&vms[1].console(), 40)),
+        || {
+            format!(
+                "s2 routing after its power cycle without a controller:\n{}",
+                tail(&vms[1].console(), 40)
+            )
+        },
     );
     eprintln!(
         "lab: s2 power-cycled without a controller: LAN traffic through it {:.0} s after power-on",
@@ -963,13 +1014,7 @@ fn lab_of_three_booted_images_routes_fails_over_survives_power_cuts_and_rolls_ba
 
     // A version that breaks BGP on s2 (its peers' AS numbers off by one), with a health
     // timeout long enough that only boot counting can end it.
-    let template = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../controller/defaults/bird_peers.conf.jinja"
-    ))
-    .unwrap();
-    let broken = template.replace("as {{ peer.peer_asn }};", "as {{ peer.peer_asn + 1 }};");
-    assert_ne!(broken, template);
+    let broken = towalink_tests::bird_peers_breaking_bgp();
     std::fs::write(ctl.dir.join("site_s2/node_r/bird_peers.conf.jinja"), broken).unwrap();
     ctl.ok(&["set", "node", "r.s2", "node_health_timeout_s", "3600"]);
     let out = ctl.ok(&["-m", "breaks BGP on s2", "commit", "all"]);
@@ -991,22 +1036,36 @@ fn lab_of_three_booted_images_routes_fails_over_survives_power_cuts_and_rolls_ba
     let mut cycles = 0;
     loop {
         cycles += 1;
-        assert!(cycles <= 3, "v1 not back after {} power cycles (2 boot tries)", cycles - 1);
+        assert!(
+            cycles <= 3,
+            "v1 not back after {} power cycles (2 boot tries)",
+            cycles - 1
+        );
         vms[1].power_off();
         vms[1] = boot(2, &format!("lab-s2-cycle{cycles}"));
-        vms[1].wait_console("towalink-node: r.s2 (id 2), active v", Duration::from_secs(600));
-        if vms[1].console().contains("towalink-node: r.s2 (id 2), active v1") {
+        vms[1].wait_console(
+            "towalink-node: r.s2 (id 2), active v",
+            Duration::from_secs(600),
+        );
+        if vms[1]
+            .console()
+            .contains("towalink-node: r.s2 (id 2), active v1")
+        {
             break;
         }
         let left = 2 - cycles;
         assert!(
-            vms[1].console().contains(&format!("active v2 in slot B (pending, {left} tries left)")),
+            vms[1]
+                .console()
+                .contains(&format!("active v2 in slot B (pending, {left} tries left)")),
             "power cycle {cycles}: v2 with {left} tries left expected:\n{}",
             tail(&vms[1].console(), 30)
         );
     }
     assert_eq!(cycles, 3, "the third start after the activation rolls back");
-    eprintln!("lab: the BGP-breaking v2 rolled back to v1 by boot counting after {cycles} power cycles");
+    eprintln!(
+        "lab: the BGP-breaking v2 rolled back to v1 by boot counting after {cycles} power cycles"
+    );
     wait_for(
         Duration::from_secs(300),
         || wiring.lan_ping_ttl(1, 2) == Some(62),
@@ -1022,7 +1081,12 @@ fn lab_of_three_booted_images_routes_fails_over_survives_power_cuts_and_rolls_ba
                 && n["active_version"] == 1
                 && n["last_rollback"]["from_version"] == 2
         },
-        || format!("tlm status showing r.s2's rollback from v2:\n{:#}", status_of(&ctl, "r.s2")),
+        || {
+            format!(
+                "tlm status showing r.s2's rollback from v2:\n{:#}",
+                status_of(&ctl, "r.s2")
+            )
+        },
     );
     let text = ctl.ok(&["status"]);
     assert!(text.contains("r.s2"), "{text}");
@@ -1079,7 +1143,10 @@ fn packages_come_from_the_signed_index_checked_and_listed() {
         .lines()
         .find(|l| l.trim_start().starts_with("bird "))
         .unwrap_or_else(|| panic!("no bird package listed:\n{text}"));
-    assert!(bird_line.contains("2.0.12-r0") && bird_line.contains("apks"), "{bird_line}");
+    assert!(
+        bird_line.contains("2.0.12-r0") && bird_line.contains("apks"),
+        "{bird_line}"
+    );
     let files = boot_files(&image);
     assert!(files.contains_key("apks/.boot_repository"));
     assert_eq!(
@@ -1088,13 +1155,20 @@ fn packages_come_from_the_signed_index_checked_and_listed() {
         "the index goes onto the card as the mirror signed it"
     );
     let ovl = apkovl(&files);
-    let key_name = apk_key().file_name().unwrap().to_string_lossy().into_owned();
+    let key_name = apk_key()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     assert!(
         ovl.get(&format!("etc/apk/keys/{key_name}")).is_some(),
         "the image trusts the extra key"
     );
     let cmdline = String::from_utf8(files["syslinux.cfg"].clone()).unwrap();
-    assert!(!cmdline.contains("alpine_repo="), "offline boot must not name a network repository: {cmdline}");
+    assert!(
+        !cmdline.contains("alpine_repo="),
+        "offline boot must not name a network repository: {cmdline}"
+    );
     let before = std::fs::read(&image).unwrap();
 
     // A corrupt package in the cache is fetched again; the image is the same.
@@ -1102,15 +1176,23 @@ fn packages_come_from_the_signed_index_checked_and_listed() {
     std::fs::write(&cached, b"junk").unwrap();
     let again = run(&["--apk-key", &key]);
     assert_eq!(again.code, 0, "{}", again.stderr);
-    assert_eq!(std::fs::read(&cached).unwrap(), std::fs::read(repo.join("bird-2.0.12-r0.apk")).unwrap());
-    assert!(std::fs::read(&image).unwrap() == before, "same inputs, same image");
+    assert_eq!(
+        std::fs::read(&cached).unwrap(),
+        std::fs::read(repo.join("bird-2.0.12-r0.apk")).unwrap()
+    );
+    assert!(
+        std::fs::read(&image).unwrap() == before,
+        "same inputs, same image"
+    );
 
     // Refusals name the index or package; the image from before stays as it was.
     let untrusted = run(&[]);
     assert_eq!(untrusted.code, 1);
     assert!(
         untrusted.stderr.contains("APKINDEX.tar.gz")
-            && untrusted.stderr.contains(&format!("signed by `{key_name}`, which is not a trusted key")),
+            && untrusted.stderr.contains(&format!(
+                "signed by `{key_name}`, which is not a trusted key"
+            )),
         "{}",
         untrusted.stderr
     );
@@ -1120,11 +1202,15 @@ fn packages_come_from_the_signed_index_checked_and_listed() {
     let tampered = run(&["--apk-key", &key]);
     assert_eq!(tampered.code, 1);
     assert!(
-        tampered.stderr.contains("bird-2.0.12-r0.apk") && tampered.stderr.contains("the index says"),
+        tampered.stderr.contains("bird-2.0.12-r0.apk")
+            && tampered.stderr.contains("the index says"),
         "{}",
         tampered.stderr
     );
-    assert!(!cached.exists(), "a package that fails its check was cached");
+    assert!(
+        !cached.exists(),
+        "a package that fails its check was cached"
+    );
     std::fs::write(repo.join("bird-2.0.12-r0.apk"), &bird).unwrap();
     let mut index = std::fs::read(repo.join("APKINDEX.tar.gz")).unwrap();
     let last = index.len() - 20;
@@ -1132,15 +1218,38 @@ fn packages_come_from_the_signed_index_checked_and_listed() {
     std::fs::write(repo.join("APKINDEX.tar.gz"), &index).unwrap();
     let forged = run(&["--apk-key", &key]);
     assert_eq!(forged.code, 1);
-    assert!(forged.stderr.contains("bad signature by"), "{}", forged.stderr);
-    assert!(std::fs::read(&image).unwrap() == before, "a refused build changed the image");
+    assert!(
+        forged.stderr.contains("bad signature by"),
+        "{}",
+        forged.stderr
+    );
+    assert!(
+        std::fs::read(&image).unwrap() == before,
+        "a refused build changed the image"
+    );
     // A package nobody provides.
-    ctl.ok(&["set", "node", "r1.s1", "image_packages", r#"["no-such-package"]"#]);
+    ctl.ok(&[
+        "set",
+        "node",
+        "r1.s1",
+        "image_packages",
+        r#"["no-such-package"]"#,
+    ]);
     ctl.ok(&["commit", "all"]);
-    std::fs::write(repo.join("APKINDEX.tar.gz"), std::fs::read(assets().join("apk-mirror/v3.23/main/x86_64/APKINDEX.tar.gz")).unwrap()).unwrap();
+    std::fs::write(
+        repo.join("APKINDEX.tar.gz"),
+        std::fs::read(assets().join("apk-mirror/v3.23/main/x86_64/APKINDEX.tar.gz")).unwrap(),
+    )
+    .unwrap();
     let missing = run(&["--apk-key", &key]);
     assert_eq!(missing.code, 1);
-    assert!(missing.stderr.contains("no package provides `no-such-package`"), "{}", missing.stderr);
+    assert!(
+        missing
+            .stderr
+            .contains("no package provides `no-such-package`"),
+        "{}",
+        missing.stderr
+    );
     for r in [&untrusted, &tampered, &forged, &missing] {
         assert_eq!(r.stderr.trim().lines().count(), 1, "one line: {}", r.stderr);
     }

@@ -1354,7 +1354,11 @@ fn print_inspection(r: &towalink_images::inspect::ImageReport, out: &mut impl st
         .ok();
     }
     if r.packages.is_empty() {
-        writeln!(out, "packages:    none on the card (installed from the network at boot)").ok();
+        writeln!(
+            out,
+            "packages:    none on the card (installed from the network at boot)"
+        )
+        .ok();
     } else {
         writeln!(
             out,

@@ -428,11 +428,7 @@ pub fn build(spec: &NodeImage, output: &Path) -> Result<BuildReport, Error> {
         files.insert(to, content);
     }
     files.extend(crate::packages::card_files(spec.card, &p.alpine_arch));
-    let cmdline = kernel_cmdline(
-        spec.board,
-        spec.release,
-        !spec.card.repositories.is_empty(),
-    );
+    let cmdline = kernel_cmdline(spec.board, spec.release, !spec.card.repositories.is_empty());
     let env = minijinja::Environment::new();
     let ctx = minijinja::context! {
         node => spec.node,
@@ -649,6 +645,9 @@ mod tests {
         assert!(
             s.contains("iface eth0 inet static\n\taddress 192.0.2.10/24\n\tgateway 192.0.2.1\n")
         );
-        assert!(s.ends_with("\nauto eth1\niface eth1 inet static\n\taddress 192.168.1.1/24\n"), "{s}");
+        assert!(
+            s.ends_with("\nauto eth1\niface eth1 inet static\n\taddress 192.168.1.1/24\n"),
+            "{s}"
+        );
     }
 }

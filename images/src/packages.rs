@@ -112,7 +112,11 @@ pub fn parse_index(text: &str) -> Result<Vec<IndexEntry>, String> {
                 "P" => e.name = v.to_string(),
                 "V" => e.version = v.to_string(),
                 "A" => e.arch = v.to_string(),
-                "S" => e.size = v.parse().map_err(|_| format!("entry {}: bad S:{v}", n + 1))?,
+                "S" => {
+                    e.size = v
+                        .parse()
+                        .map_err(|_| format!("entry {}: bad S:{v}", n + 1))?
+                }
                 "C" => {
                     let b64 = v
                         .strip_prefix("Q1")
@@ -267,7 +271,10 @@ pub fn resolve<'a>(
             break;
         }
         for e in extra {
-            queue.push((e.name.clone(), format!("install-if {}", e.install_if.join(" "))));
+            queue.push((
+                e.name.clone(),
+                format!("install-if {}", e.install_if.join(" ")),
+            ));
         }
     }
     Ok(chosen.into_values().collect())
@@ -292,7 +299,11 @@ pub fn installed_names(db: &str) -> BTreeSet<String> {
 
 /// Splits the first `count` gzip members off `bytes`: their byte ranges and decompressed
 /// contents (each at most `limit` bytes).
-fn gzip_members(bytes: &[u8], count: usize, limit: u64) -> Result<Vec<(usize, usize, Vec<u8>)>, String> {
+fn gzip_members(
+    bytes: &[u8],
+    count: usize,
+    limit: u64,
+) -> Result<Vec<(usize, usize, Vec<u8>)>, String> {
     let mut out = Vec::new();
     let mut rest: &[u8] = bytes;
     for _ in 0..count {
@@ -322,7 +333,11 @@ fn tar_members(tar_bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
     let mut archive = tar::Archive::new(tar_bytes);
     for entry in archive.entries().map_err(|e| e.to_string())? {
         let mut entry = entry.map_err(|e| e.to_string())?;
-        let name = entry.path().map_err(|e| e.to_string())?.display().to_string();
+        let name = entry
+            .path()
+            .map_err(|e| e.to_string())?
+            .display()
+            .to_string();
         let mut content = Vec::new();
         entry.read_to_end(&mut content).map_err(|e| e.to_string())?;
         out.push((name, content));
@@ -348,7 +363,10 @@ pub fn verify_index(bytes: &[u8], keys: &[TrustedKey]) -> Result<(String, String
     let key = keys.iter().find(|k| k.name == key_name).ok_or_else(|| {
         format!(
             "signed by `{key_name}`, which is not a trusted key (trusted: {})",
-            keys.iter().map(|k| k.name.as_str()).collect::<Vec<_>>().join(", ")
+            keys.iter()
+                .map(|k| k.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         )
     })?;
     let signed = &bytes[*sig_end..];
@@ -563,7 +581,11 @@ impl PackageSource {
         for k in &self.extra_keys {
             extra.push(TrustedKey::from_file(k)?);
         }
-        let keys: Vec<TrustedKey> = alpine_keys.iter().cloned().chain(extra.iter().cloned()).collect();
+        let keys: Vec<TrustedKey> = alpine_keys
+            .iter()
+            .cloned()
+            .chain(extra.iter().cloned())
+            .collect();
         let mut indexes = Vec::new();
         for repo in &self.repositories {
             indexes.push((repo.clone(), self.index(branch, repo, arch, &keys)?));
@@ -598,7 +620,8 @@ impl PackageSource {
             })
             .collect();
         let mut names = Vec::new();
-        let mut progress = assets::Progress::new("packages", Some(chosen.iter().map(|e| e.size).sum()));
+        let mut progress =
+            assets::Progress::new("packages", Some(chosen.iter().map(|e| e.size).sum()));
         for e in chosen {
             let i = origin[&(e.name.clone(), e.version.clone())];
             let repo = &indexes[i].0;
@@ -609,7 +632,10 @@ impl PackageSource {
                     message: format!("refusing the package file name `{file}`"),
                 });
             }
-            let url = format!("{}/{branch}/{repo}/{arch}/{file}", self.mirror.trim_end_matches('/'));
+            let url = format!(
+                "{}/{branch}/{repo}/{arch}/{file}",
+                self.mirror.trim_end_matches('/')
+            );
             let cached = self.cache.join(branch).join(repo).join(arch).join(&file);
             let bytes = match std::fs::read(&cached) {
                 Ok(b) if verify_package(&b, e).is_ok() => b,
@@ -716,23 +742,36 @@ mod tests {
     #[test]
     fn dependencies_resolve_by_name_provides_and_install_if_minus_installed() {
         let index = vec![
-            entry("bird", &["so:libssh.so.4", "so:libc.musl-x86_64.so.1", "!bird1"], &[], &[]),
-            entry("libssh", &["so:libcrypto.so.3"], &["so:libssh.so.4=4.9"], &[]),
+            entry(
+                "bird",
+                &["so:libssh.so.4", "so:libc.musl-x86_64.so.1", "!bird1"],
+                &[],
+                &[],
+            ),
+            entry(
+                "libssh",
+                &["so:libcrypto.so.3"],
+                &["so:libssh.so.4=4.9"],
+                &[],
+            ),
             entry("libcrypto3", &[], &["so:libcrypto.so.3=3"], &[]),
             entry("musl", &[], &["so:libc.musl-x86_64.so.1=1"], &[]),
             entry("bird-openrc", &[], &[], &["openrc", "bird=1.0-r0"]),
             entry("bird-doc", &[], &[], &["docs", "bird"]),
             entry("unrelated", &[], &[], &[]),
         ];
-        let installed: BTreeSet<String> = installed_names(
-            "P:musl\nV:1.2\np:so:libc.musl-x86_64.so.1=1\n\nP:openrc\nV:0.6\n",
-        );
+        let installed: BTreeSet<String> =
+            installed_names("P:musl\nV:1.2\np:so:libc.musl-x86_64.so.1=1\n\nP:openrc\nV:0.6\n");
         let got = resolve(&index, &["bird>=2".to_string()], &installed).unwrap();
         assert_eq!(names(got), ["bird", "bird-openrc", "libcrypto3", "libssh"]);
         let err = resolve(&index, &["nosuch".to_string()], &installed).unwrap_err();
         assert!(err.contains("no package provides `nosuch`"), "{err}");
-        let err = resolve(&[entry("a", &["so:gone.so"], &[], &[])], &["a".into()], &BTreeSet::new())
-            .unwrap_err();
+        let err = resolve(
+            &[entry("a", &["so:gone.so"], &[], &[])],
+            &["a".into()],
+            &BTreeSet::new(),
+        )
+        .unwrap_err();
         assert!(err.contains("`so:gone.so` (wanted by a)"), "{err}");
     }
 

@@ -102,27 +102,37 @@ const APK_KEYS: &[(&str, &str, &str)] = &[
     (
         "x86_64",
         "alpine-devel@lists.alpinelinux.org-4a6a0840.rsa.pub",
-        include_str!("../../board/x86_64/apk-keys/alpine-devel@lists.alpinelinux.org-4a6a0840.rsa.pub"),
+        include_str!(
+            "../../board/x86_64/apk-keys/alpine-devel@lists.alpinelinux.org-4a6a0840.rsa.pub"
+        ),
     ),
     (
         "x86_64",
         "alpine-devel@lists.alpinelinux.org-5261cecb.rsa.pub",
-        include_str!("../../board/x86_64/apk-keys/alpine-devel@lists.alpinelinux.org-5261cecb.rsa.pub"),
+        include_str!(
+            "../../board/x86_64/apk-keys/alpine-devel@lists.alpinelinux.org-5261cecb.rsa.pub"
+        ),
     ),
     (
         "x86_64",
         "alpine-devel@lists.alpinelinux.org-6165ee59.rsa.pub",
-        include_str!("../../board/x86_64/apk-keys/alpine-devel@lists.alpinelinux.org-6165ee59.rsa.pub"),
+        include_str!(
+            "../../board/x86_64/apk-keys/alpine-devel@lists.alpinelinux.org-6165ee59.rsa.pub"
+        ),
     ),
     (
         "rpi4",
         "alpine-devel@lists.alpinelinux.org-58199dcc.rsa.pub",
-        include_str!("../../board/rpi4/apk-keys/alpine-devel@lists.alpinelinux.org-58199dcc.rsa.pub"),
+        include_str!(
+            "../../board/rpi4/apk-keys/alpine-devel@lists.alpinelinux.org-58199dcc.rsa.pub"
+        ),
     ),
     (
         "rpi4",
         "alpine-devel@lists.alpinelinux.org-616ae350.rsa.pub",
-        include_str!("../../board/rpi4/apk-keys/alpine-devel@lists.alpinelinux.org-616ae350.rsa.pub"),
+        include_str!(
+            "../../board/rpi4/apk-keys/alpine-devel@lists.alpinelinux.org-616ae350.rsa.pub"
+        ),
     ),
 ];
 
@@ -133,7 +143,11 @@ impl Board {
             .iter()
             .filter(|(board, _, _)| *board == self.profile.name)
             .map(|(board, name, pem)| {
-                crate::packages::TrustedKey::new(name, pem, &format!("board/{board}/apk-keys/{name}"))
+                crate::packages::TrustedKey::new(
+                    name,
+                    pem,
+                    &format!("board/{board}/apk-keys/{name}"),
+                )
             })
             .collect()
     }

@@ -215,11 +215,13 @@ pub fn build_report(node: &Node, shared: &Shared) -> Result<NodeReport, Error> {
             .map(|sessions| {
                 sessions
                     .into_iter()
-                    .map(|(peer, interface, state)| towalink_bundle::messages::BfdSession {
-                        peer,
-                        interface,
-                        state,
-                    })
+                    .map(
+                        |(peer, interface, state)| towalink_bundle::messages::BfdSession {
+                            peer,
+                            interface,
+                            state,
+                        },
+                    )
                     .collect()
             })
             .unwrap_or_default(),

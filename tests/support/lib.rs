@@ -385,3 +385,19 @@ pub fn version_targets(version_dir: &Path) -> BTreeMap<String, Vec<u8>> {
     }
     files
 }
+
+/// The default `bird_peers.conf.jinja` with every peer's AS number off by one: a version
+/// rendered from it never gets a BGP session up (the peers refuse the OPEN).
+pub fn bird_peers_breaking_bgp() -> String {
+    let template = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../controller/defaults/bird_peers.conf.jinja"
+    ))
+    .expect("the default BIRD peers template");
+    let broken = template.replace("as {{ peer.peer_asn }};", "as {{ peer.peer_asn + 1 }};");
+    assert_ne!(
+        broken, template,
+        "the template no longer names the peer's AS that way"
+    );
+    broken
+}

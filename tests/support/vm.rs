@@ -320,7 +320,14 @@ impl LabWiring {
             ip(&["link", "add", &format!("lb{i}"), "type", "bridge"]);
             ip(&["link", "set", &format!("lb{i}"), "up"]);
             ip(&["tuntap", "add", "dev", &format!("l{i}"), "mode", "tap"]);
-            ip(&["link", "set", &format!("l{i}"), "master", &format!("lb{i}"), "up"]);
+            ip(&[
+                "link",
+                "set",
+                &format!("l{i}"),
+                "master",
+                &format!("lb{i}"),
+                "up",
+            ]);
             let lan = Netns::new();
             ip(&[
                 "link",
@@ -334,9 +341,22 @@ impl LabWiring {
                 "netns",
                 &lan.name,
             ]);
-            ip(&["link", "set", &format!("lv{i}"), "master", &format!("lb{i}"), "up"]);
+            ip(&[
+                "link",
+                "set",
+                &format!("lv{i}"),
+                "master",
+                &format!("lb{i}"),
+                "up",
+            ]);
             let lip = |args: &[&str]| sh("ip", &[&["-n", lan.name.as_str()][..], args].concat());
-            lip(&["addr", "add", &format!("{}/24", Self::lan_host(i)), "dev", "eth0"]);
+            lip(&[
+                "addr",
+                "add",
+                &format!("{}/24", Self::lan_host(i)),
+                "dev",
+                "eth0",
+            ]);
             lip(&["link", "set", "eth0", "up"]);
             lip(&["route", "add", "default", "via", &Self::lan_router(i)]);
             lans.push(lan);

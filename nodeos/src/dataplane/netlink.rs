@@ -97,12 +97,11 @@ impl Netlink {
                 }
             }
             for message in stray {
-                handle
-                    .address()
-                    .del(message)
-                    .execute()
-                    .await
-                    .map_err(|e| failed(format!("cannot remove a kernel link-local address of {name}: {e}")))?;
+                handle.address().del(message).execute().await.map_err(|e| {
+                    failed(format!(
+                        "cannot remove a kernel link-local address of {name}: {e}"
+                    ))
+                })?;
             }
             Ok(())
         })
@@ -332,7 +331,10 @@ async fn add_address(
 /// (`addr_gen_mode` 1, "none"); effective when the interface goes up next.
 fn no_kernel_link_local(interface: &str) {
     let path = format!("/proc/sys/net/ipv6/conf/{interface}/addr_gen_mode");
-    if std::fs::read_to_string(&path).map(|v| v.trim() != "1").unwrap_or(false) {
+    if std::fs::read_to_string(&path)
+        .map(|v| v.trim() != "1")
+        .unwrap_or(false)
+    {
         if let Err(error) = std::fs::write(&path, "1\n") {
             tracing::warn!(%path, %error, "cannot turn off the kernel's link-local address");
         }
