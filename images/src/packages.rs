@@ -259,7 +259,7 @@ pub fn resolve<'a>(
             .filter(|e| {
                 !e.install_if.is_empty()
                     && !chosen.contains_key(e.name.as_str())
-                    && !installed.contains(&e.name)
+                    && !satisfied.contains(&e.name)
                     && e.install_if.iter().all(|c| {
                         dependency_name(c).is_some_and(|n| satisfied.contains(n))
                             || c.starts_with('!')
@@ -397,7 +397,34 @@ pub fn verify_index(bytes: &[u8], keys: &[TrustedKey]) -> Result<(String, String
     ))
 }
 
-/// Checks a `.apk` against its index entry: its size and the SHA-1 of its control stream.
+/// A `.apk`'s control section: its byte range and its tar's members. The signature section,
+/// when there is one, comes first; the data section after the control one is not read.
+fn control_section(bytes: &[u8]) -> Result<(usize, usize, Vec<(String, Vec<u8>)>), String> {
+    let (start, end, tar) = gzip_members(bytes, 1, MAX_CONTROL_BYTES)?
+        .pop()
+        .ok_or("empty package")?;
+    let members = tar_members(&tar)?;
+    if !members.iter().any(|(n, _)| n.starts_with(".SIGN.")) {
+        return Ok((start, end, members));
+    }
+    let (s2, e2, tar) = gzip_members(&bytes[end..], 1, MAX_CONTROL_BYTES)?
+        .pop()
+        .ok_or("no control section after the signature")?;
+    Ok((end + s2, end + e2, tar_members(&tar)?))
+}
+
+/// The value of `key` in a `.PKGINFO`.
+fn pkginfo_field(members: &[(String, Vec<u8>)], key: &str) -> Option<String> {
+    let (_, info) = members.iter().find(|(n, _)| n == ".PKGINFO")?;
+    let prefix = format!("{key} = ");
+    String::from_utf8_lossy(info)
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix).map(|v| v.trim().to_string()))
+}
+
+/// Checks a `.apk` against its index entry: its size, the SHA-1 of its control section (the
+/// package identity the index signs) and, through the control section's `datahash`, the
+/// SHA-256 of its data section (what apk checks when it installs).
 pub fn verify_package(bytes: &[u8], entry: &IndexEntry) -> Result<(), String> {
     if bytes.len() as u64 != entry.size {
         return Err(format!(
@@ -406,42 +433,26 @@ pub fn verify_package(bytes: &[u8], entry: &IndexEntry) -> Result<(), String> {
             entry.size
         ));
     }
-    let members = gzip_members(bytes, 2, MAX_CONTROL_BYTES)?;
-    let first_is_signature = members
-        .first()
-        .map(|(_, _, tar)| {
-            tar_members(tar)
-                .map(|m| m.iter().any(|(n, _)| n.starts_with(".SIGN.")))
-                .unwrap_or(false)
-        })
-        .unwrap_or(false);
-    let control = members
-        .get(usize::from(first_is_signature))
-        .ok_or("no control section")?;
-    let digest = Sha1::digest(&bytes[control.0..control.1]);
+    let (start, end, members) = control_section(bytes)?;
+    let digest = Sha1::digest(&bytes[start..end]);
     if digest.as_slice() != entry.checksum.as_slice() {
         return Err("control section does not match the index checksum".into());
+    }
+    if let Some(datahash) = pkginfo_field(&members, "datahash") {
+        if hex::encode(Sha256::digest(&bytes[end..])) != datahash.to_lowercase() {
+            return Err("data section does not match the datahash of its control section".into());
+        }
     }
     Ok(())
 }
 
 /// `(pkgname, pkgver)` from a `.apk`'s `.PKGINFO`.
 pub fn package_info(bytes: &[u8]) -> Option<(String, String)> {
-    let members = gzip_members(bytes, 2, MAX_CONTROL_BYTES).ok()?;
-    for (_, _, tar) in members {
-        let Ok(entries) = tar_members(&tar) else {
-            continue;
-        };
-        if let Some((_, info)) = entries.iter().find(|(n, _)| n == ".PKGINFO") {
-            let text = String::from_utf8_lossy(info);
-            let field = |k: &str| {
-                text.lines()
-                    .find_map(|l| l.strip_prefix(k).map(|v| v.trim().to_string()))
-            };
-            return Some((field("pkgname = ")?, field("pkgver = ")?));
-        }
-    }
-    None
+    let (_, _, members) = control_section(bytes).ok()?;
+    Some((
+        pkginfo_field(&members, "pkgname")?,
+        pkginfo_field(&members, "pkgver")?,
+    ))
 }
 
 /// Where packages come from.
@@ -593,15 +604,17 @@ impl PackageSource {
         // One combined view: a package name from an earlier repository wins.
         let mut all: Vec<IndexEntry> = Vec::new();
         let mut origin: BTreeMap<(String, String), usize> = BTreeMap::new();
+        let mut earlier: BTreeSet<String> = BTreeSet::new();
         for (i, (_, idx)) in indexes.iter().enumerate() {
             for e in &idx.entries {
-                if !origin.contains_key(&(e.name.clone(), e.version.clone()))
-                    && !all.iter().any(|a| a.name == e.name)
-                {
-                    origin.insert((e.name.clone(), e.version.clone()), i);
+                if !earlier.contains(&e.name) {
+                    origin
+                        .entry((e.name.clone(), e.version.clone()))
+                        .or_insert(i);
                     all.push(e.clone());
                 }
             }
+            earlier.extend(idx.entries.iter().map(|e| e.name.clone()));
         }
         let chosen = resolve(&all, wanted, installed).map_err(|message| Error::PackageIndex {
             url: indexes
@@ -776,6 +789,17 @@ mod tests {
     }
 
     #[test]
+    fn an_install_if_package_provided_otherwise_ends_the_resolution() {
+        // `x-compat` would be added by install-if, but `y` provides its name already.
+        let index = vec![
+            entry("y", &[], &["x-compat=1"], &[]),
+            entry("x-compat", &[], &[], &["y"]),
+        ];
+        let got = resolve(&index, &["y".to_string()], &BTreeSet::new()).unwrap();
+        assert_eq!(names(got), ["y"]);
+    }
+
+    #[test]
     fn newest_version_wins_and_versions_order_numerically() {
         use std::cmp::Ordering::*;
         assert_eq!(compare_versions("2.0.12-r0", "2.0.9-r3"), Greater);
@@ -806,6 +830,65 @@ mod tests {
         assert_eq!((m[1].0, m[1].1), (a.len(), a.len() + b.len()));
         assert_eq!(m[1].2, b"second one");
         assert!(gzip_members(&both, 1, 3).unwrap_err().contains("larger"));
+    }
+
+    fn gz(data: &[u8]) -> Vec<u8> {
+        use std::io::Write as _;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, content) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(content.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, *content).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn a_package_is_checked_by_size_control_checksum_and_datahash() {
+        let data = gz(&tar_of(&[("usr/sbin/bird", b"\x7fELF...")]));
+        let info = format!(
+            "pkgname = bird\npkgver = 2.0.12-r0\ndatahash = {}\n",
+            hex::encode(Sha256::digest(&data))
+        );
+        let control = gz(&tar_of(&[(".PKGINFO", info.as_bytes())]));
+        let mut apk = control.clone();
+        apk.extend_from_slice(&data);
+        let mut e = entry("bird", &[], &[], &[]);
+        e.size = apk.len() as u64;
+        e.checksum = Sha1::digest(&control).to_vec();
+        assert_eq!(verify_package(&apk, &e), Ok(()));
+        assert_eq!(
+            package_info(&apk),
+            Some(("bird".into(), "2.0.12-r0".into()))
+        );
+        // A signature section first changes nothing.
+        let mut signed = gz(&tar_of(&[(".SIGN.RSA.k.rsa.pub", b"sig")]));
+        signed.extend_from_slice(&apk);
+        let mut es = e.clone();
+        es.size = signed.len() as u64;
+        assert_eq!(verify_package(&signed, &es), Ok(()));
+        let mut bad_data = apk.clone();
+        let last = bad_data.len() - 12;
+        bad_data[last] ^= 1;
+        assert!(verify_package(&bad_data, &e)
+            .unwrap_err()
+            .contains("datahash"));
+        assert!(verify_package(&apk[1..], &e)
+            .unwrap_err()
+            .contains("the index says"));
+        let mut other = e.clone();
+        other.checksum = vec![0; 20];
+        assert!(verify_package(&apk, &other)
+            .unwrap_err()
+            .contains("index checksum"));
     }
 
     #[test]
