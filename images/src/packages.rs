@@ -328,7 +328,7 @@ fn gzip_members(
 }
 
 /// The members of an uncompressed tar (name, content).
-fn tar_members(tar_bytes: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
+fn tar_members(tar_bytes: &[u8]) -> Result<TarMembers, String> {
     let mut out = Vec::new();
     let mut archive = tar::Archive::new(tar_bytes);
     for entry in archive.entries().map_err(|e| e.to_string())? {
@@ -397,9 +397,12 @@ pub fn verify_index(bytes: &[u8], keys: &[TrustedKey]) -> Result<(String, String
     ))
 }
 
+/// Members of a tar: name and content.
+type TarMembers = Vec<(String, Vec<u8>)>;
+
 /// A `.apk`'s control section: its byte range and its tar's members. The signature section,
 /// when there is one, comes first; the data section after the control one is not read.
-fn control_section(bytes: &[u8]) -> Result<(usize, usize, Vec<(String, Vec<u8>)>), String> {
+fn control_section(bytes: &[u8]) -> Result<(usize, usize, TarMembers), String> {
     let (start, end, tar) = gzip_members(bytes, 1, MAX_CONTROL_BYTES)?
         .pop()
         .ok_or("empty package")?;
