@@ -177,16 +177,16 @@ pub fn machine_name(machine: u16) -> String {
 }
 
 /// The kernel command line: diskless Alpine with the modloop, the board's consoles, and a
-/// network package repository when the medium carries none.
+/// network package repository when the card carries none (the release's own `apks/` is not
+/// copied: the card's repository replaces it).
 pub fn kernel_cmdline(board: &Board, release: &ReleaseFiles, card_has_repo: bool) -> String {
     let p = &board.profile;
     let mut args = vec![
         "modules=loop,squashfs,sd-mod,usb-storage".to_string(),
         format!("modloop=/boot/modloop-{}", p.kernel_flavor),
     ];
-    let has_repo = card_has_repo || release.root.join("apks").is_dir();
     let has_layer = release.root.join("rootfs").is_dir();
-    if !has_repo && !has_layer {
+    if !card_has_repo && !has_layer {
         if let Some(repo) = &release.package_repo {
             args.push("ip=dhcp".into());
             args.push(format!("alpine_repo={repo}"));
