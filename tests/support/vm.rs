@@ -180,8 +180,11 @@ impl Vm {
         };
         args.extend(
             [
+                // One host thread for all vCPUs: multi-threaded TCG raced the
+                // guest kernel's live code patching (an `int3` oops in
+                // sched_clock_cpu under a loaded CI host, 1 boot in ~30).
                 "-accel",
-                "tcg",
+                "tcg,thread=single",
                 "-smp",
                 &hardware.cpus.to_string(),
                 "-m",
