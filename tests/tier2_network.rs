@@ -442,3 +442,153 @@ fn both_start_orders_converge_with_bfd_loopback_statics_and_forwarding() {
         }
     }
 }
+
+/// The controller's management address with the default pool (`mgmt_ipv6_pool` + 1).
+const CONTROLLER_MANAGEMENT: &str = "fd54:6f77:616c:ffff::1";
+
+#[test]
+fn a_node_announcing_the_controllers_management_address_cannot_take_the_management_link() {
+    let _serial = serial();
+    let mut options = towalink_tests::network::Options::new(3, Topology::Mesh);
+    options.controller = true;
+    let net = Network::build(options);
+    net.wait_established(Duration::from_secs(90));
+    net.wait_reported(&[1, 2, 3], 1, "good", Duration::from_secs(60));
+
+    // s1 is compromised: it puts the controller's management address (and, as a canary that
+    // proves its announcements arrive, an ordinary prefix) on its LAN and makes its BIRD
+    // export both, whatever Towalink's filters say.
+    let attacker = net.site(1);
+    attacker.sh(
+        "ip",
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{CONTROLLER_MANAGEMENT}/128"),
+            "dev",
+            "lan0",
+        ],
+    );
+    attacker.sh("ip", &["-6", "addr", "add", "fd99::1/128", "dev", "lan0"]);
+    let bird_dir = attacker.root.join("etc/bird");
+    let mut patched = 0;
+    for entry in std::fs::read_dir(&bird_dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        if text.contains("filter towalink_export6 {") {
+            let text = text.replace(
+                "filter towalink_export6 {",
+                &format!("filter towalink_export6 {{\n  if net = {CONTROLLER_MANAGEMENT}/128 then accept;"),
+            );
+            std::fs::write(&path, text).unwrap();
+            patched += 1;
+        }
+    }
+    assert_eq!(patched, 1, "the export filter in {}", bird_dir.display());
+    let configured = attacker.birdc("configure");
+    assert!(configured.contains("Reconfigured"), "{configured}");
+    wait_for(
+        Duration::from_secs(60),
+        || {
+            attacker
+                .birdc("show route export peer2_v6")
+                .contains(CONTROLLER_MANAGEMENT)
+        },
+        || {
+            format!(
+                "the attacker exports the controller's address:\n{}",
+                attacker.birdc("show route export peer2_v6")
+            )
+        },
+    );
+
+    for victim in [net.site(2), net.site(3)] {
+        wait_for(
+            Duration::from_secs(60),
+            || {
+                victim
+                    .sh("ip", &["-6", "route", "show", "fd99::1"])
+                    .contains("proto bird")
+            },
+            || {
+                format!(
+                    "[{}] the attacker's canary prefix fd99::1 never arrived:\n{}",
+                    victim.name,
+                    victim.birdc("show route")
+                )
+            },
+        );
+        let routes = victim.sh(
+            "ip",
+            &["-6", "route", "show", "table", "all", CONTROLLER_MANAGEMENT],
+        );
+        assert!(
+            !routes.contains("proto bird"),
+            "[{}] BIRD imported the controller's management address from a peer:\n{routes}",
+            victim.name
+        );
+        let bird = victim.birdc(&format!("show route for {CONTROLLER_MANAGEMENT}"));
+        assert!(!bird.contains("peer1"), "[{}] {bird}", victim.name);
+    }
+
+    // Whatever reaches the main table (here a route with the best metric, as a data-plane
+    // route or a careless static would be), the way to the controller stays the link.
+    let victim = net.site(2);
+    victim.sh(
+        "ip",
+        &[
+            "-6",
+            "route",
+            "add",
+            &format!("{CONTROLLER_MANAGEMENT}/128"),
+            "dev",
+            "lan0",
+            "metric",
+            "1",
+        ],
+    );
+    let chosen = victim.sh("ip", &["-6", "route", "get", CONTROLLER_MANAGEMENT]);
+    assert!(
+        chosen.contains("dev tlmgmt"),
+        "[{}] the controller is routed off the management link: {chosen}",
+        victim.name
+    );
+    wait_for(
+        Duration::from_secs(30),
+        || {
+            victim
+                .exec("ping")
+                .args(["-6", "-c", "1", "-W", "2", CONTROLLER_MANAGEMENT])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false)
+        },
+        || {
+            format!(
+                "[{}] the controller's management address does not answer over tlmgmt",
+                victim.name
+            )
+        },
+    );
+    // And the node keeps syncing: the controller hears from it after the hijack attempt.
+    let since = std::time::Instant::now();
+    let age = |net: &Network| -> Option<u64> {
+        let status = net.fleet_status();
+        status["nodes"]
+            .as_array()?
+            .iter()
+            .find(|n| n["node"] == "r.s2")?["last_seen_age_s"]
+            .as_u64()
+    };
+    wait_for(
+        Duration::from_secs(60),
+        || since.elapsed() > Duration::from_secs(3) && age(&net).is_some_and(|a| a <= 1),
+        || {
+            format!(
+                "r.s2 stopped reporting after the hijack attempt (last seen {:?} s ago)",
+                age(&net)
+            )
+        },
+    );
+}

@@ -160,6 +160,34 @@ fn with_port(endpoint: &str, port: u16) -> Option<String> {
     }
 }
 
+/// The IP address of an endpoint `host[:port]` when its host is an address literal (names are
+/// resolved only on the node, later). Used to keep the data plane from routing the way to the
+/// controller into a tunnel.
+pub fn endpoint_ip(endpoint: &str) -> Option<IpAddr> {
+    let endpoint = endpoint.trim();
+    if let Ok(ip) = endpoint.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(socket) = endpoint.parse::<std::net::SocketAddr>() {
+        return Some(socket.ip());
+    }
+    let (host, _) = endpoint.rsplit_once(':')?;
+    host.parse().ok()
+}
+
+/// The address literals among `controller_endpoint`'s entries (a string or a list).
+pub fn controller_endpoint_ips(value: Option<&toml::Value>) -> Vec<IpAddr> {
+    let entries: Vec<&str> = match value {
+        Some(toml::Value::String(s)) => vec![s.as_str()],
+        Some(toml::Value::Array(items)) => items.iter().filter_map(toml::Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    let mut ips: Vec<IpAddr> = entries.into_iter().filter_map(endpoint_ip).collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
 /// The management settings of a configuration directory (defaults → global).
 pub fn settings(store: &Store) -> Result<ManagementSettings, Error> {
     let global = store.level_attributes(&Level::Global)?;
@@ -252,6 +280,36 @@ mod tests {
         let global: toml::Table = extra.parse().unwrap();
         let defaults = defaults();
         Merged::from_layers([(Level::Default, &defaults), (Level::Global, &global)])
+    }
+
+    #[test]
+    fn endpoint_address_literals_are_found_names_are_not() {
+        let value: toml::Value = toml::Value::Array(
+            [
+                "ctl.example.net",
+                "192.0.2.1",
+                "2001:db8::1",
+                "[2001:db8::2]:4000",
+                "198.51.100.7:51819",
+                "h:1",
+                "192.0.2.1",
+            ]
+            .map(|s| toml::Value::String(s.into()))
+            .to_vec(),
+        );
+        let ips: Vec<String> = controller_endpoint_ips(Some(&value))
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            ips,
+            ["192.0.2.1", "198.51.100.7", "2001:db8::1", "2001:db8::2"]
+        );
+        assert!(controller_endpoint_ips(None).is_empty());
+        assert_eq!(
+            controller_endpoint_ips(Some(&toml::Value::String("203.0.113.254".into()))),
+            ["203.0.113.254".parse::<IpAddr>().unwrap()]
+        );
     }
 
     #[test]

@@ -310,6 +310,20 @@ impl Resolved {
         for (key, value) in generated {
             merged.set(key, value, Level::Generated);
         }
+        // The controller's underlay addresses, for the templates' filters: the data plane
+        // must never route the management link's own packets into a tunnel.
+        let controller_ips =
+            crate::management::controller_endpoint_ips(merged.values.get("controller_endpoint"));
+        merged.set(
+            "controller_endpoint_ips",
+            Value::Array(
+                controller_ips
+                    .iter()
+                    .map(|ip| Value::String(ip.to_string()))
+                    .collect(),
+            ),
+            Level::Generated,
+        );
         // Values the user may override keep the user's origin.
         let overridable = [
             ("asn", Value::Integer(i64::from(node.asn))),

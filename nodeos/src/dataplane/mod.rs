@@ -273,6 +273,12 @@ impl DataPlane {
                 MANAGEMENT_MTU,
                 &[(management.address, management.controller_address, prefix)],
             )?;
+            if let (IpAddr::V6(controller), IpAddr::V6(source)) =
+                (management.controller_address, management.address)
+            {
+                self.netlink
+                    .pin_management_route(&wireguard.name, controller, source)?;
+            }
         }
         self.netlink
             .ensure_loopback(desired.loopback_ipv4, desired.loopback_ipv6)?;

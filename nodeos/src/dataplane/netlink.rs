@@ -239,6 +239,85 @@ impl Netlink {
     }
 }
 
+/// The routing table that holds the route to the controller's management address, apart from
+/// the main table where BIRD writes the routes the peers announce.
+pub const MANAGEMENT_TABLE: u32 = 0x746c; // "tl"
+/// Priority of the rule that sends the controller's management address to
+/// [`MANAGEMENT_TABLE`]: before the main table's rule (32766), after `local` (0).
+pub const MANAGEMENT_RULE_PRIORITY: u32 = 100;
+/// Metrics in [`MANAGEMENT_TABLE`]: the link, and behind it an `unreachable` route so that
+/// without the link the lookup ends there instead of falling through to the main table.
+const MANAGEMENT_ROUTE_METRIC: u32 = 1;
+const MANAGEMENT_FALLBACK_METRIC: u32 = 4096;
+
+impl Netlink {
+    /// Pins the route to the controller's management address to the management interface,
+    /// independently of what the data plane (BIRD, a peer's announcement) puts in the main
+    /// table: a rule sends the address to [`MANAGEMENT_TABLE`], where only the management
+    /// link and an `unreachable` fallback exist. Idempotent.
+    pub fn pin_management_route(
+        &self,
+        interface: &str,
+        controller: Ipv6Addr,
+        source: Ipv6Addr,
+    ) -> Result<(), Error> {
+        let interface = interface.to_string();
+        self.with_handle(async move |handle| {
+            let index = link_index(&handle, &interface).await?;
+            handle
+                .route()
+                .add()
+                .v6()
+                .destination_prefix(controller, 128)
+                .output_interface(index)
+                .pref_source(source)
+                .table_id(MANAGEMENT_TABLE)
+                .priority(MANAGEMENT_ROUTE_METRIC)
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| {
+                    failed(format!(
+                        "cannot route {controller} to {interface} in table {MANAGEMENT_TABLE}: {e}"
+                    ))
+                })?;
+            handle
+                .route()
+                .add()
+                .v6()
+                .destination_prefix(controller, 128)
+                .kind(netlink_packet_route::route::RouteType::Unreachable)
+                .table_id(MANAGEMENT_TABLE)
+                .priority(MANAGEMENT_FALLBACK_METRIC)
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| {
+                    failed(format!(
+                        "cannot add the unreachable fallback for {controller} in table {MANAGEMENT_TABLE}: {e}"
+                    ))
+                })?;
+            let added = handle
+                .rule()
+                .add()
+                .v6()
+                .destination_prefix(controller, 128)
+                .table_id(MANAGEMENT_TABLE)
+                .priority(MANAGEMENT_RULE_PRIORITY)
+                .action(netlink_packet_route::rule::RuleAction::ToTable)
+                .execute()
+                .await;
+            match added {
+                Ok(()) => Ok(()),
+                Err(rtnetlink::Error::NetlinkError(message)) if message.raw_code() == -libc::EEXIST => Ok(()),
+                Err(e) => Err(failed(format!(
+                    "cannot add the rule `to {controller} lookup {MANAGEMENT_TABLE}`: {e}"
+                ))),
+            }
+        })
+    }
+}
+
 async fn link_index(handle: &Handle, name: &str) -> Result<u32, Error> {
     let mut links = handle.link().get().match_name(name.to_string()).execute();
     match links.try_next().await {
