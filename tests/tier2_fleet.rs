@@ -342,17 +342,18 @@ fn fleet_versions_activation_rollback_attach_and_controller_loss() {
     let other = bootstrap(&other_state);
     let mut chosen_err = std::io::BufReader::new(chosen.stderr.take().unwrap());
     let mut first_line = String::new();
-    while !first_line.starts_with("device id ") {
+    while !first_line.starts_with("pairing code ") {
         first_line.clear();
         assert!(
             std::io::BufRead::read_line(&mut chosen_err, &mut first_line).unwrap() > 0,
-            "bootstrap printed no device id"
+            "bootstrap printed no pairing code"
         );
     }
-    let device = first_line
-        .strip_prefix("device id ")
+    // The operator reads the code off the device's console.
+    let code = first_line
+        .strip_prefix("pairing code ")
         .and_then(|r| r.split(':').next())
-        .unwrap_or_else(|| panic!("no device id in `{first_line}`"))
+        .unwrap_or_else(|| panic!("no pairing code in `{first_line}`"))
         .to_string();
     // Let the other device ask too before the choice.
     std::thread::sleep(Duration::from_secs(2));
@@ -365,8 +366,8 @@ fn fleet_versions_activation_rollback_attach_and_controller_loss() {
             "30",
             "--timeout",
             "60",
-            "--device",
-            &device,
+            "--code",
+            &code,
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -394,7 +395,7 @@ fn fleet_versions_activation_rollback_attach_and_controller_loss() {
         String::from_utf8_lossy(&attached.stderr)
     );
     assert!(
-        attach_out.contains(&format!("handed the identity of r.s4 to device {device}")),
+        attach_out.contains("handed the identity of r.s4 to device "),
         "{attach_out}"
     );
     assert!(

@@ -1,10 +1,13 @@
 //! `tlm attach node <ref>`: pair a device running `towalink-node bootstrap` with a node.
 //!
 //! An HTTPS endpoint (rustls; `certs/server.pem` + `certs/key.pem`, made self-signed on first
-//! use with its fingerprint printed) collects requests for a while; the operator picks one
-//! device (or names it with `--device`, or `--yes` takes the only one). Until the choice every
+//! use with its fingerprint printed) collects requests for a while; the operator picks the
+//! device by the pairing code it shows on its console (typed at the prompt or `--code`; a
+//! device secret: without it nothing is handed out, `--yes` included). Until the choice every
 //! device hears "waiting" and nothing secret leaves the controller; then the chosen device
-//! gets the node's identity and keys on its next request and every other device is refused.
+//! (same device id, same code) gets the node's identity and keys on its next request and every
+//! other device is refused. Each source address may present a few devices only, and whatever
+//! a device says about itself is shown escaped.
 //! Afterwards `tlm attach` waits for the node to show up over the management link.
 
 use std::collections::BTreeMap;
@@ -19,6 +22,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use towalink_bundle::messages::{
     AttachGrant, AttachRequest, AttachWaiting, NodeIdentity, ATTACH_PATH,
 };
+use towalink_bundle::pairing::PairingCode;
+use towalink_bundle::printable::printable;
 use towalink_bundle::wire;
 
 use crate::allocation::NodeAllocation;
@@ -32,6 +37,9 @@ pub const CERT_FILE: &str = "certs/server.pem";
 pub const KEY_FILE: &str = "certs/key.pem";
 /// Devices remembered at most (more are turned away until the choice).
 const MAX_DEVICES: usize = 64;
+/// Devices one source (an IPv4 address, an IPv6 /64) may present: a stranger cannot fill the
+/// list and turn the real device away.
+const MAX_DEVICES_PER_SOURCE: usize = 4;
 
 fn failed(what: impl std::fmt::Display) -> Error {
     Error::Service(what.to_string())
@@ -43,18 +51,21 @@ pub struct AttachOptions {
     pub listen: SocketAddr,
     pub collect: Duration,
     pub device: Option<String>,
+    /// The pairing code the device shows; asked for at the prompt when absent.
+    pub code: Option<PairingCode>,
     pub yes: bool,
     pub timeout: Duration,
     /// Extra names or addresses for a certificate made now.
     pub extra_names: Vec<String>,
 }
 
-/// A device that asked.
+/// A device that asked (`hostname` and `machine` as it said them, escaped for display).
 #[derive(Debug, Clone)]
 pub struct Device {
     pub id: String,
     pub hostname: String,
     pub machine: String,
+    code: PairingCode,
     pub address: SocketAddr,
     pub requests: u32,
 }
@@ -63,8 +74,23 @@ pub struct Device {
 struct Pairing {
     devices: BTreeMap<String, Device>,
     order: Vec<String>,
-    chosen: Option<String>,
+    /// Devices per source (see [`source_key`]).
+    per_source: BTreeMap<std::net::IpAddr, usize>,
+    chosen: Option<(String, PairingCode)>,
     granted: bool,
+}
+
+/// The source a device is counted against: its IPv4 address, or its IPv6 /64 (one host can
+/// hold a whole /64).
+fn source_key(address: &SocketAddr) -> std::net::IpAddr {
+    match address.ip() {
+        std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            std::net::IpAddr::V6(bits.into())
+        }
+        std::net::IpAddr::V6(v6) => std::net::IpAddr::V4(v6.to_ipv4_mapped().expect("mapped")),
+        v4 => v4,
+    }
 }
 
 /// The SHA-256 fingerprint of a certificate, as browsers and `openssl x509 -fingerprint`
@@ -188,9 +214,22 @@ fn serve_one(
             return;
         }
     };
+    if ask.pairing_code.is_empty() {
+        tracing::warn!(%address, "attach request without a pairing code refused");
+        answer(
+            403,
+            b"{\"error\":\"this controller pairs by the code the device shows: update towalink-node on the device\"}".to_vec(),
+        );
+        return;
+    }
+    let Ok(code) = ask.pairing_code.parse::<PairingCode>() else {
+        tracing::warn!(%address, "attach request with a malformed pairing code refused");
+        answer(400, b"{\"error\":\"malformed pairing code\"}".to_vec());
+        return;
+    };
     let mut state = pairing.lock().expect("pairing lock");
     match &state.chosen {
-        Some(chosen) if *chosen == ask.device_id => {
+        Some((chosen, chosen_code)) if *chosen == ask.device_id && chosen_code.matches(&code) => {
             state.granted = true;
             drop(state);
             tracing::info!(device = %ask.device_id, %address, "identity handed out");
@@ -205,30 +244,56 @@ fn serve_one(
         }
         None => {
             let known = state.devices.contains_key(&ask.device_id);
+            let source = source_key(&address);
+            if !known
+                && state.per_source.get(&source).copied().unwrap_or(0) >= MAX_DEVICES_PER_SOURCE
+            {
+                drop(state);
+                tracing::warn!(%address, "too many devices from one source; request refused");
+                answer(
+                    429,
+                    b"{\"error\":\"too many devices from this address\"}".to_vec(),
+                );
+                return;
+            }
             if !known && state.devices.len() >= MAX_DEVICES {
                 drop(state);
                 answer(503, b"{\"error\":\"too many devices are asking\"}".to_vec());
                 return;
+            }
+            if !known {
+                *state.per_source.entry(source).or_insert(0) += 1;
             }
             let device = state
                 .devices
                 .entry(ask.device_id.clone())
                 .or_insert_with(|| Device {
                     id: ask.device_id.clone(),
-                    hostname: ask.hostname.chars().take(64).collect(),
-                    machine: ask.machine.chars().take(32).collect(),
+                    hostname: printable(&ask.hostname.chars().take(64).collect::<String>()),
+                    machine: printable(&ask.machine.chars().take(32).collect::<String>()),
+                    code: code.clone(),
                     address,
                     requests: 0,
                 });
+            // A device keeps the code it first showed (its id is per bootstrap run).
+            if !device.code.matches(&code) {
+                drop(state);
+                answer(
+                    400,
+                    b"{\"error\":\"this device id came with another pairing code\"}".to_vec(),
+                );
+                return;
+            }
             device.requests += 1;
             device.address = address;
             if !known {
                 state.order.push(ask.device_id.clone());
+                let device = &state.devices[&ask.device_id];
                 eprintln!(
                     "request from device {} (host `{}`, {}) at {}",
-                    ask.device_id,
-                    ask.hostname.chars().take(64).collect::<String>(),
-                    ask.machine.chars().take(32).collect::<String>(),
+                    device.id,
+                    device.hostname,
+                    device.machine,
                     address.ip()
                 );
             }
@@ -258,6 +323,11 @@ pub fn attach(
     input: &mut dyn BufRead,
     out: &mut dyn Write,
 ) -> Result<Attached, Error> {
+    if options.yes && options.code.is_none() {
+        return Err(failed(
+            "--yes needs --code <the pairing code the device shows on its console>: without it nothing is handed out",
+        ));
+    }
     let node = store.load_generated()?.node(node_ref)?.clone();
     let full = node.full_name();
     let (identity, secrets): (NodeIdentity, _) = {
@@ -383,19 +453,15 @@ fn choose_and_hand_out(
 ) -> Result<Device, Error> {
     let _ = store;
     let started = Instant::now();
-    // Collect: until the time is up, or the named device has asked.
+    // Collect: until the time is up, or a device showing the given code has asked.
     loop {
         let state = pairing.lock().expect("pairing lock");
-        let named_seen = options.device.as_ref().is_some_and(|d| {
-            state
-                .devices
-                .keys()
-                .filter(|id| id.starts_with(d.as_str()))
-                .count()
-                == 1
-        });
+        let code_seen = options
+            .code
+            .as_ref()
+            .is_some_and(|code| state.devices.values().any(|d| d.code.matches(code)));
         drop(state);
-        if named_seen || started.elapsed() >= options.collect {
+        if code_seen || started.elapsed() >= options.collect {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -415,83 +481,39 @@ fn choose_and_hand_out(
             options.listen.port()
         )));
     }
-    let chosen = if let Some(prefix) = &options.device {
-        let matching: Vec<&Device> = devices
-            .iter()
-            .filter(|d| d.id.starts_with(prefix.as_str()))
-            .collect();
-        match matching.as_slice() {
-            [one] => (*one).clone(),
-            [] => {
-                return Err(failed(format!(
-                    "--device `{prefix}` has not asked (devices: {})",
-                    devices
-                        .iter()
-                        .map(|d| d.id.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )))
+    let code = match &options.code {
+        Some(code) => code.clone(),
+        None => {
+            writeln!(out, "devices asking to become {full}:").ok();
+            for d in &devices {
+                writeln!(
+                    out,
+                    "  {}  host `{}`  {}  from {}  ({} requests)",
+                    d.id,
+                    d.hostname,
+                    d.machine,
+                    d.address.ip(),
+                    d.requests
+                )
+                .ok();
             }
-            _ => {
-                return Err(failed(format!(
-                    "--device `{prefix}` matches several devices: give more of its id"
-                )))
-            }
-        }
-    } else if options.yes {
-        match devices.as_slice() {
-            [one] => one.clone(),
-            _ => {
-                return Err(failed(format!(
-                    "--yes needs exactly one requesting device, {} asked: pick one with --device",
-                    devices.len()
-                )))
-            }
-        }
-    } else {
-        writeln!(out, "devices asking to become {full}:").ok();
-        for (i, d) in devices.iter().enumerate() {
-            writeln!(
+            write!(
                 out,
-                "  {}) {}  host `{}`  {}  from {}  ({} requests)",
-                i + 1,
-                d.id,
-                d.hostname,
-                d.machine,
-                d.address.ip(),
-                d.requests
+                "type the pairing code shown on the console of the device to attach as {full} [empty to abort]: "
             )
             .ok();
-        }
-        write!(
-            out,
-            "attach which device as {full}? [1-{}, empty to abort] ",
-            devices.len()
-        )
-        .ok();
-        out.flush().ok();
-        let mut line = String::new();
-        input.read_line(&mut line).map_err(failed)?;
-        let line = line.trim();
-        if line.is_empty() {
-            return Err(failed("aborted by the operator; no device got anything"));
-        }
-        match line
-            .parse::<usize>()
-            .ok()
-            .and_then(|n| n.checked_sub(1))
-            .and_then(|i| devices.get(i))
-        {
-            Some(d) => d.clone(),
-            None => {
-                return Err(failed(format!(
-                    "`{line}` is not one of 1-{}",
-                    devices.len()
-                )))
+            out.flush().ok();
+            let mut line = String::new();
+            input.read_line(&mut line).map_err(failed)?;
+            let line = line.trim();
+            if line.is_empty() {
+                return Err(failed("aborted by the operator; no device got anything"));
             }
+            line.parse::<PairingCode>().map_err(failed)?
         }
     };
-    pairing.lock().expect("pairing lock").chosen = Some(chosen.id.clone());
+    let chosen = choose(&devices, &code, options.device.as_deref())?;
+    pairing.lock().expect("pairing lock").chosen = Some((chosen.id.clone(), chosen.code.clone()));
     writeln!(
         out,
         "chose device {}; waiting for it to ask again",
@@ -514,9 +536,83 @@ fn choose_and_hand_out(
     }
 }
 
+/// The one device that showed `code` (and whose id starts with `device`, when given).
+fn choose(devices: &[Device], code: &PairingCode, device: Option<&str>) -> Result<Device, Error> {
+    let matching: Vec<&Device> = devices
+        .iter()
+        .filter(|d| d.code.matches(code))
+        .filter(|d| device.map_or(true, |prefix| d.id.starts_with(prefix)))
+        .collect();
+    match matching.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(failed(format!(
+            "no device that asked shows pairing code {code}{}; nothing was handed out",
+            device.map(|p| format!(" with an id starting `{}`", printable(p))).unwrap_or_default()
+        ))),
+        _ => Err(failed(format!(
+            "{} devices show pairing code {code}: someone copied it; nothing was handed out (restart `towalink-node bootstrap` on the device for a new code)",
+            matching.len()
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn device(id: &str, code: &str, address: &str) -> Device {
+        Device {
+            id: id.into(),
+            hostname: "h".into(),
+            machine: "x86_64".into(),
+            code: code.parse().unwrap(),
+            address: address.parse().unwrap(),
+            requests: 1,
+        }
+    }
+
+    #[test]
+    fn the_code_chooses_and_nothing_else_does() {
+        let devices = [
+            device("aaaa0000aaaa0000", "AAAA-AAAA", "192.0.2.1:1"),
+            device("bbbb0000bbbb0000", "BBBB-BBBB", "192.0.2.2:1"),
+        ];
+        let code: PairingCode = "bbbb-bbbb".parse().unwrap();
+        assert_eq!(
+            choose(&devices, &code, None).unwrap().id,
+            "bbbb0000bbbb0000"
+        );
+        assert_eq!(
+            choose(&devices, &code, Some("bbbb")).unwrap().id,
+            "bbbb0000bbbb0000"
+        );
+        let error = choose(&devices, &code, Some("aaaa"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("no device that asked shows pairing code BBBB-BBBB"),
+            "{error}"
+        );
+        let error = choose(&devices, &"CCCC-CCCC".parse().unwrap(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("nothing was handed out"), "{error}");
+        let copied = [
+            device("aaaa0000aaaa0000", "BBBB-BBBB", "192.0.2.1:1"),
+            device("bbbb0000bbbb0000", "BBBB-BBBB", "192.0.2.2:1"),
+        ];
+        let error = choose(&copied, &code, None).unwrap_err().to_string();
+        assert!(error.contains("2 devices show pairing code"), "{error}");
+    }
+
+    #[test]
+    fn sources_are_addresses_and_ipv6_slash_64s() {
+        let key = |a: &str| source_key(&a.parse().unwrap()).to_string();
+        assert_eq!(key("192.0.2.7:5"), "192.0.2.7");
+        assert_eq!(key("[2001:db8:1:2:3:4:5:6]:5"), "2001:db8:1:2::");
+        assert_eq!(key("[2001:db8:1:2:ffff::1]:5"), "2001:db8:1:2::");
+        assert_eq!(key("[::ffff:192.0.2.9]:5"), "192.0.2.9");
+    }
 
     #[test]
     fn fingerprints_look_like_openssl() {

@@ -176,10 +176,14 @@ pub enum Command {
         /// How long to collect requests before choosing (seconds).
         #[arg(long, value_name = "SECONDS", default_value = "20", global = true)]
         collect: u64,
-        /// Choose this device (its id or a unique prefix) without asking.
+        /// Only a device whose id starts with this (the code still has to match).
         #[arg(long, global = true)]
         device: Option<String>,
-        /// Choose the only requesting device without asking.
+        /// The pairing code the device shows on its console (`XXXX-XXXX`); asked for when
+        /// absent. Nothing is handed out without it.
+        #[arg(long, value_name = "CODE", global = true)]
+        code: Option<towalink_bundle::pairing::PairingCode>,
+        /// Do not ask: hand out to the device showing `--code` (required) as soon as it asks.
         #[arg(long, global = true)]
         yes: bool,
         /// How long to wait for the chosen device and its management link (seconds).
@@ -461,6 +465,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
             listen,
             collect,
             device,
+            code,
             yes,
             timeout,
             san,
@@ -470,6 +475,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
                 listen: *listen,
                 collect: std::time::Duration::from_secs(*collect),
                 device: device.clone(),
+                code: code.clone(),
                 yes: *yes,
                 timeout: std::time::Duration::from_secs(*timeout),
                 extra_names: san.clone(),

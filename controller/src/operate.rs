@@ -7,6 +7,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use towalink_bundle::printable::printable;
 
 use crate::names::NodeFullName;
 use crate::service::records::{self, NodeRecord, ServiceRecord};
@@ -40,8 +41,8 @@ impl Outcome {
             Outcome::Waiting => "no answer yet".into(),
             Outcome::Pending => "activated, pending (health checks running)".into(),
             Outcome::Blessed => "activated, blessed".into(),
-            Outcome::RolledBack(reason) => format!("rolled back: {reason}"),
-            Outcome::Refused(reason) => format!("refused: {reason}"),
+            Outcome::RolledBack(reason) => format!("rolled back: {}", printable(reason)),
+            Outcome::Refused(reason) => format!("refused: {}", printable(reason)),
             Outcome::Unreachable(Some(age)) => {
                 format!(
                     "unreachable (last seen {} ago): takes it when it returns",
@@ -297,8 +298,8 @@ pub fn print_status(
             }),
             version_text(report.and_then(|r| r.active_version)),
             report
-                .and_then(|r| r.state.clone())
-                .unwrap_or_else(|| "-".into()),
+                .and_then(|r| r.state.as_deref())
+                .map_or_else(|| "-".into(), printable),
             version_text(n.desired),
             version_text(n.latest),
             tunnels,
@@ -311,7 +312,7 @@ pub fn print_status(
                         "{} -> {}: {}",
                         version_text(r.from_version),
                         version_text(r.to_version),
-                        r.reason
+                        printable(&r.reason)
                     )
                 }),
         ]);
@@ -350,7 +351,7 @@ pub fn print_status(
                 "\n{} (id {}), daemon {}, up {}",
                 n.node,
                 n.id,
-                r.daemon_version,
+                printable(&r.daemon_version),
                 age_text(r.daemon_uptime_s)
             )?;
             if let Some(p) = peer(n.id) {
@@ -372,7 +373,7 @@ pub fn print_status(
                 writeln!(
                     out,
                     "  tunnel {:<10} rx {:>12} B  tx {:>12} B  last rx {}",
-                    t.interface,
+                    printable(&t.interface),
                     t.rx_bytes,
                     t.tx_bytes,
                     t.last_rx_age_s
@@ -380,19 +381,31 @@ pub fn print_status(
                 )?;
             }
             for b in &r.bgp {
-                writeln!(out, "  bgp {:<16} {:<6} {}", b.name, b.state, b.info)?;
+                writeln!(
+                    out,
+                    "  bgp {:<16} {:<6} {}",
+                    printable(&b.name),
+                    printable(&b.state),
+                    printable(&b.info)
+                )?;
             }
             for h in &r.health {
                 writeln!(
                     out,
                     "  health {:<10} {} ({})",
-                    h.check,
+                    printable(&h.check),
                     if h.ok { "ok" } else { "failing" },
-                    h.detail
+                    printable(&h.detail)
                 )?;
             }
             if let Some(o) = &r.order_done {
-                writeln!(out, "  last order: #{} v{}: {}", o.seq, o.version, o.result)?;
+                writeln!(
+                    out,
+                    "  last order: #{} v{}: {}",
+                    o.seq,
+                    o.version,
+                    printable(&o.result)
+                )?;
             }
         }
     }

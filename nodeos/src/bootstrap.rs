@@ -1,8 +1,9 @@
 //! `towalink-node bootstrap`: a device without an identity asks a controller running
 //! `tlm attach` for one, over HTTPS (rustls, the controller's certificate checked against
 //! `--ca` or the system's CA bundle). The device sends a random device id, its host name and
-//! machine; it is answered "waiting" until the operator picks a device, then the picked
-//! device gets its identity and secrets and every other device is turned away.
+//! machine, and its pairing code (random, or `--code`), which it shows on its console: the
+//! operator types that code into `tlm attach`, and only the device whose requests carry it
+//! gets its identity and secrets; every other device is turned away.
 
 use std::io::BufReader;
 use std::net::{TcpStream, ToSocketAddrs as _};
@@ -14,6 +15,7 @@ use anyhow::{anyhow, bail, Context as _};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
 use towalink_bundle::messages::{AttachGrant, AttachRequest, ATTACH_PATH};
+use towalink_bundle::pairing::PairingCode;
 use towalink_bundle::wire;
 
 use crate::state::{write_atomic, StateDir};
@@ -27,7 +29,7 @@ pub struct Outcome {
     pub node_id: u32,
 }
 
-fn random_hex(bytes: usize) -> anyhow::Result<String> {
+fn random_bytes(bytes: usize) -> anyhow::Result<Vec<u8>> {
     let mut buffer = vec![0u8; bytes];
     // SAFETY: getrandom writes at most `buffer.len()` bytes into the buffer we own.
     let n = unsafe { libc::getrandom(buffer.as_mut_ptr().cast(), buffer.len(), 0) };
@@ -37,7 +39,17 @@ fn random_hex(bytes: usize) -> anyhow::Result<String> {
             std::io::Error::last_os_error()
         );
     }
-    Ok(hex::encode(buffer))
+    Ok(buffer)
+}
+
+fn random_hex(bytes: usize) -> anyhow::Result<String> {
+    Ok(hex::encode(random_bytes(bytes)?))
+}
+
+/// A fresh pairing code (40 random bits).
+fn random_pairing_code() -> anyhow::Result<PairingCode> {
+    let bytes: [u8; 5] = random_bytes(5)?.try_into().expect("5 bytes");
+    Ok(PairingCode::from_random(bytes))
 }
 
 fn tls_config(ca: Option<&Path>) -> anyhow::Result<Arc<rustls::ClientConfig>> {
@@ -149,6 +161,7 @@ pub fn bootstrap(
     ca: Option<&Path>,
     interval: Duration,
     timeout: Option<Duration>,
+    code: Option<&PairingCode>,
 ) -> anyhow::Result<Outcome> {
     let identity = state.path("identity/node.toml");
     if identity.exists() {
@@ -170,13 +183,20 @@ pub fn bootstrap(
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default();
+    let code = match code {
+        Some(code) => code.clone(),
+        None => random_pairing_code()?,
+    };
     let request = serde_json::to_vec(&AttachRequest {
         device_id: device_id.clone(),
         hostname,
         machine: std::env::consts::ARCH.to_string(),
+        pairing_code: code.as_compact(),
     })?;
     tracing::debug!(device = %device_id, %controller, "asking for a configuration");
-    eprintln!("device id {device_id}: waiting for the operator to pick this device");
+    // The console is where the operator reads the code; it is not logged.
+    eprintln!("device id {device_id}");
+    eprintln!("pairing code {code}: give it to the operator running `tlm attach` (it is this device's secret; waiting for the operator)");
     let started = Instant::now();
     let mut last_error = String::new();
     loop {

@@ -125,6 +125,10 @@ pub enum Command {
         /// Give up after this many seconds (default: keep asking).
         #[arg(long, value_name = "SECONDS")]
         timeout_s: Option<u64>,
+        /// Use this pairing code (`XXXX-XXXX`, e.g. agreed with the operator beforehand)
+        /// instead of a random one; the device shows it either way.
+        #[arg(long, value_name = "CODE")]
+        code: Option<towalink_bundle::pairing::PairingCode>,
     },
     /// The daemon: recover from disk, then watch pending versions (bless or roll back).
     Run {
@@ -350,6 +354,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ca,
             interval_ms,
             timeout_s,
+            code,
         } => {
             let outcome = crate::bootstrap::bootstrap(
                 &node.state,
@@ -357,6 +362,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ca.as_deref(),
                 Duration::from_millis(interval_ms),
                 timeout_s.map(Duration::from_secs),
+                code.as_ref(),
             )?;
             writeln!(
                 out,

@@ -15,6 +15,8 @@
 //! a bundle whose signature, node id and hashes have been checked.
 
 pub mod messages;
+pub mod pairing;
+pub mod printable;
 pub mod wire;
 
 use std::collections::BTreeMap;

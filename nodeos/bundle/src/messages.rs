@@ -148,6 +148,11 @@ pub struct AttachRequest {
     pub hostname: String,
     /// `uname -m` of the device.
     pub machine: String,
+    /// The pairing code the device shows on its console ([`crate::pairing::PairingCode`],
+    /// compact): the device secret the operator types. Absent from devices before it; such
+    /// devices are turned away.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pairing_code: String,
 }
 
 /// The answer until the operator has chosen.

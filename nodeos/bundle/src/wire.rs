@@ -3,6 +3,7 @@
 //! limits on the head and the body. Works on any `BufRead`/`Write` (a TCP stream, a TLS
 //! stream, a byte slice in tests); opens nothing itself.
 
+use crate::printable::printable;
 use std::io::{BufRead, Read as _, Write};
 
 /// Largest request or status line plus headers.
@@ -89,13 +90,13 @@ fn content_length(headers: &[String], limit: u64) -> Result<(u64, Option<String>
     for header in headers {
         let (name, value) = header
             .split_once(':')
-            .ok_or_else(|| WireError::Malformed(format!("header line `{header}`")))?;
+            .ok_or_else(|| WireError::Malformed(format!("header line `{}`", printable(header))))?;
         let value = value.trim();
         match name.trim().to_ascii_lowercase().as_str() {
             "content-length" => {
-                length = value
-                    .parse()
-                    .map_err(|_| WireError::Malformed(format!("Content-Length `{value}`")))?
+                length = value.parse().map_err(|_| {
+                    WireError::Malformed(format!("Content-Length `{}`", printable(value)))
+                })?
             }
             "transfer-encoding" => {
                 return Err(WireError::Malformed(
@@ -128,17 +129,29 @@ pub fn read_request(reader: &mut impl BufRead, body_limit: u64) -> Result<Reques
     let (Some(method), Some(target), Some(version), None) =
         (start.next(), start.next(), start.next(), start.next())
     else {
-        return Err(WireError::Malformed(format!("request line `{}`", head[0])));
+        return Err(WireError::Malformed(format!(
+            "request line `{}`",
+            printable(&head[0])
+        )));
     };
     if !version.starts_with("HTTP/1.") {
-        return Err(WireError::Malformed(format!("protocol `{version}`")));
+        return Err(WireError::Malformed(format!(
+            "protocol `{}`",
+            printable(version)
+        )));
     }
     if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(WireError::Malformed(format!("method `{method}`")));
+        return Err(WireError::Malformed(format!(
+            "method `{}`",
+            printable(method)
+        )));
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if !path.starts_with('/') {
-        return Err(WireError::Malformed(format!("target `{target}`")));
+        return Err(WireError::Malformed(format!(
+            "target `{}`",
+            printable(target)
+        )));
     }
     let query = query
         .split('&')
@@ -163,10 +176,16 @@ pub fn read_response(reader: &mut impl BufRead, body_limit: u64) -> Result<Respo
     let head = read_head(reader)?;
     let mut start = head[0].splitn(3, ' ');
     let (Some(version), Some(status)) = (start.next(), start.next()) else {
-        return Err(WireError::Malformed(format!("status line `{}`", head[0])));
+        return Err(WireError::Malformed(format!(
+            "status line `{}`",
+            printable(&head[0])
+        )));
     };
     if !version.starts_with("HTTP/1.") {
-        return Err(WireError::Malformed(format!("protocol `{version}`")));
+        return Err(WireError::Malformed(format!(
+            "protocol `{}`",
+            printable(version)
+        )));
     }
     let status = status
         .parse()

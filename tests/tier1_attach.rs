@@ -1,0 +1,287 @@
+//! Tier 1 (attach): the real `tlm attach` and the real `towalink-node bootstrap` on loopback,
+//! with a stranger (curl from another loopback address) asking too. What an operator checks:
+//! nothing is handed out without the pairing code the device shows, `--yes` included; the
+//! stranger who asks first gets nothing; one source cannot crowd the real device out; what a
+//! device says about itself cannot redraw the operator's terminal; `tlm status` shows what
+//! nodes report escaped.
+
+use std::io::{BufRead as _, Read as _, Write as _};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use towalink_tests::{binary, Installation};
+
+/// The stranger's source address (the real device asks from 127.0.0.1).
+const STRANGER: &str = "127.0.0.9";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn installation() -> Installation {
+    let t = Installation::new();
+    t.ok(&["add", "site", "s1"]);
+    t.ok(&["add", "node", "r.s1"]);
+    t.ok(&["set", "global", "controller_endpoint", "\"127.0.0.1\""]);
+    t.ok(&["commit", "all"]);
+    t
+}
+
+/// A stranger's attach request over real TLS from [`STRANGER`]; returns the HTTP status.
+fn stranger_asks(
+    port: u16,
+    cert: &std::path::Path,
+    device_id: &str,
+    hostname: &str,
+    code: &str,
+) -> u16 {
+    let body = serde_json::json!({
+        "device_id": device_id,
+        "hostname": hostname,
+        "machine": "x86_64",
+        "pairing_code": code,
+    })
+    .to_string();
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .args(["--interface", STRANGER, "--cacert"])
+        .arg(cert)
+        .args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &body,
+        ])
+        .arg(format!("https://127.0.0.1:{port}/attach/v1/request"))
+        .output()
+        .expect("curl (installed by tests/setup.sh)");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// Makes the attach certificate (an attach with no device gives up at once).
+fn make_certificate(t: &Installation, port: u16) -> std::path::PathBuf {
+    let run = t.run(&[
+        "attach",
+        "node",
+        "r.s1",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--collect",
+        "0",
+        "--code",
+        "AAAA-AAAA",
+    ]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("no device asked"), "{}", run.stderr);
+    t.dir.join("certs/server.pem")
+}
+
+#[test]
+fn yes_without_a_pairing_code_hands_out_nothing() {
+    let t = installation();
+    let error = t.refused(
+        &[
+            "attach",
+            "node",
+            "r.s1",
+            "--yes",
+            "--listen",
+            "127.0.0.1:1",
+            "--collect",
+            "1",
+        ],
+        1,
+    );
+    assert!(error.contains("--yes needs --code"), "{error}");
+    let error = t.refused(&["attach", "node", "r.s1", "--code", "7KQ2-M9XU"], 2);
+    assert!(error.contains("not a pairing code"), "{error}");
+}
+
+#[test]
+fn only_the_device_showing_the_typed_code_gets_the_identity() {
+    let t = installation();
+    let port = free_port();
+    let cert = make_certificate(&t, port);
+
+    // The operator runs attach and will type the code read off the device's console.
+    let mut attach = t
+        .command(&[
+            "attach",
+            "node",
+            "r.s1",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--collect",
+            "8",
+            "--timeout",
+            "60",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    // The stranger asks first, with a host name built to redraw the operator's list, and
+    // then crowds the list from its one address.
+    let evil = "r3-s1\u{1b}[2J\u{1b}[H\r\n  1) 0123456789abcdef0123456789abcdef  host `r.s1`";
+    let mut first = 0;
+    while first != 202 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "attach never answered the stranger ({first})"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        first = stranger_asks(port, &cert, "5757575757575757", evil, "ZZZZ-ZZZZ");
+    }
+    let crowd: Vec<u16> = (0..8)
+        .map(|i| stranger_asks(port, &cert, &format!("{i:016x}"), "crowd", "ZZZZ-ZZZZ"))
+        .collect();
+    assert_eq!(
+        crowd.iter().filter(|s| **s == 202).count(),
+        3,
+        "one source presents 4 devices at most: {crowd:?}"
+    );
+    assert!(
+        crowd.iter().filter(|s| **s != 202).all(|s| *s == 429),
+        "{crowd:?}"
+    );
+    let without_code = stranger_asks(port, &cert, "6767676767676767", "old", "");
+    assert_eq!(
+        without_code, 403,
+        "a request without a pairing code is turned away"
+    );
+
+    // The real device, crowded out by nobody.
+    let state = t.temp.path().join("device");
+    let mut device = Command::new(binary("towalink-node"))
+        .arg("--state-dir")
+        .arg(&state)
+        .args([
+            "bootstrap",
+            "--controller",
+            &format!("127.0.0.1:{port}"),
+            "--interval-ms",
+            "300",
+            "--timeout-s",
+            "60",
+            "--ca",
+        ])
+        .arg(&cert)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut console = std::io::BufReader::new(device.stderr.take().unwrap());
+    let mut line = String::new();
+    let code = loop {
+        line.clear();
+        assert!(
+            console.read_line(&mut line).unwrap() > 0,
+            "bootstrap showed no pairing code"
+        );
+        if let Some(rest) = line.strip_prefix("pairing code ") {
+            break rest.split(':').next().unwrap().to_string();
+        }
+    };
+    attach
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(format!("{}\n", code.to_lowercase()).as_bytes())
+        .unwrap();
+    let status = device.wait().unwrap();
+    let mut rest = String::new();
+    console.read_to_string(&mut rest).unwrap();
+    assert!(status.success(), "bootstrap: {line}{rest}");
+    assert!(state.join("identity/node.toml").exists());
+    let attached = attach.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&attached.stdout);
+    let stderr = String::from_utf8_lossy(&attached.stderr);
+    assert!(attached.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("handed the identity of r.s1 to device "),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains(&code) && !stderr.contains(&code),
+        "attach printed the device's code"
+    );
+    // The operator's screen: no escape sequence, no carriage return, no forged list line.
+    for text in [&stdout, &stderr] {
+        assert!(
+            !text.contains('\u{1b}') && !text.contains('\r'),
+            "raw control characters reached the terminal: {text:?}"
+        );
+    }
+    assert!(
+        stdout.contains("r3-s1\\u{1b}[2J\\u{1b}[H\\u{d}\\u{a}  1) "),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout
+            .lines()
+            .filter(|l| l.trim_start().starts_with("1) "))
+            .count(),
+        0,
+        "{stdout}"
+    );
+    // After the choice the stranger is turned away, with its own code or the real one.
+    assert_eq!(
+        stranger_asks(port, &cert, "5757575757575757", "x", "ZZZZ-ZZZZ"),
+        0,
+        "attach has ended; nobody listens"
+    );
+    let _ = code;
+}
+
+#[test]
+fn status_shows_what_nodes_report_escaped() {
+    let t = installation();
+    // What `tlm serve` stores from a hostile node's report (soft state, status/nodes/).
+    let hostile = "x\u{1b}[31mred\r\nr.s2  yes  fake";
+    let record = serde_json::json!({
+        "node": "r.s1",
+        "node_id": 1,
+        "last_seen_ms": 0,
+        "endpoint": null,
+        "report": {
+            "node_id": 1,
+            "node": "r.s1",
+            "daemon_version": hostile,
+            "uptime_s": 1,
+            "daemon_uptime_s": 1,
+            "active_version": 1,
+            "state": hostile,
+            "installed_versions": [1],
+            "tunnels": [],
+            "bgp": [{"name": hostile, "state": "up", "info": hostile}],
+            "health": [{"check": "bird", "ok": false, "detail": hostile}],
+            "last_rollback": {"time": 0, "from_version": 2, "to_version": 1, "reason": hostile},
+        }
+    });
+    std::fs::create_dir_all(t.dir.join("status/nodes")).unwrap();
+    std::fs::write(t.dir.join("status/nodes/r.s1.json"), record.to_string()).unwrap();
+    let text = t.ok(&["status"]) + &t.ok(&["status", "node", "r.s1"]);
+    assert!(text.contains("x\\u{1b}[31mred\\u{d}\\u{a}r.s2"), "{text}");
+    assert!(!text.contains('\u{1b}') && !text.contains('\r'), "{text:?}");
+    assert!(
+        !text.lines().any(|l| l.starts_with("r.s2")),
+        "a forged line: {text}"
+    );
+}
