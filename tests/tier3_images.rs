@@ -232,6 +232,11 @@ fn x86_64_image_boots_under_bios_and_uefi_reaches_the_controller_and_keeps_its_s
     );
     assert!(console.contains("Seeding /var/lib/towalink"));
     assert!(
+        console.contains("Removing the node's secrets from /media/"),
+        "{}",
+        tail(&console, 60)
+    );
+    assert!(
         console.contains("Setting hostname to s1-r1"),
         "{}",
         tail(&console, 60)
@@ -260,6 +265,33 @@ fn x86_64_image_boots_under_bios_and_uefi_reaches_the_controller_and_keeps_its_s
     // A/B state on the data partition survived, v2 comes up active.
     vm.power_off();
     drop(vm);
+    // The card's FAT no longer holds the node's secrets: the first boot moved them to the
+    // data partition and rewrote the apkovl without them (the public identity stays).
+    let files = boot_files(&image);
+    let ovl = apkovl(&files);
+    for secret in ["wg_private_key", "recovery_token"] {
+        assert!(
+            ovl.get(&format!(
+                "usr/share/towalink/initial-state/identity/{secret}"
+            ))
+            .is_none(),
+            "the boot partition's apkovl still holds {secret}"
+        );
+    }
+    assert!(ovl
+        .get("usr/share/towalink/initial-state/identity/node.toml")
+        .is_some());
+    assert!(
+        ovl.get("etc/init.d/towalink-node").is_some(),
+        "the rewritten apkovl lost its files"
+    );
+    let key = private_key.trim().as_bytes();
+    for (name, bytes) in &files {
+        assert!(
+            !bytes.windows(key.len()).any(|w| w == key),
+            "{name} on the boot partition holds the private key"
+        );
+    }
     let vm = Vm::boot(&netns, "x86_64-uefi", &image, Firmware::Uefi);
     vm.wait_console(
         "towalink-node: r1.s1 (id 1), active v2",
