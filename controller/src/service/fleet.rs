@@ -165,8 +165,16 @@ impl Fleet {
     }
 
     /// The reply for a node: at once when there is news for it, else when the fleet changes
-    /// with news for it, or after `wait`.
-    pub fn wait_reply(&self, id: u32, report: &NodeReport, wait: Duration) -> Option<SyncReply> {
+    /// with news for it, or after `wait`. `None` when the node is removed, or when `gone`
+    /// (asked every `check`, without the fleet lock) says the node stopped waiting.
+    pub fn wait_reply(
+        &self,
+        id: u32,
+        report: &NodeReport,
+        wait: Duration,
+        check: Duration,
+        gone: &dyn Fn() -> bool,
+    ) -> Option<SyncReply> {
         let deadline = Instant::now() + wait;
         let mut view = self.view.lock().expect("fleet lock");
         loop {
@@ -176,11 +184,18 @@ impl Fleet {
             if news || now >= deadline {
                 return Some(reply);
             }
-            view = self
+            let (guard, timeout) = self
                 .changed
-                .wait_timeout(view, deadline - now)
-                .expect("fleet lock")
-                .0;
+                .wait_timeout(view, (deadline - now).min(check))
+                .expect("fleet lock");
+            view = guard;
+            if timeout.timed_out() && Instant::now() < deadline {
+                drop(view);
+                if gone() {
+                    return None;
+                }
+                view = self.view.lock().expect("fleet lock");
+            }
         }
     }
 
