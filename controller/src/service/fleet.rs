@@ -250,6 +250,46 @@ mod tests {
         assert!(reply_for(&entry(vec![1], Some((2, 1))), &report(vec![1], Some(1)), 5).1);
     }
 
+    fn fleet_with(id: u32, entry: NodeEntry) -> (tempfile::TempDir, Fleet) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_init(dir.path()).unwrap();
+        let settings = ManagementSettings {
+            pool: "fd54:6f77:616c:ffff::/64".parse().unwrap(),
+            listen_port: 51819,
+            api_port: 8001,
+            keepalive_s: 25,
+            report_interval_s: 5,
+            controller_endpoints: Vec::new(),
+        };
+        let fleet = Fleet::new(store, settings);
+        fleet.view.lock().unwrap().nodes.insert(id, entry);
+        (dir, fleet)
+    }
+
+    #[test]
+    fn a_long_poll_ends_when_its_node_hangs_up() {
+        let (_dir, fleet) = fleet_with(1, entry(vec![1], None));
+        let asked = std::sync::atomic::AtomicU32::new(0);
+        let gone = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 2;
+        let reply = fleet.wait_reply(
+            1,
+            &report(vec![1], None),
+            Duration::from_secs(30),
+            Duration::from_millis(10),
+            &gone,
+        );
+        assert!(reply.is_none(), "waited out the poll of a node that left");
+        // A node still there gets its reply when the wait is over.
+        let reply = fleet.wait_reply(
+            1,
+            &report(vec![1], None),
+            Duration::from_millis(50),
+            Duration::from_millis(10),
+            &|| false,
+        );
+        assert_eq!(reply.unwrap().versions, [1]);
+    }
+
     #[test]
     fn only_the_newest_versions_are_offered() {
         let all: Vec<u32> = (1..=25).collect();
