@@ -838,7 +838,7 @@ fn at_the_file_limit_the_service_backs_off_and_recovers() {
     let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .count() as u64;
-    let limit = open + (per_node as u64) / 2;
+    let limit = open + per_node as u64 - 2;
     let new = libc::rlimit {
         rlim_cur: limit,
         rlim_max: limit,

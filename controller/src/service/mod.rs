@@ -4,7 +4,8 @@
 //! bound to that address and to the management interface, so a connection from anywhere
 //! else is refused by the kernel. Because WireGuard only accepts packets from a node's
 //! address when they come with that node's key, the source address of a connection
-//! identifies the node.
+//! identifies the node. One node cannot take the API from the others: [`limits`] caps the
+//! connections per node and in all, and bounds each request and response by a deadline.
 //!
 //! The service reads the configuration directory (it never writes it, except `status/` and
 //! the management key on first start) and notices `tlm commit` / `tlm activate` within
