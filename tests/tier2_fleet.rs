@@ -696,6 +696,17 @@ fn a_slow_connection_flood_from_one_node_does_not_starve_the_others() {
     assert!(status.contains(" 200 "), "{status}");
     let calm_sync = commit_reaches(&net, "r.s2", "200", 2);
 
+    // Refusals a node causes at will are logged once per burst, not once each: 200 malformed
+    // requests in a row make one line (two if a burst boundary falls inside), not 200.
+    for _ in 0..200 {
+        assert!(raw_request(&a, b"\x16\x03\x01garbage\r\n\r\n".to_vec()).contains(" 400 "));
+    }
+    let lines = net
+        .controller_log()
+        .matches("malformed request refused")
+        .count();
+    assert!(lines <= 2, "{lines} log lines for 200 malformed requests");
+
     let flood_started = std::time::Instant::now();
     let flood = Flood::start(&a, 1100, 20);
     wait_for(

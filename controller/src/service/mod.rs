@@ -214,9 +214,7 @@ pub fn serve(store: &Store, interface: &str) -> Result<(), Error> {
         fleet: Arc::clone(&fleet),
         endpoints: Arc::clone(&endpoints),
         slots: Slots::new(limits::PER_NODE_CONNECTIONS, connections),
-        refused: Mutex::default(),
-        expired: Mutex::default(),
-        unthreaded: Mutex::default(),
+        bursts: Mutex::default(),
     });
     std::thread::Builder::new()
         .name("api".into())
@@ -268,19 +266,22 @@ struct Api {
     fleet: Arc<Fleet>,
     endpoints: Arc<Mutex<BTreeMap<u32, String>>>,
     slots: Slots,
-    /// Log pacing: connections refused by a cap, requests that ran out their deadline,
-    /// connections no thread could be started for.
-    refused: Mutex<Burst>,
-    expired: Mutex<Burst>,
-    unthreaded: Mutex<Burst>,
+    /// Log pacing, per kind of event: a node can cause refusals as fast as it can connect,
+    /// and must not fill the disk with the log.
+    bursts: Mutex<BTreeMap<&'static str, Burst>>,
 }
 
-/// Whether to log an event now (once per burst), and how many went unlogged before it.
-fn pace(burst: &Mutex<Burst>) -> Option<u64> {
-    burst
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .note(Instant::now())
+impl Api {
+    /// Whether to log an event of this kind now (once per burst), and how many went unlogged
+    /// before it.
+    fn pace(&self, kind: &'static str) -> Option<u64> {
+        self.bursts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(kind)
+            .or_default()
+            .note(Instant::now())
+    }
 }
 
 /// Takes connections, one thread each, while their source and the service are under their
@@ -327,7 +328,7 @@ fn accept_loop(listener: TcpListener, api: &Arc<Api>) {
                         format!("the controller serves its maximum of {total} connections")
                     }
                 };
-                if let Some(unlogged) = pace(&api.refused) {
+                if let Some(unlogged) = api.pace("refused") {
                     tracing::warn!(%peer, held, total, unlogged, "API connection refused: {message}");
                 }
                 let mut response = Vec::new();
@@ -350,7 +351,7 @@ fn accept_loop(listener: TcpListener, api: &Arc<Api>) {
                 drop(slot);
             });
         if let Err(error) = spawned {
-            if let Some(unlogged) = pace(&api.unthreaded) {
+            if let Some(unlogged) = api.pace("unthreaded") {
                 tracing::error!(%error, unlogged, "cannot start a thread for an API connection; closed it");
             }
         }
@@ -386,7 +387,9 @@ fn handle(mut stream: TcpStream, peer: SocketAddr, api: &Api) {
         .node_id_of(peer.ip())
         .filter(|id| fleet.node(*id).is_some());
     let Some(node_id) = node_id else {
-        tracing::warn!(%peer, "API request from an address that is no node's management address: refused");
+        if let Some(unlogged) = api.pace("not-a-node") {
+            tracing::warn!(%peer, unlogged, "API request from an address that is no node's management address: refused");
+        }
         refuse(&mut stream, 403, "not a node's management address");
         return;
     };
@@ -398,7 +401,7 @@ fn handle(mut stream: TcpStream, peer: SocketAddr, api: &Api) {
         Ok(r) => r,
         Err(WireError::Io(error)) if limits::is_timeout(&error) => {
             let within = limits::REQUEST_DEADLINE.as_secs();
-            if let Some(unlogged) = pace(&api.expired) {
+            if let Some(unlogged) = api.pace("expired") {
                 tracing::warn!(%peer, node_id, unlogged, "request not complete within {within} s: closed");
             }
             refuse(
@@ -409,7 +412,9 @@ fn handle(mut stream: TcpStream, peer: SocketAddr, api: &Api) {
             return;
         }
         Err(WireError::BodyTooLarge { length, limit }) => {
-            tracing::warn!(%peer, node_id, length, limit, "oversize request refused");
+            if let Some(unlogged) = api.pace("oversize") {
+                tracing::warn!(%peer, unlogged, node_id, length, limit, "oversize request refused");
+            }
             refuse(
                 &mut stream,
                 413,
@@ -419,7 +424,9 @@ fn handle(mut stream: TcpStream, peer: SocketAddr, api: &Api) {
         }
         Err(WireError::Closed) => return,
         Err(error) => {
-            tracing::warn!(%peer, node_id, %error, "malformed request refused");
+            if let Some(unlogged) = api.pace("malformed") {
+                tracing::warn!(%peer, unlogged, node_id, %error, "malformed request refused");
+            }
             refuse(&mut stream, 400, &error.to_string());
             return;
         }
@@ -429,13 +436,17 @@ fn handle(mut stream: TcpStream, peer: SocketAddr, api: &Api) {
             let report: NodeReport = match serde_json::from_slice(&request.body) {
                 Ok(r) => r,
                 Err(error) => {
-                    tracing::warn!(%peer, node_id, %error, "malformed report refused");
+                    if let Some(unlogged) = api.pace("malformed-report") {
+                        tracing::warn!(%peer, unlogged, node_id, %error, "malformed report refused");
+                    }
                     refuse(&mut stream, 400, &format!("report is not valid: {error}"));
                     return;
                 }
             };
             if report.node_id != node_id {
-                tracing::warn!(%peer, node_id, claimed = report.node_id, "report for another node refused");
+                if let Some(unlogged) = api.pace("foreign-report") {
+                    tracing::warn!(%peer, unlogged, node_id, claimed = report.node_id, "report for another node refused");
+                }
                 refuse(
                     &mut stream,
                     403,
@@ -461,7 +472,9 @@ fn handle(mut stream: TcpStream, peer: SocketAddr, api: &Api) {
             if let Err(error) =
                 records::write_soft(&records::node_path(fleet.store(), &entry.name), &bytes)
             {
-                tracing::error!(%error, node = %entry.name, "cannot write the node's status");
+                if let Some(unlogged) = api.pace("status-write") {
+                    tracing::error!(%error, unlogged, node = %entry.name, "cannot write the node's status");
+                }
             }
             let wait = request
                 .query_value("wait_ms")
@@ -497,7 +510,9 @@ fn handle(mut stream: TcpStream, peer: SocketAddr, api: &Api) {
                 Some(file) => match std::fs::read(&file) {
                     Ok(bytes) => respond(&mut stream, 200, "application/zstd", &bytes),
                     Err(error) => {
-                        tracing::error!(file = %file.display(), %error, "cannot read bundle");
+                        if let Some(unlogged) = api.pace("bundle-read") {
+                            tracing::error!(file = %file.display(), %error, unlogged, "cannot read bundle");
+                        }
                         refuse(&mut stream, 500, "cannot read the bundle");
                     }
                 },
@@ -505,7 +520,9 @@ fn handle(mut stream: TcpStream, peer: SocketAddr, api: &Api) {
             }
         }
         (method, path) => {
-            tracing::warn!(%peer, node_id, method, path, "unknown API request refused");
+            if let Some(unlogged) = api.pace("unknown") {
+                tracing::warn!(%peer, unlogged, node_id, method, path, "unknown API request refused");
+            }
             refuse(&mut stream, 404, "unknown request");
         }
     }
