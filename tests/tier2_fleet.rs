@@ -438,3 +438,507 @@ fn fleet_versions_activation_rollback_attach_and_controller_loss() {
         assert_eq!(status["state"], "good", "s{i}: {status:#}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The node API under a hostile node (docs/security.md, "Node API under a hostile node").
+
+/// What a flood of slow connections saw, live (the test reads it while the flood runs).
+#[derive(Debug, Default, Clone)]
+struct FloodCount {
+    /// Connections the kernel completed (each then taken or refused by the service).
+    opened: usize,
+    connect_failures: usize,
+    /// Answered 503 (over the node's cap) and closed.
+    refused: usize,
+    /// Answered 408 (request not complete within the deadline) and closed.
+    expired: usize,
+    /// Closed without an answer (a reset raced the refusal).
+    closed_silently: usize,
+    /// Any other answer: the status lines.
+    other: Vec<String>,
+    /// Longest a connection stayed open, counting those still open when the flood ended.
+    longest_open: Duration,
+    /// Open right now.
+    open_now: usize,
+}
+
+struct Flood {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    count: std::sync::Arc<Mutex<FloodCount>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+struct Slow {
+    stream: TcpStream,
+    opened: std::time::Instant,
+    sent: usize,
+    answer: Vec<u8>,
+}
+
+impl Flood {
+    /// From inside `netns` (a node's namespace: the connections come through its management
+    /// tunnel, from its management address), opens `initial` connections to the API, then
+    /// keeps up to `initial` open, opening at most `reopen` a second to replace closed ones.
+    /// Every open connection sends one byte of a request head that never ends every second:
+    /// slow enough to hold a connection for ever under a per-read timeout.
+    fn start(netns: &str, initial: usize, reopen: usize) -> Flood {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let count = std::sync::Arc::new(Mutex::new(FloodCount::default()));
+        let (stop_flag, counts) = (stop.clone(), count.clone());
+        let thread = towalink_tests::network::spawn_in_netns(netns, move || {
+            let api: SocketAddr = format!("[{CONTROLLER_MGMT}]:8001").parse().unwrap();
+            let head = b"POST /v1/sync?wait_ms=0 HTTP/1.1\r\nX-Slow: ";
+            let mut open: Vec<Slow> = Vec::new();
+            let connect = |counts: &Mutex<FloodCount>| match TcpStream::connect_timeout(
+                &api,
+                Duration::from_secs(3),
+            ) {
+                Ok(stream) => {
+                    stream.set_nonblocking(true).unwrap();
+                    counts.lock().unwrap().opened += 1;
+                    Some(Slow {
+                        stream,
+                        opened: std::time::Instant::now(),
+                        sent: 0,
+                        answer: Vec::new(),
+                    })
+                }
+                Err(_) => {
+                    counts.lock().unwrap().connect_failures += 1;
+                    None
+                }
+            };
+            for _ in 0..initial {
+                if stop_flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                open.extend(connect(&counts));
+            }
+            while !stop_flag.load(std::sync::atomic::Ordering::SeqCst) {
+                let tick = std::time::Instant::now();
+                let mut closed = Vec::new();
+                for (i, slow) in open.iter_mut().enumerate() {
+                    let mut buf = [0u8; 1024];
+                    let ended = loop {
+                        match slow.stream.read(&mut buf) {
+                            Ok(0) => break true,
+                            Ok(n) => slow.answer.extend_from_slice(&buf[..n]),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break false,
+                            Err(_) => break true,
+                        }
+                    };
+                    let byte = head.get(slow.sent).copied().unwrap_or(b'a');
+                    if ended || slow.stream.write(&[byte]).is_err() {
+                        closed.push(i);
+                    } else {
+                        slow.sent += 1;
+                    }
+                }
+                let mut counts_now = counts.lock().unwrap();
+                for i in closed.into_iter().rev() {
+                    let slow = open.swap_remove(i);
+                    let lived = slow.opened.elapsed();
+                    counts_now.longest_open = counts_now.longest_open.max(lived);
+                    let answer = String::from_utf8_lossy(&slow.answer);
+                    let status = answer.lines().next().unwrap_or("").to_string();
+                    if status.starts_with("HTTP/1.1 503 ") {
+                        counts_now.refused += 1;
+                    } else if status.starts_with("HTTP/1.1 408 ") {
+                        counts_now.expired += 1;
+                    } else if status.is_empty() {
+                        counts_now.closed_silently += 1;
+                    } else {
+                        counts_now.other.push(status);
+                    }
+                }
+                drop(counts_now);
+                for _ in 0..reopen.min(initial.saturating_sub(open.len())) {
+                    open.extend(connect(&counts));
+                }
+                {
+                    let mut counts_now = counts.lock().unwrap();
+                    counts_now.open_now = open.len();
+                    for slow in &open {
+                        counts_now.longest_open =
+                            counts_now.longest_open.max(slow.opened.elapsed());
+                    }
+                }
+                std::thread::sleep(Duration::from_secs(1).saturating_sub(tick.elapsed()));
+            }
+        });
+        Flood {
+            stop,
+            count,
+            thread,
+        }
+    }
+
+    fn count(&self) -> FloodCount {
+        self.count.lock().unwrap().clone()
+    }
+
+    fn stop(self) -> FloodCount {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.join().expect("flood thread");
+        self.count.lock().unwrap().clone()
+    }
+}
+
+/// One request from inside a namespace; the status line and how long the exchange took, or
+/// `None` when the connection failed or no answer came within 10 s.
+fn timed_request(netns: &str, request: &'static [u8]) -> Option<(String, Duration)> {
+    in_netns(netns, move || {
+        let api: SocketAddr = format!("[{CONTROLLER_MGMT}]:8001").parse().unwrap();
+        let started = std::time::Instant::now();
+        let mut stream = TcpStream::connect_timeout(&api, Duration::from_secs(5)).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(request).ok()?;
+        let mut reply = Vec::new();
+        let _ = stream.read_to_end(&mut reply);
+        let status = String::from_utf8_lossy(&reply).lines().next()?.to_string();
+        Some((status, started.elapsed()))
+    })
+}
+
+const BUNDLE_1: &[u8] = b"GET /v1/bundle/1 HTTP/1.1\r\n\r\n";
+
+/// `per_node` from the service's "API limits" log line.
+fn per_node_cap(net: &Network) -> usize {
+    let log = net.controller_log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("API limits"))
+        .unwrap_or_else(|| panic!("no `API limits` line in:\n{}", tail(&log, 30)));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("per_node="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no per_node= in `{line}`"))
+}
+
+/// The service's threads serving one connection each.
+fn connection_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|comm| comm.trim() == "api-conn")
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// User plus system CPU time of a process (all its threads).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    // Fields 14 and 15 of proc(5), counted from the state (field 3).
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+fn service_pid(net: &Network) -> u32 {
+    let pid = net.controller_pid().expect("tlm serve runs");
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(comm.trim(), "tlm", "the spawned process is not tlm serve");
+    pid
+}
+
+/// Time from `tlm commit` until `node` reports the new version installed: one long poll
+/// answered with news, one bundle download, one report.
+fn commit_reaches(net: &Network, node: &str, value: &str, version: u32) -> Duration {
+    net.ctl
+        .ok(&["set", "global", "bird_bfd_interval_ms", value]);
+    let started = std::time::Instant::now();
+    net.ctl.ok(&["commit", "all"]);
+    wait_for(
+        Duration::from_secs(30),
+        || {
+            node_entry(&net.fleet_status(), node)["installed_versions"]
+                .as_array()
+                .unwrap()
+                .contains(&version.into())
+        },
+        || {
+            format!(
+                "v{version} did not reach {node}:\n{}\ncontroller log:\n{}",
+                net.ctl.ok(&["status"]),
+                tail(&net.controller_log(), 20)
+            )
+        },
+    );
+    started.elapsed()
+}
+
+/// The attack review's flood: one node opens more slow connections than the service's old
+/// global cap (1,024), each sending a byte a second. Before, they held every slot and the other
+/// nodes' syncs were closed unanswered; now the flooding node holds its own cap at most, the
+/// rest is refused at once, what it holds is closed by the whole-request deadline, and node B
+/// syncs, downloads and activates as usual meanwhile.
+#[test]
+fn a_slow_connection_flood_from_one_node_does_not_starve_the_others() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut options = Options::new(2, Topology::Mesh);
+    options.controller = true;
+    let net = Network::build(options);
+    net.wait_established(Duration::from_secs(30));
+    net.wait_reported(&[1, 2], 1, "good", Duration::from_secs(20));
+    let pid = service_pid(&net);
+    let per_node = per_node_cap(&net);
+    let (a, b) = (net.site(1).netns.clone(), net.site(2).netns.clone());
+
+    // Without a flood: node B's figures to compare with.
+    let (status, calm_probe) = timed_request(&b, BUNDLE_1).expect("node B reaches the API");
+    assert!(status.contains(" 200 "), "{status}");
+    let calm_sync = commit_reaches(&net, "r.s2", "200", 2);
+
+    // Refusals a node causes at will are logged once per burst, not once each: 200 malformed
+    // requests in a row make one line (two if a burst boundary falls inside), not 200.
+    for _ in 0..200 {
+        assert!(raw_request(&a, b"\x16\x03\x01garbage\r\n\r\n".to_vec()).contains(" 400 "));
+    }
+    let lines = net
+        .controller_log()
+        .matches("malformed request refused")
+        .count();
+    assert!(lines <= 2, "{lines} log lines for 200 malformed requests");
+
+    let flood_started = std::time::Instant::now();
+    let flood = Flood::start(&a, 1100, 20);
+    wait_for(
+        Duration::from_secs(120),
+        || {
+            let c = flood.count();
+            c.opened + c.connect_failures >= 1100
+        },
+        || {
+            format!(
+                "the flood did not open its connections: {:?}",
+                flood.count()
+            )
+        },
+    );
+    let cpu_before = (cpu_time(pid), std::time::Instant::now());
+    // Node B meanwhile: every request answered; a commit reaches it; an activation reaching
+    // it succeeds.
+    let mut probes = Vec::new();
+    let mut most_threads = 0;
+    for _ in 0..5 {
+        most_threads = most_threads.max(connection_threads(pid));
+        let (status, took) = timed_request(&b, BUNDLE_1).unwrap_or_else(|| {
+            panic!(
+                "node B got no answer during the flood ({:?}):\n{}",
+                flood.count(),
+                tail(&net.controller_log(), 20)
+            )
+        });
+        assert!(
+            status.contains(" 200 "),
+            "node B during the flood: {status}"
+        );
+        probes.push(took);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let flood_sync = commit_reaches(&net, "r.s2", "300", 3);
+    most_threads = most_threads.max(connection_threads(pid));
+    let started = std::time::Instant::now();
+    let out = net.ctl.ok(&["activate", "node", "r.s2"]);
+    let activation = started.elapsed();
+    assert!(out.contains("r.s2: v3 activated"), "{out}");
+    most_threads = most_threads.max(connection_threads(pid));
+    // The connections the flood got are closed by the deadline although each keeps sending;
+    // run long enough for a connection held for ever to show (three deadlines).
+    wait_for(
+        Duration::from_secs(90),
+        || {
+            most_threads = most_threads.max(connection_threads(pid));
+            flood.count().expired >= per_node && flood_started.elapsed() > Duration::from_secs(35)
+        },
+        || {
+            format!(
+                "the flood's connections were not closed by the deadline: {:?}",
+                flood.count()
+            )
+        },
+    );
+    let cpu = cpu_time(pid) - cpu_before.0;
+    let wall = cpu_before.1.elapsed();
+    let count = flood.stop();
+    let mean = |d: &[Duration]| d.iter().sum::<Duration>() / d.len() as u32;
+    eprintln!(
+        "flood from node A: {} connections opened ({} failed to connect), {} refused at once (503), \
+         {} closed silently, {} closed by the deadline (408), longest open {:.1} s, at most {} \
+         connection threads in tlm serve (cap per node {per_node}); tlm serve CPU {:.0} % of one core\n\
+         node B: bundle request {:.1} ms calm, {:.1} ms mean / {:.1} ms worst during the flood; \
+         commit to installed {:.2} s calm, {:.2} s during the flood; tlm activate node r.s2 {:.2} s",
+        count.opened,
+        count.connect_failures,
+        count.refused,
+        count.closed_silently,
+        count.expired,
+        count.longest_open.as_secs_f64(),
+        most_threads,
+        cpu.as_secs_f64() * 100.0 / wall.as_secs_f64(),
+        calm_probe.as_secs_f64() * 1000.0,
+        mean(&probes).as_secs_f64() * 1000.0,
+        probes.iter().max().unwrap().as_secs_f64() * 1000.0,
+        calm_sync.as_secs_f64(),
+        flood_sync.as_secs_f64(),
+        activation.as_secs_f64(),
+    );
+    assert!(
+        count.other.is_empty(),
+        "unexpected answers: {:?}",
+        count.other
+    );
+    assert!(
+        count.refused + count.closed_silently >= 1100 - per_node,
+        "connections over the cap were not refused: {count:?}"
+    );
+    assert!(count.refused > 0, "no 503 seen: {count:?}");
+    // One node holds its cap at most (plus node B's sync and probe, and node A's own daemon
+    // which shares its address and so its cap).
+    assert!(
+        most_threads <= per_node + 4,
+        "{most_threads} connection threads with a cap of {per_node} per node: {count:?}"
+    );
+    // Held for ever under a per-read timeout; closed within about one deadline (10 s) now.
+    assert!(
+        count.longest_open < Duration::from_secs(30),
+        "a flood connection stayed open {:?}: {count:?}",
+        count.longest_open
+    );
+    let log = net.controller_log();
+    for expected in [
+        "API connection refused: too many connections from this address",
+        "request not complete within 10 s: closed",
+    ] {
+        assert!(
+            log.contains(expected),
+            "controller log lacks `{expected}`:\n{}",
+            tail(&log, 30)
+        );
+    }
+    let refusal_lines = log.matches("API connection refused").count();
+    assert!(
+        refusal_lines < 20,
+        "{refusal_lines} refusal lines: not once per burst"
+    );
+}
+
+/// At the process's file limit `accept` fails with EMFILE while the connection stays queued:
+/// the old accept loop retried at once, spinning a core and starving the heartbeat. Now it
+/// backs off. The assertion is a property, not a speed: a loop retrying at once uses a whole
+/// core (100 % of wall time) however fast the machine; backing off (20 ms doubling to 500 ms)
+/// uses next to nothing; 30 % leaves room for the WireGuard and flood traffic the process
+/// also carries, on a loaded machine.
+#[test]
+fn at_the_file_limit_the_service_backs_off_and_recovers() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut options = Options::new(2, Topology::Mesh);
+    options.controller = true;
+    let net = Network::build(options);
+    net.wait_reported(&[1, 2], 1, "good", Duration::from_secs(30));
+    let pid = service_pid(&net);
+    let per_node = per_node_cap(&net);
+    // Leave fewer free descriptors than one node's cap: node A's flood alone reaches the limit.
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as u64;
+    let limit = open + per_node as u64 - 2;
+    let new = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: limit,
+    };
+    // SAFETY: prlimit on a process we started, with a limit struct we own.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &new,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+
+    let flood = Flood::start(&net.site(1).netns, 60, 10);
+    wait_for(
+        Duration::from_secs(60),
+        // The heartbeat is the first to say so (it needs a descriptor every second).
+        || net.controller_log().contains("Too many open files"),
+        || {
+            format!(
+                "tlm serve never reached its file limit ({limit}): {:?}\n{}",
+                flood.count(),
+                tail(&net.controller_log(), 20)
+            )
+        },
+    );
+    let (cpu_start, wall_start) = (cpu_time(pid), std::time::Instant::now());
+    std::thread::sleep(Duration::from_secs(10));
+    let cpu = cpu_time(pid) - cpu_start;
+    let share = cpu.as_secs_f64() / wall_start.elapsed().as_secs_f64();
+    let count = flood.stop();
+    let log = net.controller_log();
+    eprintln!(
+        "at the file limit ({limit} descriptors) under a flood of {} connections: tlm serve used \
+         {:.1} % of one core over 10 s; {} accept-failure log lines",
+        count.opened,
+        share * 100.0,
+        log.matches("cannot accept API connections").count()
+    );
+    assert!(
+        share < 0.3,
+        "tlm serve used {:.0} % of a core at its file limit: spinning",
+        share * 100.0
+    );
+    assert!(
+        log.contains("cannot accept API connections; backing off"),
+        "{}",
+        tail(&log, 30)
+    );
+
+    // The flood ends: the service takes connections again, node B syncs, the heartbeat is fresh.
+    let b = net.site(2).netns.clone();
+    wait_for(
+        Duration::from_secs(60),
+        || timed_request(&b, BUNDLE_1).is_some_and(|(status, _)| status.contains(" 200 ")),
+        || {
+            format!(
+                "node B is not served after the flood:\n{}",
+                tail(&net.controller_log(), 20)
+            )
+        },
+    );
+    let seen = node_entry(&net.fleet_status(), "r.s2")["last_seen_ms"]
+        .as_u64()
+        .unwrap();
+    let heartbeat = || {
+        let text = std::fs::read_to_string(net.ctl.dir.join("status/service.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["updated_ms"]
+            .as_u64()
+            .unwrap()
+    };
+    let beat = heartbeat();
+    wait_for(
+        Duration::from_secs(30),
+        || {
+            node_entry(&net.fleet_status(), "r.s2")["last_seen_ms"]
+                .as_u64()
+                .unwrap()
+                > seen
+                && heartbeat() > beat
+        },
+        || {
+            format!(
+                "node B did not report or the heartbeat stayed stale after the flood:\n{}",
+                net.ctl.ok(&["status"])
+            )
+        },
+    );
+}

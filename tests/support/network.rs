@@ -910,6 +910,14 @@ impl Drop for Network {
 /// Runs `job` on a thread that joined the network namespace `netns` (sockets it opens live
 /// there), and returns its result.
 pub fn in_netns<T: Send + 'static>(netns: &str, job: impl FnOnce() -> T + Send + 'static) -> T {
+    spawn_in_netns(netns, job).join().expect("namespace thread")
+}
+
+/// Starts `job` on a thread that joined the network namespace `netns`, and returns at once.
+pub fn spawn_in_netns<T: Send + 'static>(
+    netns: &str,
+    job: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
     let path = PathBuf::from("/var/run/netns").join(netns);
     std::thread::spawn(move || {
         let file = std::fs::File::open(&path).expect("open the namespace");
@@ -918,6 +926,4 @@ pub fn in_netns<T: Send + 'static>(netns: &str, job: impl FnOnce() -> T + Send +
         assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
         job()
     })
-    .join()
-    .expect("namespace thread")
 }

@@ -165,8 +165,16 @@ impl Fleet {
     }
 
     /// The reply for a node: at once when there is news for it, else when the fleet changes
-    /// with news for it, or after `wait`.
-    pub fn wait_reply(&self, id: u32, report: &NodeReport, wait: Duration) -> Option<SyncReply> {
+    /// with news for it, or after `wait`. `None` when the node is removed, or when `gone`
+    /// (asked every `check`, without the fleet lock) says the node stopped waiting.
+    pub fn wait_reply(
+        &self,
+        id: u32,
+        report: &NodeReport,
+        wait: Duration,
+        check: Duration,
+        gone: &dyn Fn() -> bool,
+    ) -> Option<SyncReply> {
         let deadline = Instant::now() + wait;
         let mut view = self.view.lock().expect("fleet lock");
         loop {
@@ -176,11 +184,18 @@ impl Fleet {
             if news || now >= deadline {
                 return Some(reply);
             }
-            view = self
+            let (guard, timeout) = self
                 .changed
-                .wait_timeout(view, deadline - now)
-                .expect("fleet lock")
-                .0;
+                .wait_timeout(view, (deadline - now).min(check))
+                .expect("fleet lock");
+            view = guard;
+            if timeout.timed_out() && Instant::now() < deadline {
+                drop(view);
+                if gone() {
+                    return None;
+                }
+                view = self.view.lock().expect("fleet lock");
+            }
         }
     }
 
@@ -233,6 +248,46 @@ mod tests {
         assert!(reply_for(&entry(vec![1], Some((1, 1))), &report(vec![1], None), 5).1);
         assert!(!reply_for(&entry(vec![1], Some((1, 1))), &report(vec![1], Some(1)), 5).1);
         assert!(reply_for(&entry(vec![1], Some((2, 1))), &report(vec![1], Some(1)), 5).1);
+    }
+
+    fn fleet_with(id: u32, entry: NodeEntry) -> (tempfile::TempDir, Fleet) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_or_init(dir.path()).unwrap();
+        let settings = ManagementSettings {
+            pool: "fd54:6f77:616c:ffff::/64".parse().unwrap(),
+            listen_port: 51819,
+            api_port: 8001,
+            keepalive_s: 25,
+            report_interval_s: 5,
+            controller_endpoints: Vec::new(),
+        };
+        let fleet = Fleet::new(store, settings);
+        fleet.view.lock().unwrap().nodes.insert(id, entry);
+        (dir, fleet)
+    }
+
+    #[test]
+    fn a_long_poll_ends_when_its_node_hangs_up() {
+        let (_dir, fleet) = fleet_with(1, entry(vec![1], None));
+        let asked = std::sync::atomic::AtomicU32::new(0);
+        let gone = || asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= 2;
+        let reply = fleet.wait_reply(
+            1,
+            &report(vec![1], None),
+            Duration::from_secs(30),
+            Duration::from_millis(10),
+            &gone,
+        );
+        assert!(reply.is_none(), "waited out the poll of a node that left");
+        // A node still there gets its reply when the wait is over.
+        let reply = fleet.wait_reply(
+            1,
+            &report(vec![1], None),
+            Duration::from_millis(50),
+            Duration::from_millis(10),
+            &|| false,
+        );
+        assert_eq!(reply.unwrap().versions, [1]);
     }
 
     #[test]

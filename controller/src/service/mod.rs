@@ -4,7 +4,8 @@
 //! bound to that address and to the management interface, so a connection from anywhere
 //! else is refused by the kernel. Because WireGuard only accepts packets from a node's
 //! address when they come with that node's key, the source address of a connection
-//! identifies the node.
+//! identifies the node. One node cannot take the API from the others: [`limits`] caps the
+//! connections per node and in all, and bounds each request and response by a deadline.
 //!
 //! The service reads the configuration directory (it never writes it, except `status/` and
 //! the management key on first start) and notices `tlm commit` / `tlm activate` within
@@ -12,14 +13,14 @@
 //! `effective/activation.toml`.
 
 pub mod fleet;
+pub mod limits;
 pub mod records;
 
 use std::collections::BTreeMap;
 use std::io::BufReader;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd as _;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use towalink_bundle::messages::{NodeReport, BUNDLE_PATH, MAX_WAIT_MS, SYNC_PATH};
@@ -30,12 +31,11 @@ use towalink_node::dataplane::wireguard::{boringtun_device, Uapi};
 use crate::store::Store;
 use crate::{management, Error};
 use fleet::Fleet;
+use limits::{Backoff, Burst, Deadline, Refusal, Slots};
 use records::{NodeRecord, PeerRecord, ServiceRecord};
 
 /// Largest request body (a node report).
 pub const MAX_REQUEST_BYTES: u64 = 256 * 1024;
-/// Connections served at once; more are closed at once.
-const MAX_CONNECTIONS: usize = 1024;
 
 fn failed(what: impl std::fmt::Display) -> Error {
     Error::Service(what.to_string())
@@ -189,15 +189,37 @@ pub fn serve(store: &Store, interface: &str) -> Result<(), Error> {
         "tlm serve: management endpoint UDP {} on {interface} (public key {public}), API {api}",
         settings.listen_port
     );
-    let endpoints: Arc<std::sync::Mutex<BTreeMap<u32, String>>> = Arc::default();
-    {
-        let fleet = Arc::clone(&fleet);
-        let endpoints = Arc::clone(&endpoints);
-        std::thread::Builder::new()
-            .name("api".into())
-            .spawn(move || accept_loop(listener, fleet, endpoints))
-            .map_err(failed)?;
-    }
+    let file_limit = match limits::raise_file_limit() {
+        Ok((limit, before)) => {
+            if limit > before {
+                tracing::info!(from = before, to = limit, "raised the open-file limit");
+            }
+            limit
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot read or raise the open-file limit; assuming 1024");
+            1024
+        }
+    };
+    let connections = limits::connection_cap(file_limit);
+    tracing::info!(
+        file_limit,
+        connections,
+        per_node = limits::PER_NODE_CONNECTIONS,
+        request_deadline_s = limits::REQUEST_DEADLINE.as_secs(),
+        "API limits"
+    );
+    let endpoints: Arc<Mutex<BTreeMap<u32, String>>> = Arc::default();
+    let shared = Arc::new(Api {
+        fleet: Arc::clone(&fleet),
+        endpoints: Arc::clone(&endpoints),
+        slots: Slots::new(limits::PER_NODE_CONNECTIONS, connections),
+        bursts: Mutex::default(),
+    });
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || accept_loop(listener, &shared))
+        .map_err(failed)?;
     let started_ms = records::now_ms();
     let mut next_heartbeat = Instant::now();
     loop {
@@ -239,76 +261,160 @@ pub fn serve(store: &Store, interface: &str) -> Result<(), Error> {
     }
 }
 
-fn accept_loop(
-    listener: TcpListener,
+/// What the API's threads share.
+struct Api {
     fleet: Arc<Fleet>,
-    endpoints: Arc<std::sync::Mutex<BTreeMap<u32, String>>>,
-) {
-    let active = Arc::new(AtomicUsize::new(0));
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-            tracing::warn!("too many API connections; closing one");
-            continue;
-        }
-        active.fetch_add(1, Ordering::SeqCst);
-        let fleet = Arc::clone(&fleet);
-        let active = Arc::clone(&active);
-        let endpoints = Arc::clone(&endpoints);
+    endpoints: Arc<Mutex<BTreeMap<u32, String>>>,
+    slots: Slots,
+    /// Log pacing, per kind of event: a node can cause refusals as fast as it can connect,
+    /// and must not fill the disk with the log.
+    bursts: Mutex<BTreeMap<&'static str, Burst>>,
+}
+
+impl Api {
+    /// Whether to log an event of this kind now (once per burst), and how many went unlogged
+    /// before it.
+    fn pace(&self, kind: &'static str) -> Option<u64> {
+        self.bursts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(kind)
+            .or_default()
+            .note(Instant::now())
+    }
+}
+
+/// Takes connections, one thread each, while their source and the service are under their
+/// caps; refuses the others at once (503) without reading or waiting on them. When `accept`
+/// fails for want of descriptors or memory, sleeps (20 ms doubling to 500 ms) instead of
+/// spinning, and logs the start and the end of the burst only.
+fn accept_loop(listener: TcpListener, api: &Arc<Api>) {
+    let mut backoff = Backoff::default();
+    // At the file limit, every connection that ends lets one more in: bursts come one after
+    // the other, and are logged once per 10 s.
+    let (mut failing, mut recovering) = (Burst::default(), Burst::default());
+    loop {
+        let (stream, peer) = match listener.accept() {
+            Ok(accepted) => {
+                if let Some(failures) = backoff.succeeded() {
+                    if let Some(unlogged) = recovering.note(Instant::now()) {
+                        tracing::info!(failures, unlogged, "accepting API connections again");
+                    }
+                }
+                accepted
+            }
+            Err(error) if limits::is_transient(&error) => continue,
+            Err(error) => {
+                let (delay, first) = backoff.failed();
+                if first {
+                    if let Some(unlogged) = failing.note(Instant::now()) {
+                        tracing::warn!(%error, unlogged, "cannot accept API connections; backing off until resources free up");
+                    }
+                }
+                std::thread::sleep(delay);
+                continue;
+            }
+        };
+        let slot = match api.slots.take(peer.ip()) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                let (held, total) = api.slots.held(peer.ip());
+                let message = match refusal {
+                    Refusal::Source => format!(
+                        "too many connections from this address: at most {} at once",
+                        limits::PER_NODE_CONNECTIONS
+                    ),
+                    Refusal::Total => {
+                        format!("the controller serves its maximum of {total} connections")
+                    }
+                };
+                if let Some(unlogged) = api.pace("refused") {
+                    tracing::warn!(%peer, held, total, unlogged, "API connection refused: {message}");
+                }
+                let mut response = Vec::new();
+                let _ = wire::write_response(
+                    &mut response,
+                    503,
+                    "text/plain",
+                    format!("{message}\n").as_bytes(),
+                );
+                limits::refuse_at_once(&stream, &response);
+                continue;
+            }
+        };
+        let api_thread = Arc::clone(api);
         let spawned = std::thread::Builder::new()
             .name("api-conn".into())
             .stack_size(256 * 1024)
             .spawn(move || {
-                handle(stream, &fleet, &endpoints);
-                active.fetch_sub(1, Ordering::SeqCst);
+                handle(stream, peer, &api_thread);
+                drop(slot);
             });
-        if spawned.is_err() {
-            tracing::error!("cannot start a thread for an API connection");
+        if let Err(error) = spawned {
+            if let Some(unlogged) = api.pace("unthreaded") {
+                tracing::error!(%error, unlogged, "cannot start a thread for an API connection; closed it");
+            }
         }
     }
 }
 
+/// Writes a response, all of it within [`limits::RESPONSE_DEADLINE`].
 fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &[u8]) {
-    let _ = wire::write_response(stream, status, content_type, body);
+    let _ = wire::write_response(
+        &mut Deadline::new(stream, limits::RESPONSE_DEADLINE),
+        status,
+        content_type,
+        body,
+    );
 }
 
+/// Writes a refusal, all of it within [`limits::REFUSAL_DEADLINE`].
 fn refuse(stream: &mut TcpStream, status: u16, message: &str) {
-    respond(
-        stream,
+    let _ = wire::write_response(
+        &mut Deadline::new(stream, limits::REFUSAL_DEADLINE),
         status,
         "text/plain",
         format!("{message}\n").as_bytes(),
     );
 }
 
-/// Serves one request on a connection.
-fn handle(
-    mut stream: TcpStream,
-    fleet: &Fleet,
-    endpoints: &std::sync::Mutex<BTreeMap<u32, String>>,
-) {
-    let Ok(peer) = stream.peer_addr() else {
-        return;
-    };
+/// Serves one request on a connection: the whole request must arrive within
+/// [`limits::REQUEST_DEADLINE`] of the accept (408 otherwise).
+fn handle(mut stream: TcpStream, peer: SocketAddr, api: &Api) {
+    let (fleet, endpoints) = (&*api.fleet, &*api.endpoints);
     let node_id = fleet
         .settings
         .node_id_of(peer.ip())
         .filter(|id| fleet.node(*id).is_some());
     let Some(node_id) = node_id else {
-        tracing::warn!(%peer, "API request from an address that is no node's management address: refused");
+        if let Some(unlogged) = api.pace("not-a-node") {
+            tracing::warn!(%peer, unlogged, "API request from an address that is no node's management address: refused");
+        }
         refuse(&mut stream, 403, "not a node's management address");
         return;
     };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(30)));
     let request = {
-        let mut reader = BufReader::new(&stream);
+        let mut reader = BufReader::new(Deadline::new(&stream, limits::REQUEST_DEADLINE));
         wire::read_request(&mut reader, MAX_REQUEST_BYTES)
     };
     let request = match request {
         Ok(r) => r,
+        Err(WireError::Io(error)) if limits::is_timeout(&error) => {
+            let within = limits::REQUEST_DEADLINE.as_secs();
+            if let Some(unlogged) = api.pace("expired") {
+                tracing::warn!(%peer, node_id, unlogged, "request not complete within {within} s: closed");
+            }
+            refuse(
+                &mut stream,
+                408,
+                &format!("request not complete within {within} s"),
+            );
+            return;
+        }
         Err(WireError::BodyTooLarge { length, limit }) => {
-            tracing::warn!(%peer, node_id, length, limit, "oversize request refused");
+            if let Some(unlogged) = api.pace("oversize") {
+                tracing::warn!(%peer, unlogged, node_id, length, limit, "oversize request refused");
+            }
             refuse(
                 &mut stream,
                 413,
@@ -318,7 +424,9 @@ fn handle(
         }
         Err(WireError::Closed) => return,
         Err(error) => {
-            tracing::warn!(%peer, node_id, %error, "malformed request refused");
+            if let Some(unlogged) = api.pace("malformed") {
+                tracing::warn!(%peer, unlogged, node_id, %error, "malformed request refused");
+            }
             refuse(&mut stream, 400, &error.to_string());
             return;
         }
@@ -328,13 +436,17 @@ fn handle(
             let report: NodeReport = match serde_json::from_slice(&request.body) {
                 Ok(r) => r,
                 Err(error) => {
-                    tracing::warn!(%peer, node_id, %error, "malformed report refused");
+                    if let Some(unlogged) = api.pace("malformed-report") {
+                        tracing::warn!(%peer, unlogged, node_id, %error, "malformed report refused");
+                    }
                     refuse(&mut stream, 400, &format!("report is not valid: {error}"));
                     return;
                 }
             };
             if report.node_id != node_id {
-                tracing::warn!(%peer, node_id, claimed = report.node_id, "report for another node refused");
+                if let Some(unlogged) = api.pace("foreign-report") {
+                    tracing::warn!(%peer, unlogged, node_id, claimed = report.node_id, "report for another node refused");
+                }
                 refuse(
                     &mut stream,
                     403,
@@ -360,20 +472,33 @@ fn handle(
             if let Err(error) =
                 records::write_soft(&records::node_path(fleet.store(), &entry.name), &bytes)
             {
-                tracing::error!(%error, node = %entry.name, "cannot write the node's status");
+                if let Some(unlogged) = api.pace("status-write") {
+                    tracing::error!(%error, unlogged, node = %entry.name, "cannot write the node's status");
+                }
             }
             let wait = request
                 .query_value("wait_ms")
                 .and_then(|w| w.parse::<u64>().ok())
                 .unwrap_or(0)
                 .min(MAX_WAIT_MS);
-            match fleet.wait_reply(node_id, &record.report, Duration::from_millis(wait)) {
+            let gone = || limits::peer_gone(&stream);
+            let waited = fleet.wait_reply(
+                node_id,
+                &record.report,
+                Duration::from_millis(wait),
+                limits::HANGUP_CHECK,
+                &gone,
+            );
+            match waited {
                 Some(reply) => respond(
                     &mut stream,
                     200,
                     "application/json",
                     &serde_json::to_vec(&reply).expect("reply serializes"),
                 ),
+                None if gone() => {
+                    tracing::debug!(%peer, node_id, "node stopped waiting for its reply")
+                }
                 None => refuse(&mut stream, 403, "node removed"),
             }
         }
@@ -385,7 +510,9 @@ fn handle(
                 Some(file) => match std::fs::read(&file) {
                     Ok(bytes) => respond(&mut stream, 200, "application/zstd", &bytes),
                     Err(error) => {
-                        tracing::error!(file = %file.display(), %error, "cannot read bundle");
+                        if let Some(unlogged) = api.pace("bundle-read") {
+                            tracing::error!(file = %file.display(), %error, unlogged, "cannot read bundle");
+                        }
                         refuse(&mut stream, 500, "cannot read the bundle");
                     }
                 },
@@ -393,7 +520,9 @@ fn handle(
             }
         }
         (method, path) => {
-            tracing::warn!(%peer, node_id, method, path, "unknown API request refused");
+            if let Some(unlogged) = api.pace("unknown") {
+                tracing::warn!(%peer, unlogged, node_id, method, path, "unknown API request refused");
+            }
             refuse(&mut stream, 404, "unknown request");
         }
     }
