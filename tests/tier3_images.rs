@@ -286,6 +286,15 @@ fn x86_64_image_boots_under_bios_and_uefi_reaches_the_controller_and_keeps_its_s
         "the rewritten apkovl lost its files"
     );
     let key = private_key.trim().as_bytes();
+    for (name, entry) in ovl.entries() {
+        assert!(!name.starts_with("./"), "apkovl entry {name}");
+        if let towalink_images::apkovl::Kind::File(bytes) = &entry.kind {
+            assert!(
+                !bytes.windows(key.len()).any(|w| w == key),
+                "{name} in the apkovl holds the private key"
+            );
+        }
+    }
     for (name, bytes) in &files {
         assert!(
             !bytes.windows(key.len()).any(|w| w == key),
