@@ -541,7 +541,10 @@ fn choose(devices: &[Device], code: &PairingCode, device: Option<&str>) -> Resul
     let matching: Vec<&Device> = devices
         .iter()
         .filter(|d| d.code.matches(code))
-        .filter(|d| device.map_or(true, |prefix| d.id.starts_with(prefix)))
+        .filter(|d| match device {
+            None => true,
+            Some(prefix) => d.id.starts_with(prefix),
+        })
         .collect();
     match matching.as_slice() {
         [one] => Ok((*one).clone()),
