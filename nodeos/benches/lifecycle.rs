@@ -25,6 +25,7 @@ fn bundle(key: &SigningKey, version: u32, files: BTreeMap<String, Vec<u8>>) -> V
             mode: "0644".into(),
             sha256: sha256_hex(content),
             service: path.ends_with(".conf").then(|| "bird".to_string()),
+            size: Some(content.len() as u64),
         })
         .collect();
     let manifest = Manifest {
