@@ -11,6 +11,8 @@
 //! current -> slots/a              the active slot (symlink, switched by rename)
 //! confirm-by                      unix time by which a pending version must be confirmed
 //! last-rollback.toml              the last rollback: when, from, to, why
+//! last-order.toml                 the last controller order carried out (signed = true since
+//!                                 orders are signed; older records are no seq floor)
 //! .lock                           one writer at a time (CLI and daemon)
 //! ```
 //!
@@ -45,6 +47,18 @@ pub struct RollbackRecord {
     pub from_version: Option<u32>,
     pub to_version: Option<u32>,
     pub reason: String,
+}
+
+/// `last-order.toml`: the last controller order carried out or refused.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct OrderRecord {
+    seq: u64,
+    version: u32,
+    result: String,
+    time: u64,
+    /// Taken from a signed reply (records written before orders were signed lack it).
+    #[serde(default)]
+    signed: bool,
 }
 
 /// Test hook: `TOWALINK_NODE_CRASH_AT=<point>` aborts the process at that step, as a power
@@ -159,6 +173,17 @@ pub struct StateLock {
     _file: std::fs::File,
 }
 
+/// Whether an install may take a version older than the newest installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Older {
+    /// No: mirroring, `incoming/`, a plain `towalink-node install`.
+    Refuse,
+    /// Only this version, which a signed controller order names.
+    Named(u32),
+    /// The operator said so (`towalink-node install --allow-older`).
+    Operator,
+}
+
 /// Outcome of an install.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Installed {
@@ -227,7 +252,12 @@ impl StateDir {
     }
 
     /// Verifies a bundle and stores its version. Nothing changes when it is refused.
-    pub fn install(&self, bytes: &[u8]) -> Result<Installed, Error> {
+    ///
+    /// Anti-rollback: a version lower than the highest one installed (which pruning never
+    /// removes, so it is the highest ever installed) is refused unless `named` is that version:
+    /// a signed controller order names it, or the operator installs it by hand with
+    /// `--allow-older`. A replayed old bundle alone is never installed again.
+    pub fn install(&self, bytes: &[u8], older: Older) -> Result<Installed, Error> {
         let identity = self.identity()?;
         let key = self.controller_key(&identity)?;
         let bundle = towalink_bundle::verify(bytes, &key, identity.node_id)?;
@@ -240,6 +270,16 @@ impl StateDir {
                 return Ok(Installed::AlreadyPresent(version));
             }
             return Err(Error::VersionConflict(version));
+        }
+        if let Some(&highest) = self.versions()?.last() {
+            let allowed = match older {
+                Older::Refuse => false,
+                Older::Named(named) => named == version,
+                Older::Operator => true,
+            };
+            if version < highest && !allowed {
+                return Err(Error::Older { version, highest });
+            }
         }
         let versions = self.path("versions");
         std::fs::create_dir_all(&versions).map_err(io("cannot create", &versions))?;
@@ -469,22 +509,69 @@ impl StateDir {
     }
 
     pub fn record_rollback(&self, record: &RollbackRecord) -> Result<(), Error> {
-        let text = toml::to_string(record).expect("rollback record serializes");
-        write_atomic(&self.path("last-rollback.toml"), text.as_bytes(), 0o644)
+        let path = self.path("last-rollback.toml");
+        let text = toml::to_string(record).map_err(|e| Error::Corrupt {
+            path: path.clone(),
+            message: format!("cannot serialize the rollback record: {e}"),
+        })?;
+        write_atomic(&path, text.as_bytes(), 0o644)
     }
 
-    /// The last controller order this node carried out or refused.
-    pub fn last_order(&self) -> Option<towalink_bundle::messages::OrderOutcome> {
+    /// `last-order.toml` as written; none when missing or unreadable (a corrupt record is no
+    /// reason to stop taking orders).
+    fn last_order_record(&self) -> Option<OrderRecord> {
         let text = std::fs::read_to_string(self.path("last-order.toml")).ok()?;
         toml::from_str(&text).ok()
     }
 
+    /// The last controller order this node carried out or refused, as it reports it. A record
+    /// from before signed orders with a seq no controller issues (above
+    /// [`towalink_bundle::orders::MAX_ORDER_SEQ`]: an attacker's) is not reported.
+    pub fn last_order(&self) -> Option<towalink_bundle::messages::OrderOutcome> {
+        let record = self.last_order_record()?;
+        (record.signed || record.seq <= towalink_bundle::orders::MAX_ORDER_SEQ).then(|| {
+            towalink_bundle::messages::OrderOutcome {
+                seq: record.seq,
+                version: record.version,
+                result: record.result,
+                time: record.time,
+            }
+        })
+    }
+
+    /// What new orders are judged against: see [`towalink_bundle::orders::LastOrder`].
+    pub fn last_order_floor(&self) -> towalink_bundle::orders::LastOrder {
+        use towalink_bundle::orders::LastOrder;
+        match self.last_order_record() {
+            None => LastOrder::None,
+            Some(r) if r.signed && r.seq <= towalink_bundle::orders::MAX_ORDER_SEQ => {
+                LastOrder::Signed { seq: r.seq }
+            }
+            Some(r) => LastOrder::Legacy {
+                seq: r.seq,
+                version: r.version,
+            },
+        }
+    }
+
+    /// Records an order from a signed reply.
     pub fn record_order(
         &self,
         outcome: &towalink_bundle::messages::OrderOutcome,
     ) -> Result<(), Error> {
-        let text = toml::to_string(outcome).expect("order outcome serializes");
-        write_atomic(&self.path("last-order.toml"), text.as_bytes(), 0o644)
+        let path = self.path("last-order.toml");
+        let record = OrderRecord {
+            seq: outcome.seq,
+            version: outcome.version,
+            result: outcome.result.clone(),
+            time: outcome.time,
+            signed: true,
+        };
+        let text = toml::to_string(&record).map_err(|e| Error::Corrupt {
+            path: path.clone(),
+            message: format!("cannot serialize the order record: {e}"),
+        })?;
+        write_atomic(&path, text.as_bytes(), 0o644)
     }
 
     /// Bundles waiting in `incoming/`, oldest name first.
