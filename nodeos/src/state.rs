@@ -594,3 +594,159 @@ impl StateDir {
 mod ed25519_dalek_key {
     pub use towalink_bundle::VerifyingKey;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use towalink_bundle::messages::{Order, OrderOutcome};
+    use towalink_bundle::orders::{judge_order, LastOrder, OrderVerdict};
+    use towalink_bundle::{FileEntry, SigningKey};
+
+    fn key() -> SigningKey {
+        SigningKey::from_bytes(&[9; 32])
+    }
+
+    fn state() -> (tempfile::TempDir, StateDir) {
+        let temp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(temp.path());
+        let identity = Identity {
+            node_id: 3,
+            site: "s".into(),
+            node: "r".into(),
+            controller_key: towalink_bundle::verifying_key_to_base64(&key().verifying_key()),
+            wg_public_key: "p".into(),
+            management: None,
+        };
+        std::fs::create_dir_all(temp.path().join("identity")).unwrap();
+        std::fs::write(
+            temp.path().join("identity/node.toml"),
+            toml::to_string(&identity).unwrap(),
+        )
+        .unwrap();
+        (temp, state)
+    }
+
+    fn bundle(version: u32) -> Vec<u8> {
+        let content = format!("version {version}\n").into_bytes();
+        let manifest = Manifest {
+            format: towalink_bundle::FORMAT,
+            node_id: 3,
+            site: "s".into(),
+            node: "r".into(),
+            version,
+            parent: None,
+            created: "2026-12-01T00:00:00Z".into(),
+            services: BTreeMap::new(),
+            files: vec![FileEntry {
+                path: "f".into(),
+                target: None,
+                mode: "0644".into(),
+                sha256: towalink_bundle::sha256_hex(&content),
+                service: None,
+                size: None,
+            }],
+        };
+        towalink_bundle::build(&manifest, &BTreeMap::from([("f".into(), content)]), &key())
+            .unwrap()
+    }
+
+    #[test]
+    fn a_replayed_old_bundle_is_installed_only_when_an_order_names_it() {
+        let (_temp, state) = state();
+        for v in 4..=13 {
+            assert_eq!(state.install(&bundle(v), Older::Refuse).unwrap(), Installed::New(v));
+        }
+        // v1, long pruned on a real node (here never installed), replayed: refused.
+        assert!(matches!(
+            state.install(&bundle(1), Older::Refuse),
+            Err(Error::Older {
+                version: 1,
+                highest: 13
+            })
+        ));
+        assert!(matches!(
+            state.install(&bundle(1), Older::Named(2)),
+            Err(Error::Older { .. })
+        ));
+        assert_eq!(state.versions().unwrap(), (4..=13).collect::<Vec<_>>());
+        // An installed version sent again stays a no-op.
+        assert_eq!(
+            state.install(&bundle(5), Older::Refuse).unwrap(),
+            Installed::AlreadyPresent(5)
+        );
+        // A signed order naming v1, or the operator, installs it.
+        assert_eq!(state.install(&bundle(1), Older::Named(1)).unwrap(), Installed::New(1));
+        assert_eq!(state.install(&bundle(2), Older::Operator).unwrap(), Installed::New(2));
+        // Newer versions need no one's word.
+        assert_eq!(state.install(&bundle(14), Older::Refuse).unwrap(), Installed::New(14));
+    }
+
+    fn order(seq: u64, version: u32) -> Order {
+        Order {
+            seq,
+            version,
+            confirm_s: None,
+        }
+    }
+
+    #[test]
+    fn a_huge_seq_left_by_an_unsigned_order_does_not_wedge_the_node() {
+        let (temp, state) = state();
+        // What the attack left (written by a node before signed orders).
+        std::fs::write(
+            temp.path().join("last-order.toml"),
+            "seq = 9223372036854775807\nversion = 1\nresult = \"activated\"\ntime = 1\n",
+        )
+        .unwrap();
+        assert_eq!(state.last_order(), None, "not reported to the controller");
+        let floor = state.last_order_floor();
+        assert_eq!(
+            judge_order(&order(3, 2), floor),
+            Ok(OrderVerdict::New),
+            "the controller's next genuine order runs"
+        );
+        state
+            .record_order(&OrderOutcome {
+                seq: 3,
+                version: 2,
+                result: "activated".into(),
+                time: 2,
+            })
+            .unwrap();
+        assert_eq!(state.last_order_floor(), LastOrder::Signed { seq: 3 });
+        assert_eq!(judge_order(&order(3, 2), state.last_order_floor()), Ok(OrderVerdict::Done));
+        assert_eq!(state.last_order().map(|o| o.seq), Some(3));
+
+        // A genuine record from before signed orders stops that same order from running again.
+        std::fs::write(
+            temp.path().join("last-order.toml"),
+            "seq = 7\nversion = 4\nresult = \"activated\"\ntime = 1\n",
+        )
+        .unwrap();
+        assert_eq!(state.last_order().map(|o| o.seq), Some(7));
+        assert_eq!(judge_order(&order(7, 4), state.last_order_floor()), Ok(OrderVerdict::Done));
+        // A corrupt record is no record.
+        std::fs::write(temp.path().join("last-order.toml"), "seq = \"x").unwrap();
+        assert_eq!(state.last_order_floor(), LastOrder::None);
+    }
+
+    #[test]
+    fn records_that_cannot_be_written_are_errors_not_panics() {
+        let (_temp, state) = state();
+        // TOML integers are i64: the second huge seq of the attack panicked here before.
+        let refused = state.record_order(&OrderOutcome {
+            seq: u64::MAX,
+            version: 1,
+            result: "activated".into(),
+            time: 0,
+        });
+        assert!(matches!(refused, Err(Error::Corrupt { .. })), "{refused:?}");
+        let refused = state.record_rollback(&RollbackRecord {
+            time: u64::MAX,
+            from_version: None,
+            to_version: None,
+            reason: String::new(),
+        });
+        assert!(matches!(refused, Err(Error::Corrupt { .. })), "{refused:?}");
+    }
+}
