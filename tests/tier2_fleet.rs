@@ -546,7 +546,10 @@ impl FakeController {
                     let reply = match attacks[index] {
                         Attack::Unsigned => unsigned,
                         Attack::ForeignKey => SyncReply {
-                            signed: Some(sign_reply(&body(&report.nonce, downgrade, 300), &foreign)),
+                            signed: Some(sign_reply(
+                                &body(&report.nonce, downgrade, 300),
+                                &foreign,
+                            )),
                             ..unsigned
                         },
                         Attack::HugeSeq => SyncReply {
@@ -628,7 +631,10 @@ fn hostile_replies_on_the_management_address_are_refused() {
     for version in 2..=3 {
         commit(200 + version);
         let out = net.ctl.ok(&["activate", "all"]);
-        assert!(out.contains(&format!("r.s1: v{version} activated")), "{out}");
+        assert!(
+            out.contains(&format!("r.s1: v{version} activated")),
+            "{out}"
+        );
     }
     for version in 4..=13 {
         commit(200 + version);
@@ -638,11 +644,16 @@ fn hostile_replies_on_the_management_address_are_refused() {
         || {
             let status = net.fleet_status();
             let installed = node_entry(&status, "r.s1")["installed_versions"].clone();
-            installed.as_array().is_some_and(|v| {
-                v.contains(&13.into()) && !v.contains(&1.into())
-            })
+            installed
+                .as_array()
+                .is_some_and(|v| v.contains(&13.into()) && !v.contains(&1.into()))
         },
-        || format!("r.s1 did not mirror v13 and prune v1:\n{}", net.ctl.ok(&["status", "node", "r.s1"])),
+        || {
+            format!(
+                "r.s1 did not mirror v13 and prune v1:\n{}",
+                net.ctl.ok(&["status", "node", "r.s1"])
+            )
+        },
     );
 
     let key_text = std::fs::read_to_string(net.ctl.dir.join("certs/signing.key")).unwrap();
@@ -650,7 +661,15 @@ fn hostile_replies_on_the_management_address_are_refused() {
     let s1 = net.site(1).netns.clone();
     net.site(1).sh(
         "ip",
-        &["-6", "addr", "add", &format!("{CONTROLLER_MGMT}/128"), "dev", "lo", "nodad"],
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{CONTROLLER_MGMT}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ],
     );
     let attacks = vec![
         Attack::Unsigned,
@@ -683,24 +702,39 @@ fn hostile_replies_on_the_management_address_are_refused() {
         "reply answers another report (nonce mismatch)",
     ] {
         assert!(
-            log.contains(reason) && log.contains("sync reply refused; keeping the last good settings"),
+            log.contains(reason)
+                && log.contains("sync reply refused; keeping the last good settings"),
             "the node log lacks `{reason}`:\n{}",
             tail(&log, 40)
         );
     }
     assert!(!log.contains("panicked"), "{}", tail(&log, 40));
-    assert!(fake.bundles().is_empty(), "the node asked for {:?}", fake.bundles());
+    assert!(
+        fake.bundles().is_empty(),
+        "the node asked for {:?}",
+        fake.bundles()
+    );
     let status = net.site(1).status();
     assert_eq!(status["active_version"], 3, "{status:#}");
     assert_eq!(status["state"], "good", "{status:#}");
     assert!(
-        !status["installed_versions"].as_array().unwrap().contains(&1.into()),
+        !status["installed_versions"]
+            .as_array()
+            .unwrap()
+            .contains(&1.into()),
         "{status:#}"
     );
     drop(fake);
     net.site(1).sh(
         "ip",
-        &["-6", "addr", "del", &format!("{CONTROLLER_MGMT}/128"), "dev", "lo"],
+        &[
+            "-6",
+            "addr",
+            "del",
+            &format!("{CONTROLLER_MGMT}/128"),
+            "dev",
+            "lo",
+        ],
     );
 
     // Back with the real controller: reports resume at the controller's interval (a forged
@@ -710,7 +744,12 @@ fn hostile_replies_on_the_management_address_are_refused() {
         .unwrap();
     wait_for(
         Duration::from_secs(30),
-        || node_entry(&net.fleet_status(), "r.s1")["last_seen_ms"].as_u64().unwrap() > seen,
+        || {
+            node_entry(&net.fleet_status(), "r.s1")["last_seen_ms"]
+                .as_u64()
+                .unwrap()
+                > seen
+        },
         || format!("r.s1 stopped reporting:\n{}", tail(&net.site(1).log(), 30)),
     );
     // A genuine order for the pruned v1: downloaded (the order names it) and activated.

@@ -747,5 +747,8 @@ fn decompression_bombs_are_refused_with_bounded_memory() {
         );
         eprintln!("{name}: refused with a peak RSS of {} KiB", rss_kib);
     }
-    assert_eq!(f.node.status()["installed_versions"], before["installed_versions"]);
+    assert_eq!(
+        f.node.status()["installed_versions"],
+        before["installed_versions"]
+    );
 }

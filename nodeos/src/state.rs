@@ -646,15 +646,17 @@ mod tests {
                 size: None,
             }],
         };
-        towalink_bundle::build(&manifest, &BTreeMap::from([("f".into(), content)]), &key())
-            .unwrap()
+        towalink_bundle::build(&manifest, &BTreeMap::from([("f".into(), content)]), &key()).unwrap()
     }
 
     #[test]
     fn a_replayed_old_bundle_is_installed_only_when_an_order_names_it() {
         let (_temp, state) = state();
         for v in 4..=13 {
-            assert_eq!(state.install(&bundle(v), Older::Refuse).unwrap(), Installed::New(v));
+            assert_eq!(
+                state.install(&bundle(v), Older::Refuse).unwrap(),
+                Installed::New(v)
+            );
         }
         // v1, long pruned on a real node (here never installed), replayed: refused.
         assert!(matches!(
@@ -675,10 +677,19 @@ mod tests {
             Installed::AlreadyPresent(5)
         );
         // A signed order naming v1, or the operator, installs it.
-        assert_eq!(state.install(&bundle(1), Older::Named(1)).unwrap(), Installed::New(1));
-        assert_eq!(state.install(&bundle(2), Older::Operator).unwrap(), Installed::New(2));
+        assert_eq!(
+            state.install(&bundle(1), Older::Named(1)).unwrap(),
+            Installed::New(1)
+        );
+        assert_eq!(
+            state.install(&bundle(2), Older::Operator).unwrap(),
+            Installed::New(2)
+        );
         // Newer versions need no one's word.
-        assert_eq!(state.install(&bundle(14), Older::Refuse).unwrap(), Installed::New(14));
+        assert_eq!(
+            state.install(&bundle(14), Older::Refuse).unwrap(),
+            Installed::New(14)
+        );
     }
 
     fn order(seq: u64, version: u32) -> Order {
@@ -714,7 +725,10 @@ mod tests {
             })
             .unwrap();
         assert_eq!(state.last_order_floor(), LastOrder::Signed { seq: 3 });
-        assert_eq!(judge_order(&order(3, 2), state.last_order_floor()), Ok(OrderVerdict::Done));
+        assert_eq!(
+            judge_order(&order(3, 2), state.last_order_floor()),
+            Ok(OrderVerdict::Done)
+        );
         assert_eq!(state.last_order().map(|o| o.seq), Some(3));
 
         // A genuine record from before signed orders stops that same order from running again.
@@ -724,7 +738,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(state.last_order().map(|o| o.seq), Some(7));
-        assert_eq!(judge_order(&order(7, 4), state.last_order_floor()), Ok(OrderVerdict::Done));
+        assert_eq!(
+            judge_order(&order(7, 4), state.last_order_floor()),
+            Ok(OrderVerdict::Done)
+        );
         // A corrupt record is no record.
         std::fs::write(temp.path().join("last-order.toml"), "seq = \"x").unwrap();
         assert_eq!(state.last_order_floor(), LastOrder::None);

@@ -159,8 +159,7 @@ impl Fleet {
         }
         let key = versions::load_signing_key(&self.store)?;
         let mut view = self.view.lock().expect("fleet lock");
-        if view.key.as_ref().map(SigningKey::to_bytes) != key.as_ref().map(SigningKey::to_bytes)
-        {
+        if view.key.as_ref().map(SigningKey::to_bytes) != key.as_ref().map(SigningKey::to_bytes) {
             view.key = key;
         }
         if view.nodes != nodes {
@@ -263,12 +262,21 @@ mod tests {
     #[test]
     fn news_is_a_missing_version_or_a_new_order() {
         let news = |e: NodeEntry, r: NodeReport| reply_for(1, &e, &r, 5, None).1;
-        let (reply, _) = reply_for(1, &entry(vec![1, 2], None), &report(vec![1, 2], None), 5, None);
+        let (reply, _) = reply_for(
+            1,
+            &entry(vec![1, 2], None),
+            &report(vec![1, 2], None),
+            5,
+            None,
+        );
         assert_eq!(reply.versions, [1, 2]);
         assert!(!news(entry(vec![1, 2], None), report(vec![1, 2], None)));
         assert!(news(entry(vec![1, 2, 3], None), report(vec![1, 2], None)));
         assert!(news(entry(vec![1], Some((1, 1))), report(vec![1], None)));
-        assert!(!news(entry(vec![1], Some((1, 1))), report(vec![1], Some(1))));
+        assert!(!news(
+            entry(vec![1], Some((1, 1))),
+            report(vec![1], Some(1))
+        ));
         assert!(news(entry(vec![1], Some((2, 1))), report(vec![1], Some(1))));
     }
 
@@ -294,7 +302,13 @@ mod tests {
     fn only_the_newest_versions_are_offered() {
         let all: Vec<u32> = (1..=25).collect();
         let installed: Vec<u32> = (16..=25).collect();
-        let (reply, news) = reply_for(1, &entry(all, None), &report(installed.clone(), None), 5, None);
+        let (reply, news) = reply_for(
+            1,
+            &entry(all, None),
+            &report(installed.clone(), None),
+            5,
+            None,
+        );
         assert_eq!(reply.versions, installed);
         assert!(!news, "old versions the node pruned are not news");
     }

@@ -66,14 +66,20 @@ pub enum BundleError {
     Archive(String),
     #[error("bundle is larger than {MAX_UNCOMPRESSED_BYTES} bytes uncompressed")]
     TooLarge,
-    #[error("bundle holds more than {limit} bytes before {stage}: refused without reading further")]
+    #[error(
+        "bundle holds more than {limit} bytes before {stage}: refused without reading further"
+    )]
     OverBudget { limit: u64, stage: &'static str },
     #[error("bundle layout: {0}")]
     Layout(String),
     #[error("`{name}` is {size} bytes; at most {limit}")]
     EntryTooLarge { name: String, size: u64, limit: u64 },
     #[error("file `{path}`: {found} bytes, the manifest declares {declared}")]
-    SizeMismatch { path: String, declared: u64, found: u64 },
+    SizeMismatch {
+        path: String,
+        declared: u64,
+        found: u64,
+    },
     #[error("bundle has no `{0}`")]
     Missing(&'static str),
     #[error("bundle entry `{0}` is not allowed (only regular files under files/, manifest.toml and manifest.sig)")]
@@ -417,7 +423,8 @@ pub fn verify_tar<R: Read>(
         entry
             .read_to_end(&mut content)
             .map_err(over("the signature is checked"))?;
-        String::from_utf8(content).map_err(|_| BundleError::Manifest(format!("{name} is not UTF-8")))
+        String::from_utf8(content)
+            .map_err(|_| BundleError::Manifest(format!("{name} is not UTF-8")))
     };
     let manifest_text = head(MANIFEST_NAME, MAX_MANIFEST_BYTES)?;
     let signature_text = head(SIGNATURE_NAME, MAX_SIGNATURE_BYTES)?;
@@ -436,8 +443,11 @@ pub fn verify_tar<R: Read>(
         .map_or(MAX_UNCOMPRESSED_BYTES, |d| d.saturating_add(1024))
         .min(MAX_UNCOMPRESSED_BYTES);
     meter.limit.set(meter.read().saturating_add(budget));
-    let listed: BTreeMap<&str, &FileEntry> =
-        manifest.files.iter().map(|f| (f.path.as_str(), f)).collect();
+    let listed: BTreeMap<&str, &FileEntry> = manifest
+        .files
+        .iter()
+        .map(|f| (f.path.as_str(), f))
+        .collect();
     let mut files = BTreeMap::new();
     for entry in entries {
         let mut entry = entry.map_err(over("the end of the files its manifest declares"))?;
@@ -869,7 +879,10 @@ mod tests {
         // A payload file before any manifest: refused after one tar header.
         let meter = Meter::default();
         let refused = verify_reader(bomb.as_slice(), &key(1).verifying_key(), 7, &meter);
-        assert!(matches!(refused, Err(BundleError::Layout(_))), "{refused:?}");
+        assert!(
+            matches!(refused, Err(BundleError::Layout(_))),
+            "{refused:?}"
+        );
         assert!(meter.read() <= 128 * 1024, "read {} bytes", meter.read());
 
         // A manifest claiming 2 GiB: refused from its header.
@@ -886,7 +899,10 @@ mod tests {
         let bomb = zstd_bomb(&[0; 512], GIB2, 17);
         let meter = Meter::default();
         let refused = verify_reader(bomb.as_slice(), &key(1).verifying_key(), 7, &meter);
-        assert!(matches!(refused, Err(BundleError::Missing(_))), "{refused:?}");
+        assert!(
+            matches!(refused, Err(BundleError::Missing(_))),
+            "{refused:?}"
+        );
         assert!(meter.read() <= 128 * 1024, "read {} bytes", meter.read());
     }
 
@@ -930,7 +946,9 @@ mod tests {
         let mut x = 1u64;
         let big: Vec<u8> = (0..12 << 20)
             .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (x >> 56) as u8 % 16
             })
             .collect();
@@ -945,7 +963,10 @@ mod tests {
         let bomb = zstd_bomb(&tar_header(MANIFEST_NAME, 10), GIB2, 31);
         let meter = Meter::default();
         let refused = verify_reader(bomb.as_slice(), &key(1).verifying_key(), 7, &meter);
-        assert!(matches!(refused, Err(BundleError::Archive(_))), "{refused:?}");
+        assert!(
+            matches!(refused, Err(BundleError::Archive(_))),
+            "{refused:?}"
+        );
         assert_eq!(meter.read(), 0);
     }
 
@@ -973,7 +994,11 @@ mod tests {
         let stream = signed_stream(
             &manifest,
             &[
-                ("files/bird.conf", &files["bird.conf"], files["bird.conf"].len() as u64),
+                (
+                    "files/bird.conf",
+                    &files["bird.conf"],
+                    files["bird.conf"].len() as u64,
+                ),
                 ("files/node.toml", content, 1 << 30),
             ],
         );
@@ -985,7 +1010,12 @@ mod tests {
         );
         // An entry the signed manifest does not list: refused before its content is read.
         let stream = signed_stream(&manifest, &[("files/extra", b"", GIB2)]);
-        let refused = verify_tar(stream.as_slice(), &key(1).verifying_key(), 7, &Meter::default());
+        let refused = verify_tar(
+            stream.as_slice(),
+            &key(1).verifying_key(),
+            7,
+            &Meter::default(),
+        );
         assert!(
             matches!(refused, Err(BundleError::UnlistedFile(_))),
             "{refused:?}"
@@ -1025,7 +1055,10 @@ mod tests {
         let bomb = zstd_bomb(&stream, GIB2, 17);
         let meter = Meter::default();
         let refused = verify_reader(bomb.as_slice(), &key(1).verifying_key(), 7, &meter);
-        assert!(matches!(refused, Err(BundleError::BadSignature)), "{refused:?}");
+        assert!(
+            matches!(refused, Err(BundleError::BadSignature)),
+            "{refused:?}"
+        );
         assert!(meter.read() <= signed_part + 512, "{}", meter.read());
         let _ = files;
     }

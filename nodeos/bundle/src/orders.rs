@@ -85,7 +85,9 @@ pub enum ReplyError {
     VersionZero,
     #[error("order seq {0} is outside 1..={MAX_ORDER_SEQ}")]
     SeqOutOfRange(u64),
-    #[error("order seq {seq} jumps more than {MAX_ORDER_STEP} past the last accepted order {last}")]
+    #[error(
+        "order seq {seq} jumps more than {MAX_ORDER_STEP} past the last accepted order {last}"
+    )]
     SeqJump { seq: u64, last: u64 },
     #[error("order confirm timer {0} s is outside 1..={MAX_CONFIRM_S} s")]
     Confirm(u64),
@@ -336,11 +338,23 @@ mod tests {
     fn orders_are_new_once_and_within_a_step() {
         use OrderVerdict::*;
         assert_eq!(judge_order(&order(1, 2), LastOrder::None), Ok(New));
-        assert_eq!(judge_order(&order(4, 2), LastOrder::Signed { seq: 3 }), Ok(New));
-        assert_eq!(judge_order(&order(3, 2), LastOrder::Signed { seq: 3 }), Ok(Done));
-        assert_eq!(judge_order(&order(2, 9), LastOrder::Signed { seq: 3 }), Ok(Done));
         assert_eq!(
-            judge_order(&order(3 + MAX_ORDER_STEP + 1, 2), LastOrder::Signed { seq: 3 }),
+            judge_order(&order(4, 2), LastOrder::Signed { seq: 3 }),
+            Ok(New)
+        );
+        assert_eq!(
+            judge_order(&order(3, 2), LastOrder::Signed { seq: 3 }),
+            Ok(Done)
+        );
+        assert_eq!(
+            judge_order(&order(2, 9), LastOrder::Signed { seq: 3 }),
+            Ok(Done)
+        );
+        assert_eq!(
+            judge_order(
+                &order(3 + MAX_ORDER_STEP + 1, 2),
+                LastOrder::Signed { seq: 3 }
+            ),
             Err(ReplyError::SeqJump {
                 seq: 3 + MAX_ORDER_STEP + 1,
                 last: 3
