@@ -681,6 +681,8 @@ fn tar_header(name: &str, size: u64) -> Vec<u8> {
 
 /// Runs `towalink-node install FILE`; returns its result and its peak RSS in KiB.
 fn install_measured(node: &NodeEnv, file: &std::path::Path) -> (Run, i64) {
+    // Reaped by wait4 below, which also gives its resource usage.
+    #[allow(clippy::zombie_processes)]
     let child = node
         .command(&["install", file.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())

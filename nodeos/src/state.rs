@@ -529,13 +529,12 @@ impl StateDir {
     /// [`towalink_bundle::orders::MAX_ORDER_SEQ`]: an attacker's) is not reported.
     pub fn last_order(&self) -> Option<towalink_bundle::messages::OrderOutcome> {
         let record = self.last_order_record()?;
-        (record.signed || record.seq <= towalink_bundle::orders::MAX_ORDER_SEQ).then(|| {
-            towalink_bundle::messages::OrderOutcome {
-                seq: record.seq,
-                version: record.version,
-                result: record.result,
-                time: record.time,
-            }
+        let reported = record.signed || record.seq <= towalink_bundle::orders::MAX_ORDER_SEQ;
+        reported.then_some(towalink_bundle::messages::OrderOutcome {
+            seq: record.seq,
+            version: record.version,
+            result: record.result,
+            time: record.time,
         })
     }
 
