@@ -452,6 +452,8 @@ enum Attack {
     Replay,
     /// Signed, offering the pruned v1 (its genuine bundle served on request), no order.
     OldVersion,
+    /// Signed (the key is stolen), offering v99, served as an unsigned 2 GiB zstd bomb.
+    Bomb,
 }
 
 /// A fake management API in the site's namespace, on the controller's management address
@@ -510,7 +512,10 @@ impl FakeController {
                     if let Some(v) = request.path.strip_prefix("/v1/bundle/") {
                         served.lock().unwrap().1.push(request.path.clone());
                         let file = bundles.join(format!("v{v}/s1-r-v{v}.tar.zst"));
-                        let body = std::fs::read(file).unwrap_or_default();
+                        let body = std::fs::read(file).unwrap_or_else(|_| {
+                            let header = towalink_tests::tar_header("files/big", 2 << 30);
+                            towalink_tests::zstd_bomb(&header, (2 << 30) + 512)
+                        });
                         let _ = towalink_bundle::wire::write_response(
                             &mut writer,
                             200,
@@ -571,6 +576,14 @@ impl FakeController {
                             signed: Some(sign_reply(&body(&report.nonce, None, 2), &key)),
                             ..unsigned
                         },
+                        Attack::Bomb => {
+                            let mut offer = body(&report.nonce, None, 2);
+                            offer.versions = vec![99];
+                            SyncReply {
+                                signed: Some(sign_reply(&offer, &key)),
+                                ..unsigned
+                            }
+                        }
                     };
                     let _ = towalink_bundle::wire::write_response(
                         &mut writer,
@@ -678,6 +691,7 @@ fn hostile_replies_on_the_management_address_are_refused() {
         Attack::BadInterval,
         Attack::Replay,
         Attack::OldVersion,
+        Attack::Bomb,
         Attack::Unsigned,
     ];
     let count = attacks.len();
@@ -709,11 +723,14 @@ fn hostile_replies_on_the_management_address_are_refused() {
         );
     }
     assert!(!log.contains("panicked"), "{}", tail(&log, 40));
+    // The bomb: downloaded (the stolen key offered it), refused from its first tar header.
     assert!(
-        fake.bundles().is_empty(),
-        "the node asked for {:?}",
-        fake.bundles()
+        log.contains("cannot take version")
+            && log.contains("`manifest.toml` must come before any other entry"),
+        "{}",
+        tail(&log, 40)
     );
+    assert_eq!(fake.bundles(), ["/v1/bundle/99"], "v1 must not be fetched");
     let status = net.site(1).status();
     assert_eq!(status["active_version"], 3, "{status:#}");
     assert_eq!(status["state"], "good", "{status:#}");

@@ -95,6 +95,16 @@ impl Node {
         self.state.install(bytes, older)
     }
 
+    /// Stores a bundle verified already (a download verified as it streamed in).
+    pub fn install_verified(
+        &self,
+        bundle: &towalink_bundle::VerifiedBundle,
+        older: Older,
+    ) -> Result<Installed, Error> {
+        let _lock = self.state.lock()?;
+        self.state.install_verified(bundle, older)
+    }
+
     fn resolve_version(&self, spec: VersionSpec) -> Result<u32, Error> {
         let versions = self.state.versions()?;
         match spec {

@@ -437,23 +437,51 @@ fn act_on(node: &Node, api: SocketAddr, reply: &ReplyBody, report: &NodeReport) 
     changed
 }
 
+/// Downloads a version and installs it. The bundle is verified as it streams in: an unsigned
+/// or forged one is refused after its first bytes (about 1 MiB decompressed), and the
+/// connection dropped, whatever its announced length (at most [`MAX_BUNDLE_BYTES`]).
 fn fetch_and_install(
     node: &Node,
     api: SocketAddr,
     version: u32,
     older: Older,
 ) -> Result<Installed, String> {
-    let response = call(
-        api,
+    let download = |e: &dyn std::fmt::Display| format!("download: {e}");
+    let mut stream =
+        TcpStream::connect_timeout(&api, Duration::from_secs(3)).map_err(|e| download(&e))?;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .and_then(|()| stream.set_write_timeout(Some(Duration::from_secs(5))))
+        .map_err(|e| download(&e))?;
+    wire::write_request(
+        &mut stream,
         "GET",
+        &api.to_string(),
         &format!("{BUNDLE_PATH}{version}"),
+        "application/json",
         b"",
-        MAX_BUNDLE_BYTES,
-        Duration::from_secs(60),
-        &|| false,
     )
-    .map_err(|e| format!("download: {e}"))?;
-    node.install(&response.body, older)
+    .map_err(|e| download(&e))?;
+    let mut reader = BufReader::new(Interruptible {
+        stream,
+        deadline: Instant::now() + Duration::from_secs(60),
+        abort: &|| false,
+    });
+    let head = wire::read_response_head(&mut reader, MAX_BUNDLE_BYTES).map_err(|e| download(&e))?;
+    if head.status != 200 {
+        let mut body = Vec::new();
+        let _ = reader.take(head.length.min(4096)).read_to_end(&mut body);
+        return Err(download(&CallError::Status {
+            status: head.status,
+            body: String::from_utf8_lossy(&body).trim().to_string(),
+        }));
+    }
+    let meter = towalink_bundle::Meter::default();
+    let bundle = node
+        .state
+        .verify_reader((&mut reader).take(head.length), &meter)
+        .map_err(|e| e.to_string())?;
+    node.install_verified(&bundle, older)
         .map_err(|e| e.to_string())
 }
 

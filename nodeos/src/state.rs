@@ -258,9 +258,38 @@ impl StateDir {
     /// a signed controller order names it, or the operator installs it by hand with
     /// `--allow-older`. A replayed old bundle alone is never installed again.
     pub fn install(&self, bytes: &[u8], older: Older) -> Result<Installed, Error> {
+        let bundle = self.verify(bytes)?;
+        self.install_verified(&bundle, older)
+    }
+
+    /// Verifies a bundle against this node's identity (controller key, node id).
+    pub fn verify(&self, bytes: &[u8]) -> Result<VerifiedBundle, Error> {
+        self.verify_reader(bytes, &towalink_bundle::Meter::default())
+    }
+
+    /// [`StateDir::verify`] reading the bundle from a stream (a download), so an unsigned one
+    /// is refused after its first bytes.
+    pub fn verify_reader(
+        &self,
+        reader: impl std::io::Read,
+        meter: &towalink_bundle::Meter,
+    ) -> Result<VerifiedBundle, Error> {
         let identity = self.identity()?;
         let key = self.controller_key(&identity)?;
-        let bundle = towalink_bundle::verify(bytes, &key, identity.node_id)?;
+        Ok(towalink_bundle::verify_reader(
+            reader,
+            &key,
+            identity.node_id,
+            meter,
+        )?)
+    }
+
+    /// Stores a verified version, under the anti-rollback rule of [`StateDir::install`].
+    pub fn install_verified(
+        &self,
+        bundle: &VerifiedBundle,
+        older: Older,
+    ) -> Result<Installed, Error> {
         let version = bundle.manifest().version;
         let dir = self.version_dir(version);
         if dir.exists() {
@@ -284,7 +313,7 @@ impl StateDir {
         let versions = self.path("versions");
         std::fs::create_dir_all(&versions).map_err(io("cannot create", &versions))?;
         let temp = versions.join(format!(".v{version}.tmp"));
-        write_version_tree(&temp, &bundle)?;
+        write_version_tree(&temp, bundle)?;
         crash_point("install-written");
         std::fs::rename(&temp, &dir).map_err(io("cannot rename", &temp))?;
         sync_dir(&versions)?;
