@@ -37,8 +37,6 @@ pub const REPORT_INTERVAL_S: RangeInclusive<u64> = 1..=300;
 pub const MAX_CONFIRM_S: u64 = 7 * 24 * 3600;
 /// Most versions a reply may offer.
 pub const MAX_OFFERED_VERSIONS: usize = 64;
-/// Length of a report's nonce (hex of 16 random bytes).
-pub const NONCE_LEN: usize = 32;
 
 /// What a sync reply tells the node, signed as a whole.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
