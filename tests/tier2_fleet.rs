@@ -723,6 +723,9 @@ fn hostile_replies_on_the_management_address_are_refused() {
         );
     }
     assert!(!log.contains("panicked"), "{}", tail(&log, 40));
+    for line in log.lines().filter(|l| l.contains("refused") || l.contains("cannot take")) {
+        eprintln!("{line}");
+    }
     // The bomb: downloaded (the stolen key offered it), refused from its first tar header.
     assert!(
         log.contains("cannot take version")

@@ -406,7 +406,10 @@ pub fn verify_tar<R: Read>(
             .next()
             .ok_or(BundleError::Missing(expected))?
             .map_err(over("the signature is checked"))?;
-        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        // Shown in logs and errors: escaped, so a crafted name stays one line.
+        let name = String::from_utf8_lossy(&entry.path_bytes())
+            .escape_debug()
+            .to_string();
         if name != expected {
             return Err(BundleError::Layout(format!(
                 "`{expected}` must come before any other entry, found `{name}` (manifest.toml, manifest.sig, then files/)"
