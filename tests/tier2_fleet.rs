@@ -454,6 +454,8 @@ enum Attack {
     OldVersion,
     /// Signed (the key is stolen), offering v99, served as an unsigned 2 GiB zstd bomb.
     Bomb,
+    /// Not JSON at all, with terminal control sequences.
+    Garbage,
 }
 
 /// A fake management API in the site's namespace, on the controller's management address
@@ -549,7 +551,7 @@ impl FakeController {
                         signed: None,
                     };
                     let reply = match attacks[index] {
-                        Attack::Unsigned => unsigned,
+                        Attack::Unsigned | Attack::Garbage => unsigned,
                         Attack::ForeignKey => SyncReply {
                             signed: Some(sign_reply(
                                 &body(&report.nonce, downgrade, 300),
@@ -585,11 +587,15 @@ impl FakeController {
                             }
                         }
                     };
+                    let bytes = match attacks[index] {
+                        Attack::Garbage => b"\x1b[2J\x1b[31m{\"versions\": [1],\n".to_vec(),
+                        _ => serde_json::to_vec(&reply).unwrap(),
+                    };
                     let _ = towalink_bundle::wire::write_response(
                         &mut writer,
                         200,
                         "application/json",
-                        &serde_json::to_vec(&reply).unwrap(),
+                        &bytes,
                     );
                 }
             })
@@ -692,6 +698,7 @@ fn hostile_replies_on_the_management_address_are_refused() {
         Attack::Replay,
         Attack::OldVersion,
         Attack::Bomb,
+        Attack::Garbage,
         Attack::Unsigned,
     ];
     let count = attacks.len();
@@ -714,6 +721,7 @@ fn hostile_replies_on_the_management_address_are_refused() {
         "order seq 9223372036854775807 is outside 1..=9007199254740991",
         "report interval 0 s is outside 1..=300 s",
         "reply answers another report (nonce mismatch)",
+        "reply is not valid: expected value at line 1 column 1",
     ] {
         assert!(
             log.contains(reason)
@@ -723,7 +731,11 @@ fn hostile_replies_on_the_management_address_are_refused() {
         );
     }
     assert!(!log.contains("panicked"), "{}", tail(&log, 40));
-    for line in log.lines().filter(|l| l.contains("refused") || l.contains("cannot take")) {
+    assert!(!log.contains('\x1b'), "a control sequence reached the log");
+    for line in log
+        .lines()
+        .filter(|l| l.contains("refused") || l.contains("cannot take"))
+    {
         eprintln!("{line}");
     }
     // The bomb: downloaded (the stolen key offered it), refused from its first tar header.
