@@ -540,3 +540,28 @@ fn confirm_if_healthy(node: &Node, report: &NodeReport) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_text_is_logged_on_one_line_escaped_and_short() {
+        let hostile = format!("\x1b[2J\r\nfake log line\n{}", "x".repeat(1000));
+        let line = escaped(&hostile);
+        assert!(!line.contains(['\x1b', '\n', '\r']), "{line}");
+        assert!(
+            line.starts_with("\\u{1b}[2J\\r\\nfake log line\\n"),
+            "{line}"
+        );
+        assert_eq!(line.chars().count(), MAX_LOGGED_CHARS + 1);
+        assert_eq!(escaped("seq 5"), "seq 5");
+    }
+
+    #[test]
+    fn nonces_differ() {
+        let a = nonce();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, nonce());
+    }
+}

@@ -159,9 +159,7 @@ impl Fleet {
         }
         let key = versions::load_signing_key(&self.store)?;
         let mut view = self.view.lock().expect("fleet lock");
-        if view.key.as_ref().map(SigningKey::to_bytes) != key.as_ref().map(SigningKey::to_bytes) {
-            view.key = key;
-        }
+        view.key = key;
         if view.nodes != nodes {
             view.nodes = nodes;
             view.generation += 1;
