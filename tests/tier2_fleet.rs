@@ -942,3 +942,367 @@ fn at_the_file_limit_the_service_backs_off_and_recovers() {
         },
     );
 }
+
+/// What the attacker on the management address answers, one sync after another.
+enum Attack {
+    /// The original attack: an unsigned order with a huge seq, a downgrade, a 300 s interval.
+    Unsigned,
+    /// The same signed by a key that is not the controller's.
+    ForeignKey,
+    /// Signed by the controller's key (stolen), with a seq past the bound.
+    HugeSeq,
+    /// Signed, with a report interval out of range.
+    BadInterval,
+    /// A genuine signed reply recorded earlier (another report's nonce): a replay.
+    Replay,
+    /// Signed, offering the pruned v1 (its genuine bundle served on request), no order.
+    OldVersion,
+    /// Signed (the key is stolen), offering v99, served as an unsigned 2 GiB zstd bomb.
+    Bomb,
+    /// Not JSON at all, with terminal control sequences.
+    Garbage,
+}
+
+/// A fake management API in the site's namespace, on the controller's management address
+/// (added to the site's `lo`: local addresses win over the tunnel's route, as a hijacked
+/// address would). Serves `attacks` in turn; returns (syncs answered, bundles requested).
+struct FakeController {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    served: std::sync::Arc<Mutex<(usize, Vec<String>)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeController {
+    fn start(
+        netns: &str,
+        attacks: Vec<Attack>,
+        key: towalink_bundle::SigningKey,
+        bundles: std::path::PathBuf,
+    ) -> FakeController {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use towalink_bundle::messages::{NodeReport, Order, SyncReply};
+        use towalink_bundle::orders::{sign_reply, ReplyBody};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let served = std::sync::Arc::new(Mutex::new((0usize, Vec::new())));
+        let path = std::path::PathBuf::from("/var/run/netns").join(netns);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let stop = stop.clone();
+            let served = served.clone();
+            std::thread::spawn(move || {
+                let file = std::fs::File::open(&path).unwrap();
+                // SAFETY: setns on a namespace file we hold open; this thread only.
+                let rc = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
+                };
+                assert_eq!(rc, 0);
+                let listener =
+                    std::net::TcpListener::bind(format!("[{CONTROLLER_MGMT}]:8001")).unwrap();
+                listener.set_nonblocking(true).unwrap();
+                ready_tx.send(()).unwrap();
+                let foreign = towalink_bundle::SigningKey::from_bytes(&[0x66; 32]);
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok((stream, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    };
+                    stream.set_nonblocking(false).unwrap();
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(5)))
+                        .unwrap();
+                    let mut writer = stream.try_clone().unwrap();
+                    let mut reader = std::io::BufReader::new(stream);
+                    let Ok(request) = towalink_bundle::wire::read_request(&mut reader, 1 << 20)
+                    else {
+                        continue;
+                    };
+                    if let Some(v) = request.path.strip_prefix("/v1/bundle/") {
+                        served.lock().unwrap().1.push(request.path.clone());
+                        let file = bundles.join(format!("v{v}/s1-r-v{v}.tar.zst"));
+                        let body = std::fs::read(file).unwrap_or_else(|_| {
+                            let header = towalink_tests::tar_header("files/big", 2 << 30);
+                            towalink_tests::zstd_bomb(&header, (2 << 30) + 512)
+                        });
+                        let _ = towalink_bundle::wire::write_response(
+                            &mut writer,
+                            200,
+                            "application/zstd",
+                            &body,
+                        );
+                        continue;
+                    }
+                    let report: NodeReport = serde_json::from_slice(&request.body).unwrap();
+                    let index = {
+                        let mut s = served.lock().unwrap();
+                        s.0 += 1;
+                        (s.0 - 1).min(attacks.len() - 1)
+                    };
+                    let downgrade = Some(Order {
+                        seq: i64::MAX as u64,
+                        version: 1,
+                        confirm_s: None,
+                    });
+                    let body = |nonce: &str, order, interval| ReplyBody {
+                        node_id: report.node_id,
+                        nonce: nonce.to_string(),
+                        versions: vec![1],
+                        order,
+                        report_interval_s: interval,
+                    };
+                    let unsigned = SyncReply {
+                        versions: vec![1],
+                        order: downgrade,
+                        report_interval_s: 300,
+                        signed: None,
+                    };
+                    let reply = match attacks[index] {
+                        Attack::Unsigned | Attack::Garbage => unsigned,
+                        Attack::ForeignKey => SyncReply {
+                            signed: Some(sign_reply(
+                                &body(&report.nonce, downgrade, 300),
+                                &foreign,
+                            )),
+                            ..unsigned
+                        },
+                        Attack::HugeSeq => SyncReply {
+                            signed: Some(sign_reply(&body(&report.nonce, downgrade, 2), &key)),
+                            ..unsigned
+                        },
+                        Attack::BadInterval => SyncReply {
+                            signed: Some(sign_reply(&body(&report.nonce, None, 0), &key)),
+                            ..unsigned
+                        },
+                        Attack::Replay => SyncReply {
+                            signed: Some(sign_reply(
+                                &body("00000000000000000000000000000000", None, 300),
+                                &key,
+                            )),
+                            ..unsigned
+                        },
+                        Attack::OldVersion => SyncReply {
+                            signed: Some(sign_reply(&body(&report.nonce, None, 2), &key)),
+                            ..unsigned
+                        },
+                        Attack::Bomb => {
+                            let mut offer = body(&report.nonce, None, 2);
+                            offer.versions = vec![99];
+                            SyncReply {
+                                signed: Some(sign_reply(&offer, &key)),
+                                ..unsigned
+                            }
+                        }
+                    };
+                    let bytes = match attacks[index] {
+                        Attack::Garbage => b"\x1b[2J\x1b[31m{\"versions\": [1],\n".to_vec(),
+                        _ => serde_json::to_vec(&reply).unwrap(),
+                    };
+                    let _ = towalink_bundle::wire::write_response(
+                        &mut writer,
+                        200,
+                        "application/json",
+                        &bytes,
+                    );
+                }
+            })
+        };
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the fake controller did not start");
+        FakeController {
+            stop,
+            served,
+            thread: Some(thread),
+        }
+    }
+
+    fn syncs(&self) -> usize {
+        self.served.lock().unwrap().0
+    }
+
+    fn bundles(&self) -> Vec<String> {
+        self.served.lock().unwrap().1.clone()
+    }
+}
+
+impl Drop for FakeController {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Whoever holds the controller's management address gets no obedience: a forged or unsigned
+/// order, a huge seq, a bad report interval, a replayed reply and a replayed old version are
+/// refused by a real node (logged, settings kept), which keeps reporting and later takes
+/// genuine `tlm activate`s, including one naming a version it had pruned; a `last-order.toml`
+/// left by the original attack does not wedge it.
+#[test]
+fn hostile_replies_on_the_management_address_are_refused() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut options = Options::new(1, Topology::None);
+    options.controller = true;
+    options.global = vec![("mgmt_report_interval_s".into(), "2".into())];
+    let mut net = Network::build(options);
+    net.wait_reported(&[1], 1, "good", Duration::from_secs(30));
+    // v2 then v3 activated (so v1 leaves the slots), then v4..v13: the node prunes v1.
+    let commit = |value: u32| {
+        net.ctl
+            .ok(&["set", "global", "bird_bfd_interval_ms", &value.to_string()]);
+        net.ctl.ok(&["commit", "all"]);
+    };
+    for version in 2..=3 {
+        commit(200 + version);
+        let out = net.ctl.ok(&["activate", "all"]);
+        assert!(
+            out.contains(&format!("r.s1: v{version} activated")),
+            "{out}"
+        );
+    }
+    for version in 4..=13 {
+        commit(200 + version);
+    }
+    wait_for(
+        Duration::from_secs(60),
+        || {
+            let status = net.fleet_status();
+            let installed = node_entry(&status, "r.s1")["installed_versions"].clone();
+            installed
+                .as_array()
+                .is_some_and(|v| v.contains(&13.into()) && !v.contains(&1.into()))
+        },
+        || {
+            format!(
+                "r.s1 did not mirror v13 and prune v1:\n{}",
+                net.ctl.ok(&["status", "node", "r.s1"])
+            )
+        },
+    );
+
+    let key_text = std::fs::read_to_string(net.ctl.dir.join("certs/signing.key")).unwrap();
+    let key = towalink_bundle::signing_key_from_base64(&key_text).unwrap();
+    let s1 = net.site(1).netns.clone();
+    net.site(1).sh(
+        "ip",
+        &[
+            "-6",
+            "addr",
+            "add",
+            &format!("{CONTROLLER_MGMT}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ],
+    );
+    let attacks = vec![
+        Attack::Unsigned,
+        Attack::ForeignKey,
+        Attack::HugeSeq,
+        Attack::BadInterval,
+        Attack::Replay,
+        Attack::OldVersion,
+        Attack::Bomb,
+        Attack::Garbage,
+        Attack::Unsigned,
+    ];
+    let count = attacks.len();
+    let fake = FakeController::start(&s1, attacks, key, net.ctl.dir.join("effective/s1/r"));
+    wait_for(
+        Duration::from_secs(120),
+        || fake.syncs() >= count,
+        || {
+            format!(
+                "the node synced only {} times with the fake controller:\n{}",
+                fake.syncs(),
+                tail(&net.site(1).log(), 30)
+            )
+        },
+    );
+    let log = net.site(1).log();
+    for reason in [
+        "reply is not signed",
+        "reply signature does not verify against the controller key this node trusts",
+        "order seq 9223372036854775807 is outside 1..=9007199254740991",
+        "report interval 0 s is outside 1..=300 s",
+        "reply answers another report (nonce mismatch)",
+        "reply is not valid: expected value at line 1 column 1",
+    ] {
+        assert!(
+            log.contains(reason)
+                && log.contains("sync reply refused; keeping the last good settings"),
+            "the node log lacks `{reason}`:\n{}",
+            tail(&log, 40)
+        );
+    }
+    assert!(!log.contains("panicked"), "{}", tail(&log, 40));
+    assert!(!log.contains('\x1b'), "a control sequence reached the log");
+    for line in log
+        .lines()
+        .filter(|l| l.contains("refused") || l.contains("cannot take"))
+    {
+        eprintln!("{line}");
+    }
+    // The bomb: downloaded (the stolen key offered it), refused from its first tar header.
+    assert!(
+        log.contains("cannot take version")
+            && log.contains("`manifest.toml` must come before any other entry"),
+        "{}",
+        tail(&log, 40)
+    );
+    assert_eq!(fake.bundles(), ["/v1/bundle/99"], "v1 must not be fetched");
+    let status = net.site(1).status();
+    assert_eq!(status["active_version"], 3, "{status:#}");
+    assert_eq!(status["state"], "good", "{status:#}");
+    assert!(
+        !status["installed_versions"]
+            .as_array()
+            .unwrap()
+            .contains(&1.into()),
+        "{status:#}"
+    );
+    drop(fake);
+    net.site(1).sh(
+        "ip",
+        &[
+            "-6",
+            "addr",
+            "del",
+            &format!("{CONTROLLER_MGMT}/128"),
+            "dev",
+            "lo",
+        ],
+    );
+
+    // Back with the real controller: reports resume at the controller's interval (a forged
+    // 300 s would keep it silent for 5 minutes).
+    let seen = node_entry(&net.fleet_status(), "r.s1")["last_seen_ms"]
+        .as_u64()
+        .unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        || {
+            node_entry(&net.fleet_status(), "r.s1")["last_seen_ms"]
+                .as_u64()
+                .unwrap()
+                > seen
+        },
+        || format!("r.s1 stopped reporting:\n{}", tail(&net.site(1).log(), 30)),
+    );
+    // A genuine order for the pruned v1: downloaded (the order names it) and activated.
+    let out = net.ctl.ok(&["activate", "node", "r.s1", "1"]);
+    assert!(out.contains("r.s1: v1 activated"), "{out}");
+    assert_eq!(net.site(1).status()["active_version"], 1);
+
+    // The original attack's record on disk (unsigned, seq 2^63 - 1) does not wedge the node.
+    net.site_mut(1).kill_daemon();
+    std::fs::write(
+        net.site(1).state.join("last-order.toml"),
+        "seq = 9223372036854775807\nversion = 1\nresult = \"activated\"\ntime = 1\n",
+    )
+    .unwrap();
+    net.site_mut(1).start_daemon();
+    let out = net.ctl.ok(&["activate", "all"]);
+    assert!(out.contains("r.s1: v13 activated"), "{out}");
+    assert!(out.contains("1 of 1 node(s) took the version"), "{out}");
+}

@@ -6,7 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use towalink_tests::{tree_hash, version_targets, Installation, NodeEnv, Run};
+use towalink_tests::{
+    tar_header, tree_hash, version_targets, zstd_bomb, Installation, NodeEnv, Run,
+};
 
 /// A controller with one node `x.a` provisioned into a node state directory and started once:
 /// v1 is active and good.
@@ -612,4 +614,112 @@ fn controller_check_blesses_when_reachable_and_rolls_back_when_not() {
         "{reason}"
     );
     drop(listener);
+}
+
+/// Anti-rollback: a node that runs v13 refuses a replayed v1 bundle (a genuine, signed, old
+/// one); the operator at the node may still install it by name.
+#[test]
+fn a_replayed_old_bundle_is_refused() {
+    let f = Fixture::new();
+    for mtu in 1400..1412 {
+        f.ctl.ok(&["set", "global", "wg_mtu", &mtu.to_string()]);
+        f.ctl.ok(&["commit", "all"]);
+    }
+    // A node provisioned now starts on v13.
+    let node = NodeEnv::new();
+    f.ctl
+        .ok(&["provision", "node", "x.a", node.state.to_str().unwrap()]);
+    node.ok(&["run", "--once"]);
+    assert_eq!(node.status()["active_version"], 13);
+    let run = node.run(&["install", &f.bundle(1)]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr
+            .contains("bundle refused: v1 is older than v13, the newest installed"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+    assert_eq!(node.status()["installed_versions"], serde_json::json!([13]));
+    let run = node.run(&["activate", "1"]);
+    assert_ne!(run.code, 0, "v1 could be activated: {}", run.stdout);
+    // The operator's word installs it.
+    let out = node.ok(&["install", "--allow-older", &f.bundle(1)]);
+    assert!(out.contains("installed v1"), "{out}");
+}
+
+/// Runs `towalink-node install FILE`; returns its result and its peak RSS in KiB.
+fn install_measured(node: &NodeEnv, file: &std::path::Path) -> (Run, i64) {
+    // Reaped by wait4 below, which also gives its resource usage.
+    #[allow(clippy::zombie_processes)]
+    let child = node
+        .command(&["install", file.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.unwrap(), &mut stderr).unwrap();
+    let mut status = 0;
+    // SAFETY: rusage is plain data; wait4 on our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(rc, pid, "wait4: {}", std::io::Error::last_os_error());
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    (
+        Run {
+            code,
+            stdout: String::new(),
+            stderr,
+        },
+        usage.ru_maxrss,
+    )
+}
+
+/// Bombs: a 2 GiB-declared zstd frame and a 250 MiB unsigned payload are refused with bounded
+/// memory (they took 392 MB and 585 MB of RSS when the whole archive was decompressed before
+/// the signature was checked).
+#[test]
+fn decompression_bombs_are_refused_with_bounded_memory() {
+    let f = Fixture::new();
+    let dir = f.node.temp.path();
+    let cases = [
+        (
+            "bomb-2gib.tar.zst",
+            zstd_bomb(&[0; 512], 2 << 30),
+            "bundle has no `manifest.toml`",
+        ),
+        (
+            "unsigned-250mib.tar.zst",
+            zstd_bomb(&tar_header("files/big", 250 << 20), (250 << 20) + 512),
+            "`manifest.toml` must come before any other entry",
+        ),
+        (
+            "manifest-2gib.tar.zst",
+            zstd_bomb(&tar_header("manifest.toml", 2 << 30), (2 << 30) + 512),
+            "`manifest.toml` is 2147483648 bytes; at most 1048576",
+        ),
+    ];
+    let before = f.node.status();
+    for (name, bytes, expected) in cases {
+        let file = dir.join(name);
+        std::fs::write(&file, &bytes).unwrap();
+        let (run, rss_kib) = install_measured(&f.node, &file);
+        assert_eq!(run.code, 1, "{name}: {}", run.stderr);
+        assert!(run.stderr.contains(expected), "{name}: {}", run.stderr);
+        assert!(
+            rss_kib < 64 * 1024,
+            "{name}: peak RSS {rss_kib} KiB while refusing"
+        );
+        eprintln!("{name}: refused with a peak RSS of {} KiB", rss_kib);
+    }
+    assert_eq!(
+        f.node.status()["installed_versions"],
+        before["installed_versions"]
+    );
 }

@@ -135,8 +135,9 @@ pub enum Command {
         #[command(subcommand)]
         scope: ActivateScope,
         /// Each node rolls back unless the version is confirmed within SECONDS: healthy and
-        /// the controller reached through it.
-        #[arg(long, value_name = "SECONDS", global = true)]
+        /// the controller reached through it (1 to 604800, 7 days).
+        #[arg(long, value_name = "SECONDS", global = true,
+              value_parser = clap::value_parser!(u64).range(1..=towalink_bundle::orders::MAX_CONFIRM_S))]
         confirm: Option<u64>,
         /// Activate on this node or site first; go on only when all of it blesses the
         /// version (within --timeout), else stop.

@@ -78,7 +78,12 @@ pub fn judge(target: &Target, record: Option<&NodeRecord>) -> Outcome {
         return Outcome::Waiting;
     };
     let report = &record.report;
-    let Some(done) = report.order_done.as_ref().filter(|d| d.seq >= target.order) else {
+    // A later order answers for this one too; a number far beyond it is no answer (a node's
+    // record from before signed orders may hold anything).
+    let answers = |seq: u64| {
+        seq >= target.order && seq - target.order < towalink_bundle::orders::MAX_ORDER_STEP
+    };
+    let Some(done) = report.order_done.as_ref().filter(|d| answers(d.seq)) else {
         return Outcome::Waiting;
     };
     let rollback_reason = || {

@@ -204,6 +204,9 @@ impl<'a> Renderer<'a> {
                 mode: rule.map_or_else(|| "0644".to_string(), |r| r.mode.clone()),
                 sha256: sha256_hex(content),
                 service: rule.and_then(|r| r.service.clone()),
+                // Not written yet: nodes before this field refuse a manifest that has it
+                // (unknown field), and the controller is upgraded before its nodes.
+                size: None,
             };
             if let Some(service) = &entry.service {
                 let definition =

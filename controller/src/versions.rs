@@ -297,6 +297,14 @@ fn save_signing_key(store: &Store, key: &SigningKey) -> Result<(), Error> {
     Ok(())
 }
 
+/// The controller's signing key, if a commit made one.
+pub fn load_signing_key(store: &Store) -> Result<Option<SigningKey>, Error> {
+    match durable::read_optional(&store.root().join(SIGNING_KEY))? {
+        Some(_) => Ok(Some(signing_key(store)?.0)),
+        None => Ok(None),
+    }
+}
+
 /// The controller's public signing key, if one exists.
 pub fn controller_public_key(store: &Store) -> Result<Option<String>, Error> {
     Ok(durable::read_optional(&store.root().join(SIGNING_PUB))?.map(|t| t.trim().to_string()))
@@ -696,6 +704,21 @@ fn write_version_dir(
     Ok(())
 }
 
+/// The order number of a node's next activation: one above both the last one recorded and the
+/// last one the node reported carrying out (so a controller restored from an older backup, whose
+/// `activation.toml` is behind its nodes, still issues orders they take). A reported number
+/// more than a node's step ahead of the record is not believed (a node cannot push its own
+/// numbers up); none past [`towalink_bundle::orders::MAX_ORDER_SEQ`]. Pure.
+pub fn next_order(recorded: Option<u64>, reported: Option<u64>) -> Option<u64> {
+    use towalink_bundle::orders::{MAX_ORDER_SEQ, MAX_ORDER_STEP};
+    let recorded = recorded.unwrap_or(0);
+    let reported = reported
+        .filter(|r| *r < recorded.saturating_add(MAX_ORDER_STEP))
+        .unwrap_or(0);
+    let next = recorded.max(reported).checked_add(1)?;
+    (next <= MAX_ORDER_SEQ).then_some(next)
+}
+
 /// What `activate` recorded for one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recorded {
@@ -737,12 +760,25 @@ pub fn activate(
             }
         };
         let previous = activations.nodes.get(&name).copied();
+        let order = next_order(
+            previous.map(|p| p.order),
+            crate::service::records::read_node(store, &full)
+                .and_then(|r| r.report.order_done)
+                .map(|d| d.seq),
+        )
+        .ok_or_else(|| Error::Corrupt {
+            file: ACTIVATION.to_string(),
+            message: format!(
+                "node {full}: order number would pass {}",
+                towalink_bundle::orders::MAX_ORDER_SEQ
+            ),
+        })?;
         plan.push(Recorded {
             node: full,
             id: node.id,
             activation: Activation {
                 version,
-                order: previous.map_or(1, |p| p.order + 1),
+                order,
                 confirm_s,
             },
             previous: previous.map(|p| p.version),
@@ -780,6 +816,22 @@ mod tests {
             "[nodes.\"r.a\"]\nversion = 3\norder = 2\nbogus = 1\n"
         )
         .is_err());
+    }
+
+    #[test]
+    fn order_numbers_grow_stay_bounded_and_follow_a_restored_node() {
+        use towalink_bundle::orders::{MAX_ORDER_SEQ, MAX_ORDER_STEP};
+        assert_eq!(next_order(None, None), Some(1));
+        assert_eq!(next_order(Some(4), None), Some(5));
+        assert_eq!(next_order(Some(4), Some(2)), Some(5));
+        // Restored from an older backup: the node already did order 9.
+        assert_eq!(next_order(Some(4), Some(9)), Some(10));
+        assert_eq!(next_order(None, Some(9)), Some(10));
+        // An implausible report (an attacker's seq) is not believed.
+        assert_eq!(next_order(Some(4), Some(i64::MAX as u64)), Some(5));
+        assert_eq!(next_order(Some(4), Some(4 + MAX_ORDER_STEP)), Some(5));
+        assert_eq!(next_order(Some(MAX_ORDER_SEQ), None), None);
+        assert_eq!(next_order(Some(u64::MAX), None), None);
     }
 
     #[test]

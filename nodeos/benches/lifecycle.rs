@@ -13,6 +13,7 @@ use towalink_bundle::{sha256_hex, FileEntry, Manifest, Service, SigningKey};
 use towalink_node::apply::Reloader;
 use towalink_node::bird::BirdControl;
 use towalink_node::lifecycle::{Node, VersionSpec};
+use towalink_node::state::Older;
 
 const NODE_ID: u32 = 1;
 
@@ -25,6 +26,7 @@ fn bundle(key: &SigningKey, version: u32, files: BTreeMap<String, Vec<u8>>) -> V
             mode: "0644".into(),
             sha256: sha256_hex(content),
             service: path.ends_with(".conf").then(|| "bird".to_string()),
+            size: Some(content.len() as u64),
         })
         .collect();
     let manifest = Manifest {
@@ -142,13 +144,13 @@ fn main() {
         let bytes = bundle(&key, version, one_megabyte(version));
         size = bytes.len();
         let started = Instant::now();
-        installer.install(&bytes).unwrap();
+        installer.install(&bytes, Older::Refuse).unwrap();
         install_ms.push(started.elapsed().as_secs_f64() * 1000.0);
     }
 
     // Activation latency of 50-file versions, with BIRD when it can run here.
     let first = bundle(&key, 1, fifty_files(1));
-    node.install(&first).unwrap();
+    node.install(&first, Older::Refuse).unwrap();
     node.activate(VersionSpec::Number(1), None).unwrap();
     node.mark_good().unwrap();
     // SAFETY: getuid has no preconditions.
@@ -171,7 +173,7 @@ fn main() {
     let mut activation_ms = Vec::new();
     let mut bird_ms = Vec::new();
     for version in 2..=31 {
-        node.install(&bundle(&key, version, fifty_files(version)))
+        node.install(&bundle(&key, version, fifty_files(version)), Older::Refuse)
             .unwrap();
         let report = node.activate(VersionSpec::Number(version), None).unwrap();
         assert_eq!(report.apply.written.len(), 50);

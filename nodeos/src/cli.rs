@@ -87,8 +87,15 @@ pub enum Format {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Verify a bundle (signature, node id, hashes) and store its version.
-    Install { file: PathBuf },
+    /// Verify a bundle (signature, node id, hashes) and store its version. A version older
+    /// than the newest installed is refused unless --allow-older.
+    Install {
+        file: PathBuf,
+        /// Install it even when it is older than the newest installed version (anti-rollback
+        /// otherwise refuses a replayed old bundle).
+        #[arg(long)]
+        allow_older: bool,
+    },
     /// Activate a version: fill the inactive slot, switch, apply; it stays pending until blessed.
     Activate {
         /// Version number (5 or v5) or `latest` (the highest installed).
@@ -153,10 +160,15 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     );
     let mut out = std::io::stdout().lock();
     match cli.command {
-        Command::Install { file } => {
+        Command::Install { file, allow_older } => {
             let bytes = std::fs::read(&file)
                 .with_context(|| format!("cannot read bundle `{}`", file.display()))?;
-            match node.install(&bytes)? {
+            let older = if allow_older {
+                crate::state::Older::Operator
+            } else {
+                crate::state::Older::Refuse
+            };
+            match node.install(&bytes, older)? {
                 Installed::New(v) => writeln!(out, "installed v{v}")?,
                 Installed::AlreadyPresent(v) => writeln!(out, "v{v} is already installed")?,
             }

@@ -33,6 +33,8 @@ pub enum Error {
     Bundle(#[from] towalink_bundle::BundleError),
     #[error("bundle refused: v{0} is already installed with different content")]
     VersionConflict(u32),
+    #[error("bundle refused: v{version} is older than v{highest}, the newest installed; an older version is installed only when the controller's order (`tlm activate … v{version}`) or the operator (`towalink-node install --allow-older`) names it")]
+    Older { version: u32, highest: u32 },
     #[error("no version v{version} is installed (installed: {})", if installed.is_empty() { "none".to_string() } else { installed.iter().map(|v| format!("v{v}")).collect::<Vec<_>>().join(", ") })]
     UnknownVersion { version: u32, installed: Vec<u32> },
     #[error("no version is installed")]

@@ -9,7 +9,7 @@ use serde::Serialize;
 use crate::apply::{apply, ApplyReport, Reloader};
 use crate::health::{evaluate, CheckResult, LifecycleSettings};
 use crate::slots::{plan_activation, plan_startup, DiskState, Marker, Slot, StartupAction};
-use crate::state::{crash_point, now, Installed, RollbackRecord, StateDir};
+use crate::state::{crash_point, now, Installed, Older, RollbackRecord, StateDir};
 use crate::Error;
 
 /// Which version to activate.
@@ -88,10 +88,21 @@ impl Node {
         }
     }
 
-    /// Verifies and stores a bundle.
-    pub fn install(&self, bytes: &[u8]) -> Result<Installed, Error> {
+    /// Verifies and stores a bundle; a version older than the newest installed only as
+    /// `older` allows (see [`StateDir::install`]).
+    pub fn install(&self, bytes: &[u8], older: Older) -> Result<Installed, Error> {
         let _lock = self.state.lock()?;
-        self.state.install(bytes)
+        self.state.install(bytes, older)
+    }
+
+    /// Stores a bundle verified already (a download verified as it streamed in).
+    pub fn install_verified(
+        &self,
+        bundle: &towalink_bundle::VerifiedBundle,
+        older: Older,
+    ) -> Result<Installed, Error> {
+        let _lock = self.state.lock()?;
+        self.state.install_verified(bundle, older)
     }
 
     fn resolve_version(&self, spec: VersionSpec) -> Result<u32, Error> {
@@ -130,7 +141,7 @@ impl Node {
                 tries_left: settings.boot_tries,
             },
         )?;
-        let confirm_by = confirm_s.map(|s| now() + s);
+        let confirm_by = confirm_s.map(|s| now().saturating_add(s));
         self.state.set_confirm_by(confirm_by)?;
         crash_point("activate-before-switch");
         self.state.switch_current(slot)?;
@@ -232,7 +243,7 @@ impl Node {
                     path: path.clone(),
                     source,
                 })
-                .and_then(|bytes| self.state.install(&bytes));
+                .and_then(|bytes| self.state.install(&bytes, Older::Refuse));
             match result {
                 Ok(installed) => {
                     tracing::info!(file = %path.display(), ?installed, "installed incoming bundle");

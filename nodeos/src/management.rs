@@ -3,6 +3,12 @@
 //! versions the controller has (missing ones are downloaded and installed, not activated:
 //! mirroring) and the latest activation order (carried out once, by its sequence number).
 //!
+//! The node trusts nothing that arrives over the link for being there: it acts only on a
+//! reply signed by the controller's signing key for this node and this report's nonce
+//! ([`towalink_bundle::orders::open_reply`]), within every bound. Anything else is refused
+//! with one log line (escaped) and the node keeps its last good settings; no value from the
+//! network can stop this thread.
+//!
 //! The controller holds a sync open (long poll) until it has something new; the node drops a
 //! held sync and reports at once when its own state changes (a version blessed or rolled
 //! back), so the controller learns within a fraction of a second. Nothing here is needed for
@@ -19,16 +25,47 @@ use towalink_bundle::messages::{
     BgpSession, HealthReport, NodeReport, Order, OrderOutcome, RollbackReport, SyncReply,
     TunnelReport, BUNDLE_PATH, SYNC_PATH,
 };
+use towalink_bundle::orders::{self, OrderVerdict, ReplyBody};
 use towalink_bundle::wire;
 
 use crate::lifecycle::{Node, VersionSpec};
-use crate::state::{now, Installed, KEEP_VERSIONS};
+use crate::state::{now, Installed, Older, KEEP_VERSIONS};
 use crate::Error;
 
 /// Largest bundle the node downloads.
 const MAX_BUNDLE_BYTES: u64 = 64 * 1024 * 1024;
 /// Largest sync reply.
 const MAX_REPLY_BYTES: u64 = 1024 * 1024;
+/// The report interval until the controller's first good reply.
+const DEFAULT_INTERVAL_S: u64 = 5;
+/// Longest text from the network put into a log line.
+const MAX_LOGGED_CHARS: usize = 300;
+
+/// Text from the network as one log line: control characters and quotes escaped, cut short.
+pub fn escaped(text: &str) -> String {
+    let mut out: String = text.escape_debug().take(MAX_LOGGED_CHARS).collect();
+    if text.escape_debug().nth(MAX_LOGGED_CHARS).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+/// A fresh nonce for a report (hex of 16 bytes from the kernel's random source).
+fn nonce() -> String {
+    let mut bytes = [0u8; 16];
+    // SAFETY: getrandom writes at most `len` bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        // Still unique enough for freshness: time and a counter never repeat in a process.
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        bytes[..8].copy_from_slice(&t.to_le_bytes());
+        bytes[8..].copy_from_slice(&COUNTER.fetch_add(1, Ordering::SeqCst).to_le_bytes());
+    }
+    hex::encode(bytes)
+}
 
 /// What the daemon's main loop shares with the management thread.
 pub struct Shared {
@@ -64,8 +101,6 @@ enum CallError {
     Wire(#[from] wire::WireError),
     #[error("controller answered {status}: {body}")]
     Status { status: u16, body: String },
-    #[error("reply is not valid: {0}")]
-    Reply(String),
     #[error("dropped for a fresh report")]
     Superseded,
 }
@@ -226,12 +261,33 @@ pub fn build_report(node: &Node, shared: &Shared) -> Result<NodeReport, Error> {
             })
             .unwrap_or_default(),
         order_done: node.state.last_order(),
+        nonce: nonce(),
     })
+}
+
+/// Sleeps up to `duration`, waking early when `abort` says so.
+fn pause(duration: Duration, abort: &dyn Fn() -> bool) {
+    let until = Instant::now() + duration;
+    while Instant::now() < until && !abort() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Parses and opens a sync reply: JSON, then the controller's signature for this node and
+/// report, then every bound. The error is the one-line reason it was refused.
+fn open_sync_reply(node: &Node, body: &[u8], report: &NodeReport) -> Result<ReplyBody, String> {
+    let reply: SyncReply =
+        serde_json::from_slice(body).map_err(|e| format!("reply is not valid: {e}"))?;
+    let identity = node.state.identity().map_err(|e| e.to_string())?;
+    let key = towalink_bundle::verifying_key_from_base64(&identity.controller_key)
+        .map_err(|e| format!("identity: controller_key: {e}"))?;
+    orders::open_reply(reply.signed.as_ref(), &key, identity.node_id, &report.nonce)
+        .map_err(|e| e.to_string())
 }
 
 /// The management thread: sync, act on the reply, repeat. Never returns.
 pub fn run(node: Node, api: SocketAddr, shared: Arc<Shared>) {
-    let mut interval = Duration::from_secs(5);
+    let mut interval = Duration::from_secs(DEFAULT_INTERVAL_S);
     let mut reachable = true;
     let mut wait_ms = 0u64;
     loop {
@@ -244,7 +300,14 @@ pub fn run(node: Node, api: SocketAddr, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let body = serde_json::to_vec(&report).expect("report serializes");
+        let body = match serde_json::to_vec(&report) {
+            Ok(body) => body,
+            Err(error) => {
+                tracing::error!(%error, "cannot serialize the status report");
+                std::thread::sleep(interval);
+                continue;
+            }
+        };
         let abort = || shared.generation.load(Ordering::SeqCst) != seen;
         let target = format!("{SYNC_PATH}?wait_ms={wait_ms}");
         let timeout = Duration::from_millis(wait_ms) + Duration::from_secs(10);
@@ -264,34 +327,40 @@ pub fn run(node: Node, api: SocketAddr, shared: Arc<Shared>) {
                     tracing::info!(%api, "controller reachable again");
                     reachable = true;
                 }
-                let reply: SyncReply = match serde_json::from_slice(&response.body) {
+                let reply = match open_sync_reply(&node, &response.body, &report) {
                     Ok(reply) => reply,
-                    Err(e) => {
-                        tracing::error!(error = %CallError::Reply(e.to_string()), "bad sync reply");
-                        std::thread::sleep(interval);
+                    Err(reason) => {
+                        tracing::warn!(
+                            %api,
+                            reason = %escaped(&reason),
+                            interval_s = interval.as_secs(),
+                            "sync reply refused; keeping the last good settings"
+                        );
+                        wait_ms = 0;
+                        pause(interval, &abort);
                         continue;
                     }
                 };
-                interval = Duration::from_secs(reply.report_interval_s.clamp(1, 300));
+                interval = Duration::from_secs(reply.report_interval_s);
                 let acted = act_on(&node, api, &reply, &report);
+                // The controller (its signature, over this report's nonce) was reached
+                // through the active version.
                 confirm_if_healthy(&node, &report);
                 if acted {
                     shared.changed();
                     wait_ms = 0;
                 } else {
-                    wait_ms = interval.as_millis() as u64;
+                    wait_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
                     // The controller answered a long poll at once with news this node could
                     // not take (a bundle it refuses): do not ask again right away.
                     if asked_wait > 0 && asked.elapsed() < Duration::from_millis(500) {
-                        let until = Instant::now() + interval;
-                        while Instant::now() < until && !abort() {
-                            std::thread::sleep(Duration::from_millis(100));
-                        }
+                        pause(interval, &abort);
                     }
                 }
             }
             Err(CallError::Superseded) => wait_ms = 0,
             Err(error) => {
+                let error = escaped(&error.to_string());
                 if reachable {
                     tracing::warn!(%api, %error, "controller unreachable; running on the active version, retrying");
                     reachable = false;
@@ -300,10 +369,7 @@ pub fn run(node: Node, api: SocketAddr, shared: Arc<Shared>) {
                 }
                 wait_ms = 0;
                 // Come back early when the local state changes, else after the interval.
-                let until = Instant::now() + interval.min(Duration::from_secs(2));
-                while Instant::now() < until && !abort() {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+                pause(interval.min(Duration::from_secs(2)), &abort);
             }
         }
     }
@@ -311,18 +377,29 @@ pub fn run(node: Node, api: SocketAddr, shared: Arc<Shared>) {
 
 /// Downloads and installs the versions the node lacks, adopts a first version, carries out a
 /// new order. Returns whether anything changed.
-fn act_on(node: &Node, api: SocketAddr, reply: &SyncReply, report: &NodeReport) -> bool {
+fn act_on(node: &Node, api: SocketAddr, reply: &ReplyBody, report: &NodeReport) -> bool {
     let mut changed = false;
+    let order = reply.order.filter(|o| {
+        match orders::judge_order(o, node.state.last_order_floor()) {
+            Ok(OrderVerdict::New) => true,
+            Ok(OrderVerdict::Done) => false,
+            Err(error) => {
+                tracing::warn!(seq = o.seq, version = o.version, reason = %escaped(&error.to_string()), "order refused");
+                false
+            }
+        }
+    });
+    // Mirroring takes the newest versions, none older than the newest installed (an install
+    // would refuse them: anti-rollback); an order may name any version.
+    let highest = report.installed_versions.iter().max().copied().unwrap_or(0);
     let newest: Vec<u32> = reply
         .versions
         .iter()
         .rev()
         .take(KEEP_VERSIONS)
         .copied()
+        .filter(|v| *v >= highest)
         .collect();
-    let order = reply
-        .order
-        .filter(|o| report.order_done.as_ref().is_none_or(|d| o.seq > d.seq));
     let mut wanted: Vec<u32> = newest
         .into_iter()
         .chain(order.map(|o| o.version))
@@ -331,13 +408,19 @@ fn act_on(node: &Node, api: SocketAddr, reply: &SyncReply, report: &NodeReport) 
     wanted.sort_unstable();
     wanted.dedup();
     for version in wanted {
-        match fetch_and_install(node, api, version) {
+        let older = match order {
+            Some(o) if o.version == version => Older::Named(version),
+            _ => Older::Refuse,
+        };
+        match fetch_and_install(node, api, version, older) {
             Ok(Installed::New(v)) => {
                 tracing::info!(version = v, "received and installed");
                 changed = true;
             }
             Ok(Installed::AlreadyPresent(_)) => {}
-            Err(error) => tracing::error!(version, %error, "cannot take version"),
+            Err(error) => {
+                tracing::error!(version, error = %escaped(&error), "cannot take version")
+            }
         }
     }
     if report.active_version.is_none() {
@@ -354,18 +437,52 @@ fn act_on(node: &Node, api: SocketAddr, reply: &SyncReply, report: &NodeReport) 
     changed
 }
 
-fn fetch_and_install(node: &Node, api: SocketAddr, version: u32) -> Result<Installed, String> {
-    let response = call(
-        api,
+/// Downloads a version and installs it. The bundle is verified as it streams in: an unsigned
+/// or forged one is refused after its first bytes (about 1 MiB decompressed), and the
+/// connection dropped, whatever its announced length (at most [`MAX_BUNDLE_BYTES`]).
+fn fetch_and_install(
+    node: &Node,
+    api: SocketAddr,
+    version: u32,
+    older: Older,
+) -> Result<Installed, String> {
+    let download = |e: &dyn std::fmt::Display| format!("download: {e}");
+    let mut stream =
+        TcpStream::connect_timeout(&api, Duration::from_secs(3)).map_err(|e| download(&e))?;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .and_then(|()| stream.set_write_timeout(Some(Duration::from_secs(5))))
+        .map_err(|e| download(&e))?;
+    wire::write_request(
+        &mut stream,
         "GET",
+        &api.to_string(),
         &format!("{BUNDLE_PATH}{version}"),
+        "application/json",
         b"",
-        MAX_BUNDLE_BYTES,
-        Duration::from_secs(60),
-        &|| false,
     )
-    .map_err(|e| format!("download: {e}"))?;
-    node.install(&response.body).map_err(|e| e.to_string())
+    .map_err(|e| download(&e))?;
+    let mut reader = BufReader::new(Interruptible {
+        stream,
+        deadline: Instant::now() + Duration::from_secs(60),
+        abort: &|| false,
+    });
+    let head = wire::read_response_head(&mut reader, MAX_BUNDLE_BYTES).map_err(|e| download(&e))?;
+    if head.status != 200 {
+        let mut body = Vec::new();
+        let _ = reader.take(head.length.min(4096)).read_to_end(&mut body);
+        return Err(download(&CallError::Status {
+            status: head.status,
+            body: String::from_utf8_lossy(&body).trim().to_string(),
+        }));
+    }
+    let meter = towalink_bundle::Meter::default();
+    let bundle = node
+        .state
+        .verify_reader((&mut reader).take(head.length), &meter)
+        .map_err(|e| e.to_string())?;
+    node.install_verified(&bundle, older)
+        .map_err(|e| e.to_string())
 }
 
 fn carry_out(node: &Node, order: Order) {
@@ -407,7 +524,8 @@ fn carry_out(node: &Node, order: Order) {
 }
 
 /// An activation made with a confirm timer is confirmed once the controller was reached
-/// through it (this sync just succeeded) and its health checks pass.
+/// through it (this sync's reply carried the controller's signature over this report's nonce)
+/// and its health checks pass.
 fn confirm_if_healthy(node: &Node, report: &NodeReport) {
     if report.state.as_deref() == Some("pending")
         && report.confirm_by.is_some()
@@ -420,5 +538,30 @@ fn confirm_if_healthy(node: &Node, report: &NodeReport) {
             ),
             Err(error) => tracing::error!(%error, "cannot confirm"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_text_is_logged_on_one_line_escaped_and_short() {
+        let hostile = format!("\x1b[2J\r\nfake log line\n{}", "x".repeat(1000));
+        let line = escaped(&hostile);
+        assert!(!line.contains(['\x1b', '\n', '\r']), "{line}");
+        assert!(
+            line.starts_with("\\u{1b}[2J\\r\\nfake log line\\n"),
+            "{line}"
+        );
+        assert_eq!(line.chars().count(), MAX_LOGGED_CHARS + 1);
+        assert_eq!(escaped("seq 5"), "seq 5");
+    }
+
+    #[test]
+    fn nonces_differ() {
+        let a = nonce();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, nonce());
     }
 }

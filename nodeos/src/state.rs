@@ -11,6 +11,8 @@
 //! current -> slots/a              the active slot (symlink, switched by rename)
 //! confirm-by                      unix time by which a pending version must be confirmed
 //! last-rollback.toml              the last rollback: when, from, to, why
+//! last-order.toml                 the last controller order carried out (signed = true since
+//!                                 orders are signed; older records are no seq floor)
 //! .lock                           one writer at a time (CLI and daemon)
 //! ```
 //!
@@ -45,6 +47,18 @@ pub struct RollbackRecord {
     pub from_version: Option<u32>,
     pub to_version: Option<u32>,
     pub reason: String,
+}
+
+/// `last-order.toml`: the last controller order carried out or refused.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct OrderRecord {
+    seq: u64,
+    version: u32,
+    result: String,
+    time: u64,
+    /// Taken from a signed reply (records written before orders were signed lack it).
+    #[serde(default)]
+    signed: bool,
 }
 
 /// Test hook: `TOWALINK_NODE_CRASH_AT=<point>` aborts the process at that step, as a power
@@ -159,6 +173,17 @@ pub struct StateLock {
     _file: std::fs::File,
 }
 
+/// Whether an install may take a version older than the newest installed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Older {
+    /// No: mirroring, `incoming/`, a plain `towalink-node install`.
+    Refuse,
+    /// Only this version, which a signed controller order names.
+    Named(u32),
+    /// The operator said so (`towalink-node install --allow-older`).
+    Operator,
+}
+
 /// Outcome of an install.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Installed {
@@ -227,10 +252,44 @@ impl StateDir {
     }
 
     /// Verifies a bundle and stores its version. Nothing changes when it is refused.
-    pub fn install(&self, bytes: &[u8]) -> Result<Installed, Error> {
+    ///
+    /// Anti-rollback: a version lower than the highest one installed (which pruning never
+    /// removes, so it is the highest ever installed) is refused unless `named` is that version:
+    /// a signed controller order names it, or the operator installs it by hand with
+    /// `--allow-older`. A replayed old bundle alone is never installed again.
+    pub fn install(&self, bytes: &[u8], older: Older) -> Result<Installed, Error> {
+        let bundle = self.verify(bytes)?;
+        self.install_verified(&bundle, older)
+    }
+
+    /// Verifies a bundle against this node's identity (controller key, node id).
+    pub fn verify(&self, bytes: &[u8]) -> Result<VerifiedBundle, Error> {
+        self.verify_reader(bytes, &towalink_bundle::Meter::default())
+    }
+
+    /// [`StateDir::verify`] reading the bundle from a stream (a download), so an unsigned one
+    /// is refused after its first bytes.
+    pub fn verify_reader(
+        &self,
+        reader: impl std::io::Read,
+        meter: &towalink_bundle::Meter,
+    ) -> Result<VerifiedBundle, Error> {
         let identity = self.identity()?;
         let key = self.controller_key(&identity)?;
-        let bundle = towalink_bundle::verify(bytes, &key, identity.node_id)?;
+        Ok(towalink_bundle::verify_reader(
+            reader,
+            &key,
+            identity.node_id,
+            meter,
+        )?)
+    }
+
+    /// Stores a verified version, under the anti-rollback rule of [`StateDir::install`].
+    pub fn install_verified(
+        &self,
+        bundle: &VerifiedBundle,
+        older: Older,
+    ) -> Result<Installed, Error> {
         let version = bundle.manifest().version;
         let dir = self.version_dir(version);
         if dir.exists() {
@@ -241,10 +300,20 @@ impl StateDir {
             }
             return Err(Error::VersionConflict(version));
         }
+        if let Some(&highest) = self.versions()?.last() {
+            let allowed = match older {
+                Older::Refuse => false,
+                Older::Named(named) => named == version,
+                Older::Operator => true,
+            };
+            if version < highest && !allowed {
+                return Err(Error::Older { version, highest });
+            }
+        }
         let versions = self.path("versions");
         std::fs::create_dir_all(&versions).map_err(io("cannot create", &versions))?;
         let temp = versions.join(format!(".v{version}.tmp"));
-        write_version_tree(&temp, &bundle)?;
+        write_version_tree(&temp, bundle)?;
         crash_point("install-written");
         std::fs::rename(&temp, &dir).map_err(io("cannot rename", &temp))?;
         sync_dir(&versions)?;
@@ -469,22 +538,68 @@ impl StateDir {
     }
 
     pub fn record_rollback(&self, record: &RollbackRecord) -> Result<(), Error> {
-        let text = toml::to_string(record).expect("rollback record serializes");
-        write_atomic(&self.path("last-rollback.toml"), text.as_bytes(), 0o644)
+        let path = self.path("last-rollback.toml");
+        let text = toml::to_string(record).map_err(|e| Error::Corrupt {
+            path: path.clone(),
+            message: format!("cannot serialize the rollback record: {e}"),
+        })?;
+        write_atomic(&path, text.as_bytes(), 0o644)
     }
 
-    /// The last controller order this node carried out or refused.
-    pub fn last_order(&self) -> Option<towalink_bundle::messages::OrderOutcome> {
+    /// `last-order.toml` as written; none when missing or unreadable (a corrupt record is no
+    /// reason to stop taking orders).
+    fn last_order_record(&self) -> Option<OrderRecord> {
         let text = std::fs::read_to_string(self.path("last-order.toml")).ok()?;
         toml::from_str(&text).ok()
     }
 
+    /// The last controller order this node carried out or refused, as it reports it. A record
+    /// from before signed orders with a seq no controller issues (above
+    /// [`towalink_bundle::orders::MAX_ORDER_SEQ`]: an attacker's) is not reported.
+    pub fn last_order(&self) -> Option<towalink_bundle::messages::OrderOutcome> {
+        let record = self.last_order_record()?;
+        let reported = record.signed || record.seq <= towalink_bundle::orders::MAX_ORDER_SEQ;
+        reported.then_some(towalink_bundle::messages::OrderOutcome {
+            seq: record.seq,
+            version: record.version,
+            result: record.result,
+            time: record.time,
+        })
+    }
+
+    /// What new orders are judged against: see [`towalink_bundle::orders::LastOrder`].
+    pub fn last_order_floor(&self) -> towalink_bundle::orders::LastOrder {
+        use towalink_bundle::orders::LastOrder;
+        match self.last_order_record() {
+            None => LastOrder::None,
+            Some(r) if r.signed && r.seq <= towalink_bundle::orders::MAX_ORDER_SEQ => {
+                LastOrder::Signed { seq: r.seq }
+            }
+            Some(r) => LastOrder::Legacy {
+                seq: r.seq,
+                version: r.version,
+            },
+        }
+    }
+
+    /// Records an order from a signed reply.
     pub fn record_order(
         &self,
         outcome: &towalink_bundle::messages::OrderOutcome,
     ) -> Result<(), Error> {
-        let text = toml::to_string(outcome).expect("order outcome serializes");
-        write_atomic(&self.path("last-order.toml"), text.as_bytes(), 0o644)
+        let path = self.path("last-order.toml");
+        let record = OrderRecord {
+            seq: outcome.seq,
+            version: outcome.version,
+            result: outcome.result.clone(),
+            time: outcome.time,
+            signed: true,
+        };
+        let text = toml::to_string(&record).map_err(|e| Error::Corrupt {
+            path: path.clone(),
+            message: format!("cannot serialize the order record: {e}"),
+        })?;
+        write_atomic(&path, text.as_bytes(), 0o644)
     }
 
     /// Bundles waiting in `incoming/`, oldest name first.
@@ -506,4 +621,177 @@ impl StateDir {
 /// Re-exported so callers need not depend on ed25519-dalek themselves.
 mod ed25519_dalek_key {
     pub use towalink_bundle::VerifyingKey;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use towalink_bundle::messages::{Order, OrderOutcome};
+    use towalink_bundle::orders::{judge_order, LastOrder, OrderVerdict};
+    use towalink_bundle::{FileEntry, SigningKey};
+
+    fn key() -> SigningKey {
+        SigningKey::from_bytes(&[9; 32])
+    }
+
+    fn state() -> (tempfile::TempDir, StateDir) {
+        let temp = tempfile::tempdir().unwrap();
+        let state = StateDir::new(temp.path());
+        let identity = Identity {
+            node_id: 3,
+            site: "s".into(),
+            node: "r".into(),
+            controller_key: towalink_bundle::verifying_key_to_base64(&key().verifying_key()),
+            wg_public_key: "p".into(),
+            management: None,
+        };
+        std::fs::create_dir_all(temp.path().join("identity")).unwrap();
+        std::fs::write(
+            temp.path().join("identity/node.toml"),
+            toml::to_string(&identity).unwrap(),
+        )
+        .unwrap();
+        (temp, state)
+    }
+
+    fn bundle(version: u32) -> Vec<u8> {
+        let content = format!("version {version}\n").into_bytes();
+        let manifest = Manifest {
+            format: towalink_bundle::FORMAT,
+            node_id: 3,
+            site: "s".into(),
+            node: "r".into(),
+            version,
+            parent: None,
+            created: "2026-12-01T00:00:00Z".into(),
+            services: BTreeMap::new(),
+            files: vec![FileEntry {
+                path: "f".into(),
+                target: None,
+                mode: "0644".into(),
+                sha256: towalink_bundle::sha256_hex(&content),
+                service: None,
+                size: None,
+            }],
+        };
+        towalink_bundle::build(&manifest, &BTreeMap::from([("f".into(), content)]), &key()).unwrap()
+    }
+
+    #[test]
+    fn a_replayed_old_bundle_is_installed_only_when_an_order_names_it() {
+        let (_temp, state) = state();
+        for v in 4..=13 {
+            assert_eq!(
+                state.install(&bundle(v), Older::Refuse).unwrap(),
+                Installed::New(v)
+            );
+        }
+        // v1, long pruned on a real node (here never installed), replayed: refused.
+        assert!(matches!(
+            state.install(&bundle(1), Older::Refuse),
+            Err(Error::Older {
+                version: 1,
+                highest: 13
+            })
+        ));
+        assert!(matches!(
+            state.install(&bundle(1), Older::Named(2)),
+            Err(Error::Older { .. })
+        ));
+        assert_eq!(state.versions().unwrap(), (4..=13).collect::<Vec<_>>());
+        // An installed version sent again stays a no-op.
+        assert_eq!(
+            state.install(&bundle(5), Older::Refuse).unwrap(),
+            Installed::AlreadyPresent(5)
+        );
+        // A signed order naming v1, or the operator, installs it.
+        assert_eq!(
+            state.install(&bundle(1), Older::Named(1)).unwrap(),
+            Installed::New(1)
+        );
+        assert_eq!(
+            state.install(&bundle(2), Older::Operator).unwrap(),
+            Installed::New(2)
+        );
+        // Newer versions need no one's word.
+        assert_eq!(
+            state.install(&bundle(14), Older::Refuse).unwrap(),
+            Installed::New(14)
+        );
+    }
+
+    fn order(seq: u64, version: u32) -> Order {
+        Order {
+            seq,
+            version,
+            confirm_s: None,
+        }
+    }
+
+    #[test]
+    fn a_huge_seq_left_by_an_unsigned_order_does_not_wedge_the_node() {
+        let (temp, state) = state();
+        // What the attack left (written by a node before signed orders).
+        std::fs::write(
+            temp.path().join("last-order.toml"),
+            "seq = 9223372036854775807\nversion = 1\nresult = \"activated\"\ntime = 1\n",
+        )
+        .unwrap();
+        assert_eq!(state.last_order(), None, "not reported to the controller");
+        let floor = state.last_order_floor();
+        assert_eq!(
+            judge_order(&order(3, 2), floor),
+            Ok(OrderVerdict::New),
+            "the controller's next genuine order runs"
+        );
+        state
+            .record_order(&OrderOutcome {
+                seq: 3,
+                version: 2,
+                result: "activated".into(),
+                time: 2,
+            })
+            .unwrap();
+        assert_eq!(state.last_order_floor(), LastOrder::Signed { seq: 3 });
+        assert_eq!(
+            judge_order(&order(3, 2), state.last_order_floor()),
+            Ok(OrderVerdict::Done)
+        );
+        assert_eq!(state.last_order().map(|o| o.seq), Some(3));
+
+        // A genuine record from before signed orders stops that same order from running again.
+        std::fs::write(
+            temp.path().join("last-order.toml"),
+            "seq = 7\nversion = 4\nresult = \"activated\"\ntime = 1\n",
+        )
+        .unwrap();
+        assert_eq!(state.last_order().map(|o| o.seq), Some(7));
+        assert_eq!(
+            judge_order(&order(7, 4), state.last_order_floor()),
+            Ok(OrderVerdict::Done)
+        );
+        // A corrupt record is no record.
+        std::fs::write(temp.path().join("last-order.toml"), "seq = \"x").unwrap();
+        assert_eq!(state.last_order_floor(), LastOrder::None);
+    }
+
+    #[test]
+    fn records_that_cannot_be_written_are_errors_not_panics() {
+        let (_temp, state) = state();
+        // TOML integers are i64: the second huge seq of the attack panicked here before.
+        let refused = state.record_order(&OrderOutcome {
+            seq: u64::MAX,
+            version: 1,
+            result: "activated".into(),
+            time: 0,
+        });
+        assert!(matches!(refused, Err(Error::Corrupt { .. })), "{refused:?}");
+        let refused = state.record_rollback(&RollbackRecord {
+            time: u64::MAX,
+            from_version: None,
+            to_version: None,
+            reason: String::new(),
+        });
+        assert!(matches!(refused, Err(Error::Corrupt { .. })), "{refused:?}");
+    }
 }

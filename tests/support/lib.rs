@@ -401,3 +401,37 @@ pub fn bird_peers_breaking_bgp() -> String {
     );
     broken
 }
+
+/// A zstd frame declaring `total` bytes: `prefix` in raw blocks, then zeros as RLE blocks of
+/// 128 KiB (4 bytes each): a 2 GiB bomb is 64 KiB on disk.
+pub fn zstd_bomb(prefix: &[u8], total: u64) -> Vec<u8> {
+    let mut out = vec![0x28, 0xB5, 0x2F, 0xFD, 0xC0, (17 - 10) << 3];
+    out.extend_from_slice(&total.to_le_bytes());
+    let block = |out: &mut Vec<u8>, kind: u32, size: u32, last: bool| {
+        let h = u32::from(last) | (kind << 1) | (size << 3);
+        out.extend_from_slice(&h.to_le_bytes()[..3]);
+    };
+    for chunk in prefix.chunks(128 * 1024) {
+        block(&mut out, 0, chunk.len() as u32, false);
+        out.extend_from_slice(chunk);
+    }
+    let mut left = total - prefix.len() as u64;
+    while left > 0 {
+        let n = left.min(128 * 1024);
+        left -= n;
+        block(&mut out, 1, n as u32, left == 0);
+        out.push(0);
+    }
+    out
+}
+
+/// A GNU tar header for a regular file of `size` bytes.
+pub fn tar_header(name: &str, size: u64) -> Vec<u8> {
+    let mut header = tar::Header::new_gnu();
+    header.set_path(name).unwrap();
+    header.set_size(size);
+    header.set_mode(0o644);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_cksum();
+    header.as_bytes().to_vec()
+}

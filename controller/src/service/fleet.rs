@@ -8,6 +8,8 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use towalink_bundle::messages::{NodeReport, Order, SyncReply};
+use towalink_bundle::orders::{sign_reply, ReplyBody};
+use towalink_bundle::SigningKey;
 
 use crate::management::ManagementSettings;
 use crate::names::NodeFullName;
@@ -32,11 +34,21 @@ pub struct NodeEntry {
 pub struct View {
     pub generation: u64,
     pub nodes: BTreeMap<u32, NodeEntry>,
+    /// The signing key (`certs/signing.key`) that signs every reply; none before the first
+    /// commit made it (nodes refuse unsigned replies, and have nothing to take yet anyway).
+    pub key: Option<SigningKey>,
 }
 
 /// The reply a node gets, and whether it carries news (a version the node lacks among the
-/// offered ones, or an order it has not carried out). Pure.
-pub fn reply_for(entry: &NodeEntry, report: &NodeReport, interval_s: u64) -> (SyncReply, bool) {
+/// offered ones, or an order it has not carried out). Its content is signed for this node and
+/// this report's nonce; the unsigned copy serves nodes before signed orders. Pure.
+pub fn reply_for(
+    id: u32,
+    entry: &NodeEntry,
+    report: &NodeReport,
+    interval_s: u64,
+    key: Option<&SigningKey>,
+) -> (SyncReply, bool) {
     let skip = entry.versions.len().saturating_sub(OFFERED_VERSIONS);
     let offered: Vec<u32> = entry.versions[skip..].to_vec();
     let missing = offered
@@ -45,11 +57,24 @@ pub fn reply_for(entry: &NodeEntry, report: &NodeReport, interval_s: u64) -> (Sy
     let new_order = entry
         .order
         .is_some_and(|o| report.order_done.as_ref().is_none_or(|d| o.seq > d.seq));
+    let signed = key.map(|key| {
+        sign_reply(
+            &ReplyBody {
+                node_id: id,
+                nonce: report.nonce.clone(),
+                versions: offered.clone(),
+                order: entry.order,
+                report_interval_s: interval_s,
+            },
+            key,
+        )
+    });
     (
         SyncReply {
             versions: offered,
             order: entry.order,
             report_interval_s: interval_s,
+            signed,
         },
         missing || new_order,
     )
@@ -132,7 +157,9 @@ impl Fleet {
                 },
             );
         }
+        let key = versions::load_signing_key(&self.store)?;
         let mut view = self.view.lock().expect("fleet lock");
+        view.key = key;
         if view.nodes != nodes {
             view.nodes = nodes;
             view.generation += 1;
@@ -179,7 +206,13 @@ impl Fleet {
         let mut view = self.view.lock().expect("fleet lock");
         loop {
             let entry = view.nodes.get(&id)?;
-            let (reply, news) = reply_for(entry, report, self.settings.report_interval_s);
+            let (reply, news) = reply_for(
+                id,
+                entry,
+                report,
+                self.settings.report_interval_s,
+                view.key.as_ref(),
+            );
             let now = Instant::now();
             if news || now >= deadline {
                 return Some(reply);
@@ -241,13 +274,41 @@ mod tests {
 
     #[test]
     fn news_is_a_missing_version_or_a_new_order() {
-        let (reply, news) = reply_for(&entry(vec![1, 2], None), &report(vec![1, 2], None), 5);
-        assert!(!news);
+        let news = |e: NodeEntry, r: NodeReport| reply_for(1, &e, &r, 5, None).1;
+        let (reply, _) = reply_for(
+            1,
+            &entry(vec![1, 2], None),
+            &report(vec![1, 2], None),
+            5,
+            None,
+        );
         assert_eq!(reply.versions, [1, 2]);
-        assert!(reply_for(&entry(vec![1, 2, 3], None), &report(vec![1, 2], None), 5).1);
-        assert!(reply_for(&entry(vec![1], Some((1, 1))), &report(vec![1], None), 5).1);
-        assert!(!reply_for(&entry(vec![1], Some((1, 1))), &report(vec![1], Some(1)), 5).1);
-        assert!(reply_for(&entry(vec![1], Some((2, 1))), &report(vec![1], Some(1)), 5).1);
+        assert!(!news(entry(vec![1, 2], None), report(vec![1, 2], None)));
+        assert!(news(entry(vec![1, 2, 3], None), report(vec![1, 2], None)));
+        assert!(news(entry(vec![1], Some((1, 1))), report(vec![1], None)));
+        assert!(!news(
+            entry(vec![1], Some((1, 1))),
+            report(vec![1], Some(1))
+        ));
+        assert!(news(entry(vec![1], Some((2, 1))), report(vec![1], Some(1))));
+    }
+
+    #[test]
+    fn replies_are_signed_for_the_node_and_its_report() {
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let mut r = report(vec![1], None);
+        r.nonce = "abc".into();
+        let (reply, _) = reply_for(4, &entry(vec![1, 2], Some((2, 2))), &r, 7, Some(&key));
+        let body = towalink_bundle::orders::open_reply(
+            reply.signed.as_ref(),
+            &key.verifying_key(),
+            4,
+            "abc",
+        )
+        .unwrap();
+        assert_eq!(body.versions, [1, 2]);
+        assert_eq!(body.order, reply.order);
+        assert_eq!(body.report_interval_s, 7);
     }
 
     fn fleet_with(id: u32, entry: NodeEntry) -> (tempfile::TempDir, Fleet) {
@@ -294,7 +355,13 @@ mod tests {
     fn only_the_newest_versions_are_offered() {
         let all: Vec<u32> = (1..=25).collect();
         let installed: Vec<u32> = (16..=25).collect();
-        let (reply, news) = reply_for(&entry(all, None), &report(installed.clone(), None), 5);
+        let (reply, news) = reply_for(
+            1,
+            &entry(all, None),
+            &report(installed.clone(), None),
+            5,
+            None,
+        );
         assert_eq!(reply.versions, installed);
         assert!(!news, "old versions the node pruned are not news");
     }

@@ -13,8 +13,17 @@
 //!
 //! Only [`verify`] makes a [`VerifiedBundle`], so code that stages files on a node can only take
 //! a bundle whose signature, node id and hashes have been checked.
+//!
+//! Verification order (what an unsigned or forged bundle can cost a node): the archive is read
+//! as a stream, never decompressed in full first. The manifest and its signature must be the
+//! first two entries; at most [`MAX_MANIFEST_BYTES`] plus a few tar blocks are decompressed
+//! before the signature and the node id are checked. Only then is the payload read, each file
+//! only if the signed manifest lists it, and never more bytes than the manifest declares (its
+//! per-file `size`, when present) or [`MAX_UNCOMPRESSED_BYTES`] in all. The zstd window is
+//! capped at [`MAX_WINDOW_LOG`], so a frame cannot make the decoder allocate a large buffer.
 
 pub mod messages;
+pub mod orders;
 pub mod pairing;
 pub mod printable;
 pub mod wire;
@@ -39,6 +48,16 @@ pub const SIGNATURE_NAME: &str = "manifest.sig";
 pub const FILES_PREFIX: &str = "files/";
 /// Largest uncompressed archive a node accepts (guards against decompression bombs).
 pub const MAX_UNCOMPRESSED_BYTES: u64 = 256 * 1024 * 1024;
+/// Largest `manifest.toml` (about 5,000 files' entries).
+pub const MAX_MANIFEST_BYTES: u64 = 1024 * 1024;
+/// Largest `manifest.sig` (base64 of 64 bytes is 88; whitespace allowed).
+pub const MAX_SIGNATURE_BYTES: u64 = 1024;
+/// Uncompressed bytes read before the signature is checked: the manifest, its signature and
+/// their tar headers (and GNU long-name blocks) fit.
+pub const UNSIGNED_READ_LIMIT: u64 = MAX_MANIFEST_BYTES + MAX_SIGNATURE_BYTES + 16 * 1024;
+/// Largest zstd window a node accepts (8 MiB; bundles are written with level 3, whose window
+/// is at most 2 MiB), so a crafted frame cannot make the decoder allocate more.
+pub const MAX_WINDOW_LOG: u32 = 23;
 /// zstd level used for bundles.
 const ZSTD_LEVEL: i32 = 3;
 
@@ -49,6 +68,20 @@ pub enum BundleError {
     Archive(String),
     #[error("bundle is larger than {MAX_UNCOMPRESSED_BYTES} bytes uncompressed")]
     TooLarge,
+    #[error(
+        "bundle holds more than {limit} bytes before {stage}: refused without reading further"
+    )]
+    OverBudget { limit: u64, stage: &'static str },
+    #[error("bundle layout: {0}")]
+    Layout(String),
+    #[error("`{name}` is {size} bytes; at most {limit}")]
+    EntryTooLarge { name: String, size: u64, limit: u64 },
+    #[error("file `{path}`: {found} bytes, the manifest declares {declared}")]
+    SizeMismatch {
+        path: String,
+        declared: u64,
+        found: u64,
+    },
     #[error("bundle has no `{0}`")]
     Missing(&'static str),
     #[error("bundle entry `{0}` is not allowed (only regular files under files/, manifest.toml and manifest.sig)")]
@@ -109,6 +142,10 @@ pub struct FileEntry {
     /// Service to reload when this file changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
+    /// Size in bytes. Optional (manifests written before it lack it); when present, a node
+    /// reads no more than this from the archive for the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
 }
 
 impl FileEntry {
@@ -264,62 +301,201 @@ impl VerifiedBundle {
 
 /// Checks a bundle for a node: archive shape, signature against the trusted controller key,
 /// node id, format, paths, modes, and every file's hash. Anything off is an error with the
-/// reason; nothing partial is returned.
+/// reason; nothing partial is returned. See the crate documentation for the order of the
+/// checks and the bounds on what is decompressed.
 pub fn verify(
     bytes: &[u8],
     controller_key: &VerifyingKey,
     node_id: u32,
 ) -> Result<VerifiedBundle, BundleError> {
-    let mut tar_bytes = Vec::new();
-    zstd::stream::read::Decoder::new(bytes)
-        .map_err(|e| BundleError::Archive(e.to_string()))?
-        .take(MAX_UNCOMPRESSED_BYTES + 1)
-        .read_to_end(&mut tar_bytes)
-        .map_err(|e| BundleError::Archive(e.to_string()))?;
-    if tar_bytes.len() as u64 > MAX_UNCOMPRESSED_BYTES {
-        return Err(BundleError::TooLarge);
-    }
+    verify_reader(bytes, controller_key, node_id, &Meter::default())
+}
 
-    let mut manifest_text: Option<String> = None;
-    let mut signature_text: Option<String> = None;
-    let mut files = BTreeMap::new();
-    let mut archive = tar::Archive::new(tar_bytes.as_slice());
-    for entry in archive
+/// [`verify`] reading the compressed bundle from a stream, with the uncompressed bytes read
+/// counted by `meter`.
+pub fn verify_reader<R: Read>(
+    compressed: R,
+    controller_key: &VerifyingKey,
+    node_id: u32,
+    meter: &Meter,
+) -> Result<VerifiedBundle, BundleError> {
+    let mut decoder = zstd::stream::read::Decoder::new(compressed)
+        .map_err(|e| BundleError::Archive(e.to_string()))?;
+    decoder
+        .window_log_max(MAX_WINDOW_LOG)
+        .map_err(|e| BundleError::Archive(e.to_string()))?;
+    verify_tar(decoder, controller_key, node_id, meter)
+}
+
+/// Counts the uncompressed bytes read and refuses to read past the current limit.
+#[derive(Debug, Default)]
+pub struct Meter {
+    read: std::cell::Cell<u64>,
+    limit: std::cell::Cell<u64>,
+    exceeded: std::cell::Cell<bool>,
+}
+
+impl Meter {
+    /// Uncompressed bytes read so far.
+    pub fn read(&self) -> u64 {
+        self.read.get()
+    }
+}
+
+struct Metered<'a, R> {
+    inner: R,
+    meter: &'a Meter,
+}
+
+impl<R: Read> Read for Metered<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.meter.limit.get().saturating_sub(self.meter.read.get());
+        if left == 0 && !buf.is_empty() {
+            self.meter.exceeded.set(true);
+            return Err(std::io::Error::other("over the bundle's read limit"));
+        }
+        let take = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut buf[..take])?;
+        self.meter.read.set(self.meter.read.get() + n as u64);
+        Ok(n)
+    }
+}
+
+/// Bytes a tar archive spends on one regular file: header, content padded to 512 bytes, and a
+/// GNU long-name entry when the name does not fit the header.
+fn tar_cost(name_len: u64, size: u64) -> u64 {
+    let pad = |n: u64| n.div_ceil(512) * 512;
+    let long_name = if name_len >= 100 {
+        512 + pad(name_len + 1)
+    } else {
+        0
+    };
+    long_name + 512 + pad(size)
+}
+
+/// [`verify`] on the uncompressed tar stream, reading through `meter` (which tests use to see
+/// how much was decompressed before a refusal).
+pub fn verify_tar<R: Read>(
+    tar_stream: R,
+    controller_key: &VerifyingKey,
+    node_id: u32,
+    meter: &Meter,
+) -> Result<VerifiedBundle, BundleError> {
+    meter.limit.set(UNSIGNED_READ_LIMIT);
+    let over = |stage| {
+        move |e: std::io::Error| {
+            if meter.exceeded.get() {
+                BundleError::OverBudget {
+                    limit: meter.limit.get(),
+                    stage,
+                }
+            } else {
+                BundleError::Archive(e.to_string())
+            }
+        }
+    };
+    let mut archive = tar::Archive::new(Metered {
+        inner: tar_stream,
+        meter,
+    });
+    let mut entries = archive
         .entries()
-        .map_err(|e| BundleError::Archive(e.to_string()))?
-    {
-        let mut entry = entry.map_err(|e| BundleError::Archive(e.to_string()))?;
+        .map_err(over("the signature is checked"))?;
+
+    // The manifest and its signature come first; nothing else is read before they verify.
+    let mut head = |expected: &'static str, limit: u64| -> Result<String, BundleError> {
+        let mut entry = entries
+            .next()
+            .ok_or(BundleError::Missing(expected))?
+            .map_err(over("the signature is checked"))?;
+        // Shown in logs and errors: escaped, so a crafted name stays one line.
+        let name = String::from_utf8_lossy(&entry.path_bytes())
+            .escape_debug()
+            .to_string();
+        if name != expected {
+            return Err(BundleError::Layout(format!(
+                "`{expected}` must come before any other entry, found `{name}` (manifest.toml, manifest.sig, then files/)"
+            )));
+        }
+        if entry.header().entry_type() != tar::EntryType::Regular {
+            return Err(BundleError::UnexpectedEntry(name));
+        }
+        let size = entry.size();
+        if size > limit {
+            return Err(BundleError::EntryTooLarge { name, size, limit });
+        }
+        let mut content = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        entry
+            .read_to_end(&mut content)
+            .map_err(over("the signature is checked"))?;
+        String::from_utf8(content)
+            .map_err(|_| BundleError::Manifest(format!("{name} is not UTF-8")))
+    };
+    let manifest_text = head(MANIFEST_NAME, MAX_MANIFEST_BYTES)?;
+    let signature_text = head(SIGNATURE_NAME, MAX_SIGNATURE_BYTES)?;
+    let manifest = check_signed_manifest(&manifest_text, &signature_text, controller_key, node_id)?;
+
+    // The payload: only files the signed manifest lists, no more bytes than it declares.
+    let declared: Option<u64> = manifest
+        .files
+        .iter()
+        .map(|f| {
+            f.size
+                .map(|size| tar_cost((FILES_PREFIX.len() + f.path.len()) as u64, size))
+        })
+        .sum();
+    let budget = declared
+        .map_or(MAX_UNCOMPRESSED_BYTES, |d| d.saturating_add(1024))
+        .min(MAX_UNCOMPRESSED_BYTES);
+    meter.limit.set(meter.read().saturating_add(budget));
+    let listed: BTreeMap<&str, &FileEntry> = manifest
+        .files
+        .iter()
+        .map(|f| (f.path.as_str(), f))
+        .collect();
+    let mut files = BTreeMap::new();
+    for entry in entries {
+        let mut entry = entry.map_err(over("the end of the files its manifest declares"))?;
         let name = String::from_utf8(entry.path_bytes().into_owned())
             .map_err(|_| BundleError::UnexpectedEntry("<non-UTF-8 name>".into()))?;
         if entry.header().entry_type() != tar::EntryType::Regular {
             return Err(BundleError::UnexpectedEntry(name));
         }
-        let mut content = Vec::new();
+        let path = match name.strip_prefix(FILES_PREFIX) {
+            Some(path) => path,
+            None if name == MANIFEST_NAME || name == SIGNATURE_NAME => {
+                return Err(BundleError::DuplicateEntry(name))
+            }
+            None => return Err(BundleError::UnexpectedEntry(name)),
+        };
+        check_relative_path(path)?;
+        let Some(file) = listed.get(path) else {
+            return Err(BundleError::UnlistedFile(path.to_string()));
+        };
+        if files.contains_key(path) {
+            return Err(BundleError::DuplicateEntry(name));
+        }
+        let size = entry.size();
+        if let Some(declared) = file.size.filter(|d| *d != size) {
+            return Err(BundleError::SizeMismatch {
+                path: path.to_string(),
+                declared,
+                found: size,
+            });
+        }
+        let left = meter.limit.get().saturating_sub(meter.read());
+        if size > left {
+            return Err(BundleError::OverBudget {
+                limit: meter.limit.get(),
+                stage: "the end of the files its manifest declares",
+            });
+        }
+        let mut content = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
         entry
             .read_to_end(&mut content)
-            .map_err(|e| BundleError::Archive(e.to_string()))?;
-        if name == MANIFEST_NAME || name == SIGNATURE_NAME {
-            let text = String::from_utf8(content)
-                .map_err(|_| BundleError::Manifest(format!("{name} is not UTF-8")))?;
-            let slot = if name == MANIFEST_NAME {
-                &mut manifest_text
-            } else {
-                &mut signature_text
-            };
-            if slot.replace(text).is_some() {
-                return Err(BundleError::DuplicateEntry(name));
-            }
-        } else if let Some(path) = name.strip_prefix(FILES_PREFIX) {
-            check_relative_path(path)?;
-            if files.insert(path.to_string(), content).is_some() {
-                return Err(BundleError::DuplicateEntry(name));
-            }
-        } else {
-            return Err(BundleError::UnexpectedEntry(name));
-        }
+            .map_err(over("the end of the files its manifest declares"))?;
+        files.insert(path.to_string(), content);
     }
-    let manifest_text = manifest_text.ok_or(BundleError::Missing(MANIFEST_NAME))?;
-    let signature_text = signature_text.ok_or(BundleError::Missing(SIGNATURE_NAME))?;
     verify_parts(
         manifest_text,
         signature_text,
@@ -341,7 +517,24 @@ pub fn verify_parts(
     for path in files.keys() {
         check_relative_path(path)?;
     }
+    let manifest = check_signed_manifest(&manifest_text, &signature_text, controller_key, node_id)?;
+    check_files_match(&manifest, &files)?;
+    Ok(VerifiedBundle {
+        manifest,
+        manifest_text,
+        signature_text,
+        files,
+    })
+}
 
+/// The signature over the exact manifest bytes, then the manifest itself: format, node id,
+/// paths, modes, services.
+fn check_signed_manifest(
+    manifest_text: &str,
+    signature_text: &str,
+    controller_key: &VerifyingKey,
+    node_id: u32,
+) -> Result<Manifest, BundleError> {
     let signature_bytes: [u8; 64] = BASE64
         .decode(signature_text.trim())
         .map_err(|_| BundleError::SignatureFormat)?
@@ -353,9 +546,8 @@ pub fn verify_parts(
             &Signature::from_bytes(&signature_bytes),
         )
         .map_err(|_| BundleError::BadSignature)?;
-
     let manifest: Manifest =
-        toml::from_str(&manifest_text).map_err(|e| BundleError::Manifest(e.to_string()))?;
+        toml::from_str(manifest_text).map_err(|e| BundleError::Manifest(e.to_string()))?;
     if manifest.format != FORMAT {
         return Err(BundleError::Format(manifest.format));
     }
@@ -366,13 +558,7 @@ pub fn verify_parts(
         });
     }
     check_manifest(&manifest)?;
-    check_files_match(&manifest, &files)?;
-    Ok(VerifiedBundle {
-        manifest,
-        manifest_text,
-        signature_text,
-        files,
-    })
+    Ok(manifest)
 }
 
 fn check_manifest(manifest: &Manifest) -> Result<(), BundleError> {
@@ -419,6 +605,13 @@ fn check_files_match(
         let content = files
             .get(&entry.path)
             .ok_or_else(|| BundleError::MissingFile(entry.path.clone()))?;
+        if let Some(declared) = entry.size.filter(|d| *d != content.len() as u64) {
+            return Err(BundleError::SizeMismatch {
+                path: entry.path.clone(),
+                declared,
+                found: content.len() as u64,
+            });
+        }
         let found = sha256_hex(content);
         if found != entry.sha256 {
             return Err(BundleError::HashMismatch {
@@ -533,6 +726,7 @@ mod tests {
                     mode: "0644".into(),
                     sha256: sha256_hex(&files["bird.conf"]),
                     service: Some("bird".into()),
+                    size: None,
                 },
                 FileEntry {
                     path: "node.toml".into(),
@@ -540,6 +734,7 @@ mod tests {
                     mode: "0600".into(),
                     sha256: sha256_hex(&files["node.toml"]),
                     service: None,
+                    size: Some(files["node.toml"].len() as u64),
                 },
             ],
         };
@@ -632,6 +827,245 @@ mod tests {
         assert_eq!(parse_mode("f", "0644").unwrap(), 0o644);
         assert!(parse_mode("f", "644").is_err());
         assert!(parse_mode("f", "0999").is_err());
+    }
+
+    /// A tar header for a regular file of `size` bytes.
+    fn tar_header(name: &str, size: u64) -> Vec<u8> {
+        let mut header = tar::Header::new_gnu();
+        header.set_path(name).unwrap();
+        header.set_size(size);
+        header.set_mode(0o644);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_cksum();
+        header.as_bytes().to_vec()
+    }
+
+    /// A zstd frame declaring `total` bytes: `prefix` in raw blocks, then zeros as RLE
+    /// blocks of 128 KiB (4 bytes each), so a 2 GiB bomb is 64 KiB. `window_log` sets the
+    /// frame's window.
+    fn zstd_bomb(prefix: &[u8], total: u64, window_log: u32) -> Vec<u8> {
+        let mut out = vec![0x28, 0xB5, 0x2F, 0xFD];
+        out.push(0xC0); // 8-byte content size, not single-segment, no checksum
+        out.push(((window_log - 10) << 3) as u8);
+        out.extend_from_slice(&total.to_le_bytes());
+        let block = |out: &mut Vec<u8>, kind: u32, size: u32, last: bool| {
+            let h = u32::from(last) | (kind << 1) | (size << 3);
+            out.extend_from_slice(&h.to_le_bytes()[..3]);
+        };
+        for chunk in prefix.chunks(128 * 1024) {
+            block(&mut out, 0, chunk.len() as u32, false);
+            out.extend_from_slice(chunk);
+        }
+        let mut left = total - prefix.len() as u64;
+        while left > 0 {
+            let n = left.min(128 * 1024);
+            left -= n;
+            block(&mut out, 1, n as u32, left == 0);
+            out.push(0);
+        }
+        out
+    }
+
+    const GIB2: u64 = 2 << 30;
+
+    #[test]
+    fn a_2_gib_bomb_is_refused_before_it_is_decompressed() {
+        // The bomb is a real zstd frame: it decodes (the first 16 MiB of it are checked here).
+        let payload = tar_header("files/big", GIB2 - 512);
+        let bomb = zstd_bomb(&payload, GIB2, 17);
+        assert!(bomb.len() < 100 * 1024, "{}", bomb.len());
+        let mut head = vec![0u8; 16 << 20];
+        zstd::stream::read::Decoder::new(bomb.as_slice())
+            .unwrap()
+            .read_exact(&mut head)
+            .unwrap();
+        assert_eq!(&head[..512], payload.as_slice());
+
+        // A payload file before any manifest: refused after one tar header.
+        let meter = Meter::default();
+        let refused = verify_reader(bomb.as_slice(), &key(1).verifying_key(), 7, &meter);
+        assert!(
+            matches!(refused, Err(BundleError::Layout(_))),
+            "{refused:?}"
+        );
+        assert!(meter.read() <= 128 * 1024, "read {} bytes", meter.read());
+
+        // A manifest claiming 2 GiB: refused from its header.
+        let bomb = zstd_bomb(&tar_header(MANIFEST_NAME, GIB2 - 512), GIB2, 17);
+        let meter = Meter::default();
+        let refused = verify_reader(bomb.as_slice(), &key(1).verifying_key(), 7, &meter);
+        assert!(
+            matches!(refused, Err(BundleError::EntryTooLarge { .. })),
+            "{refused:?}"
+        );
+        assert!(meter.read() <= 128 * 1024, "read {} bytes", meter.read());
+
+        // Nothing but zeros: an empty archive, refused at once.
+        let bomb = zstd_bomb(&[0; 512], GIB2, 17);
+        let meter = Meter::default();
+        let refused = verify_reader(bomb.as_slice(), &key(1).verifying_key(), 7, &meter);
+        assert!(
+            matches!(refused, Err(BundleError::Missing(_))),
+            "{refused:?}"
+        );
+        assert!(meter.read() <= 128 * 1024, "read {} bytes", meter.read());
+    }
+
+    #[test]
+    fn unsigned_bytes_read_are_bounded_by_the_manifest_limit() {
+        // A manifest of the largest size, then a 2 GiB "signature": at most the unsigned read
+        // limit is decompressed, whatever follows.
+        let mut prefix = tar_header(MANIFEST_NAME, MAX_MANIFEST_BYTES);
+        prefix.extend(std::iter::repeat_n(b'#', MAX_MANIFEST_BYTES as usize));
+        prefix.extend(tar_header(SIGNATURE_NAME, 64));
+        let mut stream = prefix.clone();
+        stream.extend(std::iter::repeat_n(b'A', 64 + 448));
+        let meter = Meter::default();
+        let refused = verify_tar(stream.as_slice(), &key(1).verifying_key(), 7, &meter);
+        assert!(
+            matches!(refused, Err(BundleError::SignatureFormat)),
+            "{refused:?}"
+        );
+        assert!(meter.read() <= UNSIGNED_READ_LIMIT);
+        // The same with a signature entry claiming 2 GiB.
+        let mut prefix = tar_header(MANIFEST_NAME, MAX_MANIFEST_BYTES);
+        prefix.extend(std::iter::repeat_n(b'#', MAX_MANIFEST_BYTES as usize));
+        prefix.extend(tar_header(SIGNATURE_NAME, GIB2));
+        let meter = Meter::default();
+        let refused = verify_reader(
+            zstd_bomb(&prefix, GIB2, 17).as_slice(),
+            &key(1).verifying_key(),
+            7,
+            &meter,
+        );
+        assert!(
+            matches!(refused, Err(BundleError::EntryTooLarge { .. })),
+            "{refused:?}"
+        );
+        assert!(meter.read() <= UNSIGNED_READ_LIMIT, "read {}", meter.read());
+    }
+
+    #[test]
+    fn a_large_bundle_fits_the_window_limit() {
+        let (mut manifest, mut files) = sample();
+        let mut x = 1u64;
+        let big: Vec<u8> = (0..12 << 20)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 56) as u8 % 16
+            })
+            .collect();
+        manifest.files[0].sha256 = sha256_hex(&big);
+        files.insert("bird.conf".into(), big);
+        let bytes = build(&manifest, &files, &key(1)).unwrap();
+        verify(&bytes, &key(1).verifying_key(), 7).unwrap();
+    }
+
+    #[test]
+    fn a_frame_asking_for_a_huge_window_is_refused() {
+        let bomb = zstd_bomb(&tar_header(MANIFEST_NAME, 10), GIB2, 31);
+        let meter = Meter::default();
+        let refused = verify_reader(bomb.as_slice(), &key(1).verifying_key(), 7, &meter);
+        assert!(
+            matches!(refused, Err(BundleError::Archive(_))),
+            "{refused:?}"
+        );
+        assert_eq!(meter.read(), 0);
+    }
+
+    /// A signed manifest and signature, then `payload` as the archive's files.
+    fn signed_stream(manifest: &Manifest, payload: &[(&str, &[u8], u64)]) -> Vec<u8> {
+        let (text, sig) = signed_manifest(manifest, &key(1)).unwrap();
+        let mut bytes = Vec::new();
+        let head: [(&str, &[u8], u64); 2] = [
+            (MANIFEST_NAME, text.as_bytes(), text.len() as u64),
+            (SIGNATURE_NAME, sig.as_bytes(), sig.len() as u64),
+        ];
+        for (name, content, size) in head.iter().chain(payload) {
+            bytes.extend(tar_header(name, *size));
+            bytes.extend_from_slice(content);
+            bytes.resize(bytes.len().div_ceil(512) * 512, 0);
+        }
+        bytes
+    }
+
+    #[test]
+    fn a_signed_payload_is_read_no_further_than_its_manifest_declares() {
+        let (manifest, files) = sample();
+        // node.toml declares its size: an entry claiming more is refused from its header.
+        let content = &files["node.toml"];
+        let stream = signed_stream(
+            &manifest,
+            &[
+                (
+                    "files/bird.conf",
+                    &files["bird.conf"],
+                    files["bird.conf"].len() as u64,
+                ),
+                ("files/node.toml", content, 1 << 30),
+            ],
+        );
+        let meter = Meter::default();
+        let refused = verify_tar(stream.as_slice(), &key(1).verifying_key(), 7, &meter);
+        assert!(
+            matches!(refused, Err(BundleError::SizeMismatch { .. })),
+            "{refused:?}"
+        );
+        // An entry the signed manifest does not list: refused before its content is read.
+        let stream = signed_stream(&manifest, &[("files/extra", b"", GIB2)]);
+        let refused = verify_tar(
+            stream.as_slice(),
+            &key(1).verifying_key(),
+            7,
+            &Meter::default(),
+        );
+        assert!(
+            matches!(refused, Err(BundleError::UnlistedFile(_))),
+            "{refused:?}"
+        );
+        // With every size declared the budget is their sum: a listed file may not grow past it.
+        let (mut manifest, files) = sample();
+        for f in &mut manifest.files {
+            f.size = Some(files[&f.path].len() as u64);
+        }
+        let bytes = build(&manifest, &files, &key(1)).unwrap();
+        let meter = Meter::default();
+        verify_reader(bytes.as_slice(), &key(1).verifying_key(), 7, &meter).unwrap();
+        assert!(meter.read() < 8 * 1024, "{}", meter.read());
+        // Old manifests (no sizes) still verify.
+        let (mut manifest, files) = sample();
+        for f in &mut manifest.files {
+            f.size = None;
+        }
+        let bytes = build(&manifest, &files, &key(1)).unwrap();
+        verify(&bytes, &key(1).verifying_key(), 7).unwrap();
+    }
+
+    #[test]
+    fn a_bundle_with_a_wrong_signature_has_its_payload_unread() {
+        let (manifest, files) = sample();
+        // Another key's signature: the 2 GiB file after it is never read.
+        let mut stream = signed_stream(&manifest, &[]);
+        let (_, foreign) = signed_manifest(&manifest, &key(2)).unwrap();
+        let (_, genuine) = signed_manifest(&manifest, &key(1)).unwrap();
+        let at = stream
+            .windows(genuine.len())
+            .position(|w| w == genuine.as_bytes())
+            .unwrap();
+        stream[at..at + foreign.len()].copy_from_slice(foreign.as_bytes());
+        let signed_part = stream.len() as u64;
+        stream.extend(tar_header("files/bird.conf", GIB2));
+        let bomb = zstd_bomb(&stream, GIB2, 17);
+        let meter = Meter::default();
+        let refused = verify_reader(bomb.as_slice(), &key(1).verifying_key(), 7, &meter);
+        assert!(
+            matches!(refused, Err(BundleError::BadSignature)),
+            "{refused:?}"
+        );
+        assert!(meter.read() <= signed_part + 512, "{}", meter.read());
+        let _ = files;
     }
 
     proptest::proptest! {

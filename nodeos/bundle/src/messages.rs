@@ -59,6 +59,11 @@ pub struct NodeReport {
     pub bfd: Vec<BfdSession>,
     /// The last order the node carried out (or refused).
     pub order_done: Option<OrderOutcome>,
+    /// Random, new for every report: the controller signs it back in its reply
+    /// ([`crate::orders::ReplyBody::nonce`]), so a recorded reply cannot be replayed. Empty from
+    /// nodes before signed orders.
+    #[serde(default)]
+    pub nonce: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,8 +113,9 @@ pub struct BfdSession {
     pub state: String,
 }
 
-/// An activation the controller asks for. `seq` grows with every `tlm activate` of the node;
-/// a node carries out each order once (it never re-activates a version it rolled back).
+/// An activation the controller asks for. `seq` grows with every `tlm activate` of the node
+/// (at most [`crate::orders::MAX_ORDER_SEQ`]); a node carries out each order once (it never
+/// re-activates a version it rolled back). Only orders inside a signed reply count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Order {
     pub seq: u64,
@@ -131,6 +137,9 @@ pub struct OrderOutcome {
 }
 
 /// The controller's answer to a sync.
+///
+/// Nodes from this release act on `signed` only (checked by [`crate::orders::open_reply`]);
+/// the unsigned fields repeat its content for nodes before signed orders.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyncReply {
     /// The versions the controller has for this node, oldest first (at most the newest few).
@@ -138,6 +147,9 @@ pub struct SyncReply {
     pub order: Option<Order>,
     /// How long the node should wait before its next sync when nothing happens.
     pub report_interval_s: u64,
+    /// The same, signed by the controller for this node and report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signed: Option<crate::orders::SignedReply>,
 }
 
 /// A device asking for a configuration while `tlm attach` runs.

@@ -171,8 +171,20 @@ pub fn read_request(reader: &mut impl BufRead, body_limit: u64) -> Result<Reques
     })
 }
 
-/// Reads one response; the body may be at most `body_limit` bytes.
-pub fn read_response(reader: &mut impl BufRead, body_limit: u64) -> Result<Response, WireError> {
+/// A response's status line and headers; its body (`length` bytes) is still in the reader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub length: u64,
+}
+
+/// Reads a response's head; a body announced larger than `body_limit` is refused here, before
+/// a byte of it is read.
+pub fn read_response_head(
+    reader: &mut impl BufRead,
+    body_limit: u64,
+) -> Result<ResponseHead, WireError> {
     let head = read_head(reader)?;
     let mut start = head[0].splitn(3, ' ');
     let (Some(version), Some(status)) = (start.next(), start.next()) else {
@@ -191,10 +203,20 @@ pub fn read_response(reader: &mut impl BufRead, body_limit: u64) -> Result<Respo
         .parse()
         .map_err(|_| WireError::Malformed(format!("status `{status}`")))?;
     let (length, content_type) = content_length(&head[1..], body_limit)?;
-    let body = read_body(reader, length)?;
-    Ok(Response {
+    Ok(ResponseHead {
         status,
         content_type,
+        length,
+    })
+}
+
+/// Reads one response; the body may be at most `body_limit` bytes.
+pub fn read_response(reader: &mut impl BufRead, body_limit: u64) -> Result<Response, WireError> {
+    let head = read_response_head(reader, body_limit)?;
+    let body = read_body(reader, head.length)?;
+    Ok(Response {
+        status: head.status,
+        content_type: head.content_type,
         body,
     })
 }
