@@ -513,6 +513,7 @@ pub fn commit(
 ) -> Result<CommitOutcome, Error> {
     // A secret about to enter git refuses the commit before anything is written.
     crate::git::check_recorded_paths(store.root())?;
+    crate::git::recover_stale_locks(store.root())?;
     let tree = store.load_tree()?;
     let resolved = resolve(&tree)?;
     let nodes = nodes_in_scope(&tree, filter);
