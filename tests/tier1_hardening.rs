@@ -450,6 +450,7 @@ fn power_cut_kills_of_commit_never_wedge_the_controller() {
                 | 1
         });
     let mut rng = Rng(seed);
+    let mut span = typical;
     eprintln!("commit takes about {typical:?}; seed {seed}");
     let mut landed_at = std::collections::BTreeMap::<&str, usize>::new();
     let mut finished = 0;
@@ -468,9 +469,9 @@ fn power_cut_kills_of_commit_never_wedge_the_controller() {
             .stderr(log)
             .spawn()
             .unwrap();
-        // A measured commit includes waiting for its output; the commit itself ends at
-        // about half of it (found by the counts below): the kills spread over that.
-        let delay = typical.mul_f64(rng.next() * 0.6);
+        // Delays drawn up to `span`, which follows the commit's duration under the current
+        // load: it shrinks when a commit ended before its kill and grows when the kill landed.
+        let delay = span.mul_f64(rng.next());
         std::thread::sleep(delay);
         // SAFETY: signalling the process group we made.
         unsafe { libc::killpg(child.id() as i32, libc::SIGKILL) };
@@ -478,7 +479,9 @@ fn power_cut_kills_of_commit_never_wedge_the_controller() {
         let log = std::fs::read_to_string(&log_path).unwrap();
         if status.success() {
             finished += 1;
+            span = span.mul_f64(0.85);
         } else {
+            span = span.mul_f64(1.05);
             *landed_at.entry(landed(&log)).or_default() += 1;
         }
         if !git_locks(&t).is_empty() {

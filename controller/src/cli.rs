@@ -488,12 +488,12 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::List { what, format } => {
             drop_after_recovery(&store)?;
             list(&store, what, format.format, &mut out)?;
-            return Ok(ExitCode::SUCCESS);
+            Ok(ExitCode::SUCCESS)
         }
         Command::Show { what, format } => {
             drop_after_recovery(&store)?;
             show(&store, what, format.format, &mut out)?;
-            return Ok(ExitCode::SUCCESS);
+            Ok(ExitCode::SUCCESS)
         }
         Command::ShowAll {
             what,
@@ -502,7 +502,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         } => {
             drop_after_recovery(&store)?;
             show_all(&store, what, origin, format.format, &mut out)?;
-            return Ok(ExitCode::SUCCESS);
+            Ok(ExitCode::SUCCESS)
         }
         command => run_changing(&store, command, cli.message.clone(), &mut out),
     }
