@@ -238,6 +238,14 @@ fn a_failing_git_publishes_no_version() {
     );
     assert_eq!(t.read("effective/index.toml"), index_before);
     assert!(!t.path("effective/.commit-journal.toml").exists());
+    // Nor is an activation git did not record left for the service to carry out.
+    let activations_before = std::fs::read_to_string(t.path("effective/activation.toml")).ok();
+    let run = t.run(&["activate", "all", "--no-wait"]);
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert_eq!(
+        std::fs::read_to_string(t.path("effective/activation.toml")).ok(),
+        activations_before
+    );
     std::fs::remove_file(&hook).unwrap();
     assert!(t.ok(&["commit", "all"]).contains("2 new version(s)"));
     assert_versions_on_disk_are_in_git(&t, "after the retry");

@@ -856,8 +856,24 @@ pub fn activate(
             .nodes
             .insert(recorded.node.to_string(), recorded.activation);
     }
+    let previous = durable::read_optional(&store.root().join(ACTIVATION))?;
     save_activations(store, &activations)?;
-    store.git_commit(message)?;
+    if let Err(e) = store.git_commit(message) {
+        // The service must not carry out an activation git did not record: put the old
+        // activations back.
+        let path = store.root().join(ACTIVATION);
+        let restored = match previous {
+            Some(text) => durable::write_atomic(&path, text.as_bytes(), 0o644),
+            None => {
+                std::fs::remove_file(&path).map_err(|e| IoError::new("cannot remove", &path, e))
+            }
+        };
+        if let Err(undo) = restored {
+            tracing::warn!("git failed and the activation could not be undone: {undo}");
+        }
+        crate::git::unstage(store.root());
+        return Err(e);
+    }
     Ok(plan)
 }
 
