@@ -797,7 +797,14 @@ fn a_non_towalink_directory_is_refused() {
 /// and in git in step, and a later commit works.
 #[test]
 fn interrupted_commits_leave_versions_and_git_in_step() {
-    for point in ["staged", "journal", "renamed-one", "published", "git"] {
+    for point in [
+        "staged",
+        "journal",
+        "index",
+        "git",
+        "renamed-one",
+        "published",
+    ] {
         let t = three_sites();
         t.ok(&["commit", "all"]);
         t.ok(&["set", "global", "bird_bfd_multiplier", "4"]);

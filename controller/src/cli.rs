@@ -420,7 +420,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
             let store = Store::open_existing(&cli.config_dir)?;
             {
                 let _lock = store.lock()?;
-                versions::recover(&store)?;
+                recover_for_reading(&store);
                 store.ensure_gitignore()?;
             }
             crate::service::serve(&store, interface)?;
@@ -489,18 +489,68 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         _ => {}
     }
     let store = Store::open_or_init(&cli.config_dir)?;
-    let lock = store.lock()?;
-    versions::recover(&store)?;
     let mut out = std::io::stdout().lock();
-    let message = cli.message.clone();
+    // Reading never needs git, and never holds the lock while templates render.
     match cli.command {
-        Command::List { what, format } => list(&store, what, format.format, &mut out)?,
-        Command::Show { what, format } => show(&store, what, format.format, &mut out)?,
+        Command::List { what, format } => {
+            drop_after_recovery(&store)?;
+            list(&store, what, format.format, &mut out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Show { what, format } => {
+            drop_after_recovery(&store)?;
+            show(&store, what, format.format, &mut out)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::ShowAll {
             what,
             origin,
             format,
-        } => show_all(&store, what, origin, format.format, &mut out)?,
+        } => {
+            drop_after_recovery(&store)?;
+            show_all(&store, what, origin, format.format, &mut out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        command => run_changing(&store, command, cli.message.clone(), &mut out),
+    }
+}
+
+/// Finishes an interrupted commit when possible; a reading command goes on without it (with
+/// a warning) when that fails, e.g. because git cannot run.
+fn recover_for_reading(store: &Store) {
+    if let Err(e) = versions::recover(store) {
+        tracing::warn!(
+            "could not finish an interrupted commit ({e}); reading the directory as it is"
+        );
+    }
+}
+
+/// Takes the lock for recovery only: reading commands run without it.
+fn drop_after_recovery(store: &Store) -> Result<(), Error> {
+    let _lock = store.lock()?;
+    recover_for_reading(store);
+    Ok(())
+}
+
+/// Runs a command that changes the directory, holding its lock.
+fn run_changing(
+    store: &Store,
+    command: Command,
+    message: Option<String>,
+    out: &mut impl std::io::Write,
+) -> Result<ExitCode, Error> {
+    let store = store.clone();
+    let lock = store.lock()?;
+    versions::recover(&store)?;
+    // A secret about to enter git refuses any change before anything is written.
+    crate::git::check_recorded_paths(store.root())?;
+    // `signing.pub` is rewritten from the signing key when missing or different.
+    versions::controller_public_key(&store)?;
+    let mut out = out;
+    match command {
+        Command::List { .. } | Command::Show { .. } | Command::ShowAll { .. } => {
+            unreachable!("handled by run")
+        }
         Command::Add { what } => match what {
             AddWhat::Site { site } => {
                 let site = parse_site(&site)?;
@@ -1221,6 +1271,14 @@ fn run_image(config_dir: &std::path::Path, what: &ImageWhat) -> Result<ExitCode,
         }
         ImageWhat::Build { target } => {
             let store = Store::open_existing(config_dir)?;
+            let output = match target {
+                ImageTarget::Node { options, .. } | ImageTarget::Site { options, .. } => {
+                    &options.output
+                }
+            };
+            if store.contains(output) {
+                return Err(Error::ImageInsideConfig(output.clone()));
+            }
             match target {
                 ImageTarget::Node { node, options } => {
                     let node_ref: NodeRef = node.parse()?;

@@ -43,12 +43,23 @@ pub fn run(
     }
 }
 
-/// The last line or so of a program's error output, trimmed for a one-line message.
+/// The gist of a program's error output, trimmed for a one-line message: its `fatal:` /
+/// `error:` lines when it has some (they name the file), else its last two lines.
 fn tail(stderr: &[u8]) -> String {
     let text = String::from_utf8_lossy(stderr);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let start = lines.len().saturating_sub(2);
-    let joined = lines[start..].join(" | ");
+    let errors: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with("fatal:") || l.starts_with("error:"))
+        .take(2)
+        .collect();
+    let chosen = if errors.is_empty() {
+        &lines[lines.len().saturating_sub(2)..]
+    } else {
+        &errors[..]
+    };
+    let joined = chosen.join(" | ");
     if joined.len() > 300 {
         let mut cut = joined.len() - 300;
         while !joined.is_char_boundary(cut) {
@@ -57,5 +68,20 @@ fn tail(stderr: &[u8]) -> String {
         format!("...{}", &joined[cut..])
     } else {
         joined
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tail_keeps_the_line_naming_the_file() {
+        let git = b"fatal: Unable to create '/c/.git/index.lock': File exists.\n\nAnother git process seems to be running in this repository, e.g.\nan editor opened by 'git commit'. Please make sure all processes\nare terminated then try again. If it still fails, a git process\nmay have crashed in this repository earlier:\nremove the file manually to continue.\n";
+        assert_eq!(
+            tail(git),
+            "fatal: Unable to create '/c/.git/index.lock': File exists."
+        );
+        assert_eq!(tail(b"one\ntwo\nthree\n"), "two | three");
     }
 }

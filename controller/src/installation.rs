@@ -221,17 +221,8 @@ pub fn provision_node(
         .get(&full.to_string())
         .map(|e| e.latest)
         .ok_or_else(|| Error::NoVersion(full.clone()))?;
-    let (identity, node_secrets) = crate::management::node_identity(store, &node)?;
-    let mut probe = dir.to_path_buf();
-    while !probe.exists() {
-        match probe.parent() {
-            Some(p) if !p.as_os_str().is_empty() => probe = p.to_path_buf(),
-            _ => break,
-        }
-    }
-    let canonical =
-        |d: &std::path::Path| std::fs::canonicalize(d).unwrap_or_else(|_| d.to_path_buf());
-    if canonical(&probe).starts_with(canonical(store.root())) {
+    // Everything is checked before the first write (node_identity may create keys).
+    if store.contains(dir) {
         return Err(Error::Corrupt {
             file: dir.display().to_string(),
             message: "is inside the configuration directory, whose files go into git: choose another directory for the node's private key".into(),
@@ -251,6 +242,7 @@ pub fn provision_node(
             });
         }
     }
+    let (identity, node_secrets) = crate::management::node_identity(store, &node)?;
     create_dir_all(&dir.join("identity"))?;
     create_dir_all(&dir.join("incoming"))?;
     std::fs::set_permissions(

@@ -12,12 +12,14 @@ pub mod attributes;
 pub mod cli;
 pub mod durable;
 pub mod external;
+pub mod git;
 pub mod image;
 pub mod installation;
 pub mod management;
 pub mod names;
 pub mod operate;
 pub mod render;
+pub mod render_memory;
 pub mod resolve;
 pub mod service;
 pub mod store;
@@ -74,6 +76,12 @@ pub enum Error {
     Link(#[from] towalink_node::Error),
     #[error("image: {0}")]
     Image(towalink_images::Error),
+    #[error("refusing to record `{path}` in git: it {reason}")]
+    SecretForGit { path: String, reason: &'static str },
+    #[error("git is busy: `{}` is held by a running git (pid {pid})", lock.display())]
+    GitBusy { lock: PathBuf, pid: u32 },
+    #[error("refusing to write the image to `{}`: it is inside the configuration directory, whose files go into git", .0.display())]
+    ImageInsideConfig(PathBuf),
 }
 
 impl Error {
@@ -96,6 +104,11 @@ impl Error {
             Error::Image(towalink_images::Error::Fetch { .. }) => Some(
                 "pass --mirror with a reachable Alpine mirror, or --alpine-dir with local release files".into(),
             ),
+            Error::SecretForGit { .. } => Some(
+                "move it out of the configuration directory; if it holds no secret, give it mode 0644 and another name".into(),
+            ),
+            Error::GitBusy { .. } => Some("wait for that git to finish, then run tlm again".into()),
+            Error::ImageInsideConfig(_) => Some("pass -o with a path outside the configuration directory".into()),
             _ => None,
         }
     }

@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use towalink_controller::cli::{run, Cli};
 
+/// Templates render with bounded memory (see `render_memory`).
+#[global_allocator]
+static ALLOCATOR: towalink_controller::render_memory::Allocator =
+    towalink_controller::render_memory::Allocator;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Files in the configuration directory get exactly the modes tlm asks for (0644, 0600 for

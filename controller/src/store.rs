@@ -55,6 +55,8 @@ const GITIGNORE: &str = "\
 /generated/secrets.toml
 /certs/*.key
 /certs/key.pem
+# The controller's keys and certificates (public halves are derived from the private keys).
+/certs/
 # What `tlm serve` reports about the running fleet (soft state).
 /status/
 # tlm's lock, journal, staging and temporary files.
@@ -224,6 +226,24 @@ impl Store {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Whether `path` (existing or not) lies inside the directory, symbolic links resolved.
+    pub fn contains(&self, path: &Path) -> bool {
+        let absolute = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            std::env::current_dir().unwrap_or_default().join(path)
+        };
+        let mut probe = absolute.as_path();
+        while !probe.exists() {
+            match probe.parent() {
+                Some(p) => probe = p,
+                None => break,
+            }
+        }
+        let canonical = |d: &Path| std::fs::canonicalize(d).unwrap_or_else(|_| d.to_path_buf());
+        canonical(probe).starts_with(canonical(&self.root))
     }
 
     /// Takes the directory's lock (blocking while another `tlm` changes it).
@@ -417,7 +437,7 @@ impl Store {
             .join(node.node.as_str())
     }
 
-    /// Records a git commit of everything changed (if anything changed).
+    /// Records a git commit of the recorded files that changed (if any changed).
     pub fn git_commit(&self, message: &str) -> Result<bool, Error> {
         git_commit(&self.root, message)
     }
@@ -430,52 +450,9 @@ fn generated_text(body: &str) -> String {
     )
 }
 
-/// `git add -A` and `git commit` when something is staged. Git runs with `LC_ALL=C`; when the
-/// operator has no git identity, the commit is made as `tlm`.
+/// Records a git commit of the directory's recorded files (see [`crate::git`]).
 pub fn git_commit(dir: &Path, message: &str) -> Result<bool, Error> {
-    let c = [("LC_ALL", "C")];
-    external::run("git", &["add", "-A"], dir, &c)?;
-    let nothing_staged = std::process::Command::new("git")
-        .args(["diff", "--cached", "--quiet"])
-        .current_dir(dir)
-        .env("LC_ALL", "C")
-        .status()
-        .map_err(|e| IoError::new("cannot run git in", dir, e))?
-        .success();
-    if nothing_staged {
-        return Ok(false);
-    }
-    let args = ["commit", "-q", "--no-verify", "-m", message];
-    let first = std::process::Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("LC_ALL", "C")
-        .output()
-        .map_err(|e| IoError::new("cannot run git in", dir, e))?;
-    if first.status.success() {
-        return Ok(true);
-    }
-    let said = String::from_utf8_lossy(&first.stderr);
-    let no_identity = said.contains("Please tell me who you are")
-        || said.contains("identity unknown")
-        || said.contains("unable to auto-detect");
-    if !no_identity {
-        external::run("git", &args, dir, &c)?;
-        return Ok(true);
-    }
-    external::run(
-        "git",
-        &args,
-        dir,
-        &[
-            ("LC_ALL", "C"),
-            ("GIT_AUTHOR_NAME", "tlm"),
-            ("GIT_AUTHOR_EMAIL", "tlm@localhost"),
-            ("GIT_COMMITTER_NAME", "tlm"),
-            ("GIT_COMMITTER_EMAIL", "tlm@localhost"),
-        ],
-    )?;
-    Ok(true)
+    crate::git::commit(dir, message)
 }
 
 #[cfg(test)]

@@ -15,10 +15,13 @@
 //! so each git commit names exactly the versions that existed when it was made.
 //!
 //! A commit renders every node in scope, stages new versions under `effective/.staging-<pid>/`,
-//! syncs, writes a journal, moves the versions into place, rewrites the index, records the git
-//! commit and removes the journal. Whatever instant it stops at, the next `tlm` either finds no
+//! syncs, writes a journal (holding the new index), rewrites the index, records the git commit,
+//! and only then publishes: moves the versions into place and removes the journal. The service
+//! (`tlm serve`) offers the version directories it finds in place, so a version becomes visible
+//! only once git recorded it. Whatever instant a commit stops at, the next `tlm` either finds no
 //! trace (before the journal) or finishes the commit (after it): versions, index and git never
-//! stay out of step.
+//! stay out of step. When git fails (disk full), the commit is undone: the old index is put
+//! back, the staged versions are removed and nothing was published.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -35,7 +38,8 @@ use crate::resolve::{resolve, ConfigTree, Resolved};
 use crate::store::{parse_toml, Store, CERTS_DIR, EFFECTIVE_DIR};
 use crate::Error;
 
-const JOURNAL: &str = "effective/.commit-journal.toml";
+/// Present while a commit is under way (see [`recover`]).
+pub const JOURNAL: &str = "effective/.commit-journal.toml";
 const INDEX: &str = "effective/index.toml";
 const ACTIVATION: &str = "effective/activation.toml";
 pub const SIGNING_KEY: &str = "certs/signing.key";
@@ -49,6 +53,10 @@ struct Journal {
     staging: String,
     /// `<site>/<node>/v<N>` of each new version.
     versions: Vec<String>,
+    /// The new `effective/index.toml` (journals of earlier versions lack it: the index is then
+    /// rebuilt from the version directories).
+    #[serde(default)]
+    index: Option<String>,
 }
 
 /// The latest committed version of every node, keyed by `<node>.<site>`.
@@ -135,12 +143,19 @@ pub fn load_index(store: &Store) -> Result<Index, Error> {
 }
 
 pub fn save_index(store: &Store, index: &Index) -> Result<(), Error> {
-    let text = format!(
+    durable::write_atomic(
+        &store.root().join(INDEX),
+        index_text(index).as_bytes(),
+        0o644,
+    )?;
+    Ok(())
+}
+
+fn index_text(index: &Index) -> String {
+    format!(
         "# Written by tlm commit: the latest version of each node and its content digest.\n\n{}",
         toml::to_string(index).expect("index serializes")
-    );
-    durable::write_atomic(&store.root().join(INDEX), text.as_bytes(), 0o644)?;
-    Ok(())
+    )
 }
 
 pub fn load_activations(store: &Store) -> Result<Activations, Error> {
@@ -264,18 +279,27 @@ fn content_digest(files: &[FileEntry], services: &BTreeMap<String, Service>) -> 
 
 /// Loads the controller's signing key, or makes a new one (not yet saved).
 fn signing_key(store: &Store) -> Result<(SigningKey, bool), Error> {
-    let path = store.root().join(SIGNING_KEY);
-    match durable::read_optional(&path)? {
-        Some(text) => {
-            let key =
-                towalink_bundle::signing_key_from_base64(&text).map_err(|_| Error::Corrupt {
-                    file: SIGNING_KEY.to_string(),
-                    message: "not a base64 ed25519 secret key".into(),
-                })?;
-            Ok((key, false))
-        }
+    match load_signing_key(store)? {
+        Some(key) => Ok((key, false)),
         None => Ok((SigningKey::generate(&mut rand_core::OsRng), true)),
     }
+}
+
+/// The controller's signing key, if a commit made one (never made here).
+pub fn load_signing_key(store: &Store) -> Result<Option<SigningKey>, Error> {
+    let path = store.root().join(SIGNING_KEY);
+    let Some(text) = durable::read_optional(&path)? else {
+        return Ok(None);
+    };
+    let key = towalink_bundle::signing_key_from_base64(&text).map_err(|_| Error::Corrupt {
+        file: SIGNING_KEY.to_string(),
+        message: "not a base64 ed25519 secret key".into(),
+    })?;
+    Ok(Some(key))
+}
+
+fn public_key_text(key: &SigningKey) -> String {
+    towalink_bundle::verifying_key_to_base64(&key.verifying_key())
 }
 
 fn save_signing_key(store: &Store, key: &SigningKey) -> Result<(), Error> {
@@ -287,47 +311,72 @@ fn save_signing_key(store: &Store, key: &SigningKey) -> Result<(), Error> {
     )?;
     durable::write_atomic(
         &store.root().join(SIGNING_PUB),
-        format!(
-            "{}\n",
-            towalink_bundle::verifying_key_to_base64(&key.verifying_key())
-        )
-        .as_bytes(),
+        format!("{}\n", public_key_text(key)).as_bytes(),
         0o644,
     )?;
     Ok(())
 }
 
 /// The controller's signing key, if a commit made one.
-pub fn load_signing_key(store: &Store) -> Result<Option<SigningKey>, Error> {
-    match durable::read_optional(&store.root().join(SIGNING_KEY))? {
-        Some(_) => Ok(Some(signing_key(store)?.0)),
-        None => Ok(None),
-    }
-}
-
-/// The controller's public signing key, if one exists.
+/// The controller's public signing key, if it has a signing key: always derived from the
+/// private key, never trusted from `signing.pub`. A missing or different `signing.pub` (a copy
+/// for operators) is rewritten, with a warning. Call with the lock held.
 pub fn controller_public_key(store: &Store) -> Result<Option<String>, Error> {
-    Ok(durable::read_optional(&store.root().join(SIGNING_PUB))?.map(|t| t.trim().to_string()))
+    let Some(key) = load_signing_key(store)? else {
+        return Ok(None);
+    };
+    let public = public_key_text(&key);
+    let path = store.root().join(SIGNING_PUB);
+    let on_disk = durable::read_optional(&path)?;
+    if on_disk.as_deref().map(str::trim) != Some(public.as_str()) {
+        tracing::warn!(
+            "`{SIGNING_PUB}` is {}: rewriting it from `{SIGNING_KEY}`",
+            if on_disk.is_some() {
+                "not the public half of the signing key"
+            } else {
+                "missing"
+            }
+        );
+        durable::write_atomic(&path, format!("{public}\n").as_bytes(), 0o644)?;
+    }
+    Ok(Some(public))
 }
 
 /// Finishes or cleans up a commit that was interrupted. Call with the lock held.
+///
+/// After the journal, the commit is rolled forward in its own order: the index, git, then
+/// the versions moved into place (so the service sees them only once git has them), then the
+/// journal removed. Stale git locks are removed on the way ([`crate::git`]).
 pub fn recover(store: &Store) -> Result<(), Error> {
     let journal_path = store.root().join(JOURNAL);
     let journal: Option<Journal> = match durable::read_optional(&journal_path)? {
         Some(text) => Some(parse_toml(&text, JOURNAL)?),
         None => None,
     };
-    // Roll forward: the staged versions were complete and synced before the journal existed.
     if let Some(journal) = &journal {
-        for version in &journal.versions {
-            let from = store.root().join(&journal.staging).join(version);
-            let to = store.root().join(EFFECTIVE_DIR).join(version);
-            if from.is_dir() && !to.exists() {
-                durable::create_dir_all(to.parent().expect("version dir has a parent"))?;
-                durable::rename(&from, &to)?;
+        tracing::warn!(
+            versions = journal.versions.len(),
+            "completing an interrupted commit"
+        );
+        match &journal.index {
+            Some(text) => {
+                durable::write_atomic(&store.root().join(INDEX), text.as_bytes(), 0o644)?;
+                store.git_commit(&format!(
+                    "{} (completed after an interrupted commit)",
+                    journal.message
+                ))?;
+                publish_staged(store, journal)?;
+            }
+            None => {
+                // A journal of an earlier tlm: versions first, as it did.
+                publish_staged(store, journal)?;
+                save_index(store, &rebuild_index(store)?)?;
+                store.git_commit(&format!(
+                    "{} (completed after an interrupted commit)",
+                    journal.message
+                ))?;
             }
         }
-        durable::sync_filesystem(store.root())?;
     }
     let effective = store.root().join(EFFECTIVE_DIR);
     if let Ok(entries) = std::fs::read_dir(&effective) {
@@ -338,19 +387,25 @@ pub fn recover(store: &Store) -> Result<(), Error> {
             }
         }
     }
-    if let Some(journal) = journal {
-        tracing::warn!(
-            versions = journal.versions.len(),
-            "completing an interrupted commit"
-        );
-        save_index(store, &rebuild_index(store)?)?;
-        store.git_commit(&format!(
-            "{} (completed after an interrupted commit)",
-            journal.message
-        ))?;
+    if journal.is_some() {
         std::fs::remove_file(&journal_path)
             .map_err(|e| IoError::new("cannot remove", &journal_path, e))?;
     }
+    Ok(())
+}
+
+/// Moves the journal's staged versions into place (those not there yet), synced.
+fn publish_staged(store: &Store, journal: &Journal) -> Result<(), Error> {
+    for version in &journal.versions {
+        let from = store.root().join(&journal.staging).join(version);
+        let to = store.root().join(EFFECTIVE_DIR).join(version);
+        if from.is_dir() && !to.exists() {
+            durable::create_dir_all(to.parent().expect("version dir has a parent"))?;
+            durable::rename(&from, &to)?;
+            crash_point("renamed-one");
+        }
+    }
+    durable::sync_filesystem(store.root())?;
     Ok(())
 }
 
@@ -458,6 +513,9 @@ pub fn commit(
     filter: impl Fn(&NodeAllocation) -> bool,
     message: &str,
 ) -> Result<CommitOutcome, Error> {
+    // A secret about to enter git refuses the commit before anything is written.
+    crate::git::check_recorded_paths(store.root())?;
+    crate::git::recover_stale_locks(store.root())?;
     let tree = store.load_tree()?;
     let resolved = resolve(&tree)?;
     let nodes = nodes_in_scope(&tree, filter);
@@ -542,21 +600,24 @@ pub fn commit(
         "rendered and staged"
     );
 
-    // Phase 2: publish. From the journal on, a crash is finished by `recover`.
+    // Phase 2: journal, index, git, publish. From the journal on, a crash is finished by
+    // `recover`; a failing git undoes the commit.
     crash_point("staged");
     if new_key && !staged.is_empty() {
         save_signing_key(store, &key)?;
     }
+    let previous_index = durable::read_optional(&store.root().join(INDEX))?;
+    let journal = Journal {
+        message: message.to_string(),
+        staging: format!("{EFFECTIVE_DIR}/.staging-{}", std::process::id()),
+        versions: staged
+            .iter()
+            .map(|(n, v)| format!("{}/{}/v{v}", n.site, n.node))
+            .collect(),
+        index: Some(index_text(&index)),
+    };
     if !staged.is_empty() {
         durable::sync_filesystem(store.root())?;
-        let journal = Journal {
-            message: message.to_string(),
-            staging: format!("{EFFECTIVE_DIR}/.staging-{}", std::process::id()),
-            versions: staged
-                .iter()
-                .map(|(n, v)| format!("{}/{}/v{v}", n.site, n.node))
-                .collect(),
-        };
         durable::write_atomic(
             &store.root().join(JOURNAL),
             toml::to_string(&journal)
@@ -565,37 +626,73 @@ pub fn commit(
             0o644,
         )?;
         crash_point("journal");
-        for (node, version) in &staged {
-            let from = staging
-                .join(node.site.as_str())
-                .join(node.node.as_str())
-                .join(format!("v{version}"));
-            let to = version_dir(store, node, *version);
-            durable::create_dir_all(to.parent().expect("version dir has a parent"))?;
-            durable::rename(&from, &to)?;
-            crash_point("renamed-one");
-        }
-        durable::remove_dir_all(&staging)?;
         save_index(store, &index)?;
-        durable::sync_filesystem(store.root())?;
+        crash_point("index");
     }
-    crash_point("published");
     tracing::debug!(
         elapsed_ms = started.elapsed().as_millis() as u64,
-        "published"
+        "git: recording"
     );
-    outcome.git_committed = store.git_commit(message)?;
+    outcome.git_committed = match store.git_commit(message) {
+        Ok(committed) => committed,
+        Err(e) => {
+            if !staged.is_empty() {
+                undo_commit(store, previous_index.as_deref(), &staging);
+            }
+            return Err(e);
+        }
+    };
     tracing::debug!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "recorded in git"
     );
     crash_point("git");
     if !staged.is_empty() {
+        publish_staged(store, &journal)?;
+        durable::remove_dir_all(&staging)?;
+        crash_point("published");
         let journal = store.root().join(JOURNAL);
         std::fs::remove_file(&journal).map_err(|e| IoError::new("cannot remove", &journal, e))?;
     }
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "published"
+    );
     outcome.created = staged;
     Ok(outcome)
+}
+
+/// Undoes a commit whose git step failed: the old index back, then the journal and the
+/// staged versions removed; nothing was published. Best effort: should a step fail, the
+/// journal stays and the next `tlm` finishes the commit instead.
+fn undo_commit(store: &Store, previous_index: Option<&str>, staging: &Path) {
+    let index = store.root().join(INDEX);
+    let restored = match previous_index {
+        Some(text) => durable::write_atomic(&index, text.as_bytes(), 0o644),
+        None => std::fs::remove_file(&index)
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(|e| IoError::new("cannot remove", &index, e)),
+    };
+    let journal = store.root().join(JOURNAL);
+    let undone = restored.and_then(|()| {
+        std::fs::remove_file(&journal).map_err(|e| IoError::new("cannot remove", &journal, e))
+    });
+    match undone {
+        Ok(()) => {
+            let _ = durable::remove_dir_all(staging);
+            crate::git::unstage(store.root());
+            tracing::warn!("git failed: the commit was undone, no version was published");
+        }
+        Err(e) => tracing::warn!(
+            "git failed and the commit could not be undone ({e}): the next tlm finishes it"
+        ),
+    }
 }
 
 enum Staged {
@@ -789,8 +886,24 @@ pub fn activate(
             .nodes
             .insert(recorded.node.to_string(), recorded.activation);
     }
+    let previous = durable::read_optional(&store.root().join(ACTIVATION))?;
     save_activations(store, &activations)?;
-    store.git_commit(message)?;
+    if let Err(e) = store.git_commit(message) {
+        // The service must not carry out an activation git did not record: put the old
+        // activations back.
+        let path = store.root().join(ACTIVATION);
+        let restored = match previous {
+            Some(text) => durable::write_atomic(&path, text.as_bytes(), 0o644),
+            None => {
+                std::fs::remove_file(&path).map_err(|e| IoError::new("cannot remove", &path, e))
+            }
+        };
+        if let Err(undo) = restored {
+            tracing::warn!("git failed and the activation could not be undone: {undo}");
+        }
+        crate::git::unstage(store.root());
+        return Err(e);
+    }
     Ok(plan)
 }
 

@@ -80,11 +80,13 @@ pub fn reply_for(
     )
 }
 
-/// Files whose change makes the service reload.
-const WATCHED: [&str; 3] = [
+/// Files whose change makes the service reload. A commit publishes its versions after git
+/// recorded them and then removes its journal: that removal is what announces them.
+const WATCHED: [&str; 4] = [
     "generated/config.toml",
     "effective/index.toml",
     "effective/activation.toml",
+    versions::JOURNAL,
 ];
 
 type Stamp = Vec<Option<(i64, i64, u64, u64)>>;
