@@ -402,27 +402,9 @@ pub fn bird_peers_breaking_bgp() -> String {
     broken
 }
 
-/// A zstd frame declaring `total` bytes: `prefix` in raw blocks, then zeros as RLE blocks of
-/// 128 KiB (4 bytes each): a 2 GiB bomb is 64 KiB on disk.
+/// A 2 GiB-style zstd bomb with a 128 KiB window (see `towalink_bundle::test_support`).
 pub fn zstd_bomb(prefix: &[u8], total: u64) -> Vec<u8> {
-    let mut out = vec![0x28, 0xB5, 0x2F, 0xFD, 0xC0, (17 - 10) << 3];
-    out.extend_from_slice(&total.to_le_bytes());
-    let block = |out: &mut Vec<u8>, kind: u32, size: u32, last: bool| {
-        let h = u32::from(last) | (kind << 1) | (size << 3);
-        out.extend_from_slice(&h.to_le_bytes()[..3]);
-    };
-    for chunk in prefix.chunks(128 * 1024) {
-        block(&mut out, 0, chunk.len() as u32, false);
-        out.extend_from_slice(chunk);
-    }
-    let mut left = total - prefix.len() as u64;
-    while left > 0 {
-        let n = left.min(128 * 1024);
-        left -= n;
-        block(&mut out, 1, n as u32, left == 0);
-        out.push(0);
-    }
-    out
+    towalink_bundle::test_support::zstd_bomb(prefix, total, 17)
 }
 
 /// A GNU tar header for a regular file of `size` bytes.

@@ -26,6 +26,8 @@ pub mod messages;
 pub mod orders;
 pub mod pairing;
 pub mod printable;
+#[doc(hidden)]
+pub mod test_support;
 pub mod wire;
 
 use std::collections::BTreeMap;
@@ -840,39 +842,13 @@ mod tests {
         header.as_bytes().to_vec()
     }
 
-    /// A zstd frame declaring `total` bytes: `prefix` in raw blocks, then zeros as RLE
-    /// blocks of 128 KiB (4 bytes each), so a 2 GiB bomb is 64 KiB. `window_log` sets the
-    /// frame's window.
-    fn zstd_bomb(prefix: &[u8], total: u64, window_log: u32) -> Vec<u8> {
-        let mut out = vec![0x28, 0xB5, 0x2F, 0xFD];
-        out.push(0xC0); // 8-byte content size, not single-segment, no checksum
-        out.push(((window_log - 10) << 3) as u8);
-        out.extend_from_slice(&total.to_le_bytes());
-        let block = |out: &mut Vec<u8>, kind: u32, size: u32, last: bool| {
-            let h = u32::from(last) | (kind << 1) | (size << 3);
-            out.extend_from_slice(&h.to_le_bytes()[..3]);
-        };
-        for chunk in prefix.chunks(128 * 1024) {
-            block(&mut out, 0, chunk.len() as u32, false);
-            out.extend_from_slice(chunk);
-        }
-        let mut left = total - prefix.len() as u64;
-        while left > 0 {
-            let n = left.min(128 * 1024);
-            left -= n;
-            block(&mut out, 1, n as u32, left == 0);
-            out.push(0);
-        }
-        out
-    }
-
     const GIB2: u64 = 2 << 30;
 
     #[test]
     fn a_2_gib_bomb_is_refused_before_it_is_decompressed() {
         // The bomb is a real zstd frame: it decodes (the first 16 MiB of it are checked here).
         let payload = tar_header("files/big", GIB2 - 512);
-        let bomb = zstd_bomb(&payload, GIB2, 17);
+        let bomb = crate::test_support::zstd_bomb(&payload, GIB2, 17);
         assert!(bomb.len() < 100 * 1024, "{}", bomb.len());
         let mut head = vec![0u8; 16 << 20];
         zstd::stream::read::Decoder::new(bomb.as_slice())
@@ -891,7 +867,7 @@ mod tests {
         assert!(meter.read() <= 128 * 1024, "read {} bytes", meter.read());
 
         // A manifest claiming 2 GiB: refused from its header.
-        let bomb = zstd_bomb(&tar_header(MANIFEST_NAME, GIB2 - 512), GIB2, 17);
+        let bomb = crate::test_support::zstd_bomb(&tar_header(MANIFEST_NAME, GIB2 - 512), GIB2, 17);
         let meter = Meter::default();
         let refused = verify_reader(bomb.as_slice(), &key(1).verifying_key(), 7, &meter);
         assert!(
@@ -901,7 +877,7 @@ mod tests {
         assert!(meter.read() <= 128 * 1024, "read {} bytes", meter.read());
 
         // Nothing but zeros: an empty archive, refused at once.
-        let bomb = zstd_bomb(&[0; 512], GIB2, 17);
+        let bomb = crate::test_support::zstd_bomb(&[0; 512], GIB2, 17);
         let meter = Meter::default();
         let refused = verify_reader(bomb.as_slice(), &key(1).verifying_key(), 7, &meter);
         assert!(
@@ -933,7 +909,7 @@ mod tests {
         prefix.extend(tar_header(SIGNATURE_NAME, GIB2));
         let meter = Meter::default();
         let refused = verify_reader(
-            zstd_bomb(&prefix, GIB2, 17).as_slice(),
+            crate::test_support::zstd_bomb(&prefix, GIB2, 17).as_slice(),
             &key(1).verifying_key(),
             7,
             &meter,
@@ -965,7 +941,7 @@ mod tests {
 
     #[test]
     fn a_frame_asking_for_a_huge_window_is_refused() {
-        let bomb = zstd_bomb(&tar_header(MANIFEST_NAME, 10), GIB2, 31);
+        let bomb = crate::test_support::zstd_bomb(&tar_header(MANIFEST_NAME, 10), GIB2, 31);
         let meter = Meter::default();
         let refused = verify_reader(bomb.as_slice(), &key(1).verifying_key(), 7, &meter);
         assert!(
@@ -1057,7 +1033,7 @@ mod tests {
         stream[at..at + foreign.len()].copy_from_slice(foreign.as_bytes());
         let signed_part = stream.len() as u64;
         stream.extend(tar_header("files/bird.conf", GIB2));
-        let bomb = zstd_bomb(&stream, GIB2, 17);
+        let bomb = crate::test_support::zstd_bomb(&stream, GIB2, 17);
         let meter = Meter::default();
         let refused = verify_reader(bomb.as_slice(), &key(1).verifying_key(), 7, &meter);
         assert!(

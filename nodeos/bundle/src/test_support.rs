@@ -1,0 +1,28 @@
+//! Hostile inputs for tests (this crate's and the integration tiers'): not used by the
+//! product.
+
+/// A zstd frame declaring `total` bytes of content: `prefix` in raw blocks, then zeros as RLE
+/// blocks of 128 KiB (4 bytes each), so a 2 GiB bomb is 64 KiB on disk; `window_log` is the
+/// frame's window (10..=31).
+pub fn zstd_bomb(prefix: &[u8], total: u64, window_log: u32) -> Vec<u8> {
+    let mut out = vec![0x28, 0xB5, 0x2F, 0xFD];
+    out.push(0xC0); // 8-byte content size, not single-segment, no checksum
+    out.push(((window_log - 10) << 3) as u8);
+    out.extend_from_slice(&total.to_le_bytes());
+    let block = |out: &mut Vec<u8>, kind: u32, size: u32, last: bool| {
+        let h = u32::from(last) | (kind << 1) | (size << 3);
+        out.extend_from_slice(&h.to_le_bytes()[..3]);
+    };
+    for chunk in prefix.chunks(128 * 1024) {
+        block(&mut out, 0, chunk.len() as u32, false);
+        out.extend_from_slice(chunk);
+    }
+    let mut left = total - prefix.len() as u64;
+    while left > 0 {
+        let n = left.min(128 * 1024);
+        left -= n;
+        block(&mut out, 1, n as u32, left == 0);
+        out.push(0);
+    }
+    out
+}
