@@ -989,3 +989,66 @@ fn help_and_version() {
     t.refused(&["show", "frob"], 2);
     assert_eq!(before, tree_hash(t.temp.path()));
 }
+
+/// A directory made by an earlier `tlm` has that release's `bird_base.conf.jinja`: unchanged,
+/// the next commit brings the current one (with the management filters) and says so; a
+/// customized one is left alone, with a warning naming what it lacks.
+#[test]
+fn an_earlier_default_bird_template_gets_the_management_filters_at_the_next_commit() {
+    let earlier = include_str!("fixtures/bird_base.conf.jinja-before-security");
+    for customized in [false, true] {
+        let t = Installation::new();
+        t.ok(&["add", "site", "a"]);
+        t.ok(&["add", "node", "x.a"]);
+        t.ok(&["add", "node", "y.a"]);
+        t.ok(&["commit", "all"]);
+        let mut old = earlier.to_string();
+        if customized {
+            old.push_str("# our own line\n");
+        }
+        t.write("bird_base.conf.jinja", &old);
+        t.git(&["commit", "-qam", "as an earlier tlm left it"]);
+        let run = t.run(&["commit", "all"]);
+        assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+        // The newest version of x.a (this tlm rendered v1 already with the current template,
+        // so an upgraded template renders the same: no v2 then).
+        let latest = (1..=2)
+            .rev()
+            .map(|v| t.path(&format!("effective/a/x/v{v}/files/bird_base.conf")))
+            .find(|p| p.exists())
+            .expect("a version of x.a");
+        let rendered = std::fs::read_to_string(latest).unwrap();
+        if customized {
+            assert_eq!(
+                t.read("bird_base.conf.jinja"),
+                old,
+                "a customized template was changed"
+            );
+            assert!(
+                run.stderr
+                    .contains("bird_base.conf.jinja: customized and without `towalink_management`"),
+                "{}",
+                run.stderr
+            );
+        } else {
+            assert!(
+                run.stderr
+                    .contains("bird_base.conf.jinja: was the unchanged built-in template"),
+                "{}",
+                run.stderr
+            );
+            assert!(t
+                .read("bird_base.conf.jinja")
+                .contains("towalink_management"));
+            assert!(
+                rendered.contains("if net ~ towalink_management then reject;"),
+                "{rendered}"
+            );
+            assert!(
+                t.git(&["log", "-1", "--stat"])
+                    .contains("bird_base.conf.jinja"),
+                "the updated template was not recorded"
+            );
+        }
+    }
+}

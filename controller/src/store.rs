@@ -50,6 +50,24 @@ pub const DEFAULT_TEMPLATES: &[(&str, &str)] = &[
     ),
 ];
 
+/// SHA-256 of every earlier built-in `bird_base.conf.jinja`: a configuration directory that
+/// still has one of them unchanged gets the current default at its next commit (the current
+/// one keeps the management plane out of BGP, docs/security.md).
+const EARLIER_BIRD_BASE: &[&str] = &[
+    "294a76bdd0c20eeffb9dfe241052c23e5c374c08d2fc80cc095a8347e22e59fc",
+    "610273e0469c68df5d91256938e96a8b2085c3f0aee80007ef22d495e47f28c3",
+    "d860a123e1e64ff6deb25fc5e7d16bd9e7cacaf405969a06d996f2561d55799c",
+];
+
+/// What [`Store::upgrade_default_templates`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TemplateUpgrade {
+    /// An unchanged earlier default, replaced by the current one.
+    Updated(&'static str),
+    /// A customized `bird_base.conf.jinja` without the management filters.
+    LacksManagementFilter(&'static str),
+}
+
 const GITIGNORE: &str = "\
 # Secrets never go into git: back them up separately.
 /generated/secrets.toml
@@ -105,6 +123,34 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 }
 
 impl Store {
+    /// Brings built-in templates the operator never changed up to date (an unchanged earlier
+    /// `bird_base.conf.jinja` becomes the current one, atomically) and reports a customized
+    /// one that lacks the management filters. Call with the lock held.
+    pub fn upgrade_default_templates(&self) -> Result<Vec<TemplateUpgrade>, Error> {
+        const FILE: &str = "bird_base.conf.jinja";
+        let current = DEFAULT_TEMPLATES
+            .iter()
+            .find(|(name, _)| *name == FILE)
+            .map(|(_, content)| *content)
+            .expect("a built-in bird_base.conf.jinja");
+        let path = self.root.join(FILE);
+        let Some(text) = durable::read_optional(&path)? else {
+            return Ok(Vec::new());
+        };
+        if text == current {
+            return Ok(Vec::new());
+        }
+        let digest = towalink_bundle::sha256_hex(text.as_bytes());
+        if EARLIER_BIRD_BASE.contains(&digest.as_str()) {
+            durable::write_atomic(&path, current.as_bytes(), 0o644)?;
+            return Ok(vec![TemplateUpgrade::Updated(FILE)]);
+        }
+        if !text.contains("towalink_management") {
+            return Ok(vec![TemplateUpgrade::LacksManagementFilter(FILE)]);
+        }
+        Ok(Vec::new())
+    }
+
     /// Opens the directory, creating it with working defaults if it does not exist or is
     /// empty. A non-empty directory without config.toml is refused.
     pub fn open_or_init(root: &Path) -> Result<Store, Error> {

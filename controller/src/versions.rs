@@ -516,6 +516,16 @@ pub fn commit(
     // A secret about to enter git refuses the commit before anything is written.
     crate::git::check_recorded_paths(store.root())?;
     crate::git::recover_stale_locks(store.root())?;
+    for upgrade in store.upgrade_default_templates()? {
+        match upgrade {
+            crate::store::TemplateUpgrade::Updated(file) => tracing::warn!(
+                "{file}: was the unchanged built-in template of an earlier tlm; replaced by the current one (its filters keep the management plane out of BGP, docs/security.md)"
+            ),
+            crate::store::TemplateUpgrade::LacksManagementFilter(file) => tracing::warn!(
+                "{file}: customized and without `towalink_management`: peers may import the controller's management address; add the filters of the built-in template (docs/security.md, \"Management plane\")"
+            ),
+        }
+    }
     let tree = store.load_tree()?;
     let resolved = resolve(&tree)?;
     let nodes = nodes_in_scope(&tree, filter);
