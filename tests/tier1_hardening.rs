@@ -531,3 +531,47 @@ fn power_cut_kills_of_commit_never_wedge_the_controller() {
         "no kill landed in git: {landed_at:?} (seed {seed})"
     );
 }
+
+/// `tlm activate` killed after writing `activation.toml`, before git recorded it: the marker
+/// it left keeps `tlm serve` from carrying the order out (docs/security.md), and the next
+/// `tlm` completes the activation, so git and the file agree again.
+#[test]
+fn an_activation_git_has_not_recorded_is_completed_by_the_next_tlm() {
+    let t = mesh(1);
+    let run: towalink_tests::Run = t
+        .command(&["activate", "node", "n0.a", "1", "--timeout", "0"])
+        .env("TLM_CRASH_AT", "activation-saved")
+        .output()
+        .unwrap()
+        .into();
+    assert_ne!(
+        run.code, 0,
+        "the crash point was not reached: {}",
+        run.stderr
+    );
+    assert!(t.path("effective/.activation-pending").exists());
+    assert!(t.read("effective/activation.toml").contains("n0.a"));
+    assert!(
+        !t.git(&["log", "--format=%s"]).contains("activate"),
+        "git recorded it already"
+    );
+    let run = t.run(&["list", "nodes", "all"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("completing an interrupted activation"),
+        "{}",
+        run.stderr
+    );
+    assert!(!t.path("effective/.activation-pending").exists());
+    assert!(
+        t.git(&["log", "-1", "--format=%s"])
+            .contains("(completed after an interrupted activate)"),
+        "{}",
+        t.git(&["log", "-3", "--format=%s"])
+    );
+    assert_eq!(
+        t.git(&["status", "--porcelain", "effective/activation.toml"])
+            .trim(),
+        ""
+    );
+}

@@ -40,6 +40,10 @@ use crate::Error;
 
 /// Present while a commit is under way (see [`recover`]).
 pub const JOURNAL: &str = "effective/.commit-journal.toml";
+/// Present while `tlm activate` has written `activation.toml` but git has not recorded it:
+/// `tlm serve` does not read activations meanwhile, and the next `tlm` completes the
+/// activation (records it) before anything else.
+pub const ACTIVATION_PENDING: &str = "effective/.activation-pending";
 const INDEX: &str = "effective/index.toml";
 const ACTIVATION: &str = "effective/activation.toml";
 pub const SIGNING_KEY: &str = "certs/signing.key";
@@ -390,6 +394,15 @@ pub fn recover(store: &Store) -> Result<(), Error> {
     if journal.is_some() {
         std::fs::remove_file(&journal_path)
             .map_err(|e| IoError::new("cannot remove", &journal_path, e))?;
+    }
+    let pending = store.root().join(ACTIVATION_PENDING);
+    if let Some(message) = durable::read_optional(&pending)? {
+        tracing::warn!("completing an interrupted activation");
+        store.git_commit(&format!(
+            "{} (completed after an interrupted activate)",
+            message.trim()
+        ))?;
+        std::fs::remove_file(&pending).map_err(|e| IoError::new("cannot remove", &pending, e))?;
     }
     Ok(())
 }
@@ -897,8 +910,15 @@ pub fn activate(
             .insert(recorded.node.to_string(), recorded.activation);
     }
     let previous = durable::read_optional(&store.root().join(ACTIVATION))?;
+    let pending = store.root().join(ACTIVATION_PENDING);
+    durable::write_atomic(&pending, format!("{message}\n").as_bytes(), 0o644)?;
     save_activations(store, &activations)?;
-    if let Err(e) = store.git_commit(message) {
+    crash_point("activation-saved");
+    let recorded = store.git_commit(message);
+    if recorded.is_ok() {
+        std::fs::remove_file(&pending).map_err(|e| IoError::new("cannot remove", &pending, e))?;
+    }
+    if let Err(e) = recorded {
         // The service must not carry out an activation git did not record: put the old
         // activations back.
         let path = store.root().join(ACTIVATION);
@@ -908,8 +928,14 @@ pub fn activate(
                 std::fs::remove_file(&path).map_err(|e| IoError::new("cannot remove", &path, e))
             }
         };
-        if let Err(undo) = restored {
-            tracing::warn!("git failed and the activation could not be undone: {undo}");
+        match restored {
+            Ok(()) => {
+                let _ = std::fs::remove_file(&pending);
+            }
+            // The marker stays: the service keeps its view, the next tlm completes it.
+            Err(undo) => {
+                tracing::warn!("git failed and the activation could not be undone: {undo}")
+            }
         }
         crate::git::unstage(store.root());
         return Err(e);

@@ -82,11 +82,12 @@ pub fn reply_for(
 
 /// Files whose change makes the service reload. A commit publishes its versions after git
 /// recorded them and then removes its journal: that removal is what announces them.
-const WATCHED: [&str; 4] = [
+const WATCHED: [&str; 5] = [
     "generated/config.toml",
     "effective/index.toml",
     "effective/activation.toml",
     versions::JOURNAL,
+    versions::ACTIVATION_PENDING,
 ];
 
 type Stamp = Vec<Option<(i64, i64, u64, u64)>>;
@@ -128,6 +129,15 @@ impl Fleet {
 
     /// Reloads when a watched file changed; returns whether it did.
     pub fn reload_if_changed(&self) -> Result<bool, Error> {
+        // An activation git has not recorded yet is not carried out (nor announced).
+        if self
+            .store
+            .root()
+            .join(versions::ACTIVATION_PENDING)
+            .exists()
+        {
+            return Ok(false);
+        }
         let now = stamp(&self.store);
         if *self.stamp.lock().expect("stamp lock") == now {
             return Ok(false);
