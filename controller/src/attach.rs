@@ -549,11 +549,11 @@ fn choose(devices: &[Device], code: &PairingCode, device: Option<&str>) -> Resul
     match matching.as_slice() {
         [one] => Ok((*one).clone()),
         [] => Err(failed(format!(
-            "no device that asked shows pairing code {code}{}; nothing was handed out",
+            "no device that asked shows that pairing code{}; nothing was handed out",
             device.map(|p| format!(" with an id starting `{}`", printable(p))).unwrap_or_default()
         ))),
         _ => Err(failed(format!(
-            "{} devices show pairing code {code}: someone copied it; nothing was handed out (restart `towalink-node bootstrap` on the device for a new code)",
+            "{} devices show that pairing code: someone copied it; nothing was handed out (restart `towalink-node bootstrap` on the device for a new code)",
             matching.len()
         ))),
     }
@@ -593,9 +593,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            error.contains("no device that asked shows pairing code BBBB-BBBB"),
+            error.contains("no device that asked shows that pairing code"),
             "{error}"
         );
+        assert!(!error.contains("BBBB"), "the code is never printed: {error}");
         let error = choose(&devices, &"CCCC-CCCC".parse().unwrap(), None)
             .unwrap_err()
             .to_string();
@@ -605,7 +606,10 @@ mod tests {
             device("bbbb0000bbbb0000", "BBBB-BBBB", "192.0.2.2:1"),
         ];
         let error = choose(&copied, &code, None).unwrap_err().to_string();
-        assert!(error.contains("2 devices show pairing code"), "{error}");
+        assert!(
+            error.contains("2 devices show that pairing code"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -544,8 +544,6 @@ fn run_changing(
     versions::recover(&store)?;
     // A secret about to enter git refuses any change before anything is written.
     crate::git::check_recorded_paths(store.root())?;
-    // `signing.pub` is rewritten from the signing key when missing or different.
-    versions::controller_public_key(&store)?;
     let mut out = out;
     match command {
         Command::List { .. } | Command::Show { .. } | Command::ShowAll { .. } => {
@@ -754,6 +752,9 @@ fn run_changing(
         | Command::Image { .. }
         | Command::Attach { .. } => unreachable!("handled above"),
     }
+    // `signing.pub` is rewritten from the signing key when missing or different (after the
+    // command succeeded: a refused command writes nothing).
+    versions::controller_public_key(&store)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -68,7 +68,11 @@ pub fn secret_reason(path: &str, mode: u32, head: &[u8]) -> Option<&'static str>
         return Some("is a compressed file or image");
     }
     let contains = |needle: &[u8]| head.windows(needle.len()).any(|w| w == needle);
-    if contains(b"PRIVATE KEY-----") || contains(b"wg_private_key") {
+    // A key's value, not a mention of its name (a template comment may name it).
+    if contains(b"PRIVATE KEY-----")
+        || contains(b"wg_private_key = \"")
+        || contains(b"wg_private_key=\"")
+    {
         return Some("holds a private key");
     }
     if mode & 0o077 == 0 {
