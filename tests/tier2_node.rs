@@ -723,3 +723,32 @@ fn decompression_bombs_are_refused_with_bounded_memory() {
         before["installed_versions"]
     );
 }
+
+/// With `bundle_file_sizes` on, the signed manifest declares every file's size; the node
+/// installs and runs such a bundle (and reads no file beyond its declared size, unit-tested in
+/// `towalink-bundle`). Off (the default, for nodes before this release) nothing changes.
+#[test]
+fn bundles_declaring_file_sizes_install_and_activate() {
+    let f = Fixture::new();
+    let manifest = |v: u32| f.ctl.read(&format!("effective/a/x/v{v}/manifest.toml"));
+    assert!(!manifest(1).contains("size ="), "{}", manifest(1));
+    let v2 = f.commit_and_install("bundle_file_sizes", "true");
+    let text = manifest(v2);
+    let declared: toml::Table = text.parse().unwrap();
+    let files = declared["files"].as_array().unwrap();
+    assert!(!files.is_empty());
+    for file in files {
+        let path = file["path"].as_str().unwrap();
+        let on_disk = std::fs::metadata(f.ctl.path(&format!("effective/a/x/v{v2}/files/{path}")))
+            .unwrap()
+            .len();
+        assert_eq!(
+            file["size"].as_integer(),
+            Some(on_disk as i64),
+            "{path}: {text}"
+        );
+    }
+    let out = f.node.ok(&["activate", "latest"]);
+    assert!(out.contains(&format!("activated v{v2}")), "{out}");
+    f.assert_root_is(v2);
+}

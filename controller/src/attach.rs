@@ -596,7 +596,10 @@ mod tests {
             error.contains("no device that asked shows that pairing code"),
             "{error}"
         );
-        assert!(!error.contains("BBBB"), "the code is never printed: {error}");
+        assert!(
+            !error.contains("BBBB"),
+            "the code is never printed: {error}"
+        );
         let error = choose(&devices, &"CCCC-CCCC".parse().unwrap(), None)
             .unwrap_err()
             .to_string();

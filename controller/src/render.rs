@@ -202,6 +202,20 @@ impl<'a> Renderer<'a> {
         })?;
         files.insert(NODE_TOML.to_string(), node_toml.into_bytes());
 
+        let declare_sizes = match complete.values.get("bundle_file_sizes") {
+            None => false,
+            Some(toml::Value::Boolean(b)) => *b,
+            Some(other) => {
+                return Err(RenderError::Attribute {
+                    file: complete
+                        .origin("bundle_file_sizes")
+                        .map(Level::file)
+                        .unwrap_or_default(),
+                    attribute: "bundle_file_sizes".into(),
+                    message: format!("must be true or false, not {}", other.type_str()),
+                })
+            }
+        };
         let mut entries = Vec::with_capacity(files.len());
         let mut services = BTreeMap::new();
         for (path, content) in &files {
@@ -216,9 +230,9 @@ impl<'a> Renderer<'a> {
                 mode: rule.map_or_else(|| "0644".to_string(), |r| r.mode.clone()),
                 sha256: sha256_hex(content),
                 service: rule.and_then(|r| r.service.clone()),
-                // Not written yet: nodes before this field refuse a manifest that has it
-                // (unknown field), and the controller is upgraded before its nodes.
-                size: None,
+                // Opt-in per node (`bundle_file_sizes`): nodes before this field refuse a
+                // manifest that has it (unknown field), and the controller is upgraded first.
+                size: declare_sizes.then_some(content.len() as u64),
             };
             if let Some(service) = &entry.service {
                 let definition =

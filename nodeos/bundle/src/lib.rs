@@ -426,7 +426,8 @@ pub fn verify_tar<R: Read>(
         if size > limit {
             return Err(BundleError::EntryTooLarge { name, size, limit });
         }
-        let mut content = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        // Grows with what arrives, not with what a header claims.
+        let mut content = Vec::with_capacity(usize::try_from(size.min(1 << 20)).unwrap_or(0));
         entry
             .read_to_end(&mut content)
             .map_err(over("the signature is checked"))?;
@@ -492,7 +493,8 @@ pub fn verify_tar<R: Read>(
                 stage: "the end of the files its manifest declares",
             });
         }
-        let mut content = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        // Grows with what arrives, not with what a header claims.
+        let mut content = Vec::with_capacity(usize::try_from(size.min(1 << 20)).unwrap_or(0));
         entry
             .read_to_end(&mut content)
             .map_err(over("the end of the files its manifest declares"))?;
