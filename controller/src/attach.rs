@@ -512,6 +512,23 @@ fn choose_and_hand_out(
             line.parse::<PairingCode>().map_err(failed)?
         }
     };
+    // The device showing the code may ask only now (the operator typed it off a device that
+    // was still starting): wait for it as long as for the grant.
+    let asked = Instant::now();
+    let devices = loop {
+        let now: Vec<Device> = {
+            let state = pairing.lock().expect("pairing lock");
+            state
+                .order
+                .iter()
+                .map(|id| state.devices[id].clone())
+                .collect()
+        };
+        if now.iter().any(|d| d.code.matches(&code)) || asked.elapsed() >= options.timeout {
+            break now;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     let chosen = choose(&devices, &code, options.device.as_deref())?;
     pairing.lock().expect("pairing lock").chosen = Some((chosen.id.clone(), chosen.code.clone()));
     writeln!(
