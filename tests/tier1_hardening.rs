@@ -91,11 +91,11 @@ fn assert_versions_on_disk_are_in_git(t: &Installation, context: &str) {
     }
 }
 
-#[test]
-fn a_stale_git_lock_is_removed_with_a_warning_naming_it() {
+/// A one-node-per-site mesh with a change whose `tlm commit` stopped (crash point) right
+/// after writing its journal.
+fn commit_stopped_after_its_journal() -> Installation {
     let t = mesh(1);
     t.ok(&["set", "global", "bird_bfd_multiplier", "4"]);
-    // A commit killed inside git: its journal, and the locks git left.
     let run: towalink_tests::Run = t
         .command(&["commit", "all"])
         .env("TLM_CRASH_AT", "journal")
@@ -103,6 +103,13 @@ fn a_stale_git_lock_is_removed_with_a_warning_naming_it() {
         .unwrap()
         .into();
     assert_ne!(run.code, 0, "the crash point was not reached");
+    t
+}
+
+#[test]
+fn a_stale_git_lock_is_removed_with_a_warning_naming_it() {
+    // A commit killed inside git: its journal, and the locks git left.
+    let t = commit_stopped_after_its_journal();
     for lock in [
         ".git/index.lock",
         ".git/HEAD.lock",
@@ -167,16 +174,8 @@ fn a_lock_held_by_a_running_git_is_named_and_left_alone() {
 
 #[test]
 fn reading_commands_never_need_git() {
-    let t = mesh(1);
-    t.ok(&["set", "global", "bird_bfd_multiplier", "4"]);
     // A commit that stopped right after its journal: finishing it needs git.
-    let run: towalink_tests::Run = t
-        .command(&["commit", "all"])
-        .env("TLM_CRASH_AT", "journal")
-        .output()
-        .unwrap()
-        .into();
-    assert_ne!(run.code, 0, "the crash point was not reached");
+    let t = commit_stopped_after_its_journal();
     let no_git = t.temp.path().join("no-git");
     std::fs::create_dir_all(&no_git).unwrap();
     for args in [

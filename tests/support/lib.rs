@@ -407,13 +407,4 @@ pub fn zstd_bomb(prefix: &[u8], total: u64) -> Vec<u8> {
     towalink_bundle::test_support::zstd_bomb(prefix, total, 17)
 }
 
-/// A GNU tar header for a regular file of `size` bytes.
-pub fn tar_header(name: &str, size: u64) -> Vec<u8> {
-    let mut header = tar::Header::new_gnu();
-    header.set_path(name).unwrap();
-    header.set_size(size);
-    header.set_mode(0o644);
-    header.set_entry_type(tar::EntryType::Regular);
-    header.set_cksum();
-    header.as_bytes().to_vec()
-}
+pub use towalink_bundle::test_support::tar_header;

@@ -833,16 +833,7 @@ mod tests {
         assert!(parse_mode("f", "0999").is_err());
     }
 
-    /// A tar header for a regular file of `size` bytes.
-    fn tar_header(name: &str, size: u64) -> Vec<u8> {
-        let mut header = tar::Header::new_gnu();
-        header.set_path(name).unwrap();
-        header.set_size(size);
-        header.set_mode(0o644);
-        header.set_entry_type(tar::EntryType::Regular);
-        header.set_cksum();
-        header.as_bytes().to_vec()
-    }
+    use crate::test_support::tar_header;
 
     const GIB2: u64 = 2 << 30;
 

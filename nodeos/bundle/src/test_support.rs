@@ -26,3 +26,14 @@ pub fn zstd_bomb(prefix: &[u8], total: u64, window_log: u32) -> Vec<u8> {
     }
     out
 }
+
+/// A GNU tar header for a regular file of `size` bytes (the content need not follow).
+pub fn tar_header(name: &str, size: u64) -> Vec<u8> {
+    let mut header = tar::Header::new_gnu();
+    header.set_path(name).unwrap();
+    header.set_size(size);
+    header.set_mode(0o644);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_cksum();
+    header.as_bytes().to_vec()
+}
