@@ -80,6 +80,16 @@ struct Pairing {
     granted: bool,
 }
 
+impl Pairing {
+    /// The devices that asked, in the order they first did.
+    fn asked(&self) -> Vec<Device> {
+        self.order
+            .iter()
+            .map(|id| self.devices[id].clone())
+            .collect()
+    }
+}
+
 /// The source a device is counted against: its IPv4 address, or its IPv6 /64 (one host can
 /// hold a whole /64).
 fn source_key(address: &SocketAddr) -> std::net::IpAddr {
@@ -466,14 +476,7 @@ fn choose_and_hand_out(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let devices: Vec<Device> = {
-        let state = pairing.lock().expect("pairing lock");
-        state
-            .order
-            .iter()
-            .map(|id| state.devices[id].clone())
-            .collect()
-    };
+    let devices = pairing.lock().expect("pairing lock").asked();
     if devices.is_empty() {
         return Err(failed(format!(
             "no device asked for a configuration within {} s: run `towalink-node bootstrap --controller <this host>:{}` on the device",
@@ -516,14 +519,7 @@ fn choose_and_hand_out(
     // was still starting): wait for it as long as for the grant.
     let asked = Instant::now();
     let devices = loop {
-        let now: Vec<Device> = {
-            let state = pairing.lock().expect("pairing lock");
-            state
-                .order
-                .iter()
-                .map(|id| state.devices[id].clone())
-                .collect()
-        };
+        let now = pairing.lock().expect("pairing lock").asked();
         if now.iter().any(|d| d.code.matches(&code)) || asked.elapsed() >= options.timeout {
             break now;
         }
