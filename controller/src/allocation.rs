@@ -18,7 +18,7 @@ use base64::Engine as _;
 use rand_core::CryptoRngCore;
 use serde::{Deserialize, Serialize};
 
-use crate::durable::Secret;
+use towalink_system::durable::Secret;
 use crate::names::{NodeFullName, NodeName, NodeRef, SiteName};
 
 /// Why an allocation or lookup failed.

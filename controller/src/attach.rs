@@ -27,7 +27,7 @@ use towalink_bundle::printable::printable;
 use towalink_bundle::wire;
 
 use crate::allocation::NodeAllocation;
-use crate::durable;
+use towalink_system::durable;
 use crate::names::NodeRef;
 use crate::service::records;
 use crate::store::Store;

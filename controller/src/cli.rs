@@ -408,7 +408,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
             .args(args)
             .current_dir(store.root())
             .status()
-            .map_err(|e| crate::durable::IoError::new("cannot run git in", store.root(), e))?;
+            .map_err(|e| towalink_system::durable::IoError::new("cannot run git in", store.root(), e))?;
         return Ok(ExitCode::from(
             status.code().unwrap_or(1).clamp(0, 255) as u8
         ));
@@ -1309,7 +1309,7 @@ fn run_image(config_dir: &std::path::Path, what: &ImageWhat) -> Result<ExitCode,
                     }
                     let nodes: Vec<&NodeAllocation> =
                         generated.nodes.iter().filter(|n| n.site == site).collect();
-                    crate::durable::create_dir_all(&options.output)?;
+                    towalink_system::durable::create_dir_all(&options.output)?;
                     let sources = options.sources();
                     for n in nodes {
                         let file = options.output.join(format!(

@@ -14,8 +14,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::durable::IoError;
-use crate::external;
+use towalink_system::durable::IoError;
+use towalink_system::program as external;
 use crate::Error;
 
 /// Files outside the level directories that git records.

@@ -286,7 +286,7 @@ pub fn build_node_image(
         .prefix("towalink-image-state-")
         .tempdir()
         .map_err(|e| {
-            crate::durable::IoError::new("cannot create", Path::new("temporary dir"), e)
+            towalink_system::durable::IoError::new("cannot create", Path::new("temporary dir"), e)
         })?;
     let (_, version) = installation::provision_node(store, node_ref, state.path())?;
     let (interface, address, dns) = settings.network;

@@ -211,7 +211,7 @@ pub fn provision_node(
     node_ref: &NodeRef,
     dir: &std::path::Path,
 ) -> Result<(NodeAllocation, u32), Error> {
-    use crate::durable::{create_dir_all, write_atomic, IoError};
+    use towalink_system::durable::{create_dir_all, write_atomic, IoError};
     let generated = store.load_generated()?;
     let node = generated.node(node_ref)?.clone();
     let full = node.full_name();
@@ -228,8 +228,8 @@ pub fn provision_node(
             message: "is inside the configuration directory, whose files go into git: choose another directory for the node's private key".into(),
         });
     }
-    let identity_file = dir.join("identity/node.toml");
-    if let Some(existing) = crate::durable::read_optional(&identity_file)? {
+    let identity_file = dir.join(towalink_bundle::identity::NODE_TOML);
+    if let Some(existing) = towalink_system::durable::read_optional(&identity_file)? {
         let same = existing
             .parse::<toml::Table>()
             .ok()
@@ -243,30 +243,21 @@ pub fn provision_node(
         }
     }
     let (identity, node_secrets) = crate::management::node_identity(store, &node)?;
-    create_dir_all(&dir.join("identity"))?;
+    let identity_dir = dir.join(towalink_bundle::identity::IDENTITY_DIR);
+    create_dir_all(&identity_dir)?;
     create_dir_all(&dir.join("incoming"))?;
     std::fs::set_permissions(
-        dir.join("identity"),
+        &identity_dir,
         std::os::unix::fs::PermissionsExt::from_mode(0o700),
     )
-    .map_err(|e| IoError::new("cannot set mode of", &dir.join("identity"), e))?;
-    write_atomic(
-        &dir.join("identity/wg_private_key"),
-        format!("{}\n", node_secrets.wg_private_key.expose()).as_bytes(),
-        0o600,
-    )?;
-    write_atomic(
-        &dir.join("identity/recovery_token"),
-        format!("{}\n", node_secrets.recovery_token.expose()).as_bytes(),
-        0o600,
-    )?;
-    write_atomic(
-        &identity_file,
-        toml::to_string(&identity)
-            .expect("identity serializes")
-            .as_bytes(),
-        0o644,
-    )?;
+    .map_err(|e| IoError::new("cannot set mode of", &identity_dir, e))?;
+    for file in towalink_bundle::identity::identity_files(
+        &identity,
+        node_secrets.wg_private_key.expose(),
+        node_secrets.recovery_token.expose(),
+    ) {
+        write_atomic(&dir.join(file.path), &file.content, file.mode)?;
+    }
     let bundle = crate::versions::bundle_path(store, &full, latest);
     let bytes = std::fs::read(&bundle).map_err(|e| IoError::new("cannot read", &bundle, e))?;
     let name = bundle.file_name().expect("bundle has a name");

@@ -10,8 +10,6 @@ pub mod allocation;
 pub mod attach;
 pub mod attributes;
 pub mod cli;
-pub mod durable;
-pub mod external;
 pub mod git;
 pub mod image;
 pub mod installation;
@@ -32,7 +30,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Io(#[from] durable::IoError),
+    Io(#[from] towalink_system::IoError),
     #[error("`{file}`: line {line}, column {column}: {message}")]
     Toml {
         file: String,
@@ -57,7 +55,7 @@ pub enum Error {
     #[error(transparent)]
     Attribute(#[from] attributes::AttributeInputError),
     #[error(transparent)]
-    Command(#[from] external::CommandError),
+    Command(#[from] towalink_system::program::CommandError),
     #[error("cannot build bundle: {0}")]
     Bundle(#[from] towalink_bundle::BundleError),
     #[error("node {node} has no version v{version}{}", latest.map(|l| format!(" (latest is v{l})")).unwrap_or_default())]

@@ -11,7 +11,7 @@ use towalink_bundle::messages::{Management, NodeIdentity};
 
 use crate::allocation::{NodeAllocation, NodeSecrets};
 use crate::attributes::{defaults, Level, Merged};
-use crate::durable::{self, Secret};
+use towalink_system::durable::{self, Secret};
 use crate::resolve::ResolveError;
 use crate::store::Store;
 use crate::Error;

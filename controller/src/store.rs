@@ -10,20 +10,19 @@
 //! certs/                                        controller signing key (0600, not in git)
 //! ```
 //!
-//! The store reads and writes these files; every replacement is atomic ([`crate::durable`]).
+//! The store reads and writes these files; every replacement is atomic ([`towalink_system::durable`]).
 //! Which sites and nodes exist is decided by `generated/config.toml` alone, so a half-finished
 //! add or remove never leaves an entity half there.
 
 use std::collections::BTreeMap;
-use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 
 use toml::Table;
 
 use crate::allocation::{Generated, NodeAllocation, Secrets};
 use crate::attributes::{Level, DEFAULT_CONFIG_TOML};
-use crate::durable::{self, IoError};
-use crate::external;
+use towalink_system::durable::{self, IoError};
+use towalink_system::program as external;
 use crate::names::{NodeFullName, SiteName};
 use crate::resolve::{ConfigTree, LevelConfig};
 use crate::Error;
@@ -92,9 +91,7 @@ pub struct Store {
 }
 
 /// Held while a command changes the directory: one `tlm` at a time.
-pub struct StoreLock {
-    _file: std::fs::File,
-}
+pub type StoreLock = towalink_system::lock::FileLock;
 
 /// Parses TOML text, turning errors into `file: line L, column C: message`.
 pub fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, file: &str) -> Result<T, Error> {
@@ -294,18 +291,7 @@ impl Store {
 
     /// Takes the directory's lock (blocking while another `tlm` changes it).
     pub fn lock(&self) -> Result<StoreLock, Error> {
-        let path = self.root.join(LOCK_FILE);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|e| IoError::new("cannot open", &path, e))?;
-        // SAFETY: flock on a valid descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(IoError::new("cannot lock", &path, std::io::Error::last_os_error()).into());
-        }
-        Ok(StoreLock { _file: file })
+        Ok(towalink_system::lock::lock_exclusive(&self.root.join(LOCK_FILE))?)
     }
 
     /// Directory of a level, relative to the root.

@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use towalink_bundle::{FileEntry, Manifest, Service};
 
 use crate::allocation::NodeAllocation;
-use crate::durable::{self, IoError};
+use towalink_system::durable::{self, IoError};
 use crate::names::{NodeFullName, VersionSpec};
 use crate::render::{RenderedNode, Renderer};
 use crate::resolve::{resolve, ConfigTree, Resolved};

@@ -263,36 +263,24 @@ pub fn install_syslinux(
     image: &Path,
     offset: u64,
 ) -> Result<(), Error> {
-    let output = std::process::Command::new(installer)
-        .arg("--install")
-        .arg("--offset")
-        .arg(offset.to_string())
-        .arg(image)
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .output()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => Error::MissingHostFile {
+    let offset_text = offset.to_string();
+    let image_text = image.to_string_lossy();
+    towalink_system::program::run(
+        installer,
+        &["--install", "--offset", &offset_text, &image_text],
+        Path::new("/"),
+        &[("MTOOLS_SKIP_CHECK", "1")],
+    )
+    .map_err(|e| {
+        if e.not_found {
+            Error::MissingHostFile {
                 path: installer.into(),
                 package: package.to_string(),
-            },
-            _ => Error::Command {
-                program: installer.to_string(),
-                status: e.to_string(),
-                stderr: String::new(),
-            },
-        })?;
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let tail: Vec<&str> = stderr.lines().rev().take(3).collect();
-        return Err(Error::Command {
-            program: format!(
-                "{installer} --install --offset {offset} {}",
-                image.display()
-            ),
-            status: output.status.to_string(),
-            stderr: tail.into_iter().rev().collect::<Vec<_>>().join(" / "),
-        });
-    }
+            }
+        } else {
+            Error::Command(e)
+        }
+    })?;
     reset_root_times(image, offset)
 }
 

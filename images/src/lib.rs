@@ -63,12 +63,8 @@ pub enum Error {
     BootPartitionFull { size_mib: u32, needed_mib: u64 },
     #[error("FAT file system: {0}")]
     Fat(String),
-    #[error("`{program}` failed ({status}): {stderr}")]
-    Command {
-        program: String,
-        status: String,
-        stderr: String,
-    },
+    #[error(transparent)]
+    Command(towalink_system::program::CommandError),
     #[error("package index {url}: {message}")]
     PackageIndex { url: String, message: String },
     #[error("package {url}: {message}; it was not kept")]

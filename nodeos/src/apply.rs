@@ -129,24 +129,13 @@ impl Reloader {
             }
             report.bird_reload_ms += started.elapsed().as_secs_f64() * 1000.0;
         } else {
-            let output = std::process::Command::new(&argv[0])
-                .args(&argv[1..])
-                .output()
-                .map_err(|e| Error::Reload {
+            let args: Vec<&str> = argv[1..].iter().map(String::as_str).collect();
+            towalink_system::program::run(&argv[0], &args, Path::new("/"), &[]).map_err(|e| {
+                Error::Reload {
                     service: name.to_string(),
-                    message: format!("cannot run `{}`: {e}", argv.join(" ")),
-                })?;
-            if !output.status.success() {
-                return Err(Error::Reload {
-                    service: name.to_string(),
-                    message: format!(
-                        "`{}` failed ({}): {}",
-                        argv.join(" "),
-                        output.status,
-                        String::from_utf8_lossy(&output.stderr).trim()
-                    ),
-                });
-            }
+                    message: e.to_string(),
+                }
+            })?;
         }
         report.reloaded.push(name.to_string());
         Ok(())

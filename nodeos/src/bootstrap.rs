@@ -30,16 +30,7 @@ pub struct Outcome {
 }
 
 fn random_bytes(bytes: usize) -> anyhow::Result<Vec<u8>> {
-    let mut buffer = vec![0u8; bytes];
-    // SAFETY: getrandom writes at most `buffer.len()` bytes into the buffer we own.
-    let n = unsafe { libc::getrandom(buffer.as_mut_ptr().cast(), buffer.len(), 0) };
-    if n != bytes as isize {
-        bail!(
-            "cannot get random bytes: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(buffer)
+    towalink_system::random::bytes(bytes).context("cannot get random bytes")
 }
 
 fn random_hex(bytes: usize) -> anyhow::Result<String> {
@@ -135,22 +126,17 @@ fn ask(
 /// Writes the granted identity: secrets 0600 first, `node.toml` last (its presence means the
 /// identity is complete).
 fn store(state: &StateDir, grant: &AttachGrant) -> anyhow::Result<()> {
-    let dir = state.path("identity");
+    let dir = state.path(towalink_bundle::identity::IDENTITY_DIR);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     std::fs::create_dir_all(state.path("incoming"))?;
-    write_atomic(
-        &dir.join("wg_private_key"),
-        format!("{}\n", grant.wg_private_key.trim()).as_bytes(),
-        0o600,
-    )?;
-    write_atomic(
-        &dir.join("recovery_token"),
-        format!("{}\n", grant.recovery_token.trim()).as_bytes(),
-        0o600,
-    )?;
-    let text = toml::to_string(&grant.identity).context("identity")?;
-    write_atomic(&dir.join("node.toml"), text.as_bytes(), 0o644)?;
+    for file in towalink_bundle::identity::identity_files(
+        &grant.identity,
+        &grant.wg_private_key,
+        &grant.recovery_token,
+    ) {
+        write_atomic(&state.path(file.path), &file.content, file.mode)?;
+    }
     Ok(())
 }
 
@@ -163,7 +149,7 @@ pub fn bootstrap(
     timeout: Option<Duration>,
     code: Option<&PairingCode>,
 ) -> anyhow::Result<Outcome> {
-    let identity = state.path("identity/node.toml");
+    let identity = state.path(towalink_bundle::identity::NODE_TOML);
     if identity.exists() {
         let who = state
             .identity()

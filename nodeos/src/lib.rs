@@ -17,6 +17,16 @@ pub mod state;
 
 use std::path::PathBuf;
 
+impl From<towalink_system::IoError> for Error {
+    fn from(e: towalink_system::IoError) -> Error {
+        Error::Io {
+            action: e.action,
+            path: e.path,
+            source: e.source,
+        }
+    }
+}
+
 /// Everything that can go wrong on a node, naming the file, version or service.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -22,8 +22,6 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::os::fd::AsRawFd as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -85,32 +83,11 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
 
 /// Writes a file durably: temp file, fsync, rename, fsync the directory.
 pub fn write_atomic(path: &Path, content: &[u8], mode: u32) -> Result<(), Error> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let temp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default()
-    ));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&temp)
-        .map_err(io("cannot create", &temp))?;
-    file.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(io("cannot set mode of", &temp))?;
-    file.write_all(content).map_err(io("cannot write", &temp))?;
-    file.sync_all().map_err(io("cannot sync", &temp))?;
-    std::fs::rename(&temp, path).map_err(io("cannot replace", path))?;
-    sync_dir(dir)
+    Ok(towalink_system::durable::write_atomic(path, content, mode)?)
 }
 
 pub fn sync_dir(dir: &Path) -> Result<(), Error> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("cannot sync directory", dir))
+    Ok(towalink_system::durable::sync_dir(dir)?)
 }
 
 fn remove_tree(path: &Path) -> Result<(), Error> {
@@ -154,12 +131,7 @@ fn write_version_tree(dir: &Path, bundle: &VerifiedBundle) -> Result<(), Error> 
 
 /// Flushes the filesystem holding `path` (`syncfs(2)`).
 pub fn sync_filesystem(path: &Path) -> Result<(), Error> {
-    let dir = std::fs::File::open(path).map_err(io("cannot open", path))?;
-    // SAFETY: syncfs on a descriptor we own.
-    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-        return Err(io("cannot sync", path)(std::io::Error::last_os_error()));
-    }
-    Ok(())
+    Ok(towalink_system::durable::sync_filesystem(path)?)
 }
 
 /// The state directory.
@@ -170,7 +142,7 @@ pub struct StateDir {
 
 /// Held while the state is changed; the CLI and the daemon take it alike.
 pub struct StateLock {
-    _file: std::fs::File,
+    _lock: towalink_system::lock::FileLock,
 }
 
 /// Whether an install may take a version older than the newest installed.
@@ -216,22 +188,12 @@ impl StateDir {
 
     pub fn lock(&self) -> Result<StateLock, Error> {
         std::fs::create_dir_all(&self.root).map_err(io("cannot create", &self.root))?;
-        let path = self.path(".lock");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io("cannot open", &path))?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io("cannot lock", &path)(std::io::Error::last_os_error()));
-        }
-        Ok(StateLock { _file: file })
+        let _lock = towalink_system::lock::lock_exclusive(&self.path(".lock"))?;
+        Ok(StateLock { _lock })
     }
 
     pub fn identity(&self) -> Result<Identity, Error> {
-        let path = self.path("identity/node.toml");
+        let path = self.path(towalink_bundle::identity::NODE_TOML);
         let text = std::fs::read_to_string(&path).map_err(io("cannot read identity", &path))?;
         toml::from_str(&text).map_err(|e| Error::Corrupt {
             path,
@@ -245,7 +207,7 @@ impl StateDir {
     ) -> Result<ed25519_dalek_key::VerifyingKey, Error> {
         towalink_bundle::verifying_key_from_base64(&identity.controller_key).map_err(|_| {
             Error::Corrupt {
-                path: self.path("identity/node.toml"),
+                path: self.path(towalink_bundle::identity::NODE_TOML),
                 message: "controller_key is not a base64 ed25519 public key".into(),
             }
         })

@@ -1,4 +1,4 @@
-//! External programs (git) go through here, so a failure always names the program, its
+//! External programs (git, service reload commands, the syslinux installer) go through here, so a failure always names the program, its
 //! arguments, its exit status and the tail of what it printed.
 
 use std::path::Path;
@@ -12,6 +12,8 @@ pub struct CommandError {
     pub args: Vec<String>,
     pub outcome: String,
     pub stderr_tail: String,
+    /// The program is not installed (the callers turn this into "install package X").
+    pub not_found: bool,
 }
 
 /// Runs a program in `dir`, capturing its output; a non-zero exit is an error.
@@ -21,24 +23,29 @@ pub fn run(
     dir: &Path,
     env: &[(&str, &str)],
 ) -> Result<Output, CommandError> {
-    let failed = |outcome: String, stderr: &[u8]| CommandError {
+    let failed = |outcome: String, stderr: &[u8], not_found: bool| CommandError {
         program: program.to_string(),
         args: args.iter().map(|a| a.to_string()).collect(),
         outcome,
         stderr_tail: tail(stderr),
+        not_found,
     };
     let output = Command::new(program)
         .args(args)
         .current_dir(dir)
         .envs(env.iter().copied())
         .output()
-        .map_err(|e| failed(format!("could not start ({e})"), b""))?;
+        .map_err(|e| {
+            let not_found = e.kind() == std::io::ErrorKind::NotFound;
+            failed(format!("could not start ({e})"), b"", not_found)
+        })?;
     if output.status.success() {
         Ok(output)
     } else {
         Err(failed(
             format!("failed ({})", output.status),
             &output.stderr,
+            false,
         ))
     }
 }
@@ -83,5 +90,16 @@ mod tests {
             "fatal: Unable to create '/c/.git/index.lock': File exists."
         );
         assert_eq!(tail(b"one\ntwo\nthree\n"), "two | three");
+    }
+
+    #[test]
+    fn a_missing_program_is_named_and_marked_not_found() {
+        let e = run("towalink-no-such-program", &["--x"], Path::new("/"), &[]).unwrap_err();
+        assert!(e.not_found);
+        assert!(e.to_string().starts_with("`towalink-no-such-program --x` could not start"), "{e}");
+        let e = run("sh", &["-c", "echo boom >&2; exit 3"], Path::new("/"), &[]).unwrap_err();
+        assert!(!e.not_found);
+        assert_eq!(e.stderr_tail, "boom");
+        assert!(e.to_string().contains("failed (exit status: 3): boom"), "{e}");
     }
 }

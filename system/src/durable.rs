@@ -77,7 +77,8 @@ pub fn write_new(path: &Path, content: &[u8], mode: u32) -> Result<(), IoError> 
         .mode(mode)
         .open(path)
         .map_err(|e| IoError::new("cannot create", path, e))?;
-    // `tlm` runs with umask 022 (see main.rs), so the mode given to open() is the mode.
+    // Only `tlm` uses this, with umask 022 (its main sets it), so the mode given to open() is
+    // the mode.
     file.write_all(content)
         .map_err(|e| IoError::new("cannot write", path, e))
 }
@@ -135,18 +136,8 @@ pub fn sync_dir(dir: &Path) -> Result<(), IoError> {
 /// Flushes every dirty file of the filesystem holding `path` (one `syncfs(2)`): cheaper than
 /// one fsync per file when a commit writes thousands of files.
 pub fn sync_filesystem(path: &Path) -> Result<(), IoError> {
-    use std::os::fd::AsRawFd as _;
     let dir = std::fs::File::open(path).map_err(|e| IoError::new("cannot open", path, e))?;
-    // SAFETY: syncfs takes a valid open file descriptor and has no other preconditions.
-    let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
-    if rc != 0 {
-        return Err(IoError::new(
-            "cannot sync filesystem of",
-            path,
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
+    rustix::fs::syncfs(&dir).map_err(|e| IoError::new("cannot sync filesystem of", path, e.into()))
 }
 
 /// Creates a directory and its parents (mode 0755 subject to umask).
