@@ -58,4 +58,9 @@ targets=$(rustup target list --installed 2>/dev/null || true)
 for t in x86_64-unknown-linux-musl aarch64-unknown-linux-musl; do
   grep -qx "$t" <<<"$targets" || rustup target add "$t" >&2
 done
+# The style checks in run-all.sh.
+components=$(rustup component list --installed 2>/dev/null || true)
+for c in clippy rustfmt; do
+  grep -q "^$c" <<<"$components" || rustup component add "$c" >&2
+done
 bird --version >&2

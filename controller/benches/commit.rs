@@ -59,6 +59,8 @@ fn build_installation(dir: &Path, scenario: &Scenario) {
 fn tlm(dir: &Path, args: &[&str]) -> (Duration, i64) {
     let start = Instant::now();
     let verbose = std::env::var_os("TLM_BENCH_LOG").is_some();
+    // Reaped by wait4 below (for its rusage), not by `Child::wait`.
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(env!("CARGO_BIN_EXE_tlm"))
         .args(if verbose {
             &["--loglevel", "debug"][..]

@@ -18,8 +18,8 @@ use base64::Engine as _;
 use rand_core::CryptoRngCore;
 use serde::{Deserialize, Serialize};
 
-use towalink_system::durable::Secret;
 use crate::names::{NodeFullName, NodeName, NodeRef, SiteName};
+use towalink_system::durable::Secret;
 
 /// Why an allocation or lookup failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

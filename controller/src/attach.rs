@@ -27,11 +27,11 @@ use towalink_bundle::printable::printable;
 use towalink_bundle::wire;
 
 use crate::allocation::NodeAllocation;
-use towalink_system::durable;
 use crate::names::NodeRef;
 use crate::service::records;
 use crate::store::Store;
 use crate::Error;
+use towalink_system::durable;
 
 pub const CERT_FILE: &str = "certs/server.pem";
 pub const KEY_FILE: &str = "certs/key.pem";
@@ -209,7 +209,7 @@ fn serve_one(
     };
     let mut answer = |status: u16, body: Vec<u8>| {
         let _ = wire::write_response(&mut tls, status, "application/json", &body);
-        let _ = tls.conn.send_close_notify();
+        tls.conn.send_close_notify();
         let _ = tls.flush();
     };
     if request.method != "POST" || request.path != ATTACH_PATH {

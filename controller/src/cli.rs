@@ -290,7 +290,7 @@ pub enum ImageWhat {
     /// committed version.
     Build {
         #[command(subcommand)]
-        target: ImageTarget,
+        target: Box<ImageTarget>,
     },
     /// Show an image's partitions, boot files, node, version and key fingerprints.
     Inspect {
@@ -408,7 +408,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
             .args(args)
             .current_dir(store.root())
             .status()
-            .map_err(|e| towalink_system::durable::IoError::new("cannot run git in", store.root(), e))?;
+            .map_err(|e| {
+                towalink_system::durable::IoError::new("cannot run git in", store.root(), e)
+            })?;
         return Ok(ExitCode::from(
             status.code().unwrap_or(1).clamp(0, 255) as u8
         ));
@@ -912,10 +914,13 @@ fn parse_version(text: &Option<String>) -> Result<VersionSpec, Error> {
     }
 }
 
+/// Whether a node is in a command's scope.
+type NodeFilter = Box<dyn Fn(&NodeAllocation) -> bool>;
+
 fn scope_filter(
     generated: &crate::allocation::Generated,
     scope: &Scope,
-) -> Result<Box<dyn Fn(&NodeAllocation) -> bool>, Error> {
+) -> Result<NodeFilter, Error> {
     Ok(match scope {
         Scope::All => Box::new(|_| true),
         Scope::Site { site } => {
@@ -1272,7 +1277,7 @@ fn run_image(config_dir: &std::path::Path, what: &ImageWhat) -> Result<ExitCode,
         }
         ImageWhat::Build { target } => {
             let store = Store::open_existing(config_dir)?;
-            let output = match target {
+            let output = match target.as_ref() {
                 ImageTarget::Node { options, .. } | ImageTarget::Site { options, .. } => {
                     &options.output
                 }
@@ -1280,7 +1285,7 @@ fn run_image(config_dir: &std::path::Path, what: &ImageWhat) -> Result<ExitCode,
             if store.contains(output) {
                 return Err(Error::ImageInsideConfig(output.clone()));
             }
-            match target {
+            match target.as_ref() {
                 ImageTarget::Node { node, options } => {
                     let node_ref: NodeRef = node.parse()?;
                     let board = crate::image::board(&options.board)?;

@@ -14,9 +14,9 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::Error;
 use towalink_system::durable::IoError;
 use towalink_system::program as external;
-use crate::Error;
 
 /// Files outside the level directories that git records.
 const RECORDED_FILES: [&str; 4] = [

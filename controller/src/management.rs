@@ -11,10 +11,10 @@ use towalink_bundle::messages::{Management, NodeIdentity};
 
 use crate::allocation::{NodeAllocation, NodeSecrets};
 use crate::attributes::{defaults, Level, Merged};
-use towalink_system::durable::{self, Secret};
 use crate::resolve::ResolveError;
 use crate::store::Store;
 use crate::Error;
+use towalink_system::durable::{self, Secret};
 
 /// The controller's management WireGuard key.
 pub const MANAGEMENT_KEY: &str = "certs/management.key";

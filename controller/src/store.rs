@@ -21,11 +21,11 @@ use toml::Table;
 
 use crate::allocation::{Generated, NodeAllocation, Secrets};
 use crate::attributes::{Level, DEFAULT_CONFIG_TOML};
-use towalink_system::durable::{self, IoError};
-use towalink_system::program as external;
 use crate::names::{NodeFullName, SiteName};
 use crate::resolve::{ConfigTree, LevelConfig};
 use crate::Error;
+use towalink_system::durable::{self, IoError};
+use towalink_system::program as external;
 
 pub const CONFIG_TOML: &str = "config.toml";
 pub const GENERATED_DIR: &str = "generated";
@@ -291,7 +291,9 @@ impl Store {
 
     /// Takes the directory's lock (blocking while another `tlm` changes it).
     pub fn lock(&self) -> Result<StoreLock, Error> {
-        Ok(towalink_system::lock::lock_exclusive(&self.root.join(LOCK_FILE))?)
+        Ok(towalink_system::lock::lock_exclusive(
+            &self.root.join(LOCK_FILE),
+        )?)
     }
 
     /// Directory of a level, relative to the root.

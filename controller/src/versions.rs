@@ -31,12 +31,12 @@ use serde::{Deserialize, Serialize};
 use towalink_bundle::{FileEntry, Manifest, Service};
 
 use crate::allocation::NodeAllocation;
-use towalink_system::durable::{self, IoError};
 use crate::names::{NodeFullName, VersionSpec};
 use crate::render::{RenderedNode, Renderer};
 use crate::resolve::{resolve, ConfigTree, Resolved};
 use crate::store::{parse_toml, Store, CERTS_DIR, EFFECTIVE_DIR};
 use crate::Error;
+use towalink_system::durable::{self, IoError};
 
 /// Present while a commit is under way (see [`recover`]).
 pub const JOURNAL: &str = "effective/.commit-journal.toml";
@@ -423,10 +423,10 @@ fn publish_staged(store: &Store, journal: &Journal) -> Result<(), Error> {
 }
 
 /// Which nodes a command applies to.
-pub fn nodes_in_scope<'a>(
-    tree: &'a ConfigTree,
+pub fn nodes_in_scope(
+    tree: &ConfigTree,
     filter: impl Fn(&NodeAllocation) -> bool,
-) -> Vec<&'a NodeAllocation> {
+) -> Vec<&NodeAllocation> {
     tree.generated.nodes.iter().filter(|n| filter(n)).collect()
 }
 

@@ -96,10 +96,17 @@ mod tests {
     fn a_missing_program_is_named_and_marked_not_found() {
         let e = run("towalink-no-such-program", &["--x"], Path::new("/"), &[]).unwrap_err();
         assert!(e.not_found);
-        assert!(e.to_string().starts_with("`towalink-no-such-program --x` could not start"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("`towalink-no-such-program --x` could not start"),
+            "{e}"
+        );
         let e = run("sh", &["-c", "echo boom >&2; exit 3"], Path::new("/"), &[]).unwrap_err();
         assert!(!e.not_found);
         assert_eq!(e.stderr_tail, "boom");
-        assert!(e.to_string().contains("failed (exit status: 3): boom"), "{e}");
+        assert!(
+            e.to_string().contains("failed (exit status: 3): boom"),
+            "{e}"
+        );
     }
 }

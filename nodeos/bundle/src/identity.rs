@@ -68,7 +68,11 @@ mod tests {
         let order: Vec<_> = files.iter().map(|f| (f.path, f.mode)).collect();
         assert_eq!(
             order,
-            [(WG_PRIVATE_KEY, 0o600), (RECOVERY_TOKEN, 0o600), (NODE_TOML, 0o644)]
+            [
+                (WG_PRIVATE_KEY, 0o600),
+                (RECOVERY_TOKEN, 0o600),
+                (NODE_TOML, 0o644)
+            ]
         );
         assert_eq!(files[0].content, b"key\n");
         let back: NodeIdentity =
