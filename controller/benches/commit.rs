@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use towalink_controller::allocation::Pools;
+use towalink_controller::model::allocation::Pools;
 use towalink_controller::store::Store;
 
 struct Scenario {

@@ -6,25 +6,15 @@
 //! ([`render`]) → signed versions and bundles ([`versions`]). [`cli`] maps the `tlm` grammar
 //! onto these.
 
-pub mod allocation;
-pub mod attach;
-pub mod attributes;
 pub mod cli;
-pub mod git;
-pub mod image;
-pub mod installation;
-pub mod management;
-pub mod names;
-pub mod operate;
-pub mod render;
-pub mod render_memory;
-pub mod resolve;
+pub mod commands;
+pub mod model;
 pub mod service;
 pub mod store;
-pub mod topology;
-pub mod versions;
 
 use std::path::PathBuf;
+
+use model::{allocation, attributes, names, render, resolve};
 
 /// Everything that can go wrong in the controller, each naming the file, field or argument.
 #[derive(Debug, thiserror::Error)]

@@ -8,8 +8,8 @@ use towalink_controller::cli::{run, Cli};
 
 /// Templates render with bounded memory (see `render_memory`).
 #[global_allocator]
-static ALLOCATOR: towalink_controller::render_memory::Allocator =
-    towalink_controller::render_memory::Allocator;
+static ALLOCATOR: towalink_controller::model::render_memory::Allocator =
+    towalink_controller::model::render_memory::Allocator;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

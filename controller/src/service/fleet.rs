@@ -11,10 +11,10 @@ use towalink_bundle::messages::{NodeReport, Order, SyncReply};
 use towalink_bundle::orders::{sign_reply, ReplyBody};
 use towalink_bundle::SigningKey;
 
-use crate::management::ManagementSettings;
-use crate::names::NodeFullName;
+use crate::model::management::ManagementSettings;
+use crate::model::names::NodeFullName;
 use crate::store::Store;
-use crate::{versions, Error};
+use crate::{store::versions, Error};
 
 /// How many versions a reply offers (the node keeps as many).
 pub const OFFERED_VERSIONS: usize = 10;

@@ -29,7 +29,7 @@ use towalink_node::dataplane::netlink::Netlink;
 use towalink_node::dataplane::wireguard::{boringtun_device, Uapi};
 
 use crate::store::Store;
-use crate::{management, Error};
+use crate::Error;
 use fleet::Fleet;
 use limits::{Backoff, Burst, Deadline, Refusal, Slots};
 use records::{NodeRecord, PeerRecord, ServiceRecord};
@@ -152,10 +152,10 @@ fn bind_to_device(listener: &TcpListener, interface: &str) -> Result<(), Error> 
 
 /// Runs the service until the process is stopped.
 pub fn serve(store: &Store, interface: &str) -> Result<(), Error> {
-    let settings = management::settings(store)?;
+    let settings = crate::store::keys::settings(store)?;
     let (secret, public) = {
         let _lock = store.lock()?;
-        management::controller_key(store)?
+        crate::store::keys::controller_key(store)?
     };
     let controller_address = IpAddr::V6(settings.controller_address());
     let (_device, mut uapi) = boringtun_device(interface)?;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use towalink_bundle::messages::NodeReport;
 
-use crate::names::NodeFullName;
+use crate::model::names::NodeFullName;
 use crate::store::Store;
 
 pub const STATUS_DIR: &str = "status";

@@ -3,10 +3,10 @@
 
 use toml::Value;
 
-use crate::allocation::NodeAllocation;
-use crate::attributes::{parse_attribute_path, Level};
-use crate::names::{NodeFullName, NodeRef, SiteName};
-use crate::resolve::{allocation_settings, merge_node, merge_site, resolve};
+use crate::model::allocation::NodeAllocation;
+use crate::model::attributes::{parse_attribute_path, Level};
+use crate::model::names::{NodeFullName, NodeRef, SiteName};
+use crate::model::resolve::{allocation_settings, merge_node, merge_site, resolve};
 use crate::store::Store;
 use crate::Error;
 
@@ -26,7 +26,7 @@ pub fn add_site(store: &Store, site: &SiteName) -> Result<u32, Error> {
 pub fn add_node(store: &Store, full: &NodeFullName) -> Result<NodeAllocation, Error> {
     let mut tree = store.load_tree()?;
     tree.generated.site(full.site.as_str())?;
-    let merged = merge_node(&tree, full, &crate::attributes::defaults());
+    let merged = merge_node(&tree, full, &crate::model::attributes::defaults());
     let (pools, _) = allocation_settings(&merged)?;
     let (node, node_secrets) =
         tree.generated
@@ -53,7 +53,7 @@ pub fn remove_node(store: &Store, node_ref: &NodeRef) -> Result<NodeAllocation, 
     // The record first: once it is saved the node is gone, and what is left below is only
     // leftovers (removed again if a node of that name is added later).
     store.save_generated(&generated)?;
-    crate::versions::forget_node(store, &full)?;
+    crate::store::versions::forget_node(store, &full)?;
     let mut secrets = store.load_secrets()?;
     secrets.nodes.retain(|s| s.id != node.id);
     store.save_secrets(&secrets)?;
@@ -128,7 +128,7 @@ pub fn set_attribute(
                     toml_edit::Item::Table(t)
                 });
                 table = entry.as_table_mut().ok_or_else(|| {
-                    Error::Attribute(crate::attributes::AttributeInputError::Value {
+                    Error::Attribute(crate::model::attributes::AttributeInputError::Value {
                         attribute: attribute.to_string(),
                         message: format!("`{segment}` in `{file}` is not a table"),
                     })
@@ -215,7 +215,7 @@ pub fn provision_node(
     let generated = store.load_generated()?;
     let node = generated.node(node_ref)?.clone();
     let full = node.full_name();
-    let index = crate::versions::load_index(store)?;
+    let index = crate::store::versions::load_index(store)?;
     let latest = index
         .nodes
         .get(&full.to_string())
@@ -242,7 +242,7 @@ pub fn provision_node(
             });
         }
     }
-    let (identity, node_secrets) = crate::management::node_identity(store, &node)?;
+    let (identity, node_secrets) = crate::store::keys::node_identity(store, &node)?;
     let identity_dir = dir.join(towalink_bundle::identity::IDENTITY_DIR);
     create_dir_all(&identity_dir)?;
     create_dir_all(&dir.join("incoming"))?;
@@ -258,7 +258,7 @@ pub fn provision_node(
     ) {
         write_atomic(&dir.join(file.path), &file.content, file.mode)?;
     }
-    let bundle = crate::versions::bundle_path(store, &full, latest);
+    let bundle = crate::store::versions::bundle_path(store, &full, latest);
     let bytes = std::fs::read(&bundle).map_err(|e| IoError::new("cannot read", &bundle, e))?;
     let name = bundle.file_name().expect("bundle has a name");
     write_atomic(&dir.join("incoming").join(name), &bytes, 0o644)?;

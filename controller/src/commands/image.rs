@@ -9,12 +9,12 @@ use towalink_images::assets::{self, AlpineSource};
 use towalink_images::build::{self, BuildReport, Network, NodeImage, UplinkAddress};
 use towalink_images::profile::{self, Board};
 
-use crate::allocation::NodeAllocation;
-use crate::attributes::Merged;
-use crate::names::NodeRef;
-use crate::resolve::{attribute_error, resolve, ResolveError};
+use crate::model::allocation::NodeAllocation;
+use crate::model::attributes::Merged;
+use crate::model::names::NodeRef;
+use crate::model::resolve::{attribute_error, resolve, ResolveError};
 use crate::store::Store;
-use crate::{installation, Error};
+use crate::{store::installation, Error};
 
 /// The image attributes of one node, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,7 +250,7 @@ pub fn build_node_image(
         .complete_attributes(node.id)
         .expect("every allocated node resolves");
     let settings = image_settings(&merged, &node, &board.profile.uplink)?;
-    let state = crate::versions::changed_nodes(store, &tree, &[&node])?;
+    let state = crate::store::versions::changed_nodes(store, &tree, &[&node])?;
     if let Some(s) = state.first().filter(|s| s.changed) {
         eprintln!(
             "tlm: warning: {} has changes that are not committed; the image carries v{} (`tlm commit node {}` first to include them)",
@@ -319,7 +319,7 @@ pub fn board(name: &str) -> Result<Board, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attributes::Level;
+    use crate::model::attributes::Level;
 
     fn node() -> NodeAllocation {
         toml::from_str(

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv6Addr;
 
-use crate::names::{NodeFullName, SiteName};
+use crate::model::names::{NodeFullName, SiteName};
 
 /// How a node picks its peers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

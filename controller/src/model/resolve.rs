@@ -10,10 +10,10 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use serde::Serialize;
 use toml::{Table, Value};
 
-use crate::allocation::{Generated, NodeAllocation};
-use crate::attributes::{defaults, Level, Merged};
-use crate::names::{NodeFullName, NodeRef, SiteName};
-use crate::topology::{self, TopologyKind, TopologyNode};
+use crate::model::allocation::{Generated, NodeAllocation};
+use crate::model::attributes::{defaults, Level, Merged};
+use crate::model::names::{NodeFullName, NodeRef, SiteName};
+use crate::model::topology::{self, TopologyKind, TopologyNode};
 
 /// One level's attributes and service files, as read from disk.
 #[derive(Debug, Clone, Default)]
@@ -208,7 +208,7 @@ fn topology_node(
     let groups = string_list(attributes, "groups")?;
     let mut links = Vec::new();
     for text in string_list(attributes, "links")? {
-        let node_ref: NodeRef = text.parse().map_err(|e: crate::names::NameError| {
+        let node_ref: NodeRef = text.parse().map_err(|e: crate::model::names::NameError| {
             attribute_error(attributes, "links", e.to_string())
         })?;
         let peer = tree.generated.node(&node_ref).map_err(|_| {
@@ -312,8 +312,9 @@ impl Resolved {
         }
         // The controller's underlay addresses, for the templates' filters: the data plane
         // must never route the management link's own packets into a tunnel.
-        let controller_ips =
-            crate::management::controller_endpoint_ips(merged.values.get("controller_endpoint"));
+        let controller_ips = crate::model::management::controller_endpoint_ips(
+            merged.values.get("controller_endpoint"),
+        );
         merged.set(
             "controller_endpoint_ips",
             Value::Array(
@@ -442,13 +443,13 @@ fn check_pool<T: std::str::FromStr>(merged: &Merged, key: &str) -> Result<(), Re
 /// Reads the pools and AS base a new site or node would be allocated from.
 pub fn allocation_settings(
     merged: &Merged,
-) -> Result<(crate::allocation::Pools, u32), ResolveError> {
+) -> Result<(crate::model::allocation::Pools, u32), ResolveError> {
     let ipv4: ipnet::Ipv4Net = optional_parsed(merged, "loopback_ipv4_pool", "an IPv4 prefix")?
         .ok_or_else(|| attribute_error(merged, "loopback_ipv4_pool", "is missing"))?;
     let ipv6: ipnet::Ipv6Net = optional_parsed(merged, "loopback_ipv6_pool", "an IPv6 prefix")?
         .ok_or_else(|| attribute_error(merged, "loopback_ipv6_pool", "is missing"))?;
     let asn_base = required_u32(merged, "asn_base", 0, u32::MAX - 1)?;
-    Ok((crate::allocation::Pools { ipv4, ipv6 }, asn_base))
+    Ok((crate::model::allocation::Pools { ipv4, ipv6 }, asn_base))
 }
 
 #[cfg(test)]
@@ -458,7 +459,7 @@ mod tests {
 
     fn tree(sites: &[(&str, &[&str])]) -> ConfigTree {
         let mut tree = ConfigTree::default();
-        let pools = crate::allocation::Pools {
+        let pools = crate::model::allocation::Pools {
             ipv4: "10.254.0.0/16".parse().unwrap(),
             ipv6: "fd00::/64".parse().unwrap(),
         };

@@ -14,9 +14,9 @@ use minijinja::{Environment, UndefinedBehavior};
 use toml::{Table, Value};
 use towalink_bundle::{sha256_hex, FileEntry, Service};
 
-use crate::attributes::{Level, Merged};
-use crate::names::{NodeFullName, SiteName};
-use crate::resolve::ConfigTree;
+use crate::model::attributes::{Level, Merged};
+use crate::model::names::{NodeFullName, SiteName};
+use crate::model::resolve::ConfigTree;
 
 /// Path of the effective attributes inside a version.
 pub const NODE_TOML: &str = "towalink/node.toml";
@@ -91,7 +91,7 @@ impl<'a> Renderer<'a> {
     }
 
     fn file_set(&mut self, node: &NodeFullName) -> Result<Arc<FileSet>, RenderError> {
-        let has_files = |level: Option<&crate::resolve::LevelConfig>| {
+        let has_files = |level: Option<&crate::model::resolve::LevelConfig>| {
             level.is_some_and(|l| !l.files.is_empty())
         };
         let key = if has_files(self.tree.nodes.get(node)) {
@@ -166,7 +166,7 @@ impl<'a> Renderer<'a> {
                         .get_template(name)
                         .map_err(|e| template_error(&e, path, &set.files))?;
                     let mut text = BoundedOutput::default();
-                    let _memory = crate::render_memory::limit(path);
+                    let _memory = crate::model::render_memory::limit(path);
                     let captured = template
                         .render_captured_to(&context, &mut text)
                         .map_err(|e| template_error(&e, path, &set.files))?;

@@ -1,6 +1,6 @@
 //! A memory bound for rendering templates.
 //!
-//! minijinja bounds the steps a template takes (fuel, see [`crate::render`]) but not the size of
+//! minijinja bounds the steps a template takes (fuel, see [`crate::model::render`]) but not the size of
 //! the strings it builds: `{% set s = s ~ s %}` doubles a string per step, so a few steps can
 //! take gigabytes. [`Allocator`] (installed by `tlm` as the global allocator) counts what the
 //! current thread allocates while it renders a template ([`limit`]); past

@@ -6,7 +6,7 @@
 //! Adding or removing a node never changes anything allocated to another node.
 //!
 //! Per-link values (listen ports, IPv6 link-local addresses, interface names) are pure functions
-//! of the two node ids (see [`crate::topology`]), so they are as stable as the ids.
+//! of the two node ids (see [`crate::model::topology`]), so they are as stable as the ids.
 //!
 //! Pure: randomness comes in as an RNG; reading and writing the files is the store's job.
 
@@ -18,7 +18,7 @@ use base64::Engine as _;
 use rand_core::CryptoRngCore;
 use serde::{Deserialize, Serialize};
 
-use crate::names::{NodeFullName, NodeName, NodeRef, SiteName};
+use crate::model::names::{NodeFullName, NodeName, NodeRef, SiteName};
 use towalink_system::durable::Secret;
 
 /// Why an allocation or lookup failed.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use towalink_bundle::printable::printable;
 
-use crate::names::NodeFullName;
+use crate::model::names::NodeFullName;
 use crate::service::records::{self, NodeRecord, ServiceRecord};
 use crate::store::Store;
 

@@ -6,7 +6,7 @@
 //! site_<site>/node_<node>/config.toml, files    node level
 //! generated/config.toml                         allocations (ids, AS, loopbacks, public keys)
 //! generated/secrets.toml                        private keys, recovery tokens (0600, not in git)
-//! effective/<site>/<node>/v<N>/                 committed versions (see crate::versions)
+//! effective/<site>/<node>/v<N>/                 committed versions (see crate::store::versions)
 //! certs/                                        controller signing key (0600, not in git)
 //! ```
 //!
@@ -14,15 +14,20 @@
 //! Which sites and nodes exist is decided by `generated/config.toml` alone, so a half-finished
 //! add or remove never leaves an entity half there.
 
+pub mod git;
+pub mod installation;
+pub mod keys;
+pub mod versions;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use toml::Table;
 
-use crate::allocation::{Generated, NodeAllocation, Secrets};
-use crate::attributes::{Level, DEFAULT_CONFIG_TOML};
-use crate::names::{NodeFullName, SiteName};
-use crate::resolve::{ConfigTree, LevelConfig};
+use crate::model::allocation::{Generated, NodeAllocation, Secrets};
+use crate::model::attributes::{Level, DEFAULT_CONFIG_TOML};
+use crate::model::names::{NodeFullName, SiteName};
+use crate::model::resolve::{ConfigTree, LevelConfig};
 use crate::Error;
 use towalink_system::durable::{self, IoError};
 use towalink_system::program as external;
@@ -37,15 +42,15 @@ const LOCK_FILE: &str = ".tlm.lock";
 pub const DEFAULT_TEMPLATES: &[(&str, &str)] = &[
     (
         "bird.conf.jinja",
-        include_str!("../defaults/bird.conf.jinja"),
+        include_str!("../../defaults/bird.conf.jinja"),
     ),
     (
         "bird_base.conf.jinja",
-        include_str!("../defaults/bird_base.conf.jinja"),
+        include_str!("../../defaults/bird_base.conf.jinja"),
     ),
     (
         "bird_peers.conf.jinja",
-        include_str!("../defaults/bird_peers.conf.jinja"),
+        include_str!("../../defaults/bird_peers.conf.jinja"),
     ),
 ];
 
@@ -484,9 +489,9 @@ fn generated_text(body: &str) -> String {
     )
 }
 
-/// Records a git commit of the directory's recorded files (see [`crate::git`]).
+/// Records a git commit of the directory's recorded files (see [`crate::store::git`]).
 pub fn git_commit(dir: &Path, message: &str) -> Result<bool, Error> {
-    crate::git::commit(dir, message)
+    crate::store::git::commit(dir, message)
 }
 
 #[cfg(test)]

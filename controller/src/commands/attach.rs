@@ -26,8 +26,8 @@ use towalink_bundle::pairing::PairingCode;
 use towalink_bundle::printable::printable;
 use towalink_bundle::wire;
 
-use crate::allocation::NodeAllocation;
-use crate::names::NodeRef;
+use crate::model::allocation::NodeAllocation;
+use crate::model::names::NodeRef;
 use crate::service::records;
 use crate::store::Store;
 use crate::Error;
@@ -133,7 +133,7 @@ fn tls_identity(
         if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
             names.push(host.trim().to_string());
         }
-        if let Ok(settings) = crate::management::settings(store) {
+        if let Ok(settings) = crate::store::keys::settings(store) {
             for endpoint in &settings.controller_endpoints {
                 let host = endpoint
                     .rsplit_once(':')
@@ -343,7 +343,7 @@ pub fn attach(
     let (identity, secrets): (NodeIdentity, _) = {
         let _lock = store.lock()?;
         store.ensure_gitignore()?;
-        crate::management::node_identity(store, &node)?
+        crate::store::keys::node_identity(store, &node)?
     };
     if identity.management.is_none() {
         return Err(failed(
@@ -455,7 +455,7 @@ pub fn attach(
 
 fn choose_and_hand_out(
     store: &Store,
-    full: &crate::names::NodeFullName,
+    full: &crate::model::names::NodeFullName,
     options: &AttachOptions,
     pairing: &Mutex<Pairing>,
     input: &mut dyn BufRead,

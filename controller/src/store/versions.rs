@@ -30,10 +30,10 @@ use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
 use towalink_bundle::{FileEntry, Manifest, Service};
 
-use crate::allocation::NodeAllocation;
-use crate::names::{NodeFullName, VersionSpec};
-use crate::render::{RenderedNode, Renderer};
-use crate::resolve::{resolve, ConfigTree, Resolved};
+use crate::model::allocation::NodeAllocation;
+use crate::model::names::{NodeFullName, VersionSpec};
+use crate::model::render::{RenderedNode, Renderer};
+use crate::model::resolve::{resolve, ConfigTree, Resolved};
 use crate::store::{parse_toml, Store, CERTS_DIR, EFFECTIVE_DIR};
 use crate::Error;
 use towalink_system::durable::{self, IoError};
@@ -350,7 +350,7 @@ pub fn controller_public_key(store: &Store) -> Result<Option<String>, Error> {
 ///
 /// After the journal, the commit is rolled forward in its own order: the index, git, then
 /// the versions moved into place (so the service sees them only once git has them), then the
-/// journal removed. Stale git locks are removed on the way ([`crate::git`]).
+/// journal removed. Stale git locks are removed on the way ([`crate::store::git`]).
 pub fn recover(store: &Store) -> Result<(), Error> {
     let journal_path = store.root().join(JOURNAL);
     let journal: Option<Journal> = match durable::read_optional(&journal_path)? {
@@ -527,8 +527,8 @@ pub fn commit(
     message: &str,
 ) -> Result<CommitOutcome, Error> {
     // A secret about to enter git refuses the commit before anything is written.
-    crate::git::check_recorded_paths(store.root())?;
-    crate::git::recover_stale_locks(store.root())?;
+    crate::store::git::check_recorded_paths(store.root())?;
+    crate::store::git::recover_stale_locks(store.root())?;
     for upgrade in store.upgrade_default_templates()? {
         match upgrade {
             crate::store::TemplateUpgrade::Updated(file) => tracing::warn!(
@@ -709,7 +709,7 @@ fn undo_commit(store: &Store, previous_index: Option<&str>, staging: &Path) {
     match undone {
         Ok(()) => {
             let _ = durable::remove_dir_all(staging);
-            crate::git::unstage(store.root());
+            crate::store::git::unstage(store.root());
             tracing::warn!("git failed: the commit was undone, no version was published");
         }
         Err(e) => tracing::warn!(
@@ -937,7 +937,7 @@ pub fn activate(
                 tracing::warn!("git failed and the activation could not be undone: {undo}")
             }
         }
-        crate::git::unstage(store.root());
+        crate::store::git::unstage(store.root());
         return Err(e);
     }
     Ok(plan)

@@ -9,11 +9,11 @@ use std::fmt;
 
 use toml::{Table, Value};
 
-use crate::names::{NodeName, SiteName};
+use crate::model::names::{NodeName, SiteName};
 
 /// The built-in defaults. `tlm` writes this text as the first `config.toml`, and the same values
 /// apply when an attribute is removed from every level.
-pub const DEFAULT_CONFIG_TOML: &str = include_str!("../defaults/config.toml");
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../defaults/config.toml");
 
 /// The built-in default attributes.
 pub fn defaults() -> Table {

@@ -11,12 +11,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use toml::Value;
 
-use crate::allocation::NodeAllocation;
-use crate::attributes::{parse_value, Level, Merged};
-use crate::names::{NodeFullName, NodeRef, SiteName, VersionSpec};
-use crate::resolve::{merge_site, resolve};
+use crate::model::allocation::NodeAllocation;
+use crate::model::attributes::{parse_value, Level, Merged};
+use crate::model::names::{NodeFullName, NodeRef, SiteName, VersionSpec};
+use crate::model::resolve::{merge_site, resolve};
 use crate::store::Store;
-use crate::{installation, operate, versions, Error};
+use crate::{commands::operate, store::installation, store::versions, Error};
 
 /// tlm: manage a Towalink installation (sites, nodes, configuration versions).
 #[derive(Debug, Parser)]
@@ -352,11 +352,11 @@ pub struct ImageOptions {
 }
 
 impl ImageOptions {
-    fn sources(&self) -> crate::image::ImageSources {
+    fn sources(&self) -> crate::commands::image::ImageSources {
         let cache = self
             .cache_dir
             .clone()
-            .unwrap_or_else(crate::image::default_cache_dir);
+            .unwrap_or_else(crate::commands::image::default_cache_dir);
         let alpine = match &self.alpine_dir {
             Some(dir) => towalink_images::assets::AlpineSource::Dir(dir.clone()),
             None => towalink_images::assets::AlpineSource::Release {
@@ -365,7 +365,7 @@ impl ImageOptions {
                 cache: cache.clone(),
             },
         };
-        crate::image::ImageSources {
+        crate::commands::image::ImageSources {
             alpine,
             packages: towalink_images::packages::PackageSource::new(
                 self.mirror.clone(),
@@ -474,7 +474,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
             san,
         } => {
             let store = Store::open_existing(&cli.config_dir)?;
-            let options = crate::attach::AttachOptions {
+            let options = crate::commands::attach::AttachOptions {
                 listen: *listen,
                 collect: std::time::Duration::from_secs(*collect),
                 device: device.clone(),
@@ -485,7 +485,13 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
             };
             let mut input = std::io::stdin().lock();
             let mut out = std::io::stdout().lock();
-            crate::attach::attach(&store, &node.parse()?, &options, &mut input, &mut out)?;
+            crate::commands::attach::attach(
+                &store,
+                &node.parse()?,
+                &options,
+                &mut input,
+                &mut out,
+            )?;
             return Ok(ExitCode::SUCCESS);
         }
         _ => {}
@@ -545,7 +551,7 @@ fn run_changing(
     let lock = store.lock()?;
     versions::recover(&store)?;
     // A secret about to enter git refuses any change before anything is written.
-    crate::git::check_recorded_paths(store.root())?;
+    crate::store::git::check_recorded_paths(store.root())?;
     let mut out = out;
     match command {
         Command::List { .. } | Command::Show { .. } | Command::ShowAll { .. } => {
@@ -918,7 +924,7 @@ fn parse_version(text: &Option<String>) -> Result<VersionSpec, Error> {
 type NodeFilter = Box<dyn Fn(&NodeAllocation) -> bool>;
 
 fn scope_filter(
-    generated: &crate::allocation::Generated,
+    generated: &crate::model::allocation::Generated,
     scope: &Scope,
 ) -> Result<NodeFilter, Error> {
     Ok(match scope {
@@ -1075,14 +1081,18 @@ fn list(
                 objects.push(json!({
                     "a": a.full_name().to_string(), "b": b.full_name().to_string(),
                     "a_interface": p.interface, "a_port": p.listen_port,
-                    "b_interface": crate::topology::interface_name(a.id), "b_port": p.peer_port,
+                    "b_interface": crate::model::topology::interface_name(a.id), "b_port": p.peer_port,
                     "a_link_local": p.local_link_local, "b_link_local": p.peer_link_local,
                 }));
                 rows.push(vec![
                     a.full_name().to_string(),
                     format!("{}:{}", p.interface, p.listen_port),
                     b.full_name().to_string(),
-                    format!("{}:{}", crate::topology::interface_name(a.id), p.peer_port),
+                    format!(
+                        "{}:{}",
+                        crate::model::topology::interface_name(a.id),
+                        p.peer_port
+                    ),
                 ]);
             }
             if format == Format::Json {
@@ -1288,8 +1298,8 @@ fn run_image(config_dir: &std::path::Path, what: &ImageWhat) -> Result<ExitCode,
             match target.as_ref() {
                 ImageTarget::Node { node, options } => {
                     let node_ref: NodeRef = node.parse()?;
-                    let board = crate::image::board(&options.board)?;
-                    let report = crate::image::build_node_image(
+                    let board = crate::commands::image::board(&options.board)?;
+                    let report = crate::commands::image::build_node_image(
                         &store,
                         &node_ref,
                         &board,
@@ -1304,10 +1314,10 @@ fn run_image(config_dir: &std::path::Path, what: &ImageWhat) -> Result<ExitCode,
                     zstd,
                 } => {
                     let site: SiteName = site.parse()?;
-                    let board = crate::image::board(&options.board)?;
+                    let board = crate::commands::image::board(&options.board)?;
                     let generated = store.load_generated()?;
                     if !generated.sites.iter().any(|s| s.name == site) {
-                        return Err(crate::allocation::AllocationError::UnknownSite(
+                        return Err(crate::model::allocation::AllocationError::UnknownSite(
                             site.to_string(),
                         )
                         .into());
@@ -1323,7 +1333,7 @@ fn run_image(config_dir: &std::path::Path, what: &ImageWhat) -> Result<ExitCode,
                             n.name,
                             if *zstd { ".zst" } else { "" }
                         ));
-                        let report = crate::image::build_node_image(
+                        let report = crate::commands::image::build_node_image(
                             &store,
                             &NodeRef::Id(n.id),
                             &board,
