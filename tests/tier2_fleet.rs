@@ -439,6 +439,64 @@ fn fleet_versions_activation_rollback_attach_and_controller_loss() {
     }
 }
 
+/// `tlm serve` stopped as its unit stops it (SIGTERM) while its node long-polls: it exits 0,
+/// removes its management interface, and starts again in its place; the node reports to the
+/// new service.
+#[test]
+fn a_stopped_service_exits_cleanly_and_starts_again() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut options = Options::new(1, Topology::None);
+    options.controller = true;
+    let mut net = Network::build(options);
+    net.wait_reported(&[1], 1, "good", Duration::from_secs(30));
+    let status = net.stop_controller(Duration::from_secs(30));
+    let log = net.controller_log();
+    assert!(
+        status.success(),
+        "tlm serve exited with {status}:\n{}",
+        tail(&log, 20)
+    );
+    for expected in [
+        "stopping: no new connections",
+        "API stopped",
+        "controller service stopped",
+    ] {
+        assert!(
+            log.contains(expected),
+            "controller log lacks `{expected}`:\n{}",
+            tail(&log, 20)
+        );
+    }
+    let ctl_netns = net.controller.as_ref().unwrap().netns.clone();
+    let links = towalink_tests::network::sh("ip", &["-n", &ctl_netns, "-o", "link", "show"]);
+    assert!(
+        !links.contains("tlmgmt0"),
+        "the management interface is left:\n{links}"
+    );
+    let text = net.ctl.ok(&["status"]);
+    assert!(text.contains("controller service: not running"), "{text}");
+
+    net.start_controller();
+    let seen = node_entry(&net.fleet_status(), "r.s1")["last_seen_ms"]
+        .as_u64()
+        .unwrap();
+    wait_for(
+        Duration::from_secs(60),
+        || {
+            node_entry(&net.fleet_status(), "r.s1")["last_seen_ms"]
+                .as_u64()
+                .unwrap()
+                > seen
+        },
+        || {
+            format!(
+                "r.s1 does not report to the restarted service:\n{}",
+                tail(&net.site(1).log(), 30)
+            )
+        },
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The node API under a hostile node (docs/security.md, "Node API under a hostile node").
 

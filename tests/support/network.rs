@@ -555,6 +555,32 @@ impl Network {
         }
     }
 
+    /// Stops the controller service as its unit does (SIGTERM) and waits up to `limit` for it
+    /// to exit; returns its exit status.
+    pub fn stop_controller(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut child = self
+            .controller
+            .as_mut()
+            .and_then(|c| c.service.take())
+            .expect("tlm serve runs");
+        sh("kill", &["-TERM", &child.id().to_string()]);
+        let until = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for tlm serve") {
+                return status;
+            }
+            if Instant::now() >= until {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "tlm serve did not exit within {limit:?} of SIGTERM:\n{}",
+                    tail(&self.controller_log(), 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn controller_log(&self) -> String {
         self.controller
             .as_ref()

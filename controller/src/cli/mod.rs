@@ -425,7 +425,10 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
                 recover_for_reading(&store);
                 store.ensure_gitignore()?;
             }
-            crate::service::serve(&store, interface)?;
+            // Before any thread starts: they inherit the blocked signals.
+            let shutdown = crate::service::Shutdown::new()?;
+            crate::service::stop_on_signals(&shutdown)?;
+            crate::service::run(&store, interface, &shutdown)?;
             return Ok(ExitCode::SUCCESS);
         }
         Command::Image { what } => return run_image(&cli.config_dir, what),

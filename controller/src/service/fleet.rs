@@ -1,6 +1,11 @@
 //! The service's view of the fleet: every node's management identity, committed versions and
-//! activation order, reloaded when `tlm` changes the configuration directory; and the
-//! long-poll rendezvous between nodes waiting for news and those changes.
+//! activation order, reloaded when `tlm` changes the configuration directory; the nodes'
+//! underlay endpoints as the management hub last saw them; and the long-poll rendezvous
+//! between nodes waiting for news and those changes.
+//!
+//! Only [`Fleet::reload`] reads the disk; everything else works on the view in memory, so the
+//! API's router ([`super::api::route`]) can ask it questions without I/O, and tests can set
+//! a view with [`Fleet::publish`].
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -37,6 +42,8 @@ pub struct View {
     /// The signing key (`certs/signing.key`) that signs every reply; none before the first
     /// commit made it (nodes refuse unsigned replies, and have nothing to take yet anyway).
     pub key: Option<SigningKey>,
+    /// The service is stopping: long polls are answered at once.
+    pub closing: bool,
 }
 
 /// The reply a node gets, and whether it carries news (a version the node lacks among the
@@ -98,6 +105,8 @@ pub struct Fleet {
     view: Mutex<View>,
     changed: Condvar,
     stamp: Mutex<Stamp>,
+    /// Node id → underlay address of its management peer, from the hub.
+    endpoints: Mutex<BTreeMap<u32, String>>,
 }
 
 fn stamp(store: &Store) -> Stamp {
@@ -120,6 +129,7 @@ impl Fleet {
             view: Mutex::new(View::default()),
             changed: Condvar::new(),
             stamp: Mutex::new(Vec::new()),
+            endpoints: Mutex::default(),
         }
     }
 
@@ -170,6 +180,12 @@ impl Fleet {
             );
         }
         let key = versions::load_signing_key(&self.store)?;
+        self.publish(nodes, key);
+        Ok(())
+    }
+
+    /// Makes `nodes` and `key` the view; wakes every waiting node when the nodes changed.
+    pub fn publish(&self, nodes: BTreeMap<u32, NodeEntry>, key: Option<SigningKey>) {
         let mut view = self.view.lock().expect("fleet lock");
         view.key = key;
         if view.nodes != nodes {
@@ -182,7 +198,27 @@ impl Fleet {
             );
             self.changed.notify_all();
         }
-        Ok(())
+    }
+
+    /// The service is stopping: every waiting long poll gets its reply now, and later ones
+    /// at once (the node asks the next service again).
+    pub fn close(&self) {
+        self.view.lock().expect("fleet lock").closing = true;
+        self.changed.notify_all();
+    }
+
+    /// Records where the hub last saw each node's management peer.
+    pub fn set_endpoints(&self, endpoints: BTreeMap<u32, String>) {
+        *self.endpoints.lock().unwrap_or_else(|e| e.into_inner()) = endpoints;
+    }
+
+    /// The node's underlay address as the hub last saw it.
+    pub fn endpoint(&self, id: u32) -> Option<String> {
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
     }
 
     pub fn node(&self, id: u32) -> Option<NodeEntry> {
@@ -203,8 +239,9 @@ impl Fleet {
             .collect()
     }
 
-    /// The reply for a node: at once when there is news for it, else when the fleet changes
-    /// with news for it, or after `wait`. `None` when the node is removed, or when `gone`
+    /// The reply for a node: at once when there is news for it or the service is closing, else
+    /// when the fleet changes with news for it, or after `wait`. `None` when the node is
+    /// removed, or when `gone`
     /// (asked every `check`, without the fleet lock) says the node stopped waiting.
     pub fn wait_reply(
         &self,
@@ -226,7 +263,7 @@ impl Fleet {
                 view.key.as_ref(),
             );
             let now = Instant::now();
-            if news || now >= deadline {
+            if news || view.closing || now >= deadline {
                 return Some(reply);
             }
             let (guard, timeout) = self
@@ -244,6 +281,8 @@ impl Fleet {
         }
     }
 
+    /// Where the bundle of one of the node's committed versions is (the path only: reading it
+    /// is the caller's I/O).
     pub fn bundle_path(&self, id: u32, version: u32) -> Option<PathBuf> {
         let entry = self.node(id)?;
         entry
@@ -358,6 +397,41 @@ mod tests {
             &report(vec![1], None),
             Duration::from_millis(50),
             Duration::from_millis(10),
+            &|| false,
+        );
+        assert_eq!(reply.unwrap().versions, [1]);
+    }
+
+    #[test]
+    fn closing_answers_waiting_polls_at_once() {
+        let (_dir, fleet) = fleet_with(1, entry(vec![1], None));
+        let fleet = std::sync::Arc::new(fleet);
+        let (sent, answered) = std::sync::mpsc::channel();
+        let poll = {
+            let fleet = std::sync::Arc::clone(&fleet);
+            std::thread::spawn(move || {
+                let reply = fleet.wait_reply(
+                    1,
+                    &report(vec![1], None),
+                    Duration::from_secs(3600),
+                    Duration::from_secs(3600),
+                    &|| false,
+                );
+                sent.send(reply).unwrap();
+            })
+        };
+        fleet.close();
+        let reply = answered
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the long poll was not answered within 30 s of closing");
+        assert_eq!(reply.unwrap().versions, [1]);
+        poll.join().unwrap();
+        // Later polls do not wait either.
+        let reply = fleet.wait_reply(
+            1,
+            &report(vec![1], None),
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
             &|| false,
         );
         assert_eq!(reply.unwrap().versions, [1]);

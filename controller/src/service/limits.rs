@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, TcpStream};
 use std::os::fd::AsRawFd as _;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// Connections one source may hold at once. A node needs one (its sync, then its downloads one
@@ -29,6 +29,10 @@ pub const RESPONSE_DEADLINE: Duration = Duration::from_secs(60);
 pub const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
 /// How often a waiting long poll checks whether its node hung up.
 pub const HANGUP_CHECK: Duration = Duration::from_secs(1);
+/// How long a stopping service waits for the connections in flight to end (long polls are
+/// answered at once; a request being read gets its deadline). Connections still open after
+/// it are closed when the process exits; their nodes ask again.
+pub const SHUTDOWN_GRACE: Duration = REQUEST_DEADLINE;
 /// Descriptors kept for everything but connections (the WireGuard device, the listener,
 /// status writes, bundle reads, logs).
 const FD_RESERVE: u64 = 64;
@@ -47,6 +51,32 @@ const BACKOFF_MAX: Duration = Duration::from_millis(500);
 pub fn connection_cap(file_limit: u64) -> usize {
     let cap = file_limit.saturating_sub(FD_RESERVE) / 2;
     (cap.min(MAX_CONNECTIONS as u64) as usize).max(MIN_CONNECTIONS)
+}
+
+/// The limits one API server runs with: [`ApiLimits::for_file_limit`] in `tlm serve`, smaller
+/// ones in tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiLimits {
+    /// Connections one source may hold at once.
+    pub per_node: usize,
+    /// Connections in all.
+    pub connections: usize,
+    /// The whole request must arrive within this time of the accept.
+    pub request_deadline: Duration,
+    /// How long a stopping server waits for its connections to end.
+    pub grace: Duration,
+}
+
+impl ApiLimits {
+    /// The service's limits for a process allowed `file_limit` open files. Pure.
+    pub fn for_file_limit(file_limit: u64) -> ApiLimits {
+        ApiLimits {
+            per_node: PER_NODE_CONNECTIONS,
+            connections: connection_cap(file_limit),
+            request_deadline: REQUEST_DEADLINE,
+            grace: SHUTDOWN_GRACE,
+        }
+    }
 }
 
 /// Raises the soft limit on open files to the hard one (at most 2^20, the kernel's default
@@ -138,9 +168,9 @@ impl Tally {
     }
 }
 
-/// The shared [`Tally`] of the running service.
+/// The shared [`Tally`] of the running service, and the signal that a slot was released.
 #[derive(Debug, Clone)]
-pub struct Slots(Arc<Mutex<Tally>>);
+pub struct Slots(Arc<(Mutex<Tally>, Condvar)>);
 
 /// A connection counted in [`Slots`]; dropping it releases the slot.
 #[derive(Debug)]
@@ -151,14 +181,18 @@ pub struct Slot {
 
 impl Slots {
     pub fn new(source_cap: usize, total_cap: usize) -> Slots {
-        Slots(Arc::new(Mutex::new(Tally::new(source_cap, total_cap))))
+        Slots(Arc::new((
+            Mutex::new(Tally::new(source_cap, total_cap)),
+            Condvar::new(),
+        )))
+    }
+
+    fn tally(&self) -> std::sync::MutexGuard<'_, Tally> {
+        self.0 .0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn take(&self, source: IpAddr) -> Result<Slot, Refusal> {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .admit(source)?;
+        self.tally().admit(source)?;
         Ok(Slot {
             slots: self.clone(),
             source,
@@ -167,18 +201,34 @@ impl Slots {
 
     /// Connections held from `source`, and in all.
     pub fn held(&self, source: IpAddr) -> (usize, usize) {
-        let tally = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let tally = self.tally();
         (tally.held(source), tally.total())
+    }
+
+    /// Waits until every slot is released, or `within` passed; returns how many are held.
+    pub fn drain(&self, within: Duration) -> usize {
+        let until = Instant::now() + within;
+        let mut tally = self.tally();
+        while tally.total() > 0 {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            tally = self
+                .0
+                 .1
+                .wait_timeout(tally, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        tally.total()
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.slots
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .release(self.source);
+        self.slots.tally().release(self.source);
+        self.slots.0 .1.notify_all();
     }
 }
 
@@ -388,6 +438,33 @@ mod tests {
         drop(slot);
         assert_eq!(slots.held(node(1)), (0, 0));
         assert!(slots.take(node(1)).is_ok());
+    }
+
+    #[test]
+    fn draining_waits_for_the_last_slot() {
+        let slots = Slots::new(4, 10);
+        assert_eq!(
+            slots.drain(Duration::ZERO),
+            0,
+            "nothing held, nothing to wait for"
+        );
+        let held = slots.take(node(1)).unwrap();
+        assert_eq!(slots.drain(Duration::from_millis(10)), 1, "still held");
+        let release = std::thread::spawn(move || drop(held));
+        assert_eq!(
+            slots.drain(Duration::from_secs(60)),
+            0,
+            "the slot released by another thread was not noticed within 60 s"
+        );
+        release.join().unwrap();
+    }
+
+    #[test]
+    fn the_service_limits_follow_the_file_limit() {
+        let limits = ApiLimits::for_file_limit(1024);
+        assert_eq!(limits.connections, 480);
+        assert_eq!(limits.per_node, PER_NODE_CONNECTIONS);
+        assert_eq!(limits.request_deadline, REQUEST_DEADLINE);
     }
 
     #[test]

@@ -1,41 +1,46 @@
-//! `tlm serve`: the controller service. It runs the management WireGuard endpoint in-process
-//! (boringtun, one interface, one peer per node whose allowed address is the node's
-//! management address), and the management API on the controller's management address only:
-//! bound to that address and to the management interface, so a connection from anywhere
-//! else is refused by the kernel. Because WireGuard only accepts packets from a node's
-//! address when they come with that node's key, the source address of a connection
-//! identifies the node. One node cannot take the API from the others: [`limits`] caps the
-//! connections per node and in all, and bounds each request and response by a deadline.
+//! `tlm serve`: the controller service. [`run`] sets up the management WireGuard endpoint
+//! in-process (boringtun, one interface, one peer per node whose allowed address is the
+//! node's management address: the hub), binds the management API on the controller's
+//! management address only (to that address and to the management interface, so a
+//! connection from anywhere else is refused by the kernel), and runs the API
+//! ([`server::serve`]) beside the hub's loop until its [`Shutdown`] is triggered. Because
+//! WireGuard only accepts packets from a node's address when they come with that node's key,
+//! the source address of a connection identifies the node. One node cannot take the API from
+//! the others: [`limits`] caps the connections per node and in all, and bounds each request
+//! and response by a deadline.
+//!
+//! - [`api`]: the router and its refusals, pure; [`server`]: the connections around it.
+//! - [`fleet`]: what the service knows (the view of the directory, the long polls).
+//! - [`records`]: the `status/` files it leaves for `tlm status` and `tlm activate`.
+//! - [`shutdown`]: the stop signal every loop watches; SIGTERM/SIGINT trigger it.
 //!
 //! The service reads the configuration directory (it never writes it, except `status/` and
 //! the management key on first start) and notices `tlm commit` / `tlm activate` within
 //! 100 ms by watching `generated/config.toml`, `effective/index.toml` and
 //! `effective/activation.toml`.
 
+pub mod api;
 pub mod fleet;
 pub mod limits;
 pub mod records;
+pub mod server;
+pub mod shutdown;
 
 use std::collections::BTreeMap;
-use std::io::BufReader;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd as _;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use towalink_bundle::messages::{NodeReport, BUNDLE_PATH, MAX_WAIT_MS, SYNC_PATH};
-use towalink_bundle::wire::{self, WireError};
 use towalink_node::dataplane::netlink::Netlink;
 use towalink_node::dataplane::wireguard::{boringtun_device, Uapi};
 
 use crate::store::Store;
 use crate::Error;
 use fleet::Fleet;
-use limits::{Backoff, Burst, Deadline, Refusal, Slots};
-use records::{NodeRecord, PeerRecord, ServiceRecord};
-
-/// Largest request body (a node report).
-pub const MAX_REQUEST_BYTES: u64 = 256 * 1024;
+use limits::ApiLimits;
+use records::{PeerRecord, ServiceRecord};
+pub use shutdown::{stop_on_signals, Shutdown};
 
 fn failed(what: impl std::fmt::Display) -> Error {
     Error::Service(what.to_string())
@@ -150,8 +155,11 @@ fn bind_to_device(listener: &TcpListener, interface: &str) -> Result<(), Error> 
     Ok(())
 }
 
-/// Runs the service until the process is stopped.
-pub fn serve(store: &Store, interface: &str) -> Result<(), Error> {
+/// Runs the service until `shutdown` is triggered: sets up the management endpoint and the
+/// API's listener, serves the API on a thread of its own, and runs the hub's loop (reload,
+/// peers, heartbeat) on this one. On the stop, waits for the API to finish its requests (up to
+/// [`limits::SHUTDOWN_GRACE`]) and removes the management interface.
+pub fn run(store: &Store, interface: &str, shutdown: &Shutdown) -> Result<(), Error> {
     let settings = crate::store::keys::settings(store)?;
     let (secret, public) = {
         let _lock = store.lock()?;
@@ -201,31 +209,59 @@ pub fn serve(store: &Store, interface: &str) -> Result<(), Error> {
             1024
         }
     };
-    let connections = limits::connection_cap(file_limit);
+    let api_limits = ApiLimits::for_file_limit(file_limit);
     tracing::info!(
         file_limit,
-        connections,
-        per_node = limits::PER_NODE_CONNECTIONS,
-        request_deadline_s = limits::REQUEST_DEADLINE.as_secs(),
+        connections = api_limits.connections,
+        per_node = api_limits.per_node,
+        request_deadline_s = api_limits.request_deadline.as_secs(),
         "API limits"
     );
-    let endpoints: Arc<Mutex<BTreeMap<u32, String>>> = Arc::default();
-    let shared = Arc::new(Api {
-        fleet: Arc::clone(&fleet),
-        endpoints: Arc::clone(&endpoints),
-        slots: Slots::new(limits::PER_NODE_CONNECTIONS, connections),
-        bursts: Mutex::default(),
-    });
-    std::thread::Builder::new()
-        .name("api".into())
-        .spawn(move || accept_loop(listener, &shared))
-        .map_err(failed)?;
-    let started_ms = records::now_ms();
+    let server = {
+        let (fleet, shutdown) = (Arc::clone(&fleet), shutdown.clone());
+        std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || {
+                let served = server::serve(listener, fleet, api_limits, &shutdown);
+                // A server that ends on its own ends the service.
+                shutdown.trigger();
+                served
+            })
+            .map_err(failed)?
+    };
+    let heartbeat = Heartbeat {
+        path: records::service_path(store),
+        started_ms: records::now_ms(),
+        api: api.to_string(),
+        listen_port: settings.listen_port,
+        report_interval_s: settings.report_interval_s,
+    };
+    hub_loop(&mut hub, &fleet, &heartbeat, shutdown);
+    let served = server
+        .join()
+        .unwrap_or_else(|_| Err(failed("the API thread panicked")));
+    tracing::info!("controller service stopped");
+    served
+}
+
+/// What the heartbeat (`status/service.json`) says besides the peers.
+struct Heartbeat {
+    path: std::path::PathBuf,
+    started_ms: u64,
+    api: String,
+    listen_port: u16,
+    report_interval_s: u64,
+}
+
+/// Every 100 ms until `shutdown`: reloads the fleet when `tlm` changed the directory (and then
+/// the management peers); every second, reads the peers' endpoints and counters and writes
+/// the heartbeat.
+fn hub_loop(hub: &mut Hub, fleet: &Fleet, heartbeat: &Heartbeat, shutdown: &Shutdown) {
     let mut next_heartbeat = Instant::now();
     loop {
         match fleet.reload_if_changed() {
             Ok(true) => {
-                if let Err(error) = hub.sync_peers(&fleet) {
+                if let Err(error) = hub.sync_peers(fleet) {
                     tracing::error!(%error, "cannot update the management peers");
                 }
             }
@@ -237,293 +273,28 @@ pub fn serve(store: &Store, interface: &str) -> Result<(), Error> {
         if Instant::now() >= next_heartbeat {
             next_heartbeat = Instant::now() + Duration::from_secs(1);
             let peers = hub.peer_records();
-            if let Ok(mut map) = endpoints.lock() {
-                *map = peers
+            fleet.set_endpoints(
+                peers
                     .iter()
                     .filter_map(|p| p.endpoint.clone().map(|e| (p.node_id, e)))
-                    .collect();
-            }
+                    .collect(),
+            );
             let record = ServiceRecord {
                 pid: std::process::id(),
-                started_ms,
+                started_ms: heartbeat.started_ms,
                 updated_ms: records::now_ms(),
-                api: api.to_string(),
-                listen_port: settings.listen_port,
-                report_interval_s: settings.report_interval_s,
+                api: heartbeat.api.clone(),
+                listen_port: heartbeat.listen_port,
+                report_interval_s: heartbeat.report_interval_s,
                 peers,
             };
             let bytes = serde_json::to_vec_pretty(&record).expect("service record serializes");
-            if let Err(error) = records::write_soft(&records::service_path(store), &bytes) {
+            if let Err(error) = records::write_soft(&heartbeat.path, &bytes) {
                 tracing::error!(%error, "cannot write the service heartbeat");
             }
         }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// What the API's threads share.
-struct Api {
-    fleet: Arc<Fleet>,
-    endpoints: Arc<Mutex<BTreeMap<u32, String>>>,
-    slots: Slots,
-    /// Log pacing, per kind of event: a node can cause refusals as fast as it can connect,
-    /// and must not fill the disk with the log.
-    bursts: Mutex<BTreeMap<&'static str, Burst>>,
-}
-
-impl Api {
-    /// Whether to log an event of this kind now (once per burst), and how many went unlogged
-    /// before it.
-    fn pace(&self, kind: &'static str) -> Option<u64> {
-        self.bursts
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(kind)
-            .or_default()
-            .note(Instant::now())
-    }
-}
-
-/// Takes connections, one thread each, while their source and the service are under their
-/// caps; refuses the others at once (503) without reading or waiting on them. When `accept`
-/// fails for want of descriptors or memory, sleeps (20 ms doubling to 500 ms) instead of
-/// spinning, and logs the start and the end of the burst only.
-fn accept_loop(listener: TcpListener, api: &Arc<Api>) {
-    let mut backoff = Backoff::default();
-    // At the file limit, every connection that ends lets one more in: bursts come one after
-    // the other, and are logged once per 10 s.
-    let (mut failing, mut recovering) = (Burst::default(), Burst::default());
-    loop {
-        let (stream, peer) = match listener.accept() {
-            Ok(accepted) => {
-                if let Some(failures) = backoff.succeeded() {
-                    if let Some(unlogged) = recovering.note(Instant::now()) {
-                        tracing::info!(failures, unlogged, "accepting API connections again");
-                    }
-                }
-                accepted
-            }
-            Err(error) if limits::is_transient(&error) => continue,
-            Err(error) => {
-                let (delay, first) = backoff.failed();
-                if first {
-                    if let Some(unlogged) = failing.note(Instant::now()) {
-                        tracing::warn!(%error, unlogged, "cannot accept API connections; backing off until resources free up");
-                    }
-                }
-                std::thread::sleep(delay);
-                continue;
-            }
-        };
-        let slot = match api.slots.take(peer.ip()) {
-            Ok(slot) => slot,
-            Err(refusal) => {
-                let (held, total) = api.slots.held(peer.ip());
-                let message = match refusal {
-                    Refusal::Source => format!(
-                        "too many connections from this address: at most {} at once",
-                        limits::PER_NODE_CONNECTIONS
-                    ),
-                    Refusal::Total => {
-                        format!("the controller serves its maximum of {total} connections")
-                    }
-                };
-                if let Some(unlogged) = api.pace("refused") {
-                    tracing::warn!(%peer, held, total, unlogged, "API connection refused: {message}");
-                }
-                let mut response = Vec::new();
-                let _ = wire::write_response(
-                    &mut response,
-                    503,
-                    "text/plain",
-                    format!("{message}\n").as_bytes(),
-                );
-                limits::refuse_at_once(&stream, &response);
-                continue;
-            }
-        };
-        let api_thread = Arc::clone(api);
-        let spawned = std::thread::Builder::new()
-            .name("api-conn".into())
-            .stack_size(256 * 1024)
-            .spawn(move || {
-                handle(stream, peer, &api_thread);
-                drop(slot);
-            });
-        if let Err(error) = spawned {
-            if let Some(unlogged) = api.pace("unthreaded") {
-                tracing::error!(%error, unlogged, "cannot start a thread for an API connection; closed it");
-            }
-        }
-    }
-}
-
-/// Writes a response, all of it within [`limits::RESPONSE_DEADLINE`].
-fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &[u8]) {
-    let _ = wire::write_response(
-        &mut Deadline::new(stream, limits::RESPONSE_DEADLINE),
-        status,
-        content_type,
-        body,
-    );
-}
-
-/// Writes a refusal, all of it within [`limits::REFUSAL_DEADLINE`].
-fn refuse(stream: &mut TcpStream, status: u16, message: &str) {
-    let _ = wire::write_response(
-        &mut Deadline::new(stream, limits::REFUSAL_DEADLINE),
-        status,
-        "text/plain",
-        format!("{message}\n").as_bytes(),
-    );
-}
-
-/// Serves one request on a connection: the whole request must arrive within
-/// [`limits::REQUEST_DEADLINE`] of the accept (408 otherwise).
-fn handle(mut stream: TcpStream, peer: SocketAddr, api: &Api) {
-    let (fleet, endpoints) = (&*api.fleet, &*api.endpoints);
-    let node_id = fleet
-        .settings
-        .node_id_of(peer.ip())
-        .filter(|id| fleet.node(*id).is_some());
-    let Some(node_id) = node_id else {
-        if let Some(unlogged) = api.pace("not-a-node") {
-            tracing::warn!(%peer, unlogged, "API request from an address that is no node's management address: refused");
-        }
-        refuse(&mut stream, 403, "not a node's management address");
-        return;
-    };
-    let request = {
-        let mut reader = BufReader::new(Deadline::new(&stream, limits::REQUEST_DEADLINE));
-        wire::read_request(&mut reader, MAX_REQUEST_BYTES)
-    };
-    let request = match request {
-        Ok(r) => r,
-        Err(WireError::Io(error)) if limits::is_timeout(&error) => {
-            let within = limits::REQUEST_DEADLINE.as_secs();
-            if let Some(unlogged) = api.pace("expired") {
-                tracing::warn!(%peer, node_id, unlogged, "request not complete within {within} s: closed");
-            }
-            refuse(
-                &mut stream,
-                408,
-                &format!("request not complete within {within} s"),
-            );
+        if shutdown.sleep(Duration::from_millis(100)) {
             return;
-        }
-        Err(WireError::BodyTooLarge { length, limit }) => {
-            if let Some(unlogged) = api.pace("oversize") {
-                tracing::warn!(%peer, unlogged, node_id, length, limit, "oversize request refused");
-            }
-            refuse(
-                &mut stream,
-                413,
-                &format!("body of {length} bytes; at most {limit}"),
-            );
-            return;
-        }
-        Err(WireError::Closed) => return,
-        Err(error) => {
-            if let Some(unlogged) = api.pace("malformed") {
-                tracing::warn!(%peer, unlogged, node_id, %error, "malformed request refused");
-            }
-            refuse(&mut stream, 400, &error.to_string());
-            return;
-        }
-    };
-    match (request.method.as_str(), request.path.as_str()) {
-        ("POST", SYNC_PATH) => {
-            let report: NodeReport = match serde_json::from_slice(&request.body) {
-                Ok(r) => r,
-                Err(error) => {
-                    if let Some(unlogged) = api.pace("malformed-report") {
-                        tracing::warn!(%peer, unlogged, node_id, %error, "malformed report refused");
-                    }
-                    refuse(&mut stream, 400, &format!("report is not valid: {error}"));
-                    return;
-                }
-            };
-            if report.node_id != node_id {
-                if let Some(unlogged) = api.pace("foreign-report") {
-                    tracing::warn!(%peer, unlogged, node_id, claimed = report.node_id, "report for another node refused");
-                }
-                refuse(
-                    &mut stream,
-                    403,
-                    &format!(
-                        "this link belongs to node {node_id}, not {}",
-                        report.node_id
-                    ),
-                );
-                return;
-            }
-            let Some(entry) = fleet.node(node_id) else {
-                refuse(&mut stream, 403, "node removed");
-                return;
-            };
-            let record = NodeRecord {
-                node: entry.name.to_string(),
-                node_id,
-                last_seen_ms: records::now_ms(),
-                endpoint: endpoints.lock().ok().and_then(|m| m.get(&node_id).cloned()),
-                report,
-            };
-            let bytes = serde_json::to_vec(&record).expect("record serializes");
-            if let Err(error) =
-                records::write_soft(&records::node_path(fleet.store(), &entry.name), &bytes)
-            {
-                if let Some(unlogged) = api.pace("status-write") {
-                    tracing::error!(%error, unlogged, node = %entry.name, "cannot write the node's status");
-                }
-            }
-            let wait = request
-                .query_value("wait_ms")
-                .and_then(|w| w.parse::<u64>().ok())
-                .unwrap_or(0)
-                .min(MAX_WAIT_MS);
-            let gone = || limits::peer_gone(&stream);
-            let waited = fleet.wait_reply(
-                node_id,
-                &record.report,
-                Duration::from_millis(wait),
-                limits::HANGUP_CHECK,
-                &gone,
-            );
-            match waited {
-                Some(reply) => respond(
-                    &mut stream,
-                    200,
-                    "application/json",
-                    &serde_json::to_vec(&reply).expect("reply serializes"),
-                ),
-                None if gone() => {
-                    tracing::debug!(%peer, node_id, "node stopped waiting for its reply")
-                }
-                None => refuse(&mut stream, 403, "node removed"),
-            }
-        }
-        ("GET", path) if path.starts_with(BUNDLE_PATH) => {
-            let version = path[BUNDLE_PATH.len()..]
-                .trim_start_matches('v')
-                .parse::<u32>();
-            match version.ok().and_then(|v| fleet.bundle_path(node_id, v)) {
-                Some(file) => match std::fs::read(&file) {
-                    Ok(bytes) => respond(&mut stream, 200, "application/zstd", &bytes),
-                    Err(error) => {
-                        if let Some(unlogged) = api.pace("bundle-read") {
-                            tracing::error!(file = %file.display(), %error, unlogged, "cannot read bundle");
-                        }
-                        refuse(&mut stream, 500, "cannot read the bundle");
-                    }
-                },
-                None => refuse(&mut stream, 404, "no such version for this node"),
-            }
-        }
-        (method, path) => {
-            if let Some(unlogged) = api.pace("unknown") {
-                tracing::warn!(%peer, unlogged, node_id, method, path, "unknown API request refused");
-            }
-            refuse(&mut stream, 404, "unknown request");
         }
     }
 }
