@@ -4,7 +4,8 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use towalink_controller::cli::{run, Cli};
+use towalink_controller::cli::Cli;
+use towalink_controller::commands::run;
 
 /// Templates render with bounded memory (see `render_memory`).
 #[global_allocator]

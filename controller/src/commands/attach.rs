@@ -572,6 +572,35 @@ fn choose(devices: &[Device], code: &PairingCode, device: Option<&str>) -> Resul
     }
 }
 
+/// `tlm attach node <node>`: the options from the command line, stdin for the prompt.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    config_dir: &std::path::Path,
+    node: &str,
+    listen: SocketAddr,
+    collect: u64,
+    device: Option<String>,
+    code: Option<PairingCode>,
+    yes: bool,
+    timeout: u64,
+    san: Vec<String>,
+) -> Result<std::process::ExitCode, Error> {
+    let store = crate::store::Store::open_existing(config_dir)?;
+    let options = AttachOptions {
+        listen,
+        collect: std::time::Duration::from_secs(collect),
+        device,
+        code,
+        yes,
+        timeout: std::time::Duration::from_secs(timeout),
+        extra_names: san,
+    };
+    let mut input = std::io::stdin().lock();
+    let mut out = std::io::stdout().lock();
+    attach(&store, &node.parse()?, &options, &mut input, &mut out)?;
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

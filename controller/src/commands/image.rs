@@ -2,16 +2,19 @@
 //! controller knows the node (identity, latest version, image attributes); `towalink-images`
 //! knows boards, Alpine and disks.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use toml::Value;
 use towalink_images::assets::{self, AlpineSource};
 use towalink_images::build::{self, BuildReport, Network, NodeImage, UplinkAddress};
 use towalink_images::profile::{self, Board};
 
+use crate::cli::{Format, ImageTarget, ImageWhat};
 use crate::model::allocation::NodeAllocation;
 use crate::model::attributes::Merged;
-use crate::model::names::NodeRef;
+use crate::model::names::{NodeRef, SiteName};
 use crate::model::resolve::{attribute_error, resolve, ResolveError};
 use crate::store::Store;
 use crate::{store::installation, Error};
@@ -314,6 +317,217 @@ pub fn build_node_image(
 /// The board called `name`, as a `tlm` error.
 pub fn board(name: &str) -> Result<Board, Error> {
     profile::board(name).map_err(Error::Image)
+}
+
+pub fn run(config_dir: &std::path::Path, what: &ImageWhat) -> Result<ExitCode, Error> {
+    let mut out = std::io::stdout().lock();
+    match what {
+        ImageWhat::Inspect { file, format } => {
+            let report = towalink_images::inspect::inspect(file).map_err(Error::Image)?;
+            if *format == Format::Json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("report serializes")
+                )
+                .ok();
+            } else {
+                print_inspection(&report, &mut out);
+            }
+        }
+        ImageWhat::Build { target } => {
+            let store = Store::open_existing(config_dir)?;
+            let output = match target.as_ref() {
+                ImageTarget::Node { options, .. } | ImageTarget::Site { options, .. } => {
+                    &options.output
+                }
+            };
+            if store.contains(output) {
+                return Err(Error::ImageInsideConfig(output.clone()));
+            }
+            match target.as_ref() {
+                ImageTarget::Node { node, options } => {
+                    let node_ref: NodeRef = node.parse()?;
+                    let board = crate::commands::image::board(&options.board)?;
+                    let report = crate::commands::image::build_node_image(
+                        &store,
+                        &node_ref,
+                        &board,
+                        &options.sources(),
+                        &options.output,
+                    )?;
+                    print_build(&report, &mut out);
+                }
+                ImageTarget::Site {
+                    site,
+                    options,
+                    zstd,
+                } => {
+                    let site: SiteName = site.parse()?;
+                    let board = crate::commands::image::board(&options.board)?;
+                    let generated = store.load_generated()?;
+                    if !generated.sites.iter().any(|s| s.name == site) {
+                        return Err(crate::model::allocation::AllocationError::UnknownSite(
+                            site.to_string(),
+                        )
+                        .into());
+                    }
+                    let nodes: Vec<&NodeAllocation> =
+                        generated.nodes.iter().filter(|n| n.site == site).collect();
+                    towalink_system::durable::create_dir_all(&options.output)?;
+                    let sources = options.sources();
+                    for n in nodes {
+                        let file = options.output.join(format!(
+                            "{}-{}.img{}",
+                            n.site,
+                            n.name,
+                            if *zstd { ".zst" } else { "" }
+                        ));
+                        let report = crate::commands::image::build_node_image(
+                            &store,
+                            &NodeRef::Id(n.id),
+                            &board,
+                            &sources,
+                            &file,
+                        )?;
+                        print_build(&report, &mut out);
+                    }
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_build(report: &towalink_images::build::BuildReport, out: &mut impl std::io::Write) {
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let total: f64 = report.millis.values().sum();
+    writeln!(
+        out,
+        "wrote {} for {} (id {}, v{}, board {}, Alpine {}): image {:.0} MiB, file {:.1} MiB, apkovl {:.1} MiB, {} packages; {:.0} ms",
+        report.output.display(),
+        report.manifest.node,
+        report.manifest.node_id,
+        report.manifest.version,
+        report.manifest.board,
+        report.manifest.alpine_version,
+        mib(report.image_bytes),
+        mib(report.output_bytes),
+        mib(report.apkovl_bytes),
+        report.manifest.packages.len(),
+        total
+    )
+    .ok();
+    tracing::debug!(phases = ?report.millis, "image build");
+}
+
+fn print_inspection(r: &towalink_images::inspect::ImageReport, out: &mut impl std::io::Write) {
+    let mib = |b: u64| b as f64 / 1048576.0;
+    writeln!(
+        out,
+        "image:       {} ({}{:.0} MiB, disk id {})",
+        r.file,
+        if r.compressed { "zstd, " } else { "" },
+        mib(r.image_bytes),
+        r.disk_id
+    )
+    .ok();
+    if let Some(m) = &r.manifest {
+        writeln!(
+            out,
+            "node:        {} (id {}), version v{}, hostname {}",
+            m.node, m.node_id, m.version, m.hostname
+        )
+        .ok();
+        writeln!(
+            out,
+            "board:       {} ({}), Alpine {}",
+            m.board, m.alpine_arch, m.alpine_version
+        )
+        .ok();
+    }
+    writeln!(
+        out,
+        "boot:        BIOS {}, UEFI {}",
+        if r.bios_boot { "yes (syslinux)" } else { "no" },
+        if r.uefi_boot { "yes" } else { "no" }
+    )
+    .ok();
+    for p in &r.partitions {
+        writeln!(
+            out,
+            "partition {}: {}{}, at {:.0} MiB, {:.0} MiB, {}",
+            p.number,
+            p.kind,
+            if p.bootable { ", active" } else { "" },
+            mib(p.start_bytes),
+            mib(p.size_bytes),
+            p.filesystem
+        )
+        .ok();
+    }
+    if let Some(n) = &r.node {
+        writeln!(
+            out,
+            "identity:    {} (id {}), versions {}",
+            n.node,
+            n.node_id,
+            n.versions
+                .iter()
+                .map(|v| format!("v{v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        )
+        .ok();
+        writeln!(
+            out,
+            "  wireguard key    {} ({})",
+            n.wg_public_key, n.wg_key_fingerprint
+        )
+        .ok();
+        writeln!(out, "  controller key   {}", n.controller_key_fingerprint).ok();
+        if let Some(m) = &n.management_wg_key_fingerprint {
+            writeln!(
+                out,
+                "  management key   {m}, endpoints {}",
+                n.controller_endpoints.join(", ")
+            )
+            .ok();
+        }
+    }
+    if let Some(a) = &r.apkovl {
+        writeln!(
+            out,
+            "apkovl:      {} ({} entries, sha256 {}), towalink-node: {}",
+            a.file,
+            a.entries.len(),
+            &a.sha256[..16],
+            a.node_binary.as_deref().unwrap_or("missing")
+        )
+        .ok();
+    }
+    if r.packages.is_empty() {
+        writeln!(
+            out,
+            "packages:    none on the card (installed from the network at boot)"
+        )
+        .ok();
+    } else {
+        writeln!(
+            out,
+            "packages:    {} on the card ({:.1} MiB), installed from it at every boot",
+            r.packages.len(),
+            mib(r.packages.iter().map(|p| p.size).sum())
+        )
+        .ok();
+        for p in &r.packages {
+            writeln!(out, "  {:<28} {:<16} {}", p.name, p.version, p.repository).ok();
+        }
+    }
+    writeln!(out, "boot files:").ok();
+    for f in &r.boot_files {
+        writeln!(out, "  {:>10}  {}", f.size, f.path).ok();
+    }
 }
 
 #[cfg(test)]

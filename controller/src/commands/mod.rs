@@ -1,6 +1,282 @@
-//! What each `tlm` command does, one module per command, on top of [`crate::model`] and
-//! [`crate::store`]. [`crate::cli`] parses arguments and dispatches here.
+//! What each `tlm` command does, one module per command, on top of [`crate::model`] (pure)
+//! and [`crate::store`] (the directory). [`crate::cli`] holds the grammar; [`run`] dispatches.
+//!
+//! Reading commands (`list`, `show`, `show_all`, `status`) never hold the lock while templates
+//! render and never need git; changing commands run under the directory's lock, after an
+//! interrupted commit was finished, and only when no secret is about to enter git.
 
+pub mod activate;
 pub mod attach;
+pub mod commit;
+pub mod edit;
+pub mod git;
 pub mod image;
+pub mod list;
 pub mod operate;
+pub mod provision;
+pub mod serve;
+pub mod show;
+pub mod status;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use crate::cli::{
+    ActivateScope, AddWhat, AttachWhat, Cli, Command, DelWhat, ListWhat, ProvisionWhat, Scope,
+    SetWhat, ShowAllWhat, ShowWhat,
+};
+use crate::model::allocation::NodeAllocation;
+use crate::model::names::{NodeFullName, NodeRef, SiteName, VersionSpec};
+use crate::store::{versions, Store, StoreLock};
+use crate::Error;
+
+/// Runs a parsed command.
+pub fn run(cli: Cli) -> Result<ExitCode, Error> {
+    let Cli {
+        config_dir,
+        message,
+        command,
+        ..
+    } = cli;
+    if let Command::Git { args } = &command {
+        return git::run(&config_dir, args);
+    }
+    // Bad names are refused before the directory is opened (or created by a first command).
+    check_arguments(&command)?;
+    let mut out = std::io::stdout().lock();
+    match command {
+        Command::Git { .. } => unreachable!("handled above"),
+        Command::Serve { interface } => serve::run(&config_dir, &interface),
+        Command::Image { what } => image::run(&config_dir, &what),
+        Command::Status { scope, format } => {
+            status::run(&config_dir, scope, format.format, &mut out)
+        }
+        Command::Attach {
+            what: AttachWhat::Node { node },
+            listen,
+            collect,
+            device,
+            code,
+            yes,
+            timeout,
+            san,
+        } => attach::run(
+            &config_dir,
+            &node,
+            listen,
+            collect,
+            device,
+            code,
+            yes,
+            timeout,
+            san,
+        ),
+        Command::List { what, format } => {
+            let store = reading(&config_dir)?;
+            list::run(&store, what, format.format, &mut out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Show { what, format } => {
+            let store = reading(&config_dir)?;
+            show::show(&store, what, format.format, &mut out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ShowAll {
+            what,
+            origin,
+            format,
+        } => {
+            let store = reading(&config_dir)?;
+            show::show_all(&store, what, origin, format.format, &mut out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Add { what } => changing(&config_dir, |store, _lock| {
+            edit::add(store, what, &mut out).map(|()| ExitCode::SUCCESS)
+        }),
+        Command::Del { what } => changing(&config_dir, |store, _lock| {
+            edit::del(store, what, &mut out).map(|()| ExitCode::SUCCESS)
+        }),
+        Command::Set { what } => changing(&config_dir, |store, _lock| {
+            edit::set(store, what).map(|()| ExitCode::SUCCESS)
+        }),
+        Command::Commit { scope } => changing(&config_dir, |store, _lock| {
+            commit::run(store, scope, message, &mut out).map(|()| ExitCode::SUCCESS)
+        }),
+        Command::Activate {
+            scope,
+            confirm,
+            canary,
+            timeout,
+            wait_blessed,
+            no_wait,
+        } => changing(&config_dir, |store, lock| {
+            let request = activate::ActivateRequest {
+                scope,
+                confirm,
+                canary,
+                timeout,
+                wait_blessed,
+                no_wait,
+                message,
+            };
+            activate::run(store, lock, request, &mut out)
+        }),
+        Command::Provision {
+            what: ProvisionWhat::Node { node, dir },
+        } => changing(&config_dir, |store, _lock| {
+            provision::run(store, &node, &dir, &mut out).map(|()| ExitCode::SUCCESS)
+        }),
+    }
+}
+
+/// Opens (or makes) the directory for a reading command: finishes an interrupted commit under
+/// the lock, then reads without it.
+fn reading(config_dir: &Path) -> Result<Store, Error> {
+    let store = Store::open_or_init(config_dir)?;
+    drop_after_recovery(&store)?;
+    Ok(store)
+}
+
+/// Runs a command that changes the directory, holding its lock (passed on: `activate` lets it
+/// go before it waits for the nodes).
+fn changing(
+    config_dir: &Path,
+    command: impl FnOnce(&Store, StoreLock) -> Result<ExitCode, Error>,
+) -> Result<ExitCode, Error> {
+    let store = Store::open_or_init(config_dir)?;
+    let lock = store.lock()?;
+    versions::recover(&store)?;
+    // A secret about to enter git refuses any change before anything is written.
+    crate::store::git::check_recorded_paths(store.root())?;
+    let code = command(&store, lock)?;
+    // `signing.pub` is rewritten from the signing key when missing or different (after the
+    // command succeeded: a refused command writes nothing).
+    versions::controller_public_key(&store)?;
+    Ok(code)
+}
+
+/// Finishes an interrupted commit when possible; a reading command goes on without it (with
+/// a warning) when that fails, e.g. because git cannot run.
+fn recover_for_reading(store: &Store) {
+    if let Err(e) = versions::recover(store) {
+        tracing::warn!(
+            "could not finish an interrupted commit ({e}); reading the directory as it is"
+        );
+    }
+}
+
+/// Takes the lock for recovery only: reading commands run without it.
+fn drop_after_recovery(store: &Store) -> Result<(), Error> {
+    let _lock = store.lock()?;
+    recover_for_reading(store);
+    Ok(())
+}
+
+/// Parses every name, node and version argument, so a refused command touches nothing.
+fn check_arguments(command: &Command) -> Result<(), Error> {
+    let site = |s: &str| parse_site(s).map(|_| ());
+    let node = |s: &str| s.parse::<NodeRef>().map(|_| ()).map_err(Error::from);
+    let version = |v: &Option<String>| parse_version(v).map(|_| ());
+    match command {
+        Command::Show {
+            what: ShowWhat::Site { site: s },
+            ..
+        }
+        | Command::ShowAll {
+            what: ShowAllWhat::Site { site: s },
+            ..
+        }
+        | Command::Add {
+            what: AddWhat::Site { site: s },
+        }
+        | Command::Del {
+            what: DelWhat::Site { site: s },
+        }
+        | Command::Set {
+            what: SetWhat::Site { site: s, .. },
+        }
+        | Command::Commit {
+            scope: Scope::Site { site: s },
+        } => site(s),
+        Command::Show {
+            what: ShowWhat::Node { node: n },
+            ..
+        }
+        | Command::ShowAll {
+            what: ShowAllWhat::Node { node: n },
+            ..
+        }
+        | Command::Del {
+            what: DelWhat::Node { node: n },
+        }
+        | Command::Set {
+            what: SetWhat::Node { node: n, .. },
+        }
+        | Command::Commit {
+            scope: Scope::Node { node: n },
+        }
+        | Command::Provision {
+            what: ProvisionWhat::Node { node: n, .. },
+        } => node(n),
+        Command::Add {
+            what: AddWhat::Node { node: n },
+        } => n.parse::<NodeFullName>().map(|_| ()).map_err(Error::from),
+        Command::Activate {
+            scope: ActivateScope::All { version: v },
+            ..
+        } => version(v),
+        Command::Activate {
+            scope:
+                ActivateScope::Site {
+                    site: s,
+                    version: v,
+                },
+            ..
+        } => site(s).and_then(|_| version(v)),
+        Command::Activate {
+            scope:
+                ActivateScope::Node {
+                    node: n,
+                    version: v,
+                },
+            ..
+        } => node(n).and_then(|_| version(v)),
+        Command::List {
+            what: ListWhat::Nodes { site: s },
+            ..
+        } if s != "all" => site(s),
+        _ => Ok(()),
+    }
+}
+
+pub(crate) fn parse_site(text: &str) -> Result<SiteName, Error> {
+    Ok(text.parse()?)
+}
+
+pub(crate) fn parse_version(text: &Option<String>) -> Result<VersionSpec, Error> {
+    match text {
+        None => Ok(VersionSpec::Latest),
+        Some(text) => Ok(text.parse()?),
+    }
+}
+
+/// Whether a node is in a command's scope.
+pub(crate) type NodeFilter = Box<dyn Fn(&NodeAllocation) -> bool>;
+
+pub(crate) fn scope_filter(
+    generated: &crate::model::allocation::Generated,
+    scope: &Scope,
+) -> Result<NodeFilter, Error> {
+    Ok(match scope {
+        Scope::All => Box::new(|_| true),
+        Scope::Site { site } => {
+            let site = parse_site(site)?;
+            generated.site(site.as_str())?;
+            Box::new(move |n| n.site == site)
+        }
+        Scope::Node { node } => {
+            let id = generated.node(&node.parse()?)?.id;
+            Box::new(move |n| n.id == id)
+        }
+    })
+}

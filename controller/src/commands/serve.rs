@@ -1,0 +1,21 @@
+//! `tlm serve`: the controller service until SIGTERM/SIGINT (see [`crate::service`]).
+
+use std::process::ExitCode;
+
+use crate::store::Store;
+use crate::Error;
+
+/// Runs the service on `interface` until a stop signal.
+pub fn run(config_dir: &std::path::Path, interface: &str) -> Result<ExitCode, Error> {
+    let store = Store::open_existing(config_dir)?;
+    {
+        let _lock = store.lock()?;
+        super::recover_for_reading(&store);
+        store.ensure_gitignore()?;
+    }
+    // Before any thread starts: they inherit the blocked signals.
+    let shutdown = crate::service::Shutdown::new()?;
+    crate::service::stop_on_signals(&shutdown)?;
+    crate::service::run(&store, interface, &shutdown)?;
+    Ok(ExitCode::SUCCESS)
+}
