@@ -31,13 +31,10 @@ pub struct Outcome {
 
 fn random_bytes(bytes: usize) -> anyhow::Result<Vec<u8>> {
     let mut buffer = vec![0u8; bytes];
-    // SAFETY: getrandom writes at most `buffer.len()` bytes into the buffer we own.
-    let n = unsafe { libc::getrandom(buffer.as_mut_ptr().cast(), buffer.len(), 0) };
-    if n != bytes as isize {
-        bail!(
-            "cannot get random bytes: {}",
-            std::io::Error::last_os_error()
-        );
+    match rustix::rand::getrandom(&mut buffer[..], rustix::rand::GetRandomFlags::empty()) {
+        Ok(n) if n == bytes => {}
+        Ok(n) => bail!("cannot get random bytes: got {n} of {bytes}"),
+        Err(error) => bail!("cannot get random bytes: {error}"),
     }
     Ok(buffer)
 }

@@ -64,4 +64,15 @@ pub enum Error {
     RolledBack(String),
     #[error("data plane: {0}")]
     DataPlane(String),
+    /// A network device (WireGuard link, address, route) could not be made or read.
+    #[error("data plane: {0}")]
+    NetDev(towalink_netdev::Error),
+}
+
+// By hand, not `#[from]`: the message above carries the device error's text, so it is not
+// also a `source` that a printed cause chain would repeat.
+impl From<towalink_netdev::Error> for Error {
+    fn from(error: towalink_netdev::Error) -> Error {
+        Error::NetDev(error)
+    }
 }

@@ -53,9 +53,8 @@ pub fn escaped(text: &str) -> String {
 /// A fresh nonce for a report (hex of 16 bytes from the kernel's random source).
 fn nonce() -> String {
     let mut bytes = [0u8; 16];
-    // SAFETY: getrandom writes at most `len` bytes into the buffer we own.
-    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if n != bytes.len() as isize {
+    let n = rustix::rand::getrandom(&mut bytes[..], rustix::rand::GetRandomFlags::empty());
+    if n.ok() != Some(bytes.len()) {
         // Still unique enough for freshness: time and a counter never repeat in a process.
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let t = std::time::SystemTime::now()

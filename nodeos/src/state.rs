@@ -22,7 +22,6 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
@@ -155,11 +154,7 @@ fn write_version_tree(dir: &Path, bundle: &VerifiedBundle) -> Result<(), Error> 
 /// Flushes the filesystem holding `path` (`syncfs(2)`).
 pub fn sync_filesystem(path: &Path) -> Result<(), Error> {
     let dir = std::fs::File::open(path).map_err(io("cannot open", path))?;
-    // SAFETY: syncfs on a descriptor we own.
-    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-        return Err(io("cannot sync", path)(std::io::Error::last_os_error()));
-    }
-    Ok(())
+    rustix::fs::syncfs(&dir).map_err(|e| io("cannot sync", path)(e.into()))
 }
 
 /// The state directory.
@@ -223,10 +218,8 @@ impl StateDir {
             .write(true)
             .open(&path)
             .map_err(io("cannot open", &path))?;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io("cannot lock", &path)(std::io::Error::last_os_error()));
-        }
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io("cannot lock", &path)(e.into()))?;
         Ok(StateLock { _file: file })
     }
 

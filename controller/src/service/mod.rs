@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use towalink_bundle::messages::{NodeReport, BUNDLE_PATH, MAX_WAIT_MS, SYNC_PATH};
 use towalink_bundle::wire::{self, WireError};
-use towalink_node::dataplane::netlink::Netlink;
-use towalink_node::dataplane::wireguard::{boringtun_device, Uapi};
+use towalink_netdev::netlink::Netlink;
+use towalink_netdev::{boringtun_device, Uapi};
 
 use crate::store::Store;
 use crate::{management, Error};
@@ -42,10 +42,7 @@ fn failed(what: impl std::fmt::Display) -> Error {
 }
 
 fn key_hex(base64_key: &str) -> Result<String, Error> {
-    Ok(towalink_node::dataplane::key_hex(
-        base64_key,
-        "WireGuard key",
-    )?)
+    Ok(towalink_netdev::key_hex(base64_key, "WireGuard key")?)
 }
 
 /// The management endpoint: the boringtun device and its peers.
@@ -166,7 +163,7 @@ pub fn serve(store: &Store, interface: &str) -> Result<(), Error> {
     ))?;
     Netlink::new()?.ensure_interface(
         interface,
-        towalink_node::dataplane::MANAGEMENT_MTU,
+        towalink_netdev::MANAGEMENT_MTU,
         &[(
             controller_address,
             controller_address,
