@@ -14,6 +14,7 @@ use toml::Value;
 use crate::allocation::NodeAllocation;
 use crate::attributes::{parse_value, Level, Merged};
 use crate::names::{NodeFullName, NodeRef, SiteName, VersionSpec};
+pub use towalink_bundle::args::LogLevel;
 use crate::resolve::{merge_site, resolve};
 use crate::store::Store;
 use crate::{installation, operate, versions, Error};
@@ -35,7 +36,7 @@ pub struct Cli {
     #[arg(
         short = 'l',
         long,
-        value_enum,
+        value_parser = clap::builder::TypedValueParser::try_map(clap::builder::PossibleValuesParser::new(LogLevel::NAMES), |s| s.parse::<LogLevel>()),
         default_value = "warning",
         global = true
     )]
@@ -45,25 +46,6 @@ pub struct Cli {
     pub message: Option<String>,
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum LogLevel {
-    Debug,
-    Info,
-    Warning,
-    Error,
-}
-
-impl LogLevel {
-    pub fn tracing_level(self) -> tracing::Level {
-        match self {
-            LogLevel::Debug => tracing::Level::DEBUG,
-            LogLevel::Info => tracing::Level::INFO,
-            LogLevel::Warning => tracing::Level::WARN,
-            LogLevel::Error => tracing::Level::ERROR,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum, PartialEq, Eq)]
@@ -908,7 +890,7 @@ fn parse_site(text: &str) -> Result<SiteName, Error> {
 fn parse_version(text: &Option<String>) -> Result<VersionSpec, Error> {
     match text {
         None => Ok(VersionSpec::Latest),
-        Some(text) => Ok(text.parse()?),
+        Some(text) => Ok(text.parse().map_err(crate::names::NameError::from)?),
     }
 }
 

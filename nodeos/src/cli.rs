@@ -18,7 +18,8 @@ use towalink_bundle::messages::TunnelReport;
 use crate::apply::Reloader;
 use crate::bird::BirdControl;
 use crate::dataplane::{Boringtun, DataPlane, DesiredState, KernelWireGuard};
-use crate::lifecycle::{Node, VersionSpec, Watch};
+use crate::lifecycle::{Node, Watch};
+pub use towalink_bundle::args::{LogLevel, VersionSpec};
 use crate::management::{self, Shared};
 use crate::state::Installed;
 
@@ -46,29 +47,16 @@ pub struct Cli {
     #[arg(long, value_enum, default_value = "auto", global = true)]
     pub dataplane: DataPlaneKind,
     /// Log level on stderr.
-    #[arg(short = 'l', long, value_enum, default_value = "info", global = true)]
+    #[arg(
+        short = 'l',
+        long,
+        value_parser = clap::builder::TypedValueParser::try_map(clap::builder::PossibleValuesParser::new(LogLevel::NAMES), |s| s.parse::<LogLevel>()),
+        default_value = "info",
+        global = true
+    )]
     pub loglevel: LogLevel,
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum LogLevel {
-    Debug,
-    Info,
-    Warning,
-    Error,
-}
-
-impl LogLevel {
-    pub fn tracing_level(self) -> tracing::Level {
-        match self {
-            LogLevel::Debug => tracing::Level::DEBUG,
-            LogLevel::Info => tracing::Level::INFO,
-            LogLevel::Warning => tracing::Level::WARN,
-            LogLevel::Error => tracing::Level::ERROR,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -174,7 +162,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Activate { version, confirm } => {
-            let spec: VersionSpec = version.parse().map_err(anyhow::Error::msg)?;
+            let spec: VersionSpec = version.parse()?;
             let report = node.activate(spec, confirm)?;
             writeln!(
                 out,
