@@ -16,6 +16,7 @@ use crate::Error;
 pub use towalink_bundle::args::VersionSpec;
 
 /// A node: its state directory, the root its files go to, and how it reloads services.
+#[derive(Debug, Clone)]
 pub struct Node {
     pub state: StateDir,
     pub root: PathBuf,
@@ -221,7 +222,7 @@ impl Node {
                 .map_err(|source| Error::Io {
                     action: "cannot read",
                     path: path.clone(),
-                    source,
+                    error: source,
                 })
                 .and_then(|bytes| self.state.install(&bytes, Older::Refuse));
             match result {
@@ -388,7 +389,7 @@ impl Node {
         let key = std::fs::read_to_string(&key_path).map_err(|source| Error::Io {
             action: "cannot read",
             path: key_path,
-            source,
+            error: source,
         })?;
         let mut state = match self.state.current() {
             Some(slot) => {
