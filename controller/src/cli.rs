@@ -14,10 +14,10 @@ use toml::Value;
 use crate::allocation::NodeAllocation;
 use crate::attributes::{parse_value, Level, Merged};
 use crate::names::{NodeFullName, NodeRef, SiteName, VersionSpec};
-pub use towalink_bundle::args::LogLevel;
 use crate::resolve::{merge_site, resolve};
 use crate::store::Store;
 use crate::{installation, operate, versions, Error};
+pub use towalink_bundle::args::LogLevel;
 
 /// tlm: manage a Towalink installation (sites, nodes, configuration versions).
 #[derive(Debug, Parser)]

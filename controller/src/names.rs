@@ -175,5 +175,4 @@ mod tests {
         assert!("a.b.c".parse::<NodeRef>().is_err());
         assert!("99999999999".parse::<NodeRef>().is_err());
     }
-
 }

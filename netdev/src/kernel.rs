@@ -24,8 +24,8 @@ use netlink_sys::{protocols::NETLINK_GENERIC, Socket, SocketAddr as NetlinkAddr}
 
 use crate::netlink::Netlink;
 use crate::wireguard::{Ensured, LinkStats, WireGuard, WireGuardLink};
-use crate::INTERFACE_PREFIX;
 use crate::Error;
+use crate::INTERFACE_PREFIX;
 
 fn failed(what: String) -> Error {
     Error::Netlink(what)
@@ -133,7 +133,11 @@ impl KernelWireGuard {
             nlas: vec![GenlCtrlAttrs::FamilyName("wireguard".to_string())],
         });
         let replies = genl
-            .request(ask, netlink_packet_generic::constants::GENL_ID_CTRL, NLM_F_REQUEST | NLM_F_ACK)
+            .request(
+                ask,
+                netlink_packet_generic::constants::GENL_ID_CTRL,
+                NLM_F_REQUEST | NLM_F_ACK,
+            )
             .map_err(|e| Error::KernelUnavailable(e.to_string()))?;
         let family = replies
             .iter()

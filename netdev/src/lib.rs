@@ -19,7 +19,9 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 
 pub use kernel::KernelWireGuard;
-pub use wireguard::{boringtun_device, Boringtun, Ensured, LinkStats, Uapi, WireGuard, WireGuardLink};
+pub use wireguard::{
+    boringtun_device, Boringtun, Ensured, LinkStats, Uapi, WireGuard, WireGuardLink,
+};
 
 /// Prefix of the interfaces Towalink owns; anything else is never touched.
 pub const INTERFACE_PREFIX: &str = "tlwg";

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use towalink_bundle::messages::TunnelReport;
 
-use crate::dataplane::{Boringtun, DataPlane, DesiredState, KernelWireGuard, LinkStats};
 use crate::dataplane::ReconcileReport;
+use crate::dataplane::{Boringtun, DataPlane, DesiredState, KernelWireGuard, LinkStats};
 use crate::lifecycle::{Node, Watch};
 use crate::management::{self, Shared};
 use crate::slots::DiskState;
@@ -163,7 +163,12 @@ impl Daemon {
                     .links
                     .keys()
                     .cloned()
-                    .chain(applied.management.as_ref().map(|m| m.wireguard.name.clone()))
+                    .chain(
+                        applied
+                            .management
+                            .as_ref()
+                            .map(|m| m.wireguard.name.clone()),
+                    )
                     .collect();
                 vec![Action::ReadCounters(names)]
             }
@@ -365,11 +370,13 @@ pub fn shutdown_on_signals() -> std::io::Result<Arc<AtomicBool>> {
         .name("signals".into())
         .spawn(move || {
             while let Ok(signal) = signals.wait() {
-                if set.swap(true, Ordering::SeqCst) {
+                if set.load(Ordering::SeqCst) {
                     tracing::warn!(%signal, "second signal: exiting now");
                     std::process::exit(1);
                 }
+                // Logged before the flag is set: the process may end as soon as it is.
                 tracing::info!(%signal, "shutting down");
+                set.store(true, Ordering::SeqCst);
             }
         })?;
     Ok(flag)
@@ -502,11 +509,18 @@ mod tests {
             panic!("{actions:?}");
         };
         let names: Vec<&str> = tunnels.iter().map(|t| t.interface.as_str()).collect();
-        assert_eq!(names, ["tlwg2", "tlmgmt"], "only the links that could be read");
+        assert_eq!(
+            names,
+            ["tlwg2", "tlmgmt"],
+            "only the links that could be read"
+        );
         assert_eq!(tunnels[0].last_rx_age_s, Some(0));
         assert_eq!(tunnels[1].last_rx_age_s, None, "nothing received yet");
         assert_eq!(
-            daemon.step(now, Observed::Checked(reported(Some(Slot::A), "Established"))),
+            daemon.step(
+                now,
+                Observed::Checked(reported(Some(Slot::A), "Established"))
+            ),
             [Action::Notify],
             "the first state seen is news"
         );
@@ -653,14 +667,14 @@ mod tests {
         let v1 = desired(&["tlwg2", "tlwg3"]);
         daemon.step(start, round(&v1));
         daemon.step(start, reconciled(&[]));
-        let ages = |daemon: &mut Daemon, at: Instant, links: &[(&str, u64)]| {
-            match &daemon.step(at, counters(links))[..] {
-                [Action::PublishTunnels(tunnels), Action::Check] => tunnels
-                    .iter()
-                    .map(|t| (t.interface.clone(), t.last_rx_age_s))
-                    .collect::<Vec<_>>(),
-                other => panic!("{other:?}"),
-            }
+        let ages = |daemon: &mut Daemon, at: Instant, links: &[(&str, u64)]| match &daemon
+            .step(at, counters(links))[..]
+        {
+            [Action::PublishTunnels(tunnels), Action::Check] => tunnels
+                .iter()
+                .map(|t| (t.interface.clone(), t.last_rx_age_s))
+                .collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
         };
         let at = |s: u64| start + Duration::from_secs(s);
         assert_eq!(

@@ -104,7 +104,9 @@ mod tests {
         assert_eq!("v5".parse::<VersionSpec>(), Ok(VersionSpec::Number(5)));
         assert_eq!("5".parse::<VersionSpec>(), Ok(VersionSpec::Number(5)));
         assert_eq!("latest".parse::<VersionSpec>(), Ok(VersionSpec::Latest));
-        for bad in ["v0", "0", "v", "x", "-1", "v+1", "+1", "vv1", "v 1", "Latest"] {
+        for bad in [
+            "v0", "0", "v", "x", "-1", "v+1", "+1", "vv1", "v 1", "Latest",
+        ] {
             assert_eq!(
                 bad.parse::<VersionSpec>(),
                 Err(InvalidVersion(bad.to_string())),
