@@ -109,7 +109,8 @@ pub enum Command {
         #[arg(long, value_name = "CODE")]
         code: Option<towalink_bundle::pairing::PairingCode>,
     },
-    /// The daemon: recover from disk, then watch pending versions (bless or roll back).
+    /// The daemon: recover from disk, then keep the tunnels in line with the active version and
+    /// watch pending versions (bless or roll back). SIGTERM or SIGINT stops it (exit 0).
     Run {
         /// Do the start-up work and one check, then exit.
         #[arg(long)]
