@@ -96,6 +96,27 @@ fn run_daemon_while(
     status
 }
 
+/// The cause an error line ends with twice (`a: X: X`, also when X has `: ` in it), if any.
+fn repeated_cause(line: &str) -> Option<String> {
+    let parts: Vec<&str> = line.split(": ").collect();
+    let n = parts.len();
+    (1..=n / 2)
+        .find(|&k| parts[n - k..] == parts[n - 2 * k..n - k])
+        .map(|k| parts[n - k..].join(": "))
+}
+
+#[test]
+fn repeated_causes_are_found() {
+    assert_eq!(
+        repeated_cause("towalink-node: error: bundle refused: bad: x: bad: x"),
+        Some("bad: x".into())
+    );
+    assert_eq!(
+        repeated_cause("towalink-node: error: bundle refused: bad: x"),
+        None
+    );
+}
+
 fn active(status: &serde_json::Value) -> (u64, String) {
     (
         status["active_version"].as_u64().unwrap_or(0),
@@ -338,6 +359,19 @@ fn bad_bundles_are_refused_and_change_nothing() {
         assert_eq!(run.code, 1, "{file}: {}", run.stdout);
         assert!(run.stderr.contains(expected), "{file}: {}", run.stderr);
         assert_eq!(run.stderr.lines().count(), 1, "{}", run.stderr);
+        // Each cause once: not `bundle refused: X: X`.
+        assert_eq!(
+            run.stderr.matches("bundle refused").count(),
+            1,
+            "{}",
+            run.stderr
+        );
+        assert_eq!(
+            repeated_cause(run.stderr.trim_end()),
+            None,
+            "{file}: a cause printed twice: {}",
+            run.stderr
+        );
         assert_eq!(before, tree_hash(&f.node.state), "{file} changed the state");
     }
     // A well-signed bundle claiming v2 with other content (the controller directory was reset).
@@ -751,4 +785,62 @@ fn bundles_declaring_file_sizes_install_and_activate() {
     let out = f.node.ok(&["activate", "latest"]);
     assert!(out.contains(&format!("activated v{v2}")), "{out}");
     f.assert_root_is(v2);
+}
+
+#[test]
+fn the_daemon_stops_cleanly_on_sigterm_and_sigint() {
+    use std::io::BufRead as _;
+    let f = Fixture::new();
+    for signal in ["TERM", "INT"] {
+        let mut daemon = f
+            .node
+            .command(&["run", "--interval-ms", "200"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (lines, seen) = std::sync::mpsc::channel();
+        let stderr = daemon.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let _ = lines.send(line);
+            }
+        });
+        // The daemon handles signals from before its start-up work, which it logs.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut log = Vec::new();
+        while !log.iter().any(|l: &String| l.contains("startup")) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match seen.recv_timeout(left) {
+                Ok(line) => log.push(line),
+                Err(_) => panic!("no `startup` line from the daemon within 60 s: {log:?}"),
+            }
+        }
+        let killed = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &daemon.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = daemon.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = daemon.kill();
+                panic!("SIG{signal}: the daemon did not stop within 60 s: {log:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        log.extend(seen.iter());
+        assert_eq!(status.code(), Some(0), "SIG{signal}: {status}: {log:?}");
+        assert!(
+            log.iter().any(|l| l.contains("shutting down")),
+            "SIG{signal}: {log:?}"
+        );
+        // It left the state as it was: the next start finds v1 good.
+        assert_eq!(active(&f.node.status()), (1, "good".into()));
+    }
 }

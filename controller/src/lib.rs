@@ -61,7 +61,7 @@ pub enum Error {
     #[error("controller service: {0}")]
     Service(String),
     #[error("management link: {0}")]
-    Link(#[from] towalink_node::Error),
+    Link(#[from] towalink_netdev::Error),
     #[error("image: {0}")]
     Image(towalink_images::Error),
     #[error("refusing to record `{path}` in git: it {reason}")]

@@ -154,7 +154,7 @@ fn main() {
     node.activate(VersionSpec::Number(1), None).unwrap();
     node.mark_good().unwrap();
     // SAFETY: getuid has no preconditions.
-    let can_run_bird = unsafe { libc::getuid() } == 0 && which("bird") && which("unshare");
+    let can_run_bird = rustix::process::getuid().is_root() && which("bird") && which("unshare");
     let mut bird = None;
     if can_run_bird {
         bird = std::process::Command::new("unshare")

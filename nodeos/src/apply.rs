@@ -80,7 +80,7 @@ fn write_target(path: &Path, content: &[u8], mode: u32) -> Result<(), Error> {
         move |source| Error::Io {
             action,
             path: p,
-            source,
+            error: source,
         }
     };
     let dir = path.parent().expect("target has a parent");
@@ -186,7 +186,7 @@ pub fn apply(
                 std::fs::remove_file(&path).map_err(|source| Error::Io {
                     action: "cannot remove",
                     path: path.clone(),
-                    source,
+                    error: source,
                 })?;
                 report.removed.push(target.clone());
                 if let Some(service) = &entry.service {

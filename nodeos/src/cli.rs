@@ -8,19 +8,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Instant;
-
-use towalink_bundle::messages::TunnelReport;
-
 use crate::apply::Reloader;
 use crate::bird::BirdControl;
-use crate::dataplane::{Boringtun, DataPlane, DesiredState, KernelWireGuard};
-use crate::lifecycle::{Node, VersionSpec, Watch};
-use crate::management::{self, Shared};
+pub use crate::daemon::DataPlaneKind;
+use crate::lifecycle::Node;
 use crate::state::Installed;
+pub use towalink_bundle::args::{LogLevel, VersionSpec};
 
 /// towalink-node: keep signed configuration versions in A/B slots, activate, apply, roll back.
 #[derive(Debug, Parser)]
@@ -46,37 +39,16 @@ pub struct Cli {
     #[arg(long, value_enum, default_value = "auto", global = true)]
     pub dataplane: DataPlaneKind,
     /// Log level on stderr.
-    #[arg(short = 'l', long, value_enum, default_value = "info", global = true)]
+    #[arg(
+        short = 'l',
+        long,
+        value_parser = clap::builder::TypedValueParser::try_map(clap::builder::PossibleValuesParser::new(LogLevel::NAMES), |s| s.parse::<LogLevel>()),
+        default_value = "info",
+        global = true
+    )]
     pub loglevel: LogLevel,
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum LogLevel {
-    Debug,
-    Info,
-    Warning,
-    Error,
-}
-
-impl LogLevel {
-    pub fn tracing_level(self) -> tracing::Level {
-        match self {
-            LogLevel::Debug => tracing::Level::DEBUG,
-            LogLevel::Info => tracing::Level::INFO,
-            LogLevel::Warning => tracing::Level::WARN,
-            LogLevel::Error => tracing::Level::ERROR,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum DataPlaneKind {
-    Auto,
-    Boringtun,
-    Kernel,
-    None,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -137,7 +109,8 @@ pub enum Command {
         #[arg(long, value_name = "CODE")]
         code: Option<towalink_bundle::pairing::PairingCode>,
     },
-    /// The daemon: recover from disk, then watch pending versions (bless or roll back).
+    /// The daemon: recover from disk, then keep the tunnels in line with the active version and
+    /// watch pending versions (bless or roll back). SIGTERM or SIGINT stops it (exit 0).
     Run {
         /// Do the start-up work and one check, then exit.
         #[arg(long)]
@@ -174,7 +147,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Activate { version, confirm } => {
-            let spec: VersionSpec = version.parse().map_err(anyhow::Error::msg)?;
+            let spec: VersionSpec = version.parse()?;
             let report = node.activate(spec, confirm)?;
             writeln!(
                 out,
@@ -258,108 +231,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             None => writeln!(out, "marked bad; no version to roll back to")?,
         },
         Command::Run { once, interval_ms } => {
-            crate::dataplane::netlink::enable_forwarding();
-            node.startup()?;
-            let mut dataplane = match cli.dataplane {
-                DataPlaneKind::Boringtun => Some(DataPlane::new(Box::new(Boringtun::new()))?),
-                DataPlaneKind::Kernel => Some(DataPlane::new(Box::new(KernelWireGuard::probe()?))?),
-                DataPlaneKind::Auto => Some(match KernelWireGuard::probe() {
-                    Ok(kernel) => {
-                        tracing::info!("WireGuard: kernel module");
-                        DataPlane::new(Box::new(kernel))?
-                    }
-                    Err(reason) => {
-                        tracing::info!(%reason, "WireGuard: in-process boringtun");
-                        DataPlane::new(Box::new(Boringtun::new()))?
-                    }
-                }),
-                DataPlaneKind::None => None,
+            let shutdown = crate::daemon::shutdown_on_signals()
+                .context("cannot set up SIGTERM/SIGINT handling")?;
+            let options = crate::daemon::Options {
+                dataplane: cli.dataplane,
+                once,
+                interval: Duration::from_millis(interval_ms),
             };
-            let shared = Arc::new(Shared::default());
-            match node.controller_api() {
-                Some(api) if !once => {
-                    let node = Node::new(&cli.state_dir, &cli.root, node.reloader.clone());
-                    let shared = Arc::clone(&shared);
-                    std::thread::Builder::new()
-                        .name("management".into())
-                        .spawn(move || management::run(node, api, shared))
-                        .context("cannot start the management thread")?;
-                    tracing::info!(%api, "syncing with the controller through the management link");
-                }
-                Some(_) => {}
-                None => tracing::info!(
-                    "no management link in the identity: running without a controller"
-                ),
-            }
-            let mut applied: Option<DesiredState> = None;
-            let mut retry_in = 0u32;
-            let mut watch = Watch::default();
-            let mut last_rx: BTreeMap<String, (u64, Instant)> = BTreeMap::new();
-            let mut fingerprint = String::new();
-            loop {
-                let seen = shared.generation.load(Ordering::SeqCst);
-                if let Some(dataplane) = dataplane.as_mut() {
-                    // The tunnels follow the current version and the identity; unresolved
-                    // endpoints are retried every ten checks.
-                    match node.desired_dataplane() {
-                        Ok(desired) => {
-                            retry_in = retry_in.saturating_sub(1);
-                            if applied.as_ref() != Some(&desired) || retry_in == 0 {
-                                match dataplane.reconcile(&desired) {
-                                    Ok(report) => {
-                                        if report.changed() {
-                                            tracing::info!(created = ?report.created, reconfigured = ?report.reconfigured, removed = ?report.removed, "data plane reconciled");
-                                        }
-                                        retry_in = if report.unresolved.is_empty() {
-                                            u32::MAX
-                                        } else {
-                                            10
-                                        };
-                                        applied = Some(desired);
-                                    }
-                                    Err(error) => {
-                                        tracing::error!(%error, "data plane reconciliation failed");
-                                        retry_in = 10;
-                                    }
-                                }
-                            }
-                            let tunnels = tunnel_reports(dataplane, applied.as_ref(), &mut last_rx);
-                            if let Ok(mut shared_tunnels) = shared.tunnels.lock() {
-                                *shared_tunnels = tunnels;
-                            }
-                        }
-                        Err(error) => tracing::error!(%error, "cannot read the active version"),
-                    }
-                }
-                if let Err(error) = node.tick(&mut watch) {
-                    tracing::error!(%error, "check failed");
-                }
-                // Report at once when the disk state or a BGP session changes.
-                let bgp: Vec<(String, String, String)> = node
-                    .reloader
-                    .bird
-                    .protocols()
-                    .map(|ps| {
-                        ps.into_iter()
-                            .filter(|p| p.proto == "BGP")
-                            .map(|p| (p.name, p.state, p.info))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let now_state = format!("{:?} {bgp:?}", node.state.read().ok());
-                if now_state != fingerprint {
-                    fingerprint = now_state;
-                    shared.changed();
-                }
-                if once {
-                    break;
-                }
-                // Sleep, but wake early when the management thread changed something.
-                let until = Instant::now() + Duration::from_millis(interval_ms);
-                while Instant::now() < until && shared.generation.load(Ordering::SeqCst) == seen {
-                    std::thread::sleep(Duration::from_millis(25));
-                }
-            }
+            crate::daemon::run(node, options, &shutdown)?;
         }
         Command::Bootstrap {
             controller,
@@ -384,39 +263,4 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Counters of the node's links, with how long ago each last received something.
-fn tunnel_reports(
-    dataplane: &mut DataPlane,
-    desired: Option<&DesiredState>,
-    last_rx: &mut BTreeMap<String, (u64, Instant)>,
-) -> Vec<TunnelReport> {
-    let Some(desired) = desired else {
-        return Vec::new();
-    };
-    let names = desired.links.keys().cloned().chain(
-        desired
-            .management
-            .as_ref()
-            .map(|m| m.wireguard.name.clone()),
-    );
-    let mut reports = Vec::new();
-    for name in names {
-        let Ok(stats) = dataplane.stats(&name) else {
-            continue;
-        };
-        let entry = last_rx.entry(name.clone()).or_insert((0, Instant::now()));
-        if stats.rx_bytes != entry.0 {
-            *entry = (stats.rx_bytes, Instant::now());
-        }
-        reports.push(TunnelReport {
-            interface: name,
-            rx_bytes: stats.rx_bytes,
-            tx_bytes: stats.tx_bytes,
-            last_rx_age_s: (stats.rx_bytes > 0).then(|| entry.1.elapsed().as_secs()),
-        });
-    }
-    last_rx.retain(|name, _| reports.iter().any(|r| &r.interface == name));
-    reports
 }

@@ -8,6 +8,7 @@ pub mod apply;
 pub mod bird;
 pub mod bootstrap;
 pub mod cli;
+pub mod daemon;
 pub mod dataplane;
 pub mod health;
 pub mod lifecycle;
@@ -22,25 +23,27 @@ impl From<towalink_system::IoError> for Error {
         Error::Io {
             action: e.action,
             path: e.path,
-            source: e.source,
+            error: e.source,
         }
     }
 }
 
 /// Everything that can go wrong on a node, naming the file, version or service.
+///
+/// Each message is complete: where it quotes an underlying error, that error is not also its
+/// `source`, so `towalink-node` (which prints the whole cause chain) prints each cause once.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{action} `{path}`: {source}")]
+    #[error("{action} `{path}`: {error}")]
     Io {
         action: &'static str,
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("`{path}`: {message}")]
     Corrupt { path: PathBuf, message: String },
     #[error("bundle refused: {0}")]
-    Bundle(#[from] towalink_bundle::BundleError),
+    Bundle(towalink_bundle::BundleError),
     #[error("bundle refused: v{0} is already installed with different content")]
     VersionConflict(u32),
     #[error("bundle refused: v{version} is older than v{highest}, the newest installed; an older version is installed only when the controller's order (`tlm activate … v{version}`) or the operator (`towalink-node install --allow-older`) names it")]
@@ -74,4 +77,21 @@ pub enum Error {
     RolledBack(String),
     #[error("data plane: {0}")]
     DataPlane(String),
+    /// A network device (WireGuard link, address, route) could not be made or read.
+    #[error("data plane: {0}")]
+    NetDev(towalink_netdev::Error),
+}
+
+// By hand, not `#[from]` (which would make them a `source` too): the messages above quote
+// them already.
+impl From<towalink_bundle::BundleError> for Error {
+    fn from(error: towalink_bundle::BundleError) -> Error {
+        Error::Bundle(error)
+    }
+}
+
+impl From<towalink_netdev::Error> for Error {
+    fn from(error: towalink_netdev::Error) -> Error {
+        Error::NetDev(error)
+    }
 }

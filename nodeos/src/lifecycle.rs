@@ -12,30 +12,11 @@ use crate::slots::{plan_activation, plan_startup, DiskState, Marker, Slot, Start
 use crate::state::{crash_point, now, Installed, Older, RollbackRecord, StateDir};
 use crate::Error;
 
-/// Which version to activate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VersionSpec {
-    Latest,
-    Number(u32),
-}
-
-impl std::str::FromStr for VersionSpec {
-    type Err = String;
-    fn from_str(s: &str) -> Result<VersionSpec, String> {
-        if s == "latest" {
-            return Ok(VersionSpec::Latest);
-        }
-        s.strip_prefix('v')
-            .unwrap_or(s)
-            .parse::<u32>()
-            .ok()
-            .filter(|n| *n > 0)
-            .map(VersionSpec::Number)
-            .ok_or_else(|| format!("invalid version `{s}`: use a number (5 or v5) or `latest`"))
-    }
-}
+/// Which version to activate (the same rule as `tlm`'s).
+pub use towalink_bundle::args::VersionSpec;
 
 /// A node: its state directory, the root its files go to, and how it reloads services.
+#[derive(Debug, Clone)]
 pub struct Node {
     pub state: StateDir,
     pub root: PathBuf,
@@ -241,7 +222,7 @@ impl Node {
                 .map_err(|source| Error::Io {
                     action: "cannot read",
                     path: path.clone(),
-                    source,
+                    error: source,
                 })
                 .and_then(|bytes| self.state.install(&bytes, Older::Refuse));
             match result {
@@ -408,7 +389,7 @@ impl Node {
         let key = std::fs::read_to_string(&key_path).map_err(|source| Error::Io {
             action: "cannot read",
             path: key_path,
-            source,
+            error: source,
         })?;
         let mut state = match self.state.current() {
             Some(slot) => {

@@ -93,9 +93,9 @@ impl Shared {
 /// Why a call to the controller failed.
 #[derive(Debug, thiserror::Error)]
 enum CallError {
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
-    #[error("{0}")]
+    #[error(transparent)]
     Wire(#[from] wire::WireError),
     #[error("controller answered {status}: {body}")]
     Status { status: u16, body: String },

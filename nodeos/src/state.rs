@@ -77,7 +77,7 @@ fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     move |source| Error::Io {
         action,
         path: path.to_path_buf(),
-        source,
+        error: source,
     }
 }
 

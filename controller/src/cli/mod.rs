@@ -11,6 +11,7 @@ pub mod output;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+pub use towalink_bundle::args::LogLevel;
 
 /// tlm: manage a Towalink installation (sites, nodes, configuration versions).
 #[derive(Debug, Parser)]
@@ -29,7 +30,7 @@ pub struct Cli {
     #[arg(
         short = 'l',
         long,
-        value_enum,
+        value_parser = clap::builder::TypedValueParser::try_map(clap::builder::PossibleValuesParser::new(LogLevel::NAMES), |s| s.parse::<LogLevel>()),
         default_value = "warning",
         global = true
     )]
@@ -39,25 +40,6 @@ pub struct Cli {
     pub message: Option<String>,
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum LogLevel {
-    Debug,
-    Info,
-    Warning,
-    Error,
-}
-
-impl LogLevel {
-    pub fn tracing_level(self) -> tracing::Level {
-        match self {
-            LogLevel::Debug => tracing::Level::DEBUG,
-            LogLevel::Info => tracing::Level::INFO,
-            LogLevel::Warning => tracing::Level::WARN,
-            LogLevel::Error => tracing::Level::ERROR,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum, PartialEq, Eq)]

@@ -256,7 +256,7 @@ pub(crate) fn parse_site(text: &str) -> Result<SiteName, Error> {
 pub(crate) fn parse_version(text: &Option<String>) -> Result<VersionSpec, Error> {
     match text {
         None => Ok(VersionSpec::Latest),
-        Some(text) => Ok(text.parse()?),
+        Some(text) => Ok(text.parse().map_err(crate::model::names::NameError::from)?),
     }
 }
 

@@ -13,8 +13,8 @@ pub enum NameError {
     Reserved(String),
     #[error("invalid node `{0}`: use <node>.<site> (e.g. primary.berlin) or a numeric node id")]
     NodeRef(String),
-    #[error("invalid version `{0}`: use a number (5 or v5) or `latest`")]
-    Version(String),
+    #[error(transparent)]
+    Version(#[from] towalink_bundle::args::InvalidVersion),
 }
 
 fn check_name(kind: &'static str, name: &str) -> Result<(), NameError> {
@@ -148,35 +148,8 @@ impl fmt::Display for NodeRef {
     }
 }
 
-/// Which version to activate: a number or the latest committed one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VersionSpec {
-    Latest,
-    Number(u32),
-}
-
-impl FromStr for VersionSpec {
-    type Err = NameError;
-    fn from_str(s: &str) -> Result<Self, NameError> {
-        if s == "latest" {
-            return Ok(VersionSpec::Latest);
-        }
-        let digits = s.strip_prefix('v').unwrap_or(s);
-        match digits.parse::<u32>() {
-            Ok(n) if n > 0 && !digits.starts_with('+') => Ok(VersionSpec::Number(n)),
-            _ => Err(NameError::Version(s.to_string())),
-        }
-    }
-}
-
-impl fmt::Display for VersionSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            VersionSpec::Latest => f.write_str("latest"),
-            VersionSpec::Number(n) => write!(f, "v{n}"),
-        }
-    }
-}
+/// Which version to activate: a number or the latest committed one (shared with the node).
+pub use towalink_bundle::args::VersionSpec;
 
 #[cfg(test)]
 mod tests {
@@ -201,18 +174,5 @@ mod tests {
         assert!("primary".parse::<NodeRef>().is_err());
         assert!("a.b.c".parse::<NodeRef>().is_err());
         assert!("99999999999".parse::<NodeRef>().is_err());
-    }
-
-    #[test]
-    fn versions() {
-        assert_eq!("v5".parse::<VersionSpec>().unwrap(), VersionSpec::Number(5));
-        assert_eq!("5".parse::<VersionSpec>().unwrap(), VersionSpec::Number(5));
-        assert_eq!(
-            "latest".parse::<VersionSpec>().unwrap(),
-            VersionSpec::Latest
-        );
-        for bad in ["v0", "0", "v", "x", "-1", "v+1"] {
-            assert!(bad.parse::<VersionSpec>().is_err(), "{bad}");
-        }
     }
 }

@@ -32,8 +32,8 @@ use std::os::fd::AsRawFd as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use towalink_node::dataplane::netlink::Netlink;
-use towalink_node::dataplane::wireguard::{boringtun_device, Uapi};
+use towalink_netdev::netlink::Netlink;
+use towalink_netdev::{boringtun_device, Uapi};
 
 use crate::store::Store;
 use crate::Error;
@@ -47,10 +47,7 @@ fn failed(what: impl std::fmt::Display) -> Error {
 }
 
 fn key_hex(base64_key: &str) -> Result<String, Error> {
-    Ok(towalink_node::dataplane::key_hex(
-        base64_key,
-        "WireGuard key",
-    )?)
+    Ok(towalink_netdev::key_hex(base64_key, "WireGuard key")?)
 }
 
 /// The management endpoint: the boringtun device and its peers.
@@ -174,7 +171,7 @@ pub fn run(store: &Store, interface: &str, shutdown: &Shutdown) -> Result<(), Er
     ))?;
     Netlink::new()?.ensure_interface(
         interface,
-        towalink_node::dataplane::MANAGEMENT_MTU,
+        towalink_netdev::MANAGEMENT_MTU,
         &[(
             controller_address,
             controller_address,

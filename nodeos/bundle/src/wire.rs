@@ -12,8 +12,9 @@ pub const MAX_HEAD_BYTES: usize = 8 * 1024;
 /// Why a message could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
+    /// Not `#[from]`: the message quotes the I/O error, which is therefore not also a source.
     #[error("connection: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("connection closed before a complete message")]
     Closed,
     #[error("malformed HTTP message: {0}")]
@@ -22,6 +23,12 @@ pub enum WireError {
     HeadTooLarge,
     #[error("body of {length} bytes is larger than the {limit} allowed")]
     BodyTooLarge { length: u64, limit: u64 },
+}
+
+impl From<std::io::Error> for WireError {
+    fn from(error: std::io::Error) -> WireError {
+        WireError::Io(error)
+    }
 }
 
 /// A request as the server reads it.

@@ -4,29 +4,21 @@
 //!
 //! The desired state is computed purely from the version's `towalink/node.toml` and the node's
 //! private key ([`desired`]); [`DataPlane::reconcile`] carries it out through a [`WireGuard`]
-//! implementation (in-process boringtun, or kernel WireGuard) and rtnetlink ([`netlink`]).
+//! implementation (in-process boringtun, or kernel WireGuard) and rtnetlink ([`netlink`]), all
+//! from the `towalink-netdev` crate.
 
-pub mod kernel;
-pub mod netlink;
-pub mod wireguard;
+pub use towalink_netdev::{kernel, netlink, wireguard};
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs as _};
 
-use base64::engine::general_purpose::STANDARD as BASE64;
-use base64::Engine as _;
-
-pub use kernel::KernelWireGuard;
-pub use wireguard::{Boringtun, LinkStats, WireGuard, WireGuardLink};
+pub use towalink_netdev::{key_hex, INTERFACE_PREFIX, MANAGEMENT_MTU};
+pub use towalink_netdev::{Boringtun, KernelWireGuard, LinkStats, WireGuard, WireGuardLink};
 
 use crate::Error;
 
-/// Prefix of the interfaces Towalink owns; anything else is never touched.
-pub const INTERFACE_PREFIX: &str = "tlwg";
 /// The node's end of the management link to the controller.
 pub const MANAGEMENT_INTERFACE: &str = "tlmgmt";
-/// MTU of the management link.
-pub const MANAGEMENT_MTU: u32 = 1420;
 
 /// The management link: one WireGuard peer (the controller), the node's management address
 /// with the controller's as point-to-point peer.
@@ -82,16 +74,6 @@ pub struct DesiredState {
     pub loopback_ipv6: Option<Ipv6Addr>,
     pub links: BTreeMap<String, DesiredLink>,
     pub management: Option<ManagementLink>,
-}
-
-/// A base64 WireGuard key as the hex the UAPI wants; `what` names it in the error.
-pub fn key_hex(base64_key: &str, what: &str) -> Result<String, Error> {
-    let bytes = BASE64
-        .decode(base64_key.trim())
-        .ok()
-        .filter(|b| b.len() == 32)
-        .ok_or_else(|| Error::DataPlane(format!("{what} is not a base64 WireGuard key")))?;
-    Ok(hex::encode(bytes))
 }
 
 /// The desired state of a version: pure, from its node.toml and the node's private key.
@@ -286,7 +268,7 @@ impl DataPlane {
     }
 
     pub fn stats(&mut self, name: &str) -> Result<LinkStats, Error> {
-        self.wireguard.stats(name)
+        Ok(self.wireguard.stats(name)?)
     }
 }
 

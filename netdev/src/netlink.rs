@@ -13,7 +13,7 @@ use rtnetlink::Handle;
 use crate::Error;
 
 fn failed(what: String) -> Error {
-    Error::DataPlane(what)
+    Error::Netlink(what)
 }
 
 /// A netlink connection driven by a small single-threaded runtime.
@@ -309,7 +309,13 @@ impl Netlink {
                 .await;
             match added {
                 Ok(()) => Ok(()),
-                Err(rtnetlink::Error::NetlinkError(message)) if message.raw_code() == -libc::EEXIST => Ok(()),
+                // The rule is there already.
+                Err(rtnetlink::Error::NetlinkError(message))
+                    if std::io::Error::from_raw_os_error(-message.raw_code()).kind()
+                        == std::io::ErrorKind::AlreadyExists =>
+                {
+                    Ok(())
+                }
                 Err(e) => Err(failed(format!(
                     "cannot add the rule `to {controller} lookup {MANAGEMENT_TABLE}`: {e}"
                 ))),

@@ -68,7 +68,7 @@ impl Uapi {
     /// a non-zero `errno` is an error.
     pub fn request(&mut self, request: &str) -> Result<Vec<(String, String)>, Error> {
         let name = self.name.clone();
-        let failed = |what: String| Error::DataPlane(format!("WireGuard link {name}: {what}"));
+        let failed = |what: String| Error::WireGuard(format!("WireGuard link {name}: {what}"));
         self.reader
             .get_mut()
             .write_all(request.as_bytes())
@@ -104,7 +104,7 @@ impl Uapi {
 /// the handle removes the device.
 pub fn boringtun_device(name: &str) -> Result<(DeviceHandle, Uapi), Error> {
     let (ours, theirs) =
-        UnixStream::pair().map_err(|e| Error::DataPlane(format!("socketpair for {name}: {e}")))?;
+        UnixStream::pair().map_err(|e| Error::WireGuard(format!("socketpair for {name}: {e}")))?;
     let config = DeviceConfig {
         n_threads: 1,
         use_connected_socket: true,
@@ -112,7 +112,7 @@ pub fn boringtun_device(name: &str) -> Result<(DeviceHandle, Uapi), Error> {
         uapi_fd: theirs.into_raw_fd(),
     };
     let handle = DeviceHandle::new(name, config)
-        .map_err(|e| Error::DataPlane(format!("cannot create WireGuard link {name}: {e:?}")))?;
+        .map_err(|e| Error::WireGuard(format!("cannot create WireGuard link {name}: {e:?}")))?;
     Ok((
         handle,
         Uapi {
@@ -199,7 +199,7 @@ impl WireGuard for Boringtun {
         let device = self
             .devices
             .get_mut(name)
-            .ok_or_else(|| Error::DataPlane(format!("no WireGuard link {name}")))?;
+            .ok_or_else(|| Error::WireGuard(format!("no WireGuard link {name}")))?;
         let pairs = device.api.request("get=1\n\n")?;
         let value = |key: &str| {
             pairs

@@ -22,13 +22,13 @@ use netlink_packet_wireguard::nlas::{
 use netlink_packet_wireguard::{Wireguard, WireguardCmd};
 use netlink_sys::{protocols::NETLINK_GENERIC, Socket, SocketAddr as NetlinkAddr};
 
-use super::netlink::Netlink;
-use super::wireguard::{Ensured, LinkStats, WireGuard, WireGuardLink};
-use super::INTERFACE_PREFIX;
+use crate::netlink::Netlink;
+use crate::wireguard::{Ensured, LinkStats, WireGuard, WireGuardLink};
 use crate::Error;
+use crate::INTERFACE_PREFIX;
 
 fn failed(what: String) -> Error {
-    Error::DataPlane(what)
+    Error::Netlink(what)
 }
 
 /// A generic-netlink socket that sends one request and collects the replies.
@@ -133,16 +133,12 @@ impl KernelWireGuard {
             nlas: vec![GenlCtrlAttrs::FamilyName("wireguard".to_string())],
         });
         let replies = genl
-            .request(ask, netlink_packet_generic::constants::GENL_ID_CTRL, NLM_F_REQUEST | NLM_F_ACK)
-            .map_err(|e| {
-                let detail = match e {
-                    Error::DataPlane(message) => message,
-                    other => other.to_string(),
-                };
-                failed(format!(
-                    "kernel WireGuard is not available (no `wireguard` netlink family: is the module loaded?): {detail}"
-                ))
-            })?;
+            .request(
+                ask,
+                netlink_packet_generic::constants::GENL_ID_CTRL,
+                NLM_F_REQUEST | NLM_F_ACK,
+            )
+            .map_err(|e| Error::KernelUnavailable(e.to_string()))?;
         let family = replies
             .iter()
             .flat_map(|r| r.nlas.iter())
@@ -150,7 +146,7 @@ impl KernelWireGuard {
                 GenlCtrlAttrs::FamilyId(id) => Some(*id),
                 _ => None,
             })
-            .ok_or_else(|| failed("kernel WireGuard is not available: no family id".into()))?;
+            .ok_or_else(|| Error::KernelUnavailable("no family id".into()))?;
         let netlink = Netlink::new()?;
         let links = netlink
             .links_with_prefix(INTERFACE_PREFIX)?
@@ -181,7 +177,7 @@ impl KernelWireGuard {
             hex::decode(hex_key)
                 .ok()
                 .and_then(|b| b.try_into().ok())
-                .ok_or_else(|| failed(format!("{}: bad key", link.name)))
+                .ok_or_else(|| Error::WireGuard(format!("{}: bad key", link.name)))
         };
         let mut peer = vec![
             WgPeerAttrs::PublicKey(key(&link.peer_public_key_hex)?),
@@ -225,7 +221,7 @@ impl KernelWireGuard {
         self.genl
             .request(message, self.family, NLM_F_REQUEST | NLM_F_ACK)
             .map_err(|e| {
-                failed(format!(
+                Error::WireGuard(format!(
                     "configuring kernel WireGuard link {}: {e}",
                     link.name
                 ))
