@@ -22,6 +22,7 @@
 //! per-file `size`, when present) or [`MAX_UNCOMPRESSED_BYTES`] in all. The zstd window is
 //! capped at [`MAX_WINDOW_LOG`], so a frame cannot make the decoder allocate a large buffer.
 
+pub mod contract;
 pub mod messages;
 pub mod orders;
 pub mod pairing;
