@@ -65,7 +65,7 @@ impl BirdControl {
                 let text = line.get(5..).unwrap_or("").to_string();
                 last_code = code;
                 lines.push((code, text));
-                if separator == b' ' && (code < 1000 || code >= 8000) {
+                if separator == b' ' && !(1000..8000).contains(&code) {
                     return Ok(());
                 }
             }
