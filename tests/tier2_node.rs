@@ -197,7 +197,7 @@ fn bgp_that_never_comes_up_rolls_back_by_itself() {
     f.node.ok(&["activate", "v2"]);
     assert!(f.node.birdc("show protocols").contains("peer2_v4"));
     let status = run_daemon_while(&f.node, Duration::from_secs(30), |status| {
-        active(&status).0 != 1
+        active(status).0 != 1
     });
     assert_eq!(active(&status), (1, "good".into()), "{status:#}");
     let reason = status["last_rollback"]["reason"].as_str().unwrap();
@@ -652,7 +652,7 @@ fn controller_check_blesses_when_reachable_and_rolls_back_when_not() {
     let v3 = f.commit_and_install("node_health_timeout_s", "2");
     f.node.ok(&["activate", "latest"]);
     let status = run_daemon_while(&f.node, Duration::from_secs(20), |status| {
-        active(&status).0 == u64::from(v3)
+        active(status).0 == u64::from(v3)
     });
     assert_eq!(
         active(&status),
