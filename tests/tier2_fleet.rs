@@ -1364,3 +1364,69 @@ fn hostile_replies_on_the_management_address_are_refused() {
     assert!(out.contains("r.s1: v13 activated"), "{out}");
     assert!(out.contains("1 of 1 node(s) took the version"), "{out}");
 }
+
+/// A version made for a newer node contract (signed by the real controller, its
+/// `towalink/node.toml` saying `contract = 2`) reaches a node through the service: the node
+/// refuses it at install and answers the order with why, `tlm activate` prints that reason,
+/// and the node keeps its version.
+#[test]
+fn an_order_for_a_newer_node_contract_is_refused_with_the_reason() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut options = Options::new(2, Topology::Mesh);
+    options.controller = true;
+    let net = Network::build(options);
+    net.wait_reported(&[1, 2], 1, "good", Duration::from_secs(30));
+    net.ctl
+        .ok(&["set", "node", "r.s1", "node_health_timeout_s", "30"]);
+    let out = net.ctl.ok(&["commit", "all"]);
+    assert!(
+        out.contains("r.s1: v2") && !out.contains("r.s2: v2"),
+        "{out}"
+    );
+
+    // What a controller of a later release would make: the same version needing contract 2.
+    let path = net.ctl.path("effective/s1/r/v2/s1-r-v2.tar.zst");
+    let key = towalink_bundle::signing_key_from_base64(&net.ctl.read("certs/signing.key")).unwrap();
+    let v2 =
+        towalink_bundle::verify(&std::fs::read(&path).unwrap(), &key.verifying_key(), 1).unwrap();
+    let node_toml = towalink_bundle::contract::NODE_TOML;
+    let mut files = v2.files().clone();
+    let newer = format!(
+        "contract = 2\n{}",
+        String::from_utf8(files[node_toml].clone()).unwrap()
+    );
+    files.insert(node_toml.into(), newer.into_bytes());
+    let mut manifest = v2.manifest().clone();
+    for entry in &mut manifest.files {
+        entry.sha256 = towalink_bundle::sha256_hex(&files[&entry.path]);
+    }
+    std::fs::write(
+        &path,
+        towalink_bundle::build(&manifest, &files, &key).unwrap(),
+    )
+    .unwrap();
+
+    let run = net
+        .ctl
+        .run(&["activate", "node", "r.s1", "--timeout", "60"]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains(
+            "r.s1: v2 refused: version v2 needs node contract 2; this node understands up to 1: upgrade towalink-node"
+        ),
+        "{}",
+        run.stdout
+    );
+    let status = net.fleet_status();
+    let s1 = node_entry(&status, "r.s1");
+    assert_eq!(s1["active_version"], 1, "{s1:#}");
+    assert_eq!(s1["state"], "good", "{s1:#}");
+    assert_eq!(s1["installed_versions"], serde_json::json!([1]), "{s1:#}");
+    assert!(
+        s1["last_order"]["result"]
+            .as_str()
+            .unwrap()
+            .starts_with("refused: version v2 needs node contract 2"),
+        "{s1:#}"
+    );
+}

@@ -409,6 +409,57 @@ fn bad_bundles_are_refused_and_change_nothing() {
     assert_eq!(before, tree_hash(&f.node.state));
 }
 
+/// A version signed by the real controller but made for a newer node contract (its
+/// `towalink/node.toml` says `contract = 2`): `towalink-node install` refuses it naming both
+/// contract numbers, stores nothing, and the node keeps its active version.
+#[test]
+fn a_version_for_a_newer_node_contract_is_refused_at_install() {
+    let f = Fixture::new();
+    let key = towalink_bundle::signing_key_from_base64(&f.ctl.read("certs/signing.key")).unwrap();
+    let v1 = towalink_bundle::verify(
+        &std::fs::read(f.bundle(1)).unwrap(),
+        &key.verifying_key(),
+        1,
+    )
+    .unwrap();
+    let node_toml = towalink_bundle::contract::NODE_TOML;
+    let mut files = v1.files().clone();
+    let newer = format!(
+        "contract = 2\n{}",
+        String::from_utf8(files[node_toml].clone()).unwrap()
+    );
+    files.insert(node_toml.into(), newer.into_bytes());
+    let mut manifest = v1.manifest().clone();
+    manifest.version = 7;
+    manifest.parent = Some(1);
+    for entry in &mut manifest.files {
+        entry.sha256 = towalink_bundle::sha256_hex(&files[&entry.path]);
+    }
+    let bytes = towalink_bundle::build(&manifest, &files, &key).unwrap();
+    let file = f.node.temp.path().join("a-x-v7.tar.zst");
+    std::fs::write(&file, bytes).unwrap();
+
+    let before = tree_hash(&f.node.state);
+    let run = f.node.run(&["install", file.to_str().unwrap()]);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    assert_eq!(
+        run.stderr.trim(),
+        "towalink-node: error: version v7 needs node contract 2; this node understands up to 1: upgrade towalink-node"
+    );
+    assert_eq!(
+        before,
+        tree_hash(&f.node.state),
+        "the refusal changed the state"
+    );
+    let status = f.node.status();
+    assert_eq!(status["active_version"], 1, "{status:#}");
+    assert_eq!(
+        status["installed_versions"],
+        serde_json::json!([1]),
+        "{status:#}"
+    );
+}
+
 /// A bundle signed with the real controller key but naming paths that leave the root.
 #[test]
 fn signed_bundles_with_escaping_paths_are_refused() {

@@ -180,7 +180,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "active:        {} in slot {} ({}{})",
                     v(status.active_version),
                     status.active_slot.as_deref().unwrap_or("-"),
-                    status.state.as_deref().unwrap_or("none"),
+                    status.state.map_or("none", |s| s.name()),
                     status
                         .tries_left
                         .map(|t| format!(", {t} tries left"))
@@ -205,7 +205,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     writeln!(
                         out,
                         "health {:<7} {} ({})",
-                        format!("{:?}:", check.check).to_lowercase(),
+                        format!("{}:", check.check),
                         if check.ok { "ok" } else { "failing" },
                         check.detail
                     )?;

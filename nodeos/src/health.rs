@@ -1,28 +1,15 @@
 //! Health checks that decide whether a pending version is blessed, and the per-node settings
-//! that configure them (attributes in the version's `towalink/node.toml`).
+//! that configure them (the version's [`NodeConfig`], from its `towalink/node.toml`).
 
+use towalink_bundle::contract::NodeConfig;
 use towalink_bundle::VerifiedBundle;
 
 use crate::bird::BirdControl;
 use crate::Error;
 
-/// Path of the effective attributes inside a version.
-pub const NODE_TOML: &str = "towalink/node.toml";
+pub use towalink_bundle::contract::{HealthCheck as Check, NODE_TOML};
 
-/// A check a pending version must pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Check {
-    /// Every BGP protocol in BIRD is up and Established.
-    Bird,
-    /// The controller's management API accepts a connection through the management link.
-    Controller,
-    /// Every WireGuard link has received traffic from its peer (a completed handshake and
-    /// data: with BFD and keepalives running, a live link always has).
-    Wireguard,
-}
-
-/// Settings of the version lifecycle, from the version's attributes.
+/// Settings of the version lifecycle, from the version's contract.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LifecycleSettings {
     /// `node_boot_tries`: daemon starts a pending version may use (default 3).
@@ -37,66 +24,21 @@ pub struct LifecycleSettings {
 
 impl LifecycleSettings {
     pub fn from_bundle(bundle: &VerifiedBundle) -> Result<LifecycleSettings, Error> {
-        let manifest = bundle.manifest();
-        let bad = |attribute: &str, message: &str| Error::Setting {
-            attribute: attribute.to_string(),
-            version: manifest.version,
-            message: message.to_string(),
-        };
-        let attributes: toml::Table = match bundle.files().get(NODE_TOML) {
-            Some(bytes) => std::str::from_utf8(bytes)
-                .ok()
-                .and_then(|t| t.parse().ok())
-                .ok_or_else(|| bad(NODE_TOML, "is not valid TOML"))?,
-            None => toml::Table::new(),
-        };
-        let integer = |key: &str, default: i64, min: i64, max: i64| -> Result<i64, Error> {
-            match attributes.get(key) {
-                None => Ok(default),
-                Some(toml::Value::Integer(n)) if (min..=max).contains(n) => Ok(*n),
-                Some(_) => Err(bad(key, &format!("must be an integer from {min} to {max}"))),
-            }
-        };
-        let checks = match attributes.get("node_health_checks") {
-            None => {
-                if manifest.services.contains_key("bird") {
-                    vec![Check::Bird]
-                } else {
-                    Vec::new()
-                }
-            }
-            Some(toml::Value::Array(items)) => items
-                .iter()
-                .map(|item| match item.as_str() {
-                    Some("bird") => Ok(Check::Bird),
-                    Some("controller") => Ok(Check::Controller),
-                    Some("wireguard") => Ok(Check::Wireguard),
-                    _ => Err(bad(
-                        "node_health_checks",
-                        &format!(
-                            "has `{item}`: this node knows the checks \"bird\", \"wireguard\" and \"controller\""
-                        ),
-                    )),
-                })
-                .collect::<Result<_, _>>()?,
-            Some(_) => return Err(bad("node_health_checks", "must be a list of check names")),
-        };
-        Ok(LifecycleSettings {
-            boot_tries: integer("node_boot_tries", 3, 1, 100)? as u32,
-            checks,
-            timeout_s: integer("node_health_timeout_s", 120, 1, 86_400)? as u64,
-            links: attributes
-                .get("peers")
-                .and_then(toml::Value::as_array)
-                .map(|peers| {
-                    peers
-                        .iter()
-                        .filter_map(|p| p.get("interface").and_then(toml::Value::as_str))
-                        .map(str::to_string)
-                        .collect()
-                })
-                .unwrap_or_default(),
-        })
+        let config = NodeConfig::of(bundle)?;
+        Ok(LifecycleSettings::from_config(
+            &config,
+            bundle.manifest().services.contains_key("bird"),
+        ))
+    }
+
+    /// `configures_bird`: the version has a `bird` service (then `bird` is the default check).
+    pub fn from_config(config: &NodeConfig, configures_bird: bool) -> LifecycleSettings {
+        LifecycleSettings {
+            boot_tries: config.node_boot_tries,
+            checks: config.health_checks(configures_bird),
+            timeout_s: config.node_health_timeout_s,
+            links: config.interfaces(),
+        }
     }
 }
 

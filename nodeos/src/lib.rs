@@ -61,12 +61,8 @@ pub enum Error {
         target: String,
         reason: &'static str,
     },
-    #[error("version v{version}: attribute `{attribute}` {message}")]
-    Setting {
-        attribute: String,
-        version: u32,
-        message: String,
-    },
+    #[error(transparent)]
+    Contract(#[from] towalink_bundle::contract::VersionRefused),
     #[error("BIRD at `{socket}`: {message}")]
     Bird { socket: PathBuf, message: String },
     #[error("BIRD is not running at `{socket}`: {message}")]

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
+use towalink_bundle::messages::SlotState;
 
 use crate::apply::{apply, ApplyReport, Reloader};
 use crate::health::{evaluate, CheckResult, LifecycleSettings};
@@ -43,8 +44,7 @@ pub struct Status {
     pub node_id: u32,
     pub active_version: Option<u32>,
     pub active_slot: Option<String>,
-    /// good, pending or bad.
-    pub state: Option<String>,
+    pub state: Option<SlotState>,
     pub tries_left: Option<u32>,
     pub confirm_by: Option<u64>,
     pub last_good_version: Option<u32>,
@@ -360,7 +360,7 @@ impl Node {
             let failed: Vec<String> = results
                 .iter()
                 .filter(|r| !r.ok)
-                .map(|r| format!("{}: {}", format!("{:?}", r.check).to_lowercase(), r.detail))
+                .map(|r| format!("{}: {}", r.check, r.detail))
                 .collect();
             let reason = format!(
                 "v{version} did not pass its health checks within {} s ({})",
@@ -394,13 +394,8 @@ impl Node {
         let mut state = match self.state.current() {
             Some(slot) => {
                 let bundle = self.state.slot_bundle(slot)?;
-                let node_toml: toml::Table = bundle
-                    .files()
-                    .get(crate::health::NODE_TOML)
-                    .and_then(|b| std::str::from_utf8(b).ok())
-                    .and_then(|t| t.parse().ok())
-                    .unwrap_or_default();
-                crate::dataplane::desired(&node_toml, &key)?
+                let config = towalink_bundle::contract::NodeConfig::of(&bundle)?;
+                crate::dataplane::desired(&config, &key)?
             }
             None => crate::dataplane::DesiredState::default(),
         };
@@ -427,9 +422,9 @@ impl Node {
             active_version: disk.active_version(),
             active_slot: current.map(|s| s.to_string()),
             state: marker.map(|m| match m {
-                Marker::Good => "good".to_string(),
-                Marker::Pending { .. } => "pending".to_string(),
-                Marker::Bad => "bad".to_string(),
+                Marker::Good => SlotState::Good,
+                Marker::Pending { .. } => SlotState::Pending,
+                Marker::Bad => SlotState::Bad,
             }),
             tries_left: match marker {
                 Some(Marker::Pending { tries_left }) => Some(tries_left),

@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use towalink_bundle::messages::{
-    BgpSession, HealthReport, NodeReport, Order, OrderOutcome, RollbackReport, SyncReply,
-    TunnelReport, BUNDLE_PATH, SYNC_PATH,
+    BgpSession, HealthReport, NodeReport, Order, OrderOutcome, OrderResult, RollbackReport,
+    SlotState, SyncReply, TunnelReport, BUNDLE_PATH, SYNC_PATH,
 };
 use towalink_bundle::orders::{self, OrderVerdict, ReplyBody};
 use towalink_bundle::wire;
@@ -228,7 +228,7 @@ pub fn build_report(node: &Node, shared: &Shared) -> Result<NodeReport, Error> {
             .health
             .into_iter()
             .map(|c| HealthReport {
-                check: format!("{:?}", c.check).to_lowercase(),
+                check: c.check.to_string(),
                 ok: c.ok,
                 detail: c.detail,
             })
@@ -405,6 +405,7 @@ fn act_on(node: &Node, api: SocketAddr, reply: &ReplyBody, report: &NodeReport) 
         .collect();
     wanted.sort_unstable();
     wanted.dedup();
+    let mut not_installed = None;
     for version in wanted {
         let older = match order {
             Some(o) if o.version == version => Older::Named(version),
@@ -417,7 +418,10 @@ fn act_on(node: &Node, api: SocketAddr, reply: &ReplyBody, report: &NodeReport) 
             }
             Ok(Installed::AlreadyPresent(_)) => {}
             Err(error) => {
-                tracing::error!(version, error = %escaped(&error), "cannot take version")
+                tracing::error!(version, error = %escaped(&error), "cannot take version");
+                if order.is_some_and(|o| o.version == version) {
+                    not_installed = Some(error);
+                }
             }
         }
     }
@@ -429,7 +433,7 @@ fn act_on(node: &Node, api: SocketAddr, reply: &ReplyBody, report: &NodeReport) 
         }
     }
     if let Some(order) = order {
-        carry_out(node, order);
+        carry_out(node, order, not_installed);
         changed = true;
     }
     changed
@@ -483,7 +487,8 @@ fn fetch_and_install(
         .map_err(|e| e.to_string())
 }
 
-fn carry_out(node: &Node, order: Order) {
+/// Carries out an order; `not_installed` is why its version could not be taken, if it could not.
+fn carry_out(node: &Node, order: Order, not_installed: Option<String>) {
     let already = node.state.read().ok().is_some_and(|disk| {
         disk.active_version() == Some(order.version)
             && disk
@@ -491,7 +496,11 @@ fn carry_out(node: &Node, order: Order) {
                 .is_some_and(|s| disk.slot(s).marker != Some(crate::slots::Marker::Bad))
     });
     let result = if already {
-        "already active".to_string()
+        OrderResult::AlreadyActive
+    } else if let Some(reason) = not_installed {
+        // The version could not be taken: say why, not only that it is missing.
+        tracing::error!(version = order.version, reason = %escaped(&reason), "cannot carry out the controller's order");
+        OrderResult::Refused(reason)
     } else {
         match node.activate(VersionSpec::Number(order.version), order.confirm_s) {
             Ok(report) => {
@@ -501,12 +510,12 @@ fn carry_out(node: &Node, order: Order) {
                     ms = report.activation_ms,
                     "activated by the controller"
                 );
-                "activated".to_string()
+                OrderResult::Activated
             }
-            Err(Error::RolledBack(reason)) => format!("rolled back: {reason}"),
+            Err(Error::RolledBack(reason)) => OrderResult::RolledBack(reason),
             Err(error) => {
                 tracing::error!(version = order.version, %error, "cannot carry out the controller's order");
-                format!("refused: {error}")
+                OrderResult::Refused(error.to_string())
             }
         }
     };
@@ -525,7 +534,7 @@ fn carry_out(node: &Node, order: Order) {
 /// through it (this sync's reply carried the controller's signature over this report's nonce)
 /// and its health checks pass.
 fn confirm_if_healthy(node: &Node, report: &NodeReport) {
-    if report.state.as_deref() == Some("pending")
+    if report.state == Some(SlotState::Pending)
         && report.confirm_by.is_some()
         && report.health.iter().all(|c| c.ok)
     {

@@ -52,7 +52,7 @@ pub struct RollbackRecord {
 struct OrderRecord {
     seq: u64,
     version: u32,
-    result: String,
+    result: towalink_bundle::messages::OrderResult,
     time: u64,
     /// Taken from a signed reply (records written before orders were signed lack it).
     #[serde(default)]
@@ -246,13 +246,17 @@ impl StateDir {
         )?)
     }
 
-    /// Stores a verified version, under the anti-rollback rule of [`StateDir::install`].
+    /// Stores a verified version whose contract this node understands, under the anti-rollback
+    /// rule of [`StateDir::install`].
     pub fn install_verified(
         &self,
         bundle: &VerifiedBundle,
         older: Older,
     ) -> Result<Installed, Error> {
         let version = bundle.manifest().version;
+        // A version this node cannot act on (a newer contract, an invalid node.toml) is
+        // refused here, before it is stored, never at activation.
+        towalink_bundle::contract::NodeConfig::of(bundle)?;
         let dir = self.version_dir(version);
         if dir.exists() {
             let existing = std::fs::read_to_string(dir.join(towalink_bundle::MANIFEST_NAME))
@@ -617,7 +621,10 @@ mod tests {
     }
 
     fn bundle(version: u32) -> Vec<u8> {
-        let content = format!("version {version}\n").into_bytes();
+        bundle_with(version, "f", format!("version {version}\n").into_bytes())
+    }
+
+    fn bundle_with(version: u32, path: &str, content: Vec<u8>) -> Vec<u8> {
         let manifest = Manifest {
             format: towalink_bundle::FORMAT,
             node_id: 3,
@@ -628,7 +635,7 @@ mod tests {
             created: "2026-12-01T00:00:00Z".into(),
             services: BTreeMap::new(),
             files: vec![FileEntry {
-                path: "f".into(),
+                path: path.into(),
                 target: None,
                 mode: "0644".into(),
                 sha256: towalink_bundle::sha256_hex(&content),
@@ -636,7 +643,45 @@ mod tests {
                 size: None,
             }],
         };
-        towalink_bundle::build(&manifest, &BTreeMap::from([("f".into(), content)]), &key()).unwrap()
+        towalink_bundle::build(&manifest, &BTreeMap::from([(path.into(), content)]), &key())
+            .unwrap()
+    }
+
+    #[test]
+    fn a_version_needing_a_newer_contract_is_refused_at_install_and_not_stored() {
+        let (temp, state) = state();
+        let node_toml = towalink_bundle::contract::NODE_TOML;
+        let newer = bundle_with(7, node_toml, b"contract = 2\n".to_vec());
+        let refused = state.install(&newer, Older::Refuse).unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "version v7 needs node contract 2; this node understands up to 1: upgrade towalink-node"
+        );
+        assert_eq!(state.versions().unwrap(), Vec::<u32>::new());
+        assert!(!temp.path().join("versions/v7").exists());
+        // So is one whose node.toml this node cannot act on.
+        let invalid = bundle_with(7, node_toml, b"node_health_checks = [\"bogus\"]\n".to_vec());
+        let refused = state
+            .install(&invalid, Older::Refuse)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.starts_with("version v7 has an invalid `towalink/node.toml`: line 1: `node_health_checks` unknown variant `bogus`"),
+            "{refused}"
+        );
+        // The contract it understands is taken, as is node.toml as earlier controllers wrote it.
+        let today = include_bytes!("../../tests/fixtures/node-toml-contract1/r1.s1.toml");
+        assert_eq!(
+            state
+                .install(&bundle_with(7, node_toml, today.to_vec()), Older::Refuse)
+                .unwrap(),
+            Installed::New(7)
+        );
+        let explicit = bundle_with(8, node_toml, b"contract = 1\n".to_vec());
+        assert_eq!(
+            state.install(&explicit, Older::Refuse).unwrap(),
+            Installed::New(8)
+        );
     }
 
     #[test]

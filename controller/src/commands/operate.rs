@@ -7,6 +7,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use towalink_bundle::messages::{OrderResult, SlotState};
 use towalink_bundle::printable::printable;
 
 use crate::model::names::NodeFullName;
@@ -93,19 +94,20 @@ pub fn judge(target: &Target, record: Option<&NodeRecord>) -> Outcome {
             .filter(|r| r.from_version == Some(target.version))
             .map(|r| r.reason.clone())
     };
-    if let Some(reason) = done.result.strip_prefix("rolled back: ") {
-        return Outcome::RolledBack(reason.to_string());
-    }
-    if let Some(reason) = done.result.strip_prefix("refused: ") {
-        return Outcome::Refused(reason.to_string());
+    match &done.result {
+        OrderResult::RolledBack(reason) => return Outcome::RolledBack(reason.clone()),
+        OrderResult::Refused(reason) => return Outcome::Refused(reason.clone()),
+        // Taken: what became of it shows in the state (below). A result this build does not
+        // know is judged the same way.
+        OrderResult::Activated | OrderResult::AlreadyActive | OrderResult::Other(_) => {}
     }
     if report.active_version == Some(target.version) {
-        match report.state.as_deref() {
-            Some("good") => Outcome::Blessed,
-            Some("bad") => {
+        match report.state {
+            Some(SlotState::Good) => Outcome::Blessed,
+            Some(SlotState::Bad) => {
                 Outcome::RolledBack(rollback_reason().unwrap_or_else(|| "marked bad".into()))
             }
-            _ => Outcome::Pending,
+            Some(SlotState::Pending) | None => Outcome::Pending,
         }
     } else {
         match rollback_reason() {
@@ -211,8 +213,8 @@ pub fn print_status(
                     "latest_version": n.latest,
                     "desired_version": n.desired,
                     "active_version": report.and_then(|r| r.active_version),
-                    "state": report.and_then(|r| r.state.clone()),
-                    "pending_version": report.filter(|r| r.state.as_deref() == Some("pending")).and_then(|r| r.active_version),
+                    "state": report.and_then(|r| r.state),
+                    "pending_version": report.filter(|r| r.state == Some(SlotState::Pending)).and_then(|r| r.active_version),
                     "tries_left": report.and_then(|r| r.tries_left),
                     "last_good_version": report.and_then(|r| r.last_good_version),
                     "installed_versions": report.map(|r| r.installed_versions.clone()),
@@ -303,8 +305,8 @@ pub fn print_status(
             }),
             version_text(report.and_then(|r| r.active_version)),
             report
-                .and_then(|r| r.state.as_deref())
-                .map_or_else(|| "-".into(), printable),
+                .and_then(|r| r.state)
+                .map_or_else(|| "-".into(), |s| s.to_string()),
             version_text(n.desired),
             version_text(n.latest),
             tunnels,
@@ -409,7 +411,7 @@ pub fn print_status(
                     "  last order: #{} v{}: {}",
                     o.seq,
                     o.version,
-                    printable(&o.result)
+                    printable(&o.result.to_string())
                 )?;
             }
         }
@@ -424,7 +426,7 @@ mod tests {
 
     fn record(
         active: u32,
-        state: &str,
+        state: SlotState,
         done: Option<(u64, &str)>,
         rollback_from: Option<u32>,
     ) -> NodeRecord {
@@ -435,7 +437,7 @@ mod tests {
             endpoint: None,
             report: NodeReport {
                 active_version: Some(active),
-                state: Some(state.into()),
+                state: Some(state),
                 order_done: done.map(|(seq, result)| OrderOutcome {
                     seq,
                     version: 3,
@@ -462,27 +464,35 @@ mod tests {
         };
         assert_eq!(judge(&t, None), Outcome::Waiting);
         assert_eq!(
-            judge(&t, Some(&record(2, "good", Some((4, "activated")), None))),
+            judge(
+                &t,
+                Some(&record(2, SlotState::Good, Some((4, "activated")), None))
+            ),
             Outcome::Waiting
         );
         assert_eq!(
             judge(
                 &t,
-                Some(&record(3, "pending", Some((5, "activated")), None))
+                Some(&record(3, SlotState::Pending, Some((5, "activated")), None))
             ),
             Outcome::Pending
         );
         assert_eq!(
             judge(
                 &t,
-                Some(&record(3, "good", Some((5, "already active")), None))
+                Some(&record(
+                    3,
+                    SlotState::Good,
+                    Some((5, "already active")),
+                    None
+                ))
             ),
             Outcome::Blessed
         );
         assert_eq!(
             judge(
                 &t,
-                Some(&record(2, "good", Some((5, "activated")), Some(3)))
+                Some(&record(2, SlotState::Good, Some((5, "activated")), Some(3)))
             ),
             Outcome::RolledBack("v3 did not pass".into())
         );
@@ -491,12 +501,33 @@ mod tests {
                 &t,
                 Some(&record(
                     2,
-                    "good",
+                    SlotState::Good,
                     Some((5, "refused: no version v3")),
                     None
                 ))
             ),
             Outcome::Refused("no version v3".into())
+        );
+        // An order rolled back at once (apply failed), as every node release reports it.
+        assert_eq!(
+            judge(
+                &t,
+                Some(&record(
+                    2,
+                    SlotState::Good,
+                    Some((5, "rolled back: apply of v3 failed: x")),
+                    None
+                ))
+            ),
+            Outcome::RolledBack("apply of v3 failed: x".into())
+        );
+        // A result this controller does not know is judged by the state.
+        assert_eq!(
+            judge(
+                &t,
+                Some(&record(3, SlotState::Good, Some((5, "deferred")), None))
+            ),
+            Outcome::Blessed
         );
         assert!(Outcome::Pending.settled(false) && !Outcome::Pending.settled(true));
         assert!(Outcome::Blessed.success(true) && !Outcome::Pending.success(true));

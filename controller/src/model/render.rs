@@ -5,21 +5,24 @@
 //! error naming the template file and line); other files are copied as they are. Templates see
 //! every effective attribute as a variable (`loopback_ipv4`, `asn`, `peers`, ...) and may
 //! `include` each other by file name. The effective attributes themselves become
-//! `towalink/node.toml`, read by `towalink-node` from its slot.
+//! `towalink/node.toml`; the node reads its contract from it ([`NodeConfig`]: links,
+//! loopbacks, lifecycle), which is built from them here first, so a version never carries a
+//! node.toml its node refuses.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use minijinja::{Environment, UndefinedBehavior};
 use toml::{Table, Value};
+use towalink_bundle::contract::{ContractError, NodeConfig};
 use towalink_bundle::{sha256_hex, FileEntry, Service};
 
 use crate::model::attributes::{Level, Merged};
 use crate::model::names::{NodeFullName, SiteName};
 use crate::model::resolve::ConfigTree;
 
-/// Path of the effective attributes inside a version.
-pub const NODE_TOML: &str = "towalink/node.toml";
+/// Path of the effective attributes (and the node's contract) inside a version.
+pub use towalink_bundle::contract::NODE_TOML;
 /// Suffix of template files.
 pub const TEMPLATE_SUFFIX: &str = ".jinja";
 /// Instructions one template may execute to render one node (minijinja's fuel). The default
@@ -195,12 +198,10 @@ impl<'a> Renderer<'a> {
             }
             files.insert(output, bytes);
         }
-        let node_toml = toml::to_string(effective).map_err(|e| RenderError::Attribute {
-            file: Level::Generated.file(),
-            attribute: "peers".into(),
-            message: e.to_string(),
-        })?;
-        files.insert(NODE_TOML.to_string(), node_toml.into_bytes());
+        files.insert(
+            NODE_TOML.to_string(),
+            node_toml(complete, effective)?.into_bytes(),
+        );
 
         let declare_sizes = match complete.values.get("bundle_file_sizes") {
             None => false,
@@ -447,6 +448,43 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|c| *c == '*')
 }
 
+/// `towalink/node.toml`: the effective attributes (what the templates saw, for operators and
+/// for nodes before the typed contract) with the node's contract ([`NodeConfig`]) built from
+/// them and written over them as the node reads it. A value the node would refuse is refused
+/// here, naming the attribute and the file that set it.
+fn node_toml(complete: &Merged, effective: &Table) -> Result<String, RenderError> {
+    let attribute_error = |attribute: &str, message: String| RenderError::Attribute {
+        file: complete
+            .origin(attribute)
+            .map_or_else(|| Level::Generated.file(), Level::file),
+        attribute: attribute.to_string(),
+        message,
+    };
+    if effective.contains_key("contract") {
+        return Err(attribute_error(
+            "contract",
+            "is reserved: it is the node contract number the controller writes into `towalink/node.toml`; use another name".into(),
+        ));
+    }
+    let text = toml::to_string(effective).map_err(|e| attribute_error("peers", e.to_string()))?;
+    // Nothing in the attributes needs more than the first contract yet: `contract` stays 1
+    // (implied, not written), and every node since the first release takes the version.
+    let config = NodeConfig::from_toml(&text).map_err(|error| match error {
+        ContractError::Invalid { key, message, .. } => {
+            // Keys of `peers` entries (generated) are not top-level attributes.
+            let attribute = key
+                .filter(|k| effective.contains_key(k))
+                .unwrap_or_else(|| "peers".into());
+            attribute_error(&attribute, message)
+        }
+        newer @ ContractError::Newer { .. } => attribute_error("contract", newer.to_string()),
+    })?;
+    let typed = Table::try_from(&config).map_err(|e| attribute_error("peers", e.to_string()))?;
+    let mut table = effective.clone();
+    table.extend(typed);
+    toml::to_string(&table).map_err(|e| attribute_error("peers", e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,5 +497,47 @@ mod tests {
         assert!(glob_match("*", "x"));
         assert!(glob_match("a?c", "abc"));
         assert!(!glob_match("a?c", "ac"));
+    }
+
+    /// node.toml as `tlm` wrote it before the contract was typed.
+    const TODAY: &str = include_str!("../../../tests/fixtures/node-toml-contract1/r1.s1.toml");
+
+    fn attributes(text: &str, level: Level) -> (Merged, Table) {
+        let table: Table = text.parse().unwrap();
+        (Merged::from_layers([(level, &table)]), table)
+    }
+
+    #[test]
+    fn node_toml_is_the_effective_attributes_byte_for_byte() {
+        // Versions of unchanged nodes stay unchanged: the contract adds no byte to what
+        // earlier controllers wrote, and nodes before the contract read it as before.
+        let (complete, effective) = attributes(TODAY, Level::Global);
+        assert_eq!(node_toml(&complete, &effective).unwrap(), TODAY);
+    }
+
+    #[test]
+    fn values_the_node_would_refuse_are_refused_naming_attribute_and_file() {
+        let node = Level::Node("s1".parse().unwrap(), "r1".parse().unwrap());
+        let (complete, effective) = attributes(
+            &TODAY.replace(r#"["bird", "wireguard"]"#, r#"["bogus"]"#),
+            node.clone(),
+        );
+        assert_eq!(
+            node_toml(&complete, &effective).unwrap_err().to_string(),
+            "`site_s1/node_r1/config.toml`: attribute `node_health_checks` unknown variant `bogus`, expected one of `bird`, `wireguard`, `controller`"
+        );
+        let (complete, effective) = attributes(
+            &TODAY.replace("node_boot_tries = 2", "node_boot_tries = 0"),
+            Level::Global,
+        );
+        assert_eq!(
+            node_toml(&complete, &effective).unwrap_err().to_string(),
+            "`config.toml`: attribute `node_boot_tries` must be an integer from 1 to 100"
+        );
+        let (complete, effective) = attributes(&format!("contract = 1\n{TODAY}"), node);
+        assert!(node_toml(&complete, &effective)
+            .unwrap_err()
+            .to_string()
+            .starts_with("`site_s1/node_r1/config.toml`: attribute `contract` is reserved"));
     }
 }

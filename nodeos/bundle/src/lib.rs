@@ -23,6 +23,7 @@
 //! capped at [`MAX_WINDOW_LOG`], so a frame cannot make the decoder allocate a large buffer.
 
 pub mod args;
+pub mod contract;
 pub mod identity;
 pub mod messages;
 pub mod orders;

@@ -44,8 +44,8 @@ pub struct NodeReport {
     /// Seconds since the daemon started.
     pub daemon_uptime_s: u64,
     pub active_version: Option<u32>,
-    /// `good`, `pending` or `bad`.
-    pub state: Option<String>,
+    /// The active slot's state.
+    pub state: Option<SlotState>,
     pub tries_left: Option<u32>,
     pub confirm_by: Option<u64>,
     pub last_good_version: Option<u32>,
@@ -130,10 +130,98 @@ pub struct Order {
 pub struct OrderOutcome {
     pub seq: u64,
     pub version: u32,
-    /// `activated`, `already active`, or why the node could not (`refused: …`).
-    pub result: String,
+    pub result: OrderResult,
     /// Unix time.
     pub time: u64,
+}
+
+/// The state of a slot's version: `good`, `pending` or `bad` on the wire and on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotState {
+    /// Blessed: its health checks passed or it was confirmed.
+    Good,
+    /// Activated, waiting for its health checks (or confirmation).
+    Pending,
+    /// Rolled back (or marked bad).
+    Bad,
+}
+
+impl SlotState {
+    pub fn name(self) -> &'static str {
+        match self {
+            SlotState::Good => "good",
+            SlotState::Pending => "pending",
+            SlotState::Bad => "bad",
+        }
+    }
+}
+
+impl std::fmt::Display for SlotState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a node made of an order. On the wire (reports) and on disk (the node's
+/// `last-order.toml`, the controller's `status/` records) it is the one string every release
+/// wrote: `activated`, `already active`, `rolled back: <reason>`, `refused: <reason>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderResult {
+    Activated,
+    /// The version was active (and not bad) already.
+    AlreadyActive,
+    /// Activated, then rolled back at once (its apply failed).
+    RolledBack(String),
+    /// Not carried out (the version is missing, refused, ...).
+    Refused(String),
+    /// A result this build does not know (from a newer node), kept as written.
+    Other(String),
+}
+
+const ROLLED_BACK: &str = "rolled back: ";
+const REFUSED: &str = "refused: ";
+
+impl std::fmt::Display for OrderResult {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OrderResult::Activated => f.write_str("activated"),
+            OrderResult::AlreadyActive => f.write_str("already active"),
+            OrderResult::RolledBack(reason) => write!(f, "{ROLLED_BACK}{reason}"),
+            OrderResult::Refused(reason) => write!(f, "{REFUSED}{reason}"),
+            OrderResult::Other(text) => f.write_str(text),
+        }
+    }
+}
+
+impl From<&str> for OrderResult {
+    /// Reads the string form; never fails (an unknown form is [`OrderResult::Other`]).
+    fn from(text: &str) -> OrderResult {
+        if text == "activated" {
+            OrderResult::Activated
+        } else if text == "already active" {
+            OrderResult::AlreadyActive
+        } else if let Some(reason) = text.strip_prefix(ROLLED_BACK) {
+            OrderResult::RolledBack(reason.to_string())
+        } else if let Some(reason) = text.strip_prefix(REFUSED) {
+            OrderResult::Refused(reason.to_string())
+        } else {
+            OrderResult::Other(text.to_string())
+        }
+    }
+}
+
+impl Serialize for OrderResult {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for OrderResult {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<OrderResult, D::Error> {
+        let text = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+        Ok(OrderResult::from(text.as_ref()))
+    }
 }
 
 /// The controller's answer to a sync.
@@ -222,6 +310,59 @@ pub struct Management {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn order_results_keep_the_string_form_both_ways() {
+        let cases = [
+            ("activated", OrderResult::Activated),
+            ("already active", OrderResult::AlreadyActive),
+            (
+                "rolled back: apply of v3 failed: x",
+                OrderResult::RolledBack("apply of v3 failed: x".into()),
+            ),
+            (
+                "refused: no version v3 is installed",
+                OrderResult::Refused("no version v3 is installed".into()),
+            ),
+            ("exploded", OrderResult::Other("exploded".into())),
+        ];
+        for (text, result) in cases {
+            // JSON reports from nodes before the enum, and to controllers before it.
+            let json = format!(r#"{{"seq":4,"version":3,"result":{text:?},"time":9}}"#);
+            let outcome: OrderOutcome = serde_json::from_str(&json).unwrap();
+            assert_eq!(outcome.result, result);
+            assert_eq!(serde_json::to_string(&outcome).unwrap(), json);
+            // TOML records (last-order.toml, status/ records).
+            let toml_text = toml::to_string(&outcome).unwrap();
+            assert!(
+                toml_text.contains(&format!("result = {text:?}")),
+                "{toml_text}"
+            );
+            assert_eq!(toml::from_str::<OrderOutcome>(&toml_text).unwrap(), outcome);
+        }
+    }
+
+    #[test]
+    fn slot_states_are_the_words_reports_always_had() {
+        let report: NodeReport = serde_json::from_str(
+            &serde_json::to_string(&NodeReport {
+                state: Some(SlotState::Pending),
+                ..NodeReport::default()
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(report.state, Some(SlotState::Pending));
+        for (word, state) in [
+            ("good", SlotState::Good),
+            ("pending", SlotState::Pending),
+            ("bad", SlotState::Bad),
+        ] {
+            assert_eq!(serde_json::to_string(&state).unwrap(), format!("{word:?}"));
+            assert_eq!(state.to_string(), word);
+        }
+        assert!(serde_json::from_str::<SlotState>(r#""blessed""#).is_err());
+    }
 
     #[test]
     fn identity_round_trips_and_rejects_unknown_fields() {

@@ -2,10 +2,10 @@
 //! the active version by reconciliation (desired state against what exists; applying the same
 //! state twice changes nothing; links of removed peers disappear).
 //!
-//! The desired state is computed purely from the version's `towalink/node.toml` and the node's
-//! private key ([`desired`]); [`DataPlane::reconcile`] carries it out through a [`WireGuard`]
-//! implementation (in-process boringtun, or kernel WireGuard) and rtnetlink ([`netlink`]), all
-//! from the `towalink-netdev` crate.
+//! The desired state is computed purely from the version's contract ([`NodeConfig`], its
+//! `towalink/node.toml`) and the node's private key ([`desired`]); [`DataPlane::reconcile`]
+//! carries it out through a [`WireGuard`] implementation (in-process boringtun, or kernel
+//! WireGuard) and rtnetlink ([`netlink`]), all from the `towalink-netdev` crate.
 
 pub use towalink_netdev::{kernel, netlink, wireguard};
 
@@ -14,6 +14,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs as _};
 
 pub use towalink_netdev::{key_hex, INTERFACE_PREFIX, MANAGEMENT_MTU};
 pub use towalink_netdev::{Boringtun, KernelWireGuard, LinkStats, WireGuard, WireGuardLink};
+
+use towalink_bundle::contract::{NodeConfig, NODE_TOML};
 
 use crate::Error;
 
@@ -76,76 +78,40 @@ pub struct DesiredState {
     pub management: Option<ManagementLink>,
 }
 
-/// The desired state of a version: pure, from its node.toml and the node's private key.
-pub fn desired(node_toml: &toml::Table, private_key: &str) -> Result<DesiredState, Error> {
-    let bad = |what: String| Error::DataPlane(format!("towalink/node.toml: {what}"));
-    let text = |table: &toml::Table, key: &str| -> Result<String, Error> {
-        table
-            .get(key)
-            .and_then(toml::Value::as_str)
-            .map(str::to_string)
-            .ok_or_else(|| bad(format!("`{key}` is missing or not a string")))
-    };
-    let int = |table: &toml::Table, key: &str| -> Result<i64, Error> {
-        table
-            .get(key)
-            .and_then(toml::Value::as_integer)
-            .ok_or_else(|| bad(format!("`{key}` is missing or not an integer")))
-    };
-    fn parse<T: std::str::FromStr>(value: String, key: &str) -> Result<T, Error> {
-        value.parse().map_err(|_| {
-            Error::DataPlane(format!(
-                "towalink/node.toml: `{key}` = `{value}` is not an address"
-            ))
-        })
-    }
+/// The desired state of a version: pure, from its contract (`towalink/node.toml`) and the
+/// node's private key.
+pub fn desired(config: &NodeConfig, private_key: &str) -> Result<DesiredState, Error> {
+    let bad = |what: String| Error::DataPlane(format!("{NODE_TOML}: {what}"));
     let private_key_hex = key_hex(private_key, "identity/wg_private_key")?;
     let mut state = DesiredState {
-        loopback_ipv4: node_toml
-            .get("loopback_ipv4")
-            .and_then(toml::Value::as_str)
-            .and_then(|s| s.parse().ok()),
-        loopback_ipv6: node_toml
-            .get("loopback_ipv6")
-            .and_then(toml::Value::as_str)
-            .and_then(|s| s.parse().ok()),
+        loopback_ipv4: config.loopback_ipv4,
+        loopback_ipv6: config.loopback_ipv6,
         links: BTreeMap::new(),
         management: None,
     };
-    let peers = node_toml
-        .get("peers")
-        .and_then(toml::Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    for peer in peers {
-        let peer = peer
-            .as_table()
-            .ok_or_else(|| bad("a `peers` entry is not a table".into()))?;
-        let name = text(peer, "interface")?;
+    for peer in &config.peers {
+        let name = peer.interface.clone();
         if !name.starts_with(INTERFACE_PREFIX) || name.len() > 15 {
             return Err(bad(format!(
                 "interface `{name}` is not a Towalink interface name"
             )));
         }
-        let port = |key: &str| -> Result<u16, Error> {
-            u16::try_from(int(peer, key)?).map_err(|_| bad(format!("`{key}` is not a port")))
-        };
+        let local_ipv4 = config
+            .loopback_ipv4
+            .ok_or_else(|| bad("`loopback_ipv4` is missing".into()))?;
         let link = DesiredLink {
             wireguard: WireGuardLink {
                 name: name.clone(),
                 private_key_hex: private_key_hex.clone(),
-                listen_port: port("listen_port")?,
-                peer_public_key_hex: key_hex(&text(peer, "peer_public_key")?, "peer_public_key")?,
-                endpoint: peer
-                    .get("peer_endpoint")
-                    .and_then(toml::Value::as_str)
-                    .map(str::to_string),
-                keepalive: u16::try_from(int(peer, "keepalive")?).unwrap_or(0),
+                listen_port: peer.listen_port,
+                peer_public_key_hex: key_hex(&peer.peer_public_key, "peer_public_key")?,
+                endpoint: peer.peer_endpoint.clone(),
+                keepalive: u16::try_from(peer.keepalive).unwrap_or(0),
             },
-            mtu: u32::try_from(int(peer, "mtu")?).unwrap_or(1420),
-            local_ipv4: parse(text(node_toml, "loopback_ipv4")?, "loopback_ipv4")?,
-            peer_ipv4: parse(text(peer, "peer_loopback_ipv4")?, "peer_loopback_ipv4")?,
-            local_link_local: parse(text(peer, "local_link_local")?, "local_link_local")?,
+            mtu: peer.mtu,
+            local_ipv4,
+            peer_ipv4: peer.peer_loopback_ipv4,
+            local_link_local: peer.local_link_local,
         };
         state.links.insert(name, link);
     }
@@ -280,7 +246,7 @@ mod tests {
 
     #[test]
     fn desired_state_from_node_toml() {
-        let node: toml::Table = format!(
+        let node = NodeConfig::from_toml(&format!(
             r#"
 loopback_ipv4 = "10.254.0.1"
 loopback_ipv6 = "fd00::1"
@@ -293,9 +259,15 @@ keepalive = 25
 mtu = 1420
 peer_loopback_ipv4 = "10.254.0.2"
 local_link_local = "fe80::1:0:2"
+peer_id = 2
+peer_node = "y"
+peer_site = "b"
+peer_asn = 4200000002
+peer_loopback_ipv6 = "fd00::2"
+peer_port = 51821
+peer_link_local = "fe80::2:0:1"
 "#
-        )
-        .parse()
+        ))
         .unwrap();
         let state = desired(&node, KEY).unwrap();
         let link = &state.links["tlwg2"];
@@ -305,6 +277,29 @@ local_link_local = "fe80::1:0:2"
         assert_eq!(link.peer_ipv4, "10.254.0.2".parse::<Ipv4Addr>().unwrap());
         assert_eq!(state.loopback_ipv6, Some("fd00::1".parse().unwrap()));
         assert!(desired(&node, "short").is_err());
+    }
+
+    #[test]
+    fn desired_state_from_node_toml_as_earlier_controllers_wrote_it() {
+        let node = NodeConfig::from_toml(include_str!(
+            "../../../tests/fixtures/node-toml-contract1/r1.s1.toml"
+        ))
+        .unwrap();
+        let state = desired(&node, KEY).unwrap();
+        assert_eq!(state.loopback_ipv4, Some(Ipv4Addr::new(10, 254, 0, 1)));
+        let link = &state.links["tlwg2"];
+        assert_eq!(link.local_ipv4, Ipv4Addr::new(10, 254, 0, 1));
+        assert_eq!(link.wireguard.listen_port, 51822);
+        assert_eq!(link.wireguard.keepalive, 25);
+        assert_eq!(link.mtu, 1420);
+        assert_eq!(
+            link.local_link_local,
+            "fe80::1:0:2".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            link.wireguard.endpoint.as_deref(),
+            Some("203.0.113.30:51821")
+        );
     }
 
     #[test]

@@ -1,0 +1,376 @@
+//! The controller–node contract: what a version tells its node in `towalink/node.toml`.
+//!
+//! The controller writes the node's effective attributes there (templates and operators read
+//! them); [`NodeConfig`] is the part the node acts on: its links, loopbacks and the lifecycle
+//! of the version (boot tries, health checks, health timeout). The fields keep the names and
+//! shape the file has always had, so versions made by earlier controllers decode; anything
+//! else in the file is ignored.
+//!
+//! The contract is numbered. `contract` in node.toml is the oldest node contract that
+//! understands the version (absent: 1). A node refuses a version that needs a newer contract
+//! than [`CONTRACT`] when it installs it, before anything is activated, with an error naming
+//! both numbers. A controller writes the lowest number its version needs, so nodes keep
+//! taking versions that use nothing new.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::VerifiedBundle;
+
+/// Path of the contract file inside a version.
+pub const NODE_TOML: &str = "towalink/node.toml";
+
+/// The newest contract this build understands.
+pub const CONTRACT: u32 = 1;
+
+/// The contract of a node.toml without a `contract` field (every controller before it).
+const FIRST_CONTRACT: u32 = 1;
+
+/// What a version tells its node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeConfig {
+    /// The oldest node contract that understands this version. Written only when above 1, so
+    /// versions that use nothing new are byte for byte what earlier controllers made.
+    #[serde(default = "first_contract", skip_serializing_if = "is_first_contract")]
+    pub contract: u32,
+    /// The node's IPv4 loopback (also the local address of every link).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loopback_ipv4: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loopback_ipv6: Option<Ipv6Addr>,
+    /// One point-to-point WireGuard link per peer.
+    #[serde(default)]
+    pub peers: Vec<Peer>,
+    /// Daemon starts a pending version may use before it is rolled back (1 to 100).
+    #[serde(default = "default_boot_tries")]
+    pub node_boot_tries: u32,
+    /// The checks that bless a pending version; absent: see [`NodeConfig::health_checks`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_health_checks: Option<Vec<HealthCheck>>,
+    /// Seconds a pending version may take to pass its checks (1 to 86,400).
+    #[serde(default = "default_health_timeout_s")]
+    pub node_health_timeout_s: u64,
+}
+
+/// One peer link as the node sees it (the `peers` tables; templates read the same fields).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    /// `tlwg<peer id>`.
+    pub interface: String,
+    pub peer_id: u32,
+    pub peer_node: String,
+    pub peer_site: String,
+    pub peer_asn: u32,
+    pub peer_loopback_ipv4: Ipv4Addr,
+    pub peer_loopback_ipv6: Ipv6Addr,
+    /// The peer's WireGuard public key (base64).
+    pub peer_public_key: String,
+    /// `host:port` the node sends to; absent when the peer has no `wg_endpoint`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_endpoint: Option<String>,
+    /// The peer's endpoint address when `wg_endpoint` is an IP address (not a name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_endpoint_ip: Option<IpAddr>,
+    /// UDP port of this node's end of the link.
+    pub listen_port: u16,
+    /// UDP port of the peer's end.
+    pub peer_port: u16,
+    pub local_link_local: Ipv6Addr,
+    pub peer_link_local: Ipv6Addr,
+    /// Persistent keepalive in seconds (0: off).
+    pub keepalive: u32,
+    pub mtu: u32,
+}
+
+/// A check a pending version must pass before it is blessed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheck {
+    /// Every BGP protocol in BIRD is up and Established.
+    Bird,
+    /// Every WireGuard link has received traffic from its peer.
+    Wireguard,
+    /// The controller's management API accepts a connection through the management link.
+    Controller,
+}
+
+impl HealthCheck {
+    /// The name in `node_health_checks` and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            HealthCheck::Bird => "bird",
+            HealthCheck::Wireguard => "wireguard",
+            HealthCheck::Controller => "controller",
+        }
+    }
+}
+
+impl std::fmt::Display for HealthCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why a node.toml cannot be taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContractError {
+    #[error("needs node contract {needs}; this node understands up to {understands}: upgrade towalink-node")]
+    Newer { needs: u32, understands: u32 },
+    #[error("has an invalid `{NODE_TOML}`: {}{}{message}", line.map(|l| format!("line {l}: ")).unwrap_or_default(), key.as_ref().map(|k| format!("`{k}` ")).unwrap_or_default())]
+    Invalid {
+        /// 1-based line of the file, when known.
+        line: Option<usize>,
+        /// The key on that line, when there is one.
+        key: Option<String>,
+        message: String,
+    },
+}
+
+/// A version's node.toml refused: `version v7 needs node contract 2; …`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("version v{version} {error}")]
+pub struct VersionRefused {
+    pub version: u32,
+    pub error: ContractError,
+}
+
+fn first_contract() -> u32 {
+    FIRST_CONTRACT
+}
+
+fn is_first_contract(contract: &u32) -> bool {
+    *contract == FIRST_CONTRACT
+}
+
+fn default_boot_tries() -> u32 {
+    3
+}
+
+fn default_health_timeout_s() -> u64 {
+    120
+}
+
+impl Default for NodeConfig {
+    fn default() -> NodeConfig {
+        NodeConfig {
+            contract: FIRST_CONTRACT,
+            loopback_ipv4: None,
+            loopback_ipv6: None,
+            peers: Vec::new(),
+            node_boot_tries: default_boot_tries(),
+            node_health_checks: None,
+            node_health_timeout_s: default_health_timeout_s(),
+        }
+    }
+}
+
+impl NodeConfig {
+    /// The contract of a verified version. A version without node.toml (made by hand with no
+    /// peers) has the defaults.
+    pub fn of(bundle: &VerifiedBundle) -> Result<NodeConfig, VersionRefused> {
+        let version = bundle.manifest().version;
+        match bundle.files().get(NODE_TOML) {
+            None => Ok(NodeConfig::default()),
+            Some(bytes) => std::str::from_utf8(bytes)
+                .map_err(|_| ContractError::Invalid {
+                    line: None,
+                    key: None,
+                    message: "is not UTF-8".into(),
+                })
+                .and_then(NodeConfig::from_toml)
+                .map_err(|error| VersionRefused { version, error }),
+        }
+    }
+
+    /// Decodes node.toml: first its contract number (a newer one is refused before anything
+    /// else is read, since its fields may mean something this build does not know), then the
+    /// fields, then their ranges.
+    pub fn from_toml(text: &str) -> Result<NodeConfig, ContractError> {
+        let table: toml::Table = text.parse().map_err(|e| invalid(text, &e))?;
+        let needs = match table.get("contract") {
+            None => FIRST_CONTRACT,
+            Some(toml::Value::Integer(n)) if *n >= 1 => u32::try_from(*n).unwrap_or(u32::MAX),
+            Some(_) => {
+                return Err(ContractError::Invalid {
+                    line: None,
+                    key: Some("contract".into()),
+                    message: "must be a positive integer".into(),
+                })
+            }
+        };
+        if needs > CONTRACT {
+            return Err(ContractError::Newer {
+                needs,
+                understands: CONTRACT,
+            });
+        }
+        let config: NodeConfig = toml::from_str(text).map_err(|e| invalid(text, &e))?;
+        config.check_ranges()?;
+        Ok(config)
+    }
+
+    fn check_ranges(&self) -> Result<(), ContractError> {
+        let out_of_range = |key: &str, min: u64, max: u64| ContractError::Invalid {
+            line: None,
+            key: Some(key.into()),
+            message: format!("must be an integer from {min} to {max}"),
+        };
+        if !(1..=100).contains(&self.node_boot_tries) {
+            return Err(out_of_range("node_boot_tries", 1, 100));
+        }
+        if !(1..=86_400).contains(&self.node_health_timeout_s) {
+            return Err(out_of_range("node_health_timeout_s", 1, 86_400));
+        }
+        Ok(())
+    }
+
+    /// The checks that bless a pending version: `node_health_checks`, or `bird` when it is
+    /// absent and the version configures BIRD (`configures_bird`), else none.
+    pub fn health_checks(&self, configures_bird: bool) -> Vec<HealthCheck> {
+        match &self.node_health_checks {
+            Some(checks) => checks.clone(),
+            None if configures_bird => vec![HealthCheck::Bird],
+            None => Vec::new(),
+        }
+    }
+
+    /// The WireGuard interfaces of the version.
+    pub fn interfaces(&self) -> Vec<String> {
+        self.peers.iter().map(|p| p.interface.clone()).collect()
+    }
+}
+
+/// A TOML error as one line: where (line, key) and what.
+fn invalid(text: &str, error: &toml::de::Error) -> ContractError {
+    let line = error
+        .span()
+        .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+    let key = line
+        .and_then(|l| text.lines().nth(l - 1))
+        .and_then(|l| l.split_once('='))
+        .map(|(key, _)| key.trim().to_string())
+        .filter(|key| !key.is_empty() && !key.starts_with('['));
+    ContractError::Invalid {
+        line,
+        key,
+        message: error.message().trim().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// node.toml exactly as `tlm` wrote it before the contract was typed (one with a peer
+    /// endpoint and every attribute set, one whose peer has none).
+    const TODAY_R1: &str = include_str!("../../../tests/fixtures/node-toml-contract1/r1.s1.toml");
+    const TODAY_MAIN: &str =
+        include_str!("../../../tests/fixtures/node-toml-contract1/main.hq.toml");
+
+    #[test]
+    fn node_toml_from_controllers_before_the_contract_decodes() {
+        let config = NodeConfig::from_toml(TODAY_R1).unwrap();
+        assert_eq!(config.contract, 1);
+        assert_eq!(config.loopback_ipv4, Some(Ipv4Addr::new(10, 254, 0, 1)));
+        assert_eq!(config.node_boot_tries, 2);
+        assert_eq!(config.node_health_timeout_s, 120);
+        assert_eq!(
+            config.health_checks(false),
+            [HealthCheck::Bird, HealthCheck::Wireguard]
+        );
+        assert_eq!(config.interfaces(), ["tlwg2"]);
+        let peer = &config.peers[0];
+        assert_eq!(peer.listen_port, 51822);
+        assert_eq!(peer.peer_endpoint.as_deref(), Some("203.0.113.30:51821"));
+        assert_eq!(
+            peer.local_link_local,
+            "fe80::1:0:2".parse::<Ipv6Addr>().unwrap()
+        );
+
+        let main = NodeConfig::from_toml(TODAY_MAIN).unwrap();
+        assert_eq!(main.peers[0].peer_endpoint, None);
+        assert_eq!(main.node_boot_tries, 3);
+    }
+
+    #[test]
+    fn the_contract_fields_serialize_as_node_toml_has_them() {
+        // Writing the typed fields over the file's own values changes no byte: the controller
+        // writes versions that nodes before the contract read as before.
+        for today in [TODAY_R1, TODAY_MAIN] {
+            let config = NodeConfig::from_toml(today).unwrap();
+            let mut table: toml::Table = today.parse().unwrap();
+            let typed = toml::Table::try_from(&config).unwrap();
+            assert!(!typed.contains_key("contract"), "contract 1 is implied");
+            table.extend(typed);
+            assert_eq!(toml::to_string(&table).unwrap(), today);
+        }
+    }
+
+    #[test]
+    fn missing_fields_take_the_defaults() {
+        let config = NodeConfig::from_toml("").unwrap();
+        assert_eq!(config, NodeConfig::default());
+        assert_eq!(config.health_checks(true), [HealthCheck::Bird]);
+        assert_eq!(config.health_checks(false), []);
+        let none = NodeConfig::from_toml("node_health_checks = []").unwrap();
+        assert_eq!(none.health_checks(true), []);
+    }
+
+    #[test]
+    fn a_newer_contract_is_refused_naming_both_numbers() {
+        // Even when the rest means nothing to this build.
+        let text = "contract = 2\nnode_health_checks = [\"quantum\"]\n[peers]\nx = 1\n";
+        assert_eq!(
+            NodeConfig::from_toml(text),
+            Err(ContractError::Newer {
+                needs: 2,
+                understands: 1
+            })
+        );
+        let refused = VersionRefused {
+            version: 7,
+            error: NodeConfig::from_toml(text).unwrap_err(),
+        };
+        assert_eq!(
+            refused.to_string(),
+            "version v7 needs node contract 2; this node understands up to 1: upgrade towalink-node"
+        );
+        assert_eq!(NodeConfig::from_toml("contract = 1").unwrap().contract, 1);
+        let written = toml::to_string(&NodeConfig {
+            contract: 2,
+            ..NodeConfig::default()
+        })
+        .unwrap();
+        assert!(written.starts_with("contract = 2\n"), "{written}");
+        for bad in ["contract = 0", "contract = \"2\"", "contract = -1"] {
+            let error = NodeConfig::from_toml(bad).unwrap_err().to_string();
+            assert!(
+                error.contains("`contract` must be a positive integer"),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_values_are_one_line_naming_line_and_key() {
+        let text = "node_boot_tries = 2\nnode_health_checks = [\"bogus\"]\n";
+        let error = NodeConfig::from_toml(text).unwrap_err().to_string();
+        assert!(
+            error.starts_with("has an invalid `towalink/node.toml`: line 2: `node_health_checks` unknown variant `bogus`"),
+            "{error}"
+        );
+        assert!(!error.contains('\n'), "{error}");
+        let error = NodeConfig::from_toml("node_boot_tries = 0").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "has an invalid `towalink/node.toml`: `node_boot_tries` must be an integer from 1 to 100"
+        );
+        let error = NodeConfig::from_toml("[[peers]]\ninterface = \"tlwg2\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("missing field"), "{error}");
+        assert!(NodeConfig::from_toml("node_health_timeout_s = 0").is_err());
+        assert!(NodeConfig::from_toml("loopback_ipv4 = \"not an address\"").is_err());
+    }
+}
