@@ -104,6 +104,9 @@ pub enum Command {
         /// Say which level (default, global, site, node, generated) set each value.
         #[arg(long, global = true)]
         origin: bool,
+        /// Print each attribute's doc beside it (from the attribute schema).
+        #[arg(long, global = true)]
+        explain: bool,
         #[command(flatten)]
         format: FormatArg,
     },
@@ -505,10 +508,11 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::ShowAll {
             what,
             origin,
+            explain,
             format,
         } => {
             drop_after_recovery(&store)?;
-            show_all(&store, what, origin, format.format, &mut out)?;
+            show_all(&store, what, origin, explain, format.format, &mut out)?;
             Ok(ExitCode::SUCCESS)
         }
         command => run_changing(&store, command, cli.message.clone(), &mut out),
@@ -1153,6 +1157,7 @@ fn show_all(
     store: &Store,
     what: ShowAllWhat,
     origin: bool,
+    explain: bool,
     format: Format,
     out: &mut impl std::io::Write,
 ) -> Result<(), Error> {
@@ -1190,7 +1195,7 @@ fn show_all(
                 .expect("allocated nodes are resolved")
         }
     };
-    match (format, origin) {
+    match (format, origin || explain) {
         (Format::Json, false) => print_json(
             out,
             &serde_json::to_value(&merged.values).expect("TOML converts to JSON"),
@@ -1200,11 +1205,19 @@ fn show_all(
                 .leaves()
                 .into_iter()
                 .map(|(path, value, level)| {
-                    (
-                        path,
-                        json!({"value": serde_json::to_value(&value).expect("TOML converts to JSON"),
-                               "level": level.kind(), "file": level.file()}),
-                    )
+                    let mut entry = serde_json::Map::new();
+                    entry.insert(
+                        "value".into(),
+                        serde_json::to_value(&value).expect("TOML converts to JSON"),
+                    );
+                    if origin {
+                        entry.insert("level".into(), json!(level.kind()));
+                        entry.insert("file".into(), json!(level.file()));
+                    }
+                    if explain {
+                        entry.insert("doc".into(), json!(crate::schema::doc_for(&path)));
+                    }
+                    (path, serde_json::Value::Object(entry))
                 })
                 .collect();
             print_json(out, &serde_json::Value::Object(leaves));
@@ -1221,11 +1234,20 @@ fn show_all(
             let lines: Vec<(String, String)> = merged
                 .leaves()
                 .into_iter()
-                .map(|(path, value, level)| (format!("{path} = {value}"), level.file()))
+                .map(|(path, value, level)| {
+                    let comment = match (origin, explain) {
+                        (true, true) => {
+                            format!("{}: {}", level.file(), crate::schema::doc_for(&path))
+                        }
+                        (true, false) => level.file(),
+                        _ => crate::schema::doc_for(&path),
+                    };
+                    (format!("{path} = {value}"), comment)
+                })
                 .collect();
             let width = lines.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
-            for (line, file) in lines {
-                writeln!(out, "{line:<width$}  # {file}").ok();
+            for (line, comment) in lines {
+                writeln!(out, "{line:<width$}  # {comment}").ok();
             }
         }
     }

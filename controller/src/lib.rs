@@ -21,6 +21,7 @@ pub mod operate;
 pub mod render;
 pub mod render_memory;
 pub mod resolve;
+pub mod schema;
 pub mod service;
 pub mod store;
 pub mod topology;
@@ -56,6 +57,12 @@ pub enum Error {
     Render(#[from] render::RenderError),
     #[error(transparent)]
     Attribute(#[from] attributes::AttributeInputError),
+    /// A value or name `tlm set` refuses: the file it would go to and what is wrong.
+    #[error("`{file}`: {violation}")]
+    Schema {
+        file: String,
+        violation: schema::Violation,
+    },
     #[error(transparent)]
     Command(#[from] external::CommandError),
     #[error("cannot build bundle: {0}")]
@@ -88,6 +95,7 @@ impl Error {
     /// A remedy to print after the error, where one is known.
     pub fn hint(&self) -> Option<String> {
         match self {
+            Error::Schema { violation, .. } => violation.hint(),
             Error::NoVersion(node) => Some(format!("run `tlm commit node {node}` first")),
             Error::Allocation(allocation::AllocationError::UnknownSite(_)) => {
                 Some("`tlm list sites` shows the sites".into())
