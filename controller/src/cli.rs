@@ -122,7 +122,8 @@ pub enum Command {
         #[command(subcommand)]
         what: DelWhat,
     },
-    /// Set an attribute; the value is TOML (25, true, '[ "hubs" ]'); `empty` removes it.
+    /// Set an attribute; the value is TOML (25, true, '[ "hubs" ]'), checked against the
+    /// attribute schema; `empty` removes it. Names of your own start with `user_`.
     Set {
         #[command(subcommand)]
         what: SetWhat,
