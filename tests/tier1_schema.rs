@@ -102,6 +102,15 @@ fn set_refuses_the_values_the_node_or_bird_would_refuse() {
             "not []",
         ],
     );
+    // BIRD refuses a keepalive time longer than the hold time.
+    refused_naming(
+        &t,
+        &["set", "site", "b", "bird_bgp_keepalive_time", "10"],
+        &[
+            "`site_b/config.toml`: attribute `bird_bgp_keepalive_time`",
+            "must be at most `bird_bgp_hold_time` (9), not 10",
+        ],
+    );
     refused_naming(
         &t,
         &["set", "global", "controller_endpoint", "h:x"],

@@ -405,8 +405,8 @@ pub const ATTRIBUTES: &[Attribute] = &[
         "bird_bgp_keepalive_time",
         seconds(1, 65535),
         ALL,
-        "BGP keepalive time; short, it ends a session the peer lost in a restart faster than BFD's \
-         detection time",
+        "BGP keepalive time, at most `bird_bgp_hold_time`; short, it ends a session the peer lost \
+         in a restart faster than BFD's detection time",
     ),
     // Node lifecycle (towalink-node).
     settable(
@@ -688,11 +688,33 @@ pub fn check_value(attribute: &Attribute, value: &Value, complete: bool) -> Resu
 }
 
 /// Checks every known attribute of a merged table (the complete attributes of a node, the
-/// built-in defaults); unknown names are left to [`check_in_level`].
+/// built-in defaults), and the rules between attributes; unknown names are left to
+/// [`check_in_level`].
 pub fn check_complete(values: &toml::Table) -> Result<(), Violation> {
     for (name, value) in values {
         if let Some(attribute) = lookup(name).filter(|a| a.levels != Levels::NONE) {
             check_value(attribute, value, true)?;
+        }
+    }
+    check_relations(values)
+}
+
+/// Rules between attributes (each value already of its type).
+fn check_relations(values: &toml::Table) -> Result<(), Violation> {
+    let integer = |name: &str| values.get(name).and_then(Value::as_integer);
+    // BIRD refuses a BGP keepalive time longer than the hold time.
+    if let (Some(keepalive), Some(hold)) = (
+        integer("bird_bgp_keepalive_time"),
+        integer("bird_bgp_hold_time"),
+    ) {
+        if keepalive > hold {
+            return Err(Violation {
+                path: vec!["bird_bgp_keepalive_time".to_string()],
+                kind: ViolationKind::Type {
+                    expected: format!("at most `bird_bgp_hold_time` ({hold})"),
+                    found: keepalive.to_string(),
+                },
+            });
         }
     }
     Ok(())
@@ -1251,6 +1273,18 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "attribute `file_targets.x.owner` is unknown: use directory, mode, service"
+        );
+    }
+
+    #[test]
+    fn the_keepalive_time_is_at_most_the_hold_time() {
+        let mut values = defaults();
+        check_complete(&values).unwrap();
+        values.insert("bird_bgp_hold_time".into(), Value::Integer(5));
+        values.insert("bird_bgp_keepalive_time".into(), Value::Integer(6));
+        assert_eq!(
+            check_complete(&values).unwrap_err().to_string(),
+            "attribute `bird_bgp_keepalive_time` must be at most `bird_bgp_hold_time` (5), not 6"
         );
     }
 
