@@ -79,7 +79,7 @@ impl std::fmt::Display for SchemaWarning {
                 self.violation.attribute()
             ),
             ViolationKind::Generated => "tlm replaces it with the generated value".to_string(),
-            _ => "it still applies, but `tlm set` would refuse it there".to_string(),
+            _ => "left as it is, but `tlm set` refuses it there".to_string(),
         };
         write!(f, "`{}`: {}; {advice}", self.file, self.violation)
     }
@@ -603,6 +603,43 @@ mod tests {
         assert_eq!(
             err,
             r#"`site_a/config.toml`: attribute `topology` must be one of "mesh", "star", "none", not "ring""#
+        );
+    }
+
+    #[test]
+    fn files_are_checked_against_the_schema() {
+        let mut t = tree(&[("a", &["x"])]);
+        t.global
+            .attributes
+            .insert("syslog".into(), Value::String("192.0.2.1".into()));
+        t.global
+            .attributes
+            .insert("user_motd".into(), Value::String("hi".into()));
+        let warnings: Vec<String> = resolve(&t)
+            .unwrap()
+            .warnings()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with(
+                "`config.toml`: attribute `syslog` is unknown; templates still see it"
+            ),
+            "{warnings:?}"
+        );
+        let mut site = Table::new();
+        site.insert("bird_bfd_interval_ms".into(), Value::String("fast".into()));
+        t.sites.insert(
+            "a".parse().unwrap(),
+            LevelConfig {
+                attributes: site,
+                files: BTreeMap::new(),
+            },
+        );
+        assert_eq!(
+            resolve(&t).unwrap_err().to_string(),
+            r#"`site_a/config.toml`: attribute `bird_bfd_interval_ms` must be an integer from 1 to 60000 (milliseconds), not "fast""#
         );
     }
 
