@@ -633,7 +633,7 @@ impl Violation {
                 );
                 Some(match suggestion {
                     Some(s) => format!("did you mean `{s}`? {mine}"),
-                    None => format!("{mine}; docs/config-reference.md lists the others"),
+                    None => format!("{mine}; docs/config-reference.md lists Towalink's"),
                 })
             }
             _ => None,
@@ -648,8 +648,8 @@ impl fmt::Display for Violation {
 }
 
 /// Checks one top-level attribute as a level's file sets it: the name (schema or user
-/// namespace), the level, and the value's type (fields a record needs may come from another
-/// level). Removing a value needs no check.
+/// namespace), the value's type (fields a record needs may come from another level), and the
+/// level. Removing a value needs no check.
 pub fn check_in_level(level: &Level, name: &str, value: &Value) -> Result<(), Violation> {
     let Some(attribute) = lookup(name) else {
         if is_user(name) {
@@ -668,6 +668,8 @@ pub fn check_in_level(level: &Level, name: &str, value: &Value) -> Result<(), Vi
             kind: ViolationKind::Generated,
         });
     }
+    // The value first: a bad value is an error even where a misplaced one is only a warning.
+    check_value(attribute, value, false)?;
     if !attribute.levels.allows(level) {
         return Err(Violation {
             path: vec![name.to_string()],
@@ -677,7 +679,7 @@ pub fn check_in_level(level: &Level, name: &str, value: &Value) -> Result<(), Vi
             },
         });
     }
-    check_value(attribute, value, false)
+    Ok(())
 }
 
 /// Checks a value against an attribute's type. `complete`: the merged value, so required
