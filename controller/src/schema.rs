@@ -828,11 +828,7 @@ impl Type {
             Type::InterfacePattern => {
                 text.is_some_and(|t| !t.is_empty() && !t.contains(['"', '\\']) && !has_control(t))
             }
-            Type::PackageName => text.is_some_and(|p| {
-                !p.is_empty()
-                    && p.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
-            }),
+            Type::PackageName => text.is_some_and(is_package_name),
             Type::NodeRef => text.is_some_and(|t| t.parse::<crate::names::NodeRef>().is_ok()),
             Type::DhcpOrAddress => {
                 text.is_some_and(|t| t == "dhcp" || t.parse::<ipnet::IpNet>().is_ok())
@@ -993,8 +989,8 @@ fn has_control(text: &str) -> bool {
     text.chars().any(char::is_control)
 }
 
-/// One DNS label: letters, digits, '-' (not first), at most 63.
-fn is_label(text: &str) -> bool {
+/// One DNS label: letters, digits, '-' (not first), at most 63 (a machine's host name).
+pub fn is_label(text: &str) -> bool {
     !text.is_empty()
         && text.len() <= 63
         && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
@@ -1041,7 +1037,16 @@ pub fn is_host_port(text: &str) -> bool {
     }
 }
 
-fn is_interface_name(name: &str) -> bool {
+/// An Alpine package name: letters, digits, '-', '_', '.', '+'.
+pub fn is_package_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
+}
+
+/// A Linux interface name: at most 15 letters, digits, '-', '_', '.'.
+pub fn is_interface_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 15
         && name
