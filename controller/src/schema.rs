@@ -997,8 +997,10 @@ pub fn is_label(text: &str) -> bool {
         && !text.starts_with('-')
 }
 
-/// A host name: labels (letters, digits, '-', '_') joined by dots, at most 253 characters.
+/// A host name: labels (letters, digits, '-', '_') joined by dots, at most 253 characters (and
+/// an optional final dot).
 fn is_host_name(text: &str) -> bool {
+    let text = text.strip_suffix('.').unwrap_or(text);
     text.len() <= 253
         && text.split('.').all(|label| {
             !label.is_empty()
@@ -1215,11 +1217,14 @@ mod tests {
         assert!(endpoint("[2001:db8::2]:9999").is_err());
         assert!(endpoint("192.0.2.1:51820").is_err());
         assert!(endpoint("router.example.net:1").is_err());
+        assert!(endpoint("a..b").is_err());
+        assert!(endpoint("-a.example").is_err());
         for ok in [
             "[2001:db8::2]",
             "2001:db8::2",
             "192.0.2.1",
             "router-1.example.net",
+            "router.example.net.",
         ] {
             endpoint(ok).unwrap();
         }
