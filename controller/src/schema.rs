@@ -1289,6 +1289,31 @@ mod tests {
     }
 
     #[test]
+    fn integer_ranges_hold_at_their_bounds() {
+        for attribute in ATTRIBUTES.iter().filter(|a| a.levels != Levels::NONE) {
+            let Type::Integer { min, max, .. } = attribute.ty else {
+                continue;
+            };
+            for ok in [min, max] {
+                check_value(attribute, &Value::Integer(ok), true).unwrap();
+            }
+            for bad in [min - 1, max + 1] {
+                let e = check_value(attribute, &Value::Integer(bad), true).unwrap_err();
+                assert_eq!(
+                    e.to_string(),
+                    format!(
+                        "attribute `{}` must be {}, not {bad}",
+                        attribute.name,
+                        attribute.ty.describe()
+                    )
+                );
+            }
+            let text = Value::String(min.to_string());
+            check_value(attribute, &text, true).unwrap_err();
+        }
+    }
+
+    #[test]
     fn the_keepalive_time_is_at_most_the_hold_time() {
         let mut values = defaults();
         check_complete(&values).unwrap();
