@@ -152,9 +152,6 @@ pub fn set_attribute(
         }
     };
     let new_text = document.to_string();
-    // Refuse a change that breaks a configuration that resolved before.
-    let mut tree = store.load_tree()?;
-    let valid_before = resolve(&tree).is_ok();
     let new_table: toml::Table = crate::store::parse_toml(&new_text, &file)?;
     // The schema: a known name (or one of the user namespace), set at a level where it may be
     // set, with a value of its type. Removing needs no check.
@@ -168,6 +165,9 @@ pub fn set_attribute(
             })?;
         }
     }
+    // Refuse a change that breaks a configuration that resolved before.
+    let mut tree = store.load_tree()?;
+    let valid_before = resolve(&tree).is_ok();
     match level {
         Level::Global => tree.global.attributes = new_table,
         Level::Site(site) => tree.sites.entry(site.clone()).or_default().attributes = new_table,
