@@ -685,7 +685,7 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
         ),
         (
             &["set", "global", "topology", "ring"],
-            "`config.toml`: attribute `topology` is `ring`",
+            r#"`config.toml`: attribute `topology` must be one of "mesh", "star", "none", not "ring""#,
         ),
         (
             &["set", "site", "hq", "wg_mtu", "70000"],

@@ -600,7 +600,21 @@ fn images_are_reproducible_compressed_per_site_and_refused_cleanly() {
         let line = ctl.refused(&a, 1);
         assert!(line.contains(expected), "{line}");
     }
-    ctl.ok(&["set", "node", "r1.s1", "image_uplink_address", "192.0.2.10"]);
+    // `set` refuses an address without prefix length; written by hand, the build refuses it.
+    let line = ctl.refused(
+        &["set", "node", "r1.s1", "image_uplink_address", "192.0.2.10"],
+        1,
+    );
+    assert!(
+        line.contains("attribute `image_uplink_address` must be")
+            && line.contains("\"192.0.2.10\""),
+        "{line}"
+    );
+    let node_config = ctl.read("site_s1/node_r1/config.toml");
+    ctl.write(
+        "site_s1/node_r1/config.toml",
+        &format!("image_uplink_address = \"192.0.2.10\"\n{node_config}"),
+    );
     let uplink = build_args("r1.s1", "x86_64", &alpine("x86_64"), &target);
     let line = ctl.refused(&uplink.iter().map(String::as_str).collect::<Vec<_>>(), 1);
     assert!(

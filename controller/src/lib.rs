@@ -14,7 +14,7 @@ pub mod store;
 
 use std::path::PathBuf;
 
-use model::{allocation, attributes, names, render, resolve};
+use model::{allocation, attributes, names, render, resolve, schema};
 
 /// Everything that can go wrong in the controller, each naming the file, field or argument.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +44,12 @@ pub enum Error {
     Render(#[from] render::RenderError),
     #[error(transparent)]
     Attribute(#[from] attributes::AttributeInputError),
+    /// A value or name `tlm set` refuses: the file it would go to and what is wrong.
+    #[error("`{file}`: {violation}")]
+    Schema {
+        file: String,
+        violation: schema::Violation,
+    },
     #[error(transparent)]
     Command(#[from] towalink_system::program::CommandError),
     #[error("cannot build bundle: {0}")]
@@ -76,6 +82,7 @@ impl Error {
     /// A remedy to print after the error, where one is known.
     pub fn hint(&self) -> Option<String> {
         match self {
+            Error::Schema { violation, .. } => violation.hint(),
             Error::NoVersion(node) => Some(format!("run `tlm commit node {node}` first")),
             Error::Allocation(allocation::AllocationError::UnknownSite(_)) => {
                 Some("`tlm list sites` shows the sites".into())

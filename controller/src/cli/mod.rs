@@ -80,6 +80,9 @@ pub enum Command {
         /// Say which level (default, global, site, node, generated) set each value.
         #[arg(long, global = true)]
         origin: bool,
+        /// Print each attribute's doc beside it (from the attribute schema).
+        #[arg(long, global = true)]
+        explain: bool,
         #[command(flatten)]
         format: FormatArg,
     },
@@ -95,7 +98,8 @@ pub enum Command {
         #[command(subcommand)]
         what: DelWhat,
     },
-    /// Set an attribute; the value is TOML (25, true, '[ "hubs" ]'); `empty` removes it.
+    /// Set an attribute; the value is TOML (25, true, '[ "hubs" ]'), checked against the
+    /// attribute schema; `empty` removes it. Names of your own start with `user_`.
     Set {
         #[command(subcommand)]
         what: SetWhat,

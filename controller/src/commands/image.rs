@@ -16,6 +16,7 @@ use crate::model::allocation::NodeAllocation;
 use crate::model::attributes::Merged;
 use crate::model::names::{NodeRef, SiteName};
 use crate::model::resolve::{attribute_error, resolve, ResolveError};
+use crate::model::schema;
 use crate::store::Store;
 use crate::{store::installation, Error};
 
@@ -44,14 +45,6 @@ fn string_list(merged: &Merged, key: &str) -> Result<Vec<String>, ResolveError> 
     }
 }
 
-fn is_interface_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 15
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-}
-
 fn optional_string(merged: &Merged, key: &str) -> Result<Option<String>, ResolveError> {
     match merged.values.get(key) {
         None => Ok(None),
@@ -68,13 +61,8 @@ pub fn image_settings(
 ) -> Result<ImageSettings, ResolveError> {
     let hostname = optional_string(merged, "image_hostname")?
         .unwrap_or_else(|| format!("{}-{}", node.site, node.name));
-    let valid_host = !hostname.is_empty()
-        && hostname.len() <= 63
-        && hostname
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-')
-        && !hostname.starts_with('-');
-    if !valid_host {
+    // The default (`<site>-<node>`) is checked too.
+    if !schema::is_label(&hostname) {
         return Err(attribute_error(
             merged,
             "image_hostname",
@@ -83,7 +71,7 @@ pub fn image_settings(
     }
     let interface =
         optional_string(merged, "image_uplink")?.unwrap_or_else(|| default_uplink.to_string());
-    if !is_interface_name(&interface) {
+    if !schema::is_interface_name(&interface) {
         return Err(attribute_error(
             merged,
             "image_uplink",
@@ -123,7 +111,7 @@ pub fn image_settings(
         Some(Value::Table(table)) => {
             for (name, value) in table {
                 let bad = |what: String| attribute_error(merged, "image_interfaces", what);
-                if !is_interface_name(name) || *name == interface {
+                if !schema::is_interface_name(name) || *name == interface {
                     return Err(bad(format!(
                         "has `{name}`: expected an interface name other than the uplink `{interface}`"
                     )));
@@ -163,11 +151,7 @@ pub fn image_settings(
     }
     let packages = string_list(merged, "image_packages")?;
     for p in &packages {
-        if p.is_empty()
-            || !p
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c))
-        {
+        if !schema::is_package_name(p) {
             return Err(attribute_error(
                 merged,
                 "image_packages",

@@ -84,10 +84,11 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::ShowAll {
             what,
             origin,
+            explain,
             format,
         } => {
             let store = reading(&config_dir)?;
-            show::show_all(&store, what, origin, format.format, &mut out)?;
+            show::show_all(&store, what, origin, explain, format.format, &mut out)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Add { what } => changing(&config_dir, |store, _lock| {

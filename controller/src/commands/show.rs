@@ -50,6 +50,7 @@ pub fn show_all(
     store: &Store,
     what: ShowAllWhat,
     origin: bool,
+    explain: bool,
     format: Format,
     out: &mut impl std::io::Write,
 ) -> Result<(), Error> {
@@ -87,7 +88,7 @@ pub fn show_all(
                 .expect("allocated nodes are resolved")
         }
     };
-    match (format, origin) {
+    match (format, origin || explain) {
         (Format::Json, false) => print_json(
             out,
             &serde_json::to_value(&merged.values).expect("TOML converts to JSON"),
@@ -97,11 +98,19 @@ pub fn show_all(
                 .leaves()
                 .into_iter()
                 .map(|(path, value, level)| {
-                    (
-                        path,
-                        json!({"value": serde_json::to_value(&value).expect("TOML converts to JSON"),
-                               "level": level.kind(), "file": level.file()}),
-                    )
+                    let mut entry = serde_json::Map::new();
+                    entry.insert(
+                        "value".into(),
+                        serde_json::to_value(&value).expect("TOML converts to JSON"),
+                    );
+                    if origin {
+                        entry.insert("level".into(), json!(level.kind()));
+                        entry.insert("file".into(), json!(level.file()));
+                    }
+                    if explain {
+                        entry.insert("doc".into(), json!(crate::model::schema::doc_for(&path)));
+                    }
+                    (path, serde_json::Value::Object(entry))
                 })
                 .collect();
             print_json(out, &serde_json::Value::Object(leaves));
@@ -118,11 +127,20 @@ pub fn show_all(
             let lines: Vec<(String, String)> = merged
                 .leaves()
                 .into_iter()
-                .map(|(path, value, level)| (format!("{path} = {value}"), level.file()))
+                .map(|(path, value, level)| {
+                    let comment = match (origin, explain) {
+                        (true, true) => {
+                            format!("{}: {}", level.file(), crate::model::schema::doc_for(&path))
+                        }
+                        (true, false) => level.file(),
+                        _ => crate::model::schema::doc_for(&path),
+                    };
+                    (format!("{path} = {value}"), comment)
+                })
                 .collect();
             let width = lines.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
-            for (line, file) in lines {
-                writeln!(out, "{line:<width$}  # {file}").ok();
+            for (line, comment) in lines {
+                writeln!(out, "{line:<width$}  # {comment}").ok();
             }
         }
     }

@@ -107,6 +107,21 @@ impl Merged {
         })
     }
 
+    /// Where the value at a key path was set: the leaf itself, else any leaf under it, else
+    /// the nearest enclosing value (a missing field belongs to the table that lacks it).
+    pub fn origin_of_path<S: AsRef<str>>(&self, path: &[S]) -> Option<&Level> {
+        (1..=path.len()).rev().find_map(|n| {
+            let name = dotted(&path[..n]);
+            let prefix = format!("{name}.");
+            self.origins.get(&name).or_else(|| {
+                self.origins
+                    .iter()
+                    .find(|(k, _)| k.starts_with(&prefix))
+                    .map(|(_, l)| l)
+            })
+        })
+    }
+
     /// Flattened `(dotted path, value, origin)` for every leaf, sorted by path.
     pub fn leaves(&self) -> Vec<(String, Value, Level)> {
         let mut out = Vec::new();

@@ -11,4 +11,5 @@ pub mod names;
 pub mod render;
 pub mod render_memory;
 pub mod resolve;
+pub mod schema;
 pub mod topology;

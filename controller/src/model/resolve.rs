@@ -1,7 +1,10 @@
 //! Resolution: raw configuration tree → per-node effective attributes.
 //!
-//! The hierarchy is merged (defaults → global → site → node), known attributes are checked and
-//! typed, generated values (ids, AS number, loopbacks, public key) are added, the topology is
+//! Every level's file is checked against the schema (`crate::model::schema`: a value of the wrong
+//! type is an error naming the file; a name outside the schema or a value at a level where it
+//! is not meant to be set is a warning, so directories of earlier releases keep working), the
+//! hierarchy is merged (defaults → global → site → node), known attributes are typed,
+//! generated values (ids, AS number, loopbacks, public key) are added, the topology is
 //! computed over all nodes and each node gets its `peers`. Pure: no file access.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -13,6 +16,7 @@ use toml::{Table, Value};
 use crate::model::allocation::{Generated, NodeAllocation};
 use crate::model::attributes::{defaults, Level, Merged};
 use crate::model::names::{NodeFullName, NodeRef, SiteName};
+use crate::model::schema::{self, Violation, ViolationKind};
 use crate::model::topology::{self, TopologyKind, TopologyNode};
 
 /// One level's attributes and service files, as read from disk.
@@ -55,6 +59,77 @@ pub(crate) fn attribute_error(
             .unwrap_or_else(|| "built-in default".to_string()),
         attribute: attribute.to_string(),
         message: message.into(),
+    }
+}
+
+/// A file sets a name outside the schema, a generated attribute, or an attribute at a level
+/// where it is not meant to be set: allowed (earlier releases wrote such files), said once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaWarning {
+    pub file: String,
+    pub violation: Violation,
+}
+
+impl std::fmt::Display for SchemaWarning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let advice = match &self.violation.kind {
+            ViolationKind::Unknown { .. } => format!(
+                "templates still see it, but `tlm set` refuses such names: rename it `{}{}` (the namespace for attributes of your own)",
+                schema::USER_PREFIX,
+                self.violation.attribute()
+            ),
+            ViolationKind::Generated => "tlm replaces it with the generated value".to_string(),
+            _ => "left as it is, but `tlm set` refuses it there".to_string(),
+        };
+        write!(f, "`{}`: {}; {advice}", self.file, self.violation)
+    }
+}
+
+/// Checks each level's own file against the schema: values of the wrong type are errors
+/// naming the file, other findings warnings.
+pub fn check_files(tree: &ConfigTree) -> Result<Vec<SchemaWarning>, ResolveError> {
+    let levels = std::iter::once((Level::Global, &tree.global))
+        .chain(
+            tree.sites
+                .iter()
+                .map(|(site, config)| (Level::Site(site.clone()), config)),
+        )
+        .chain(
+            tree.nodes
+                .iter()
+                .map(|(node, config)| (Level::Node(node.site.clone(), node.node.clone()), config)),
+        );
+    let mut warnings = Vec::new();
+    for (level, config) in levels {
+        for (name, value) in &config.attributes {
+            if let Err(violation) = schema::check_in_level(&level, name, value) {
+                if violation.is_value() {
+                    return Err(ResolveError::Attribute {
+                        file: level.file(),
+                        attribute: violation.attribute(),
+                        message: violation.message(),
+                    });
+                }
+                warnings.push(SchemaWarning {
+                    file: level.file(),
+                    violation,
+                });
+            }
+        }
+    }
+    Ok(warnings)
+}
+
+/// A value of the complete attributes the schema refuses (a record lacking a field), naming
+/// the file that set it.
+fn complete_error(merged: &Merged, violation: &Violation) -> ResolveError {
+    ResolveError::Attribute {
+        file: merged
+            .origin_of_path(&violation.path)
+            .map(Level::file)
+            .unwrap_or_else(|| "built-in default".to_string()),
+        attribute: violation.attribute(),
+        message: violation.message(),
     }
 }
 
@@ -104,6 +179,7 @@ pub struct Resolved {
     settings: BTreeMap<u32, NodeSettings>,
     peers: BTreeMap<u32, Vec<u32>>,
     links: BTreeSet<topology::Link>,
+    warnings: Vec<SchemaWarning>,
 }
 
 /// Merges the hierarchy for a site (defaults → global → site).
@@ -136,6 +212,7 @@ pub fn merge_node(tree: &ConfigTree, node: &NodeFullName, defaults: &Table) -> M
 
 /// Resolves every node of the installation.
 pub fn resolve(tree: &ConfigTree) -> Result<Resolved, ResolveError> {
+    let warnings = check_files(tree)?;
     let defaults = defaults();
     let mut merged = BTreeMap::new();
     let mut settings = BTreeMap::new();
@@ -143,6 +220,8 @@ pub fn resolve(tree: &ConfigTree) -> Result<Resolved, ResolveError> {
     for allocation in &tree.generated.nodes {
         let full = allocation.full_name();
         let attributes = merge_node(tree, &full, &defaults);
+        schema::check_complete(&attributes.values)
+            .map_err(|violation| complete_error(&attributes, &violation))?;
         let site = tree
             .generated
             .site(full.site.as_str())
@@ -150,19 +229,19 @@ pub fn resolve(tree: &ConfigTree) -> Result<Resolved, ResolveError> {
         let node_settings = NodeSettings {
             allocation: allocation.clone(),
             site_id: site.id,
-            asn: optional_u32(&attributes, "asn", 1, u32::MAX - 1)?.unwrap_or(site.asn),
+            asn: optional_u32(&attributes, "asn")?.unwrap_or(site.asn),
             loopback_ipv4: optional_parsed(&attributes, "loopback_ipv4", "an IPv4 address")?
                 .unwrap_or(allocation.loopback_ipv4),
             loopback_ipv6: optional_parsed(&attributes, "loopback_ipv6", "an IPv6 address")?
                 .unwrap_or(allocation.loopback_ipv6),
-            port_base: required_u32(&attributes, "wg_listen_port_base", 1, 65535)?,
-            keepalive: required_u32(&attributes, "wg_keepalive", 0, 65535)?,
-            mtu: required_u32(&attributes, "wg_mtu", 1280, 65535)?,
+            port_base: required_u32(&attributes, "wg_listen_port_base")?,
+            keepalive: required_u32(&attributes, "wg_keepalive")?,
+            mtu: required_u32(&attributes, "wg_mtu")?,
             endpoint: optional_string(&attributes, "wg_endpoint")?,
         };
         check_pool::<ipnet::Ipv4Net>(&attributes, "loopback_ipv4_pool")?;
         check_pool::<ipnet::Ipv6Net>(&attributes, "loopback_ipv6_pool")?;
-        required_u32(&attributes, "asn_base", 0, u32::MAX - 1)?;
+        required_u32(&attributes, "asn_base")?;
         topology_nodes.push(topology_node(tree, allocation, &attributes)?);
         merged.insert(allocation.id, attributes);
         settings.insert(allocation.id, node_settings);
@@ -189,6 +268,7 @@ pub fn resolve(tree: &ConfigTree) -> Result<Resolved, ResolveError> {
         settings,
         peers,
         links,
+        warnings,
     })
 }
 
@@ -234,6 +314,11 @@ fn topology_node(
 }
 
 impl Resolved {
+    /// What the schema warns about in the files (see [`SchemaWarning`]).
+    pub fn warnings(&self) -> &[SchemaWarning] {
+        &self.warnings
+    }
+
     pub fn links(&self) -> &BTreeSet<topology::Link> {
         &self.links
     }
@@ -398,17 +483,14 @@ fn string_list(merged: &Merged, key: &str) -> Result<Vec<String>, ResolveError> 
     }
 }
 
-fn optional_u32(
-    merged: &Merged,
-    key: &str,
-    min: u32,
-    max: u32,
-) -> Result<Option<u32>, ResolveError> {
+/// An integer attribute within its range in the schema (which fits a u32).
+fn optional_u32(merged: &Merged, key: &str) -> Result<Option<u32>, ResolveError> {
+    let (min, max) = schema::integer_range(key).expect("an integer attribute of the schema");
     match get(merged, key) {
         None => Ok(None),
-        Some(Value::Integer(n)) if *n >= i64::from(min) && *n <= i64::from(max) => {
-            Ok(Some(*n as u32))
-        }
+        Some(Value::Integer(n)) if (min..=max).contains(n) => u32::try_from(*n)
+            .map(Some)
+            .map_err(|_| attribute_error(merged, key, "does not fit 32 bits")),
         Some(_) => Err(attribute_error(
             merged,
             key,
@@ -417,8 +499,8 @@ fn optional_u32(
     }
 }
 
-fn required_u32(merged: &Merged, key: &str, min: u32, max: u32) -> Result<u32, ResolveError> {
-    optional_u32(merged, key, min, max)?.ok_or_else(|| attribute_error(merged, key, "is missing"))
+fn required_u32(merged: &Merged, key: &str) -> Result<u32, ResolveError> {
+    optional_u32(merged, key)?.ok_or_else(|| attribute_error(merged, key, "is missing"))
 }
 
 fn optional_parsed<T: std::str::FromStr>(
@@ -448,7 +530,7 @@ pub fn allocation_settings(
         .ok_or_else(|| attribute_error(merged, "loopback_ipv4_pool", "is missing"))?;
     let ipv6: ipnet::Ipv6Net = optional_parsed(merged, "loopback_ipv6_pool", "an IPv6 prefix")?
         .ok_or_else(|| attribute_error(merged, "loopback_ipv6_pool", "is missing"))?;
-    let asn_base = required_u32(merged, "asn_base", 0, u32::MAX - 1)?;
+    let asn_base = required_u32(merged, "asn_base")?;
     Ok((crate::model::allocation::Pools { ipv4, ipv6 }, asn_base))
 }
 
@@ -521,7 +603,44 @@ mod tests {
         let err = resolve(&t).unwrap_err().to_string();
         assert_eq!(
             err,
-            "`site_a/config.toml`: attribute `topology` is `ring`: use mesh, star or none"
+            r#"`site_a/config.toml`: attribute `topology` must be one of "mesh", "star", "none", not "ring""#
+        );
+    }
+
+    #[test]
+    fn files_are_checked_against_the_schema() {
+        let mut t = tree(&[("a", &["x"])]);
+        t.global
+            .attributes
+            .insert("syslog".into(), Value::String("192.0.2.1".into()));
+        t.global
+            .attributes
+            .insert("user_motd".into(), Value::String("hi".into()));
+        let warnings: Vec<String> = resolve(&t)
+            .unwrap()
+            .warnings()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with(
+                "`config.toml`: attribute `syslog` is unknown; templates still see it"
+            ),
+            "{warnings:?}"
+        );
+        let mut site = Table::new();
+        site.insert("bird_bfd_interval_ms".into(), Value::String("fast".into()));
+        t.sites.insert(
+            "a".parse().unwrap(),
+            LevelConfig {
+                attributes: site,
+                files: BTreeMap::new(),
+            },
+        );
+        assert_eq!(
+            resolve(&t).unwrap_err().to_string(),
+            r#"`site_a/config.toml`: attribute `bird_bfd_interval_ms` must be an integer from 1 to 60000 (milliseconds), not "fast""#
         );
     }
 

@@ -96,7 +96,8 @@ pub enum SetOutcome {
 }
 
 /// Sets (or with `None`, removes) one attribute in one level's config.toml, keeping the file's
-/// comments and layout. Refused when it would make a valid configuration invalid.
+/// comments and layout. Refused when the schema refuses the name, the level or the value
+/// (`schema::check_in_level`), or when it would make a valid configuration invalid.
 pub fn set_attribute(
     store: &Store,
     level: &Level,
@@ -151,10 +152,22 @@ pub fn set_attribute(
         }
     };
     let new_text = document.to_string();
+    let new_table: toml::Table = crate::store::parse_toml(&new_text, &file)?;
+    // The schema: a known name (or one of the user namespace), set at a level where it may be
+    // set, with a value of its type. Removing needs no check.
+    if outcome == SetOutcome::Set {
+        if let Some(value) = new_table.get(&path[0]) {
+            crate::model::schema::check_in_level(level, &path[0], value).map_err(|violation| {
+                Error::Schema {
+                    file: file.clone(),
+                    violation,
+                }
+            })?;
+        }
+    }
     // Refuse a change that breaks a configuration that resolved before.
     let mut tree = store.load_tree()?;
     let valid_before = resolve(&tree).is_ok();
-    let new_table: toml::Table = crate::store::parse_toml(&new_text, &file)?;
     match level {
         Level::Global => tree.global.attributes = new_table,
         Level::Site(site) => tree.sites.entry(site.clone()).or_default().attributes = new_table,

@@ -541,6 +541,9 @@ pub fn commit(
     }
     let tree = store.load_tree()?;
     let resolved = resolve(&tree)?;
+    for warning in resolved.warnings() {
+        tracing::warn!("{warning}");
+    }
     let nodes = nodes_in_scope(&tree, filter);
     let mut index = load_index(store)?;
     let (key, new_key) = signing_key(store)?;
