@@ -107,7 +107,7 @@ pub fn judge(target: &Target, record: Option<&NodeRecord>) -> Outcome {
             Some(SlotState::Bad) => {
                 Outcome::RolledBack(rollback_reason().unwrap_or_else(|| "marked bad".into()))
             }
-            Some(SlotState::Pending) | None => Outcome::Pending,
+            Some(SlotState::Pending | SlotState::Unknown) | None => Outcome::Pending,
         }
     } else {
         match rollback_reason() {

@@ -145,6 +145,9 @@ pub enum SlotState {
     Pending,
     /// Rolled back (or marked bad).
     Bad,
+    /// A state this build does not know (from a newer node): the report is still read.
+    #[serde(other)]
+    Unknown,
 }
 
 impl SlotState {
@@ -153,6 +156,7 @@ impl SlotState {
             SlotState::Good => "good",
             SlotState::Pending => "pending",
             SlotState::Bad => "bad",
+            SlotState::Unknown => "unknown",
         }
     }
 }
@@ -361,7 +365,11 @@ mod tests {
             assert_eq!(serde_json::to_string(&state).unwrap(), format!("{word:?}"));
             assert_eq!(state.to_string(), word);
         }
-        assert!(serde_json::from_str::<SlotState>(r#""blessed""#).is_err());
+        // A newer node's state does not make its whole report unreadable.
+        assert_eq!(
+            serde_json::from_str::<SlotState>(r#""quarantined""#).unwrap(),
+            SlotState::Unknown
+        );
     }
 
     #[test]
