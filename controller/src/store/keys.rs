@@ -1,18 +1,19 @@
 //! The controller's keys and what a node receives: the management settings of a directory,
-//! the controller's management WireGuard key (made 0600 on first use), a node's identity and
-//! secrets. The disk half of [`crate::model::management`].
+//! the controller's management WireGuard key (made 0600 on first use), the signing key of
+//! versions (its public half always derived from it), a node's identity and secrets. The disk half of [`crate::model::management`].
 
 use std::net::IpAddr;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
+use ed25519_dalek::SigningKey;
 use towalink_bundle::messages::{Management, NodeIdentity};
 use towalink_system::durable::{self, Secret};
 
 use crate::model::allocation::{NodeAllocation, NodeSecrets};
 use crate::model::attributes::{defaults, Level, Merged};
 use crate::model::management::{ManagementSettings, MANAGEMENT_KEY, MANAGEMENT_PUB};
-use crate::store::Store;
+use crate::store::{Store, CERTS_DIR};
 use crate::Error;
 
 /// The management settings of a configuration directory (defaults → global).
@@ -57,11 +58,10 @@ pub fn node_identity(
     store: &Store,
     node: &NodeAllocation,
 ) -> Result<(NodeIdentity, NodeSecrets), Error> {
-    let signing_key =
-        crate::store::versions::controller_public_key(store)?.ok_or_else(|| Error::Corrupt {
-            file: crate::store::versions::SIGNING_PUB.to_string(),
-            message: "missing: commit once to create the controller key".into(),
-        })?;
+    let signing_key = controller_public_key(store)?.ok_or_else(|| Error::Corrupt {
+        file: SIGNING_PUB.to_string(),
+        message: "missing: commit once to create the controller key".into(),
+    })?;
     let secrets = store.load_secrets()?;
     let node_secrets = secrets
         .nodes
@@ -97,4 +97,74 @@ pub fn node_identity(
         },
         node_secrets,
     ))
+}
+
+/// The controller's ed25519 key that signs every version (0600, not in git), made by the
+/// first commit that creates a version.
+pub const SIGNING_KEY: &str = "certs/signing.key";
+/// Its public half, a copy for operators (the key a node trusts comes from [`SIGNING_KEY`]).
+pub const SIGNING_PUB: &str = "certs/signing.pub";
+
+/// Loads the controller's signing key, or makes a new one (not yet saved).
+pub(crate) fn signing_key(store: &Store) -> Result<(SigningKey, bool), Error> {
+    match load_signing_key(store)? {
+        Some(key) => Ok((key, false)),
+        None => Ok((SigningKey::generate(&mut rand_core::OsRng), true)),
+    }
+}
+
+/// The controller's signing key, if a commit made one (never made here).
+pub fn load_signing_key(store: &Store) -> Result<Option<SigningKey>, Error> {
+    let path = store.root().join(SIGNING_KEY);
+    let Some(text) = durable::read_optional(&path)? else {
+        return Ok(None);
+    };
+    let key = towalink_bundle::signing_key_from_base64(&text).map_err(|_| Error::Corrupt {
+        file: SIGNING_KEY.to_string(),
+        message: "not a base64 ed25519 secret key".into(),
+    })?;
+    Ok(Some(key))
+}
+
+fn public_key_text(key: &SigningKey) -> String {
+    towalink_bundle::verifying_key_to_base64(&key.verifying_key())
+}
+
+pub(crate) fn save_signing_key(store: &Store, key: &SigningKey) -> Result<(), Error> {
+    durable::create_dir_all(&store.root().join(CERTS_DIR))?;
+    durable::write_atomic(
+        &store.root().join(SIGNING_KEY),
+        format!("{}\n", towalink_bundle::signing_key_to_base64(key)).as_bytes(),
+        0o600,
+    )?;
+    durable::write_atomic(
+        &store.root().join(SIGNING_PUB),
+        format!("{}\n", public_key_text(key)).as_bytes(),
+        0o644,
+    )?;
+    Ok(())
+}
+
+/// The controller's public signing key, if it has a signing key: always derived from the
+/// private key, never trusted from `signing.pub`. A missing or different `signing.pub` (a copy
+/// for operators) is rewritten, with a warning. Call with the lock held.
+pub fn controller_public_key(store: &Store) -> Result<Option<String>, Error> {
+    let Some(key) = load_signing_key(store)? else {
+        return Ok(None);
+    };
+    let public = public_key_text(&key);
+    let path = store.root().join(SIGNING_PUB);
+    let on_disk = durable::read_optional(&path)?;
+    if on_disk.as_deref().map(str::trim) != Some(public.as_str()) {
+        tracing::warn!(
+            "`{SIGNING_PUB}` is {}: rewriting it from `{SIGNING_KEY}`",
+            if on_disk.is_some() {
+                "not the public half of the signing key"
+            } else {
+                "missing"
+            }
+        );
+        durable::write_atomic(&path, format!("{public}\n").as_bytes(), 0o644)?;
+    }
+    Ok(Some(public))
 }
