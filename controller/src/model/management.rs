@@ -5,7 +5,8 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use crate::model::attributes::Merged;
-use crate::model::resolve::ResolveError;
+use crate::model::resolve::{attribute_error, complete_error, ResolveError};
+use crate::model::schema;
 
 /// The controller's management WireGuard key.
 pub const MANAGEMENT_KEY: &str = "certs/management.key";
@@ -27,80 +28,56 @@ pub struct ManagementSettings {
     pub controller_endpoints: Vec<String>,
 }
 
-use crate::model::resolve::attribute_error as bad;
+/// The attributes the settings are read from.
+const ATTRIBUTES: [&str; 6] = [
+    "mgmt_ipv6_pool",
+    "mgmt_listen_port",
+    "mgmt_api_port",
+    "mgmt_keepalive",
+    "mgmt_report_interval_s",
+    "controller_endpoint",
+];
 
-fn integer(merged: &Merged, key: &str, min: i64, max: i64) -> Result<i64, ResolveError> {
-    match merged.values.get(key) {
-        Some(toml::Value::Integer(n)) if (min..=max).contains(n) => Ok(*n),
-        None => Err(bad(merged, key, "is missing")),
-        Some(_) => Err(bad(
-            merged,
-            key,
-            format!("must be an integer from {min} to {max}"),
-        )),
-    }
+/// A value the schema has checked: absent is the only way to be unusable (the built-in
+/// defaults set them all; a hand-edited global file may remove one from those).
+fn checked<T: std::str::FromStr>(merged: &Merged, key: &str) -> Result<T, ResolveError> {
+    let value = match merged.values.get(key) {
+        Some(toml::Value::String(s)) => s.parse().ok(),
+        Some(toml::Value::Integer(n)) => n.to_string().parse().ok(),
+        _ => None,
+    };
+    value.ok_or_else(|| attribute_error(merged, key, "is missing"))
 }
 
 impl ManagementSettings {
-    /// Reads the settings from merged global attributes. Pure.
+    /// Reads the settings from merged global attributes, checked against the schema first (the
+    /// global file may have been edited by hand). Pure.
     pub fn from_attributes(merged: &Merged) -> Result<ManagementSettings, ResolveError> {
-        let pool: ipnet::Ipv6Net = match merged.values.get("mgmt_ipv6_pool") {
-            Some(toml::Value::String(s)) => s.parse().map_err(|_| {
-                bad(
-                    merged,
-                    "mgmt_ipv6_pool",
-                    format!("is `{s}`, not an IPv6 prefix"),
-                )
-            })?,
-            None => return Err(bad(merged, "mgmt_ipv6_pool", "is missing")),
-            Some(_) => return Err(bad(merged, "mgmt_ipv6_pool", "must be a string")),
-        };
-        if pool.prefix_len() > 96 {
-            return Err(bad(
-                merged,
-                "mgmt_ipv6_pool",
-                "must be a /96 or larger (node addresses are pool + 65536 + node id)",
-            ));
-        }
-        let listen_port = integer(merged, "mgmt_listen_port", 1, 65535)? as u16;
-        let endpoints = match merged.values.get("controller_endpoint") {
-            None => Vec::new(),
-            Some(toml::Value::String(s)) => vec![s.clone()],
-            Some(toml::Value::Array(items)) => items
-                .iter()
-                .map(|i| {
-                    i.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| bad(merged, "controller_endpoint", "must hold strings"))
-                })
-                .collect::<Result<_, _>>()?,
-            Some(_) => {
-                return Err(bad(
-                    merged,
-                    "controller_endpoint",
-                    "must be a string `host[:port]` or a list of them",
-                ))
+        for name in ATTRIBUTES {
+            if let (Some(attribute), Some(value)) = (schema::lookup(name), merged.values.get(name))
+            {
+                schema::check_value(attribute, value, true)
+                    .map_err(|violation| complete_error(merged, &violation))?;
             }
+        }
+        let listen_port = checked(merged, "mgmt_listen_port")?;
+        let endpoints: Vec<&str> = match merged.values.get("controller_endpoint") {
+            Some(toml::Value::String(s)) => vec![s.as_str()],
+            Some(toml::Value::Array(items)) => {
+                items.iter().filter_map(toml::Value::as_str).collect()
+            }
+            _ => Vec::new(),
         };
-        let controller_endpoints = endpoints
-            .into_iter()
-            .map(|e| {
-                with_port(&e, listen_port).ok_or_else(|| {
-                    bad(
-                        merged,
-                        "controller_endpoint",
-                        format!("`{e}` is not `host[:port]`"),
-                    )
-                })
-            })
-            .collect::<Result<_, _>>()?;
         Ok(ManagementSettings {
-            pool,
+            pool: checked(merged, "mgmt_ipv6_pool")?,
             listen_port,
-            api_port: integer(merged, "mgmt_api_port", 1, 65535)? as u16,
-            keepalive_s: integer(merged, "mgmt_keepalive", 0, 65535)? as u16,
-            report_interval_s: integer(merged, "mgmt_report_interval_s", 1, 300)? as u64,
-            controller_endpoints,
+            api_port: checked(merged, "mgmt_api_port")?,
+            keepalive_s: checked(merged, "mgmt_keepalive")?,
+            report_interval_s: checked(merged, "mgmt_report_interval_s")?,
+            controller_endpoints: endpoints
+                .into_iter()
+                .map(|e| with_port(e, listen_port))
+                .collect(),
         })
     }
 
@@ -130,25 +107,17 @@ impl ManagementSettings {
     }
 }
 
-/// `host:port`, adding `port` when the endpoint has none.
-fn with_port(endpoint: &str, port: u16) -> Option<String> {
-    let endpoint = endpoint.trim();
-    if endpoint.is_empty() {
-        return None;
-    }
+/// `host:port`, adding `port` when the endpoint (`host[:port]`, checked by the schema) has
+/// none.
+fn with_port(endpoint: &str, port: u16) -> String {
     if let Ok(ip) = endpoint.parse::<IpAddr>() {
-        return Some(std::net::SocketAddr::new(ip, port).to_string());
+        return std::net::SocketAddr::new(ip, port).to_string();
     }
-    if endpoint.parse::<std::net::SocketAddr>().is_ok() {
-        return Some(endpoint.to_string());
+    if endpoint.contains(':') {
+        // `host:port`, `IPv4:port` or `[IPv6]:port`.
+        return endpoint.to_string();
     }
-    match endpoint.rsplit_once(':') {
-        Some((host, p)) if !host.is_empty() && !host.contains(':') => {
-            p.parse::<u16>().ok().map(|_| endpoint.to_string())
-        }
-        Some(_) => None,
-        None => Some(format!("{endpoint}:{port}")),
-    }
+    format!("{endpoint}:{port}")
 }
 
 /// The IP address of an endpoint `host[:port]` when its host is an address literal (names are
@@ -260,5 +229,26 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(error.contains("mgmt_ipv6_pool"), "{error}");
+    }
+
+    #[test]
+    fn a_hand_edited_global_file_is_checked_against_the_schema() {
+        for (text, attribute) in [
+            ("mgmt_listen_port = 0", "mgmt_listen_port"),
+            ("mgmt_report_interval_s = 301", "mgmt_report_interval_s"),
+            (r#"mgmt_ipv6_pool = "fd00::/112""#, "mgmt_ipv6_pool"),
+            (
+                r#"controller_endpoint = ["ok.example", 7]"#,
+                "controller_endpoint",
+            ),
+        ] {
+            let error = ManagementSettings::from_attributes(&merged(text))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.starts_with(&format!("`config.toml`: attribute `{attribute}` must be ")),
+                "{text}: {error}"
+            );
+        }
     }
 }

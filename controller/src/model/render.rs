@@ -203,20 +203,12 @@ impl<'a> Renderer<'a> {
             node_toml(complete, effective)?.into_bytes(),
         );
 
-        let declare_sizes = match complete.values.get("bundle_file_sizes") {
-            None => false,
-            Some(toml::Value::Boolean(b)) => *b,
-            Some(other) => {
-                return Err(RenderError::Attribute {
-                    file: complete
-                        .origin("bundle_file_sizes")
-                        .map(Level::file)
-                        .unwrap_or_default(),
-                    attribute: "bundle_file_sizes".into(),
-                    message: format!("must be true or false, not {}", other.type_str()),
-                })
-            }
-        };
+        // A boolean: the schema checked it.
+        let declare_sizes = complete
+            .values
+            .get("bundle_file_sizes")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         let mut entries = Vec::with_capacity(files.len());
         let mut services = BTreeMap::new();
         for (path, content) in &files {
@@ -326,92 +318,35 @@ struct FileTargets {
     services: BTreeMap<String, Service>,
 }
 
+/// A `file_targets` entry as the schema checked it (directory absolute, mode octal, no other
+/// fields).
+#[derive(serde::Deserialize)]
+struct TargetValue {
+    directory: String,
+    #[serde(default = "default_mode")]
+    mode: String,
+    #[serde(default)]
+    service: Option<String>,
+}
+
+fn default_mode() -> String {
+    "0644".to_string()
+}
+
 impl FileTargets {
+    /// `file_targets` and `services` of complete attributes, which resolution checked against
+    /// the schema (a bad shape, path or mode is refused there, naming the file that set it).
     fn from_attributes(complete: &Merged) -> Result<FileTargets, RenderError> {
-        let error = |attribute: String, message: String| RenderError::Attribute {
-            file: complete
-                .origin(attribute.split('.').next().unwrap_or_default())
-                .map(Level::file)
-                .unwrap_or_default(),
-            attribute,
-            message,
-        };
-        let mut rules = Vec::new();
-        if let Some(value) = complete.values.get("file_targets") {
-            let table = value.as_table().ok_or_else(|| {
-                error("file_targets".into(), "must be a table of patterns".into())
-            })?;
-            for (pattern, rule) in table {
-                let name = format!("file_targets.{pattern:?}");
-                let rule = rule
-                    .as_table()
-                    .ok_or_else(|| error(name.clone(), "must be a table".into()))?;
-                let text = |key: &str| -> Result<Option<String>, RenderError> {
-                    match rule.get(key) {
-                        None => Ok(None),
-                        Some(Value::String(s)) => Ok(Some(s.clone())),
-                        Some(_) => Err(error(format!("{name}.{key}"), "must be a string".into())),
-                    }
-                };
-                let directory = text("directory")?
-                    .ok_or_else(|| error(format!("{name}.directory"), "is missing".into()))?;
-                if !directory.starts_with('/') || directory.split('/').any(|c| c == "..") {
-                    return Err(error(
-                        format!("{name}.directory"),
-                        "must be an absolute path without `..`".into(),
-                    ));
-                }
-                let mode = text("mode")?.unwrap_or_else(|| "0644".to_string());
-                let mode_ok = mode.len() == 4
-                    && mode.starts_with('0')
-                    && mode.bytes().all(|b| (b'0'..=b'7').contains(&b));
-                if !mode_ok {
-                    return Err(error(
-                        format!("{name}.mode"),
-                        format!("is `{mode}`: use an octal mode like \"0644\""),
-                    ));
-                }
-                for key in rule.keys() {
-                    if !["directory", "mode", "service"].contains(&key.as_str()) {
-                        return Err(error(
-                            format!("{name}.{key}"),
-                            "is unknown: use directory, mode, service".into(),
-                        ));
-                    }
-                }
-                rules.push(TargetRule {
-                    pattern: pattern.clone(),
-                    directory,
-                    mode,
-                    service: text("service")?,
-                });
-            }
-        }
-        let mut services = BTreeMap::new();
-        if let Some(value) = complete.values.get("services") {
-            let table = value
-                .as_table()
-                .ok_or_else(|| error("services".into(), "must be a table".into()))?;
-            for (service, definition) in table {
-                let reload = definition
-                    .get("reload")
-                    .and_then(Value::as_array)
-                    .and_then(|items| {
-                        items
-                            .iter()
-                            .map(|i| i.as_str().map(str::to_string))
-                            .collect::<Option<Vec<_>>>()
-                    })
-                    .filter(|items| !items.is_empty())
-                    .ok_or_else(|| {
-                        error(
-                            format!("services.{service}.reload"),
-                            "must be a non-empty list of strings (program and arguments)".into(),
-                        )
-                    })?;
-                services.insert(service.clone(), Service { reload });
-            }
-        }
+        let rules = decode::<TargetValue>(complete, "file_targets")?
+            .into_iter()
+            .map(|(pattern, target)| TargetRule {
+                pattern,
+                directory: target.directory,
+                mode: target.mode,
+                service: target.service,
+            })
+            .collect();
+        let services = decode::<Service>(complete, "services")?;
         Ok(FileTargets { rules, services })
     }
 
@@ -446,6 +381,29 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
         }
     }
     p[pi..].iter().all(|c| *c == '*')
+}
+
+/// A table attribute the schema checked, typed (absent: empty).
+fn decode<T: serde::de::DeserializeOwned>(
+    complete: &Merged,
+    attribute: &str,
+) -> Result<BTreeMap<String, T>, RenderError> {
+    match complete.values.get(attribute) {
+        None => Ok(BTreeMap::new()),
+        Some(value) => {
+            value
+                .clone()
+                .try_into()
+                .map_err(|e: toml::de::Error| RenderError::Attribute {
+                    file: complete
+                        .origin(attribute)
+                        .map(Level::file)
+                        .unwrap_or_default(),
+                    attribute: attribute.to_string(),
+                    message: e.message().trim().to_string(),
+                })
+        }
+    }
 }
 
 /// `towalink/node.toml`: the effective attributes (what the templates saw, for operators and
@@ -497,6 +455,33 @@ mod tests {
         assert!(glob_match("*", "x"));
         assert!(glob_match("a?c", "abc"));
         assert!(!glob_match("a?c", "ac"));
+    }
+
+    #[test]
+    fn file_targets_and_services_decode_with_their_defaults() {
+        let (complete, _) = attributes(
+            r#"
+            file_targets = { "bird*.conf" = { directory = "/etc/bird", service = "bird" }, "x" = { directory = "/x", mode = "0600" } }
+            services = { bird = { reload = ["birdc", "configure"] } }
+            "#,
+            Level::Global,
+        );
+        let targets = FileTargets::from_attributes(&complete).unwrap();
+        let bird = targets.rule_for("bird_peers.conf").unwrap();
+        assert_eq!(
+            (
+                bird.directory.as_str(),
+                bird.mode.as_str(),
+                bird.service.as_deref()
+            ),
+            ("/etc/bird", "0644", Some("bird"))
+        );
+        assert_eq!(targets.rule_for("x").unwrap().mode, "0600");
+        assert!(targets.rule_for("y").is_none());
+        assert_eq!(targets.services["bird"].reload, ["birdc", "configure"]);
+        let (empty, _) = attributes("", Level::Global);
+        let none = FileTargets::from_attributes(&empty).unwrap();
+        assert!(none.rules.is_empty() && none.services.is_empty());
     }
 
     /// node.toml as `tlm` wrote it before the contract was typed.

@@ -10,7 +10,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use serde::Serialize;
 use toml::{Table, Value};
 
 use crate::model::allocation::{Generated, NodeAllocation};
@@ -122,7 +121,7 @@ pub fn check_files(tree: &ConfigTree) -> Result<Vec<SchemaWarning>, ResolveError
 
 /// A value of the complete attributes the schema refuses (a record lacking a field), naming
 /// the file that set it.
-fn complete_error(merged: &Merged, violation: &Violation) -> ResolveError {
+pub(crate) fn complete_error(merged: &Merged, violation: &Violation) -> ResolveError {
     ResolveError::Attribute {
         file: merged
             .origin_of_path(&violation.path)
@@ -147,30 +146,9 @@ pub struct NodeSettings {
     pub endpoint: Option<String>,
 }
 
-/// One peer link as the node sees it; rendered into `peers` for the templates and node.toml.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Peer {
-    pub interface: String,
-    pub peer_id: u32,
-    pub peer_node: String,
-    pub peer_site: String,
-    pub peer_asn: u32,
-    pub peer_loopback_ipv4: Ipv4Addr,
-    pub peer_loopback_ipv6: Ipv6Addr,
-    pub peer_public_key: String,
-    /// `host:port` the node sends to; absent when the peer has no `wg_endpoint`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub peer_endpoint: Option<String>,
-    /// The peer's endpoint address when `wg_endpoint` is an IP address (not a name).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub peer_endpoint_ip: Option<std::net::IpAddr>,
-    pub listen_port: u16,
-    pub peer_port: u16,
-    pub local_link_local: Ipv6Addr,
-    pub peer_link_local: Ipv6Addr,
-    pub keepalive: u32,
-    pub mtu: u32,
-}
+/// One peer link as the node sees it; rendered into `peers` for the templates and node.toml
+/// (the contract's type: the controller writes what the node decodes).
+pub use towalink_bundle::contract::Peer;
 
 /// The whole installation resolved: merged attributes per node, settings and links.
 #[derive(Debug)]

@@ -13,6 +13,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use toml::Value;
+use towalink_bundle::contract::{HealthCheck, BOOT_TRIES, HEALTH_TIMEOUT_S};
 
 use crate::model::attributes::{dotted, Level};
 
@@ -230,9 +231,6 @@ const fn generated(name: &'static str, ty: Type, doc: &'static str) -> Attribute
     }
 }
 
-/// The health checks a node knows (towalink-node's `health::Check`).
-pub const HEALTH_CHECKS: &[&str] = &["bird", "wireguard", "controller"];
-
 const FILE_TARGET: &[Field] = &[
     Field {
         name: "directory",
@@ -411,13 +409,13 @@ pub const ATTRIBUTES: &[Attribute] = &[
     // Node lifecycle (towalink-node).
     settable(
         "node_boot_tries",
-        plain(1, 100),
+        plain(*BOOT_TRIES.start() as i64, *BOOT_TRIES.end() as i64),
         ALL,
         "daemon starts a newly activated version may use before it is rolled back",
     ),
     settable(
         "node_health_checks",
-        Type::List(&Type::OneOf(HEALTH_CHECKS), 0),
+        Type::List(&Type::OneOf(&HealthCheck::NAMES), 0),
         ALL,
         "checks that bless a pending version on the node: `bird` = every BGP session Established; \
          `wireguard` = every tunnel has received data from its peer; `controller` = the management \
@@ -425,7 +423,7 @@ pub const ATTRIBUTES: &[Attribute] = &[
     ),
     settable(
         "node_health_timeout_s",
-        seconds(1, 86400),
+        seconds(*HEALTH_TIMEOUT_S.start() as i64, *HEALTH_TIMEOUT_S.end() as i64),
         ALL,
         "seconds a pending version may take to pass its checks before it is rolled back",
     ),

@@ -13,6 +13,7 @@
 //! taking versions that use nothing new.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ops::RangeInclusive;
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +27,12 @@ pub const CONTRACT: u32 = 1;
 
 /// The contract of a node.toml without a `contract` field (every controller before it).
 const FIRST_CONTRACT: u32 = 1;
+
+/// What `node_boot_tries` may be (the controller's schema says the same from here).
+pub const BOOT_TRIES: RangeInclusive<u32> = 1..=100;
+
+/// What `node_health_timeout_s` may be, in seconds.
+pub const HEALTH_TIMEOUT_S: RangeInclusive<u64> = 1..=86_400;
 
 /// What a version tells its node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,13 +49,13 @@ pub struct NodeConfig {
     /// One point-to-point WireGuard link per peer.
     #[serde(default)]
     pub peers: Vec<Peer>,
-    /// Daemon starts a pending version may use before it is rolled back (1 to 100).
+    /// Daemon starts a pending version may use before it is rolled back ([`BOOT_TRIES`]).
     #[serde(default = "default_boot_tries")]
     pub node_boot_tries: u32,
     /// The checks that bless a pending version; absent: see [`NodeConfig::health_checks`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_health_checks: Option<Vec<HealthCheck>>,
-    /// Seconds a pending version may take to pass its checks (1 to 86,400).
+    /// Seconds a pending version may take to pass its checks ([`HEALTH_TIMEOUT_S`]).
     #[serde(default = "default_health_timeout_s")]
     pub node_health_timeout_s: u64,
 }
@@ -83,7 +90,8 @@ pub struct Peer {
     pub mtu: u32,
 }
 
-/// A check a pending version must pass before it is blessed.
+/// A check a pending version must pass before it is blessed. A new check goes into
+/// [`HealthCheck::ALL`] too: the controller's schema accepts the names listed there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthCheck {
@@ -96,8 +104,26 @@ pub enum HealthCheck {
 }
 
 impl HealthCheck {
+    /// Every check, in the order the documentation lists them.
+    pub const ALL: [HealthCheck; 3] = [
+        HealthCheck::Bird,
+        HealthCheck::Wireguard,
+        HealthCheck::Controller,
+    ];
+
+    /// The names of [`HealthCheck::ALL`] (what the controller's schema accepts).
+    pub const NAMES: [&'static str; HealthCheck::ALL.len()] = {
+        let mut names = [""; HealthCheck::ALL.len()];
+        let mut i = 0;
+        while i < names.len() {
+            names[i] = HealthCheck::ALL[i].name();
+            i += 1;
+        }
+        names
+    };
+
     /// The name in `node_health_checks` and in reports.
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             HealthCheck::Bird => "bird",
             HealthCheck::Wireguard => "wireguard",
@@ -216,11 +242,19 @@ impl NodeConfig {
             key: Some(key.into()),
             message: format!("must be an integer from {min} to {max}"),
         };
-        if !(1..=100).contains(&self.node_boot_tries) {
-            return Err(out_of_range("node_boot_tries", 1, 100));
+        if !BOOT_TRIES.contains(&self.node_boot_tries) {
+            return Err(out_of_range(
+                "node_boot_tries",
+                u64::from(*BOOT_TRIES.start()),
+                u64::from(*BOOT_TRIES.end()),
+            ));
         }
-        if !(1..=86_400).contains(&self.node_health_timeout_s) {
-            return Err(out_of_range("node_health_timeout_s", 1, 86_400));
+        if !HEALTH_TIMEOUT_S.contains(&self.node_health_timeout_s) {
+            return Err(out_of_range(
+                "node_health_timeout_s",
+                *HEALTH_TIMEOUT_S.start(),
+                *HEALTH_TIMEOUT_S.end(),
+            ));
         }
         Ok(())
     }
@@ -305,6 +339,19 @@ mod tests {
             table.extend(typed);
             assert_eq!(toml::to_string(&table).unwrap(), today);
         }
+    }
+
+    #[test]
+    fn every_health_check_is_listed_once_under_the_name_node_toml_uses() {
+        for (check, name) in HealthCheck::ALL.into_iter().zip(HealthCheck::NAMES) {
+            assert_eq!(check.name(), name);
+            let decoded = NodeConfig::from_toml(&format!("node_health_checks = [\"{name}\"]"))
+                .unwrap()
+                .health_checks(false);
+            assert_eq!(decoded, [check]);
+        }
+        let unique: std::collections::BTreeSet<_> = HealthCheck::ALL.into_iter().collect();
+        assert_eq!(unique.len(), HealthCheck::ALL.len());
     }
 
     #[test]
