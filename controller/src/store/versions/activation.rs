@@ -1,12 +1,12 @@
 //! `tlm activate`: the version each node should run, recorded with a new order number.
 
 use super::index::{load_activations, load_index, save_activations, version_dir, Activation};
-use super::{crash_point, ACTIVATION, ACTIVATION_PENDING};
+use super::{crash_point, remove, restore, ACTIVATION, ACTIVATION_PENDING};
 use crate::model::allocation::NodeAllocation;
 use crate::model::names::{NodeFullName, VersionSpec};
 use crate::store::Store;
 use crate::Error;
-use towalink_system::durable::{self, IoError};
+use towalink_system::durable;
 
 /// The order number of a node's next activation: one above both the last one recorded and the
 /// last one the node reported carrying out (so a controller restored from an older backup, whose
@@ -100,18 +100,12 @@ pub fn activate(
     crash_point("activation-saved");
     let recorded = store.git_commit(message);
     if recorded.is_ok() {
-        std::fs::remove_file(&pending).map_err(|e| IoError::new("cannot remove", &pending, e))?;
+        remove(&pending)?;
     }
     if let Err(e) = recorded {
         // The service must not carry out an activation git did not record: put the old
         // activations back.
-        let path = store.root().join(ACTIVATION);
-        let restored = match previous {
-            Some(text) => durable::write_atomic(&path, text.as_bytes(), 0o644),
-            None => {
-                std::fs::remove_file(&path).map_err(|e| IoError::new("cannot remove", &path, e))
-            }
-        };
+        let restored = restore(&store.root().join(ACTIVATION), previous.as_deref());
         match restored {
             Ok(()) => {
                 let _ = std::fs::remove_file(&pending);

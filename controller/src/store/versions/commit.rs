@@ -10,7 +10,7 @@ use towalink_bundle::Manifest;
 use super::index::{
     content_digest, index_text, list_versions, load_index, save_index, Index, IndexEntry,
 };
-use super::{crash_point, Journal, INDEX, JOURNAL};
+use super::{crash_point, remove, restore, Journal, INDEX, JOURNAL};
 use crate::model::allocation::NodeAllocation;
 use crate::model::names::NodeFullName;
 use crate::model::render::{RenderedNode, Renderer};
@@ -18,7 +18,7 @@ use crate::model::resolve::{resolve, ConfigTree, Resolved};
 use crate::store::keys::{save_signing_key, signing_key};
 use crate::store::{Store, EFFECTIVE_DIR};
 use crate::Error;
-use towalink_system::durable::{self, IoError};
+use towalink_system::durable;
 
 /// Moves the journal's staged versions into place (those not there yet), synced.
 pub(super) fn publish_staged(store: &Store, journal: &Journal) -> Result<(), Error> {
@@ -290,8 +290,7 @@ pub fn commit(
         publish_staged(store, &journal)?;
         durable::remove_dir_all(&staging)?;
         crash_point("published");
-        let journal = store.root().join(JOURNAL);
-        std::fs::remove_file(&journal).map_err(|e| IoError::new("cannot remove", &journal, e))?;
+        remove(&store.root().join(JOURNAL))?;
     }
     tracing::debug!(
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -305,23 +304,8 @@ pub fn commit(
 /// staged versions removed; nothing was published. Best effort: should a step fail, the
 /// journal stays and the next `tlm` finishes the commit instead.
 fn undo_commit(store: &Store, previous_index: Option<&str>, staging: &Path) {
-    let index = store.root().join(INDEX);
-    let restored = match previous_index {
-        Some(text) => durable::write_atomic(&index, text.as_bytes(), 0o644),
-        None => std::fs::remove_file(&index)
-            .or_else(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })
-            .map_err(|e| IoError::new("cannot remove", &index, e)),
-    };
-    let journal = store.root().join(JOURNAL);
-    let undone = restored.and_then(|()| {
-        std::fs::remove_file(&journal).map_err(|e| IoError::new("cannot remove", &journal, e))
-    });
+    let restored = restore(&store.root().join(INDEX), previous_index);
+    let undone = restored.and_then(|()| remove(&store.root().join(JOURNAL)));
     match undone {
         Ok(()) => {
             let _ = durable::remove_dir_all(staging);

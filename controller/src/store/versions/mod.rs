@@ -33,7 +33,10 @@ mod commit;
 mod index;
 mod recover;
 
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
+use towalink_system::durable::{self, IoError};
 
 pub use crate::store::keys::{controller_public_key, load_signing_key, SIGNING_KEY, SIGNING_PUB};
 pub use activation::{activate, next_order, Recorded};
@@ -65,6 +68,22 @@ struct Journal {
     /// rebuilt from the version directories).
     #[serde(default)]
     index: Option<String>,
+}
+
+/// Removes a file this module wrote.
+fn remove(path: &Path) -> Result<(), IoError> {
+    std::fs::remove_file(path).map_err(|e| IoError::new("cannot remove", path, e))
+}
+
+/// Puts a file back as it was before (`None`: there was none), when git refused a change.
+fn restore(path: &Path, previous: Option<&str>) -> Result<(), IoError> {
+    match previous {
+        Some(text) => durable::write_atomic(path, text.as_bytes(), 0o644),
+        None => match std::fs::remove_file(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            removed => removed.map_err(|e| IoError::new("cannot remove", path, e)),
+        },
+    }
 }
 
 /// Test hook: `TLM_CRASH_AT=<point>` kills the process at that point of a commit (as a power

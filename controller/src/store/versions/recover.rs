@@ -3,10 +3,10 @@
 
 use super::commit::publish_staged;
 use super::index::{rebuild_index, save_index};
-use super::{Journal, ACTIVATION_PENDING, INDEX, JOURNAL};
+use super::{remove, Journal, ACTIVATION_PENDING, INDEX, JOURNAL};
 use crate::store::{parse_toml, Store, EFFECTIVE_DIR};
 use crate::Error;
-use towalink_system::durable::{self, IoError};
+use towalink_system::durable;
 
 /// Finishes or cleans up a commit that was interrupted. Call with the lock held.
 ///
@@ -54,8 +54,7 @@ pub fn recover(store: &Store) -> Result<(), Error> {
         }
     }
     if journal.is_some() {
-        std::fs::remove_file(&journal_path)
-            .map_err(|e| IoError::new("cannot remove", &journal_path, e))?;
+        remove(&journal_path)?;
     }
     let pending = store.root().join(ACTIVATION_PENDING);
     if let Some(message) = durable::read_optional(&pending)? {
@@ -64,7 +63,7 @@ pub fn recover(store: &Store) -> Result<(), Error> {
             "{} (completed after an interrupted activate)",
             message.trim()
         ))?;
-        std::fs::remove_file(&pending).map_err(|e| IoError::new("cannot remove", &pending, e))?;
+        remove(&pending)?;
     }
     Ok(())
 }
