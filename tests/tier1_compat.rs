@@ -102,7 +102,8 @@ fn a_configuration_directory_of_the_earlier_release_reads_and_commits_nothing_ne
     let run = t.run(&["commit", "all"]);
     assert_eq!(run.code, 0, "commit failed: {}", run.stderr);
     assert!(
-        run.stdout.contains("committed: 0 new version(s), 2 node(s) unchanged"),
+        run.stdout
+            .contains("committed: 0 new version(s), 2 node(s) unchanged"),
         "this release renders the earlier release's directory differently:\n{}",
         run.stdout
     );
@@ -120,8 +121,13 @@ fn a_configuration_directory_of_the_earlier_release_reads_and_commits_nothing_ne
 
     // Changing it goes on as before; a value the schema refuses is refused at `set`.
     t.ok(&["set", "node", "r1.s1", "bird_bgp_hold_time", "40"]);
-    assert!(t.read("site_s1/node_r1/config.toml").contains("bird_bgp_hold_time = 40"));
-    t.refused(&["set", "node", "r1.s1", "bird_bgp_hold_time", "\"long\""], 1);
+    assert!(t
+        .read("site_s1/node_r1/config.toml")
+        .contains("bird_bgp_hold_time = 40"));
+    t.refused(
+        &["set", "node", "r1.s1", "bird_bgp_hold_time", "\"long\""],
+        1,
+    );
 }
 
 #[test]

@@ -36,13 +36,7 @@ use crate::slots::DiskState;
 /// failed.
 pub const RETRY_ROUNDS: u32 = 10;
 
-/// One BGP session as `birdc show protocols` shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BgpSession {
-    pub name: String,
-    pub state: String,
-    pub info: String,
-}
+pub use towalink_bundle::messages::BgpSession;
 
 /// What a report to the controller is about: when it changes, the node reports at once.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -333,22 +327,7 @@ pub fn run(node: Node, options: Options, shutdown: &AtomicBool) -> anyhow::Resul
 
 /// The disk state and the BGP sessions (BIRD not answering: none).
 fn reported(node: &Node) -> Reported {
-    let bgp = node
-        .reloader
-        .bird
-        .protocols()
-        .map(|protocols| {
-            protocols
-                .into_iter()
-                .filter(|p| p.proto == "BGP")
-                .map(|p| BgpSession {
-                    name: p.name,
-                    state: p.state,
-                    info: p.info,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let bgp = node.reloader.bird.bgp_sessions();
     Reported {
         disk: node.state.read().ok(),
         bgp,
