@@ -9,6 +9,8 @@ use base64::Engine as _;
 use towalink_bundle::messages::{Management, NodeIdentity};
 use towalink_system::durable::{self, Secret};
 
+use std::path::PathBuf;
+
 use crate::model::allocation::{NodeAllocation, NodeSecrets};
 use crate::model::attributes::{defaults, Level, Merged};
 use crate::model::management::{ManagementSettings, MANAGEMENT_KEY, MANAGEMENT_PUB};
@@ -97,4 +99,28 @@ pub fn node_identity(
         },
         node_secrets,
     ))
+}
+
+/// The attach endpoint's TLS certificate (`tlm attach`).
+pub const ATTACH_CERT_FILE: &str = "certs/server.pem";
+/// Its private key (0600).
+pub const ATTACH_KEY_FILE: &str = "certs/key.pem";
+
+/// The attach endpoint's certificate and key files; when neither exists, `make` gives the key
+/// and certificate PEM and they are written (the key 0600). Returns the certificate's and the
+/// key's path and whether they were made now.
+pub fn attach_tls_files(
+    store: &Store,
+    make: impl FnOnce() -> Result<(String, String), Error>,
+) -> Result<(PathBuf, PathBuf, bool), Error> {
+    let cert_path = store.root().join(ATTACH_CERT_FILE);
+    let key_path = store.root().join(ATTACH_KEY_FILE);
+    if cert_path.exists() || key_path.exists() {
+        return Ok((cert_path, key_path, false));
+    }
+    let (key_pem, cert_pem) = make()?;
+    durable::create_dir_all(&store.root().join("certs"))?;
+    durable::write_atomic(&key_path, key_pem.as_bytes(), 0o600)?;
+    durable::write_atomic(&cert_path, cert_pem.as_bytes(), 0o644)?;
+    Ok((cert_path, key_path, true))
 }
