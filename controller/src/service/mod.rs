@@ -12,7 +12,8 @@
 //! - [`api`]: the router and its refusals, pure; [`server`]: the connections around it.
 //! - [`fleet`]: what the service knows (the view of the directory, the long polls).
 //! - [`records`]: the `status/` files it leaves for `tlm status` and `tlm activate`.
-//! - [`shutdown`]: the stop signal every loop watches; SIGTERM/SIGINT trigger it.
+//! - The stop signal every loop watches is [`towalink_system::Shutdown`] (SIGTERM/SIGINT
+//!   trigger it in `tlm serve`: [`towalink_system::stop_on_signals`]).
 //!
 //! The service reads the configuration directory (it never writes it, except `status/` and
 //! the management key on first start) and notices `tlm commit` / `tlm activate` within
@@ -24,7 +25,6 @@ pub mod fleet;
 pub mod limits;
 pub mod records;
 pub mod server;
-pub mod shutdown;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpListener};
@@ -34,13 +34,13 @@ use std::time::{Duration, Instant};
 
 use towalink_netdev::netlink::Netlink;
 use towalink_netdev::{boringtun_device, Uapi};
+use towalink_system::Shutdown;
 
 use crate::store::Store;
 use crate::Error;
 use fleet::Fleet;
 use limits::ApiLimits;
 use records::{PeerRecord, ServiceRecord};
-pub use shutdown::{stop_on_signals, Shutdown};
 
 fn failed(what: impl std::fmt::Display) -> Error {
     Error::Service(what.to_string())
