@@ -28,7 +28,6 @@ pub mod server;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpListener};
-use std::os::fd::AsRawFd as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -133,23 +132,9 @@ impl Hub {
 /// Binds a listening socket to an interface: connections arriving on any other interface
 /// are refused by the kernel.
 fn bind_to_device(listener: &TcpListener, interface: &str) -> Result<(), Error> {
-    // SAFETY: setsockopt with a valid descriptor and a buffer of the given length.
-    let rc = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_BINDTODEVICE,
-            interface.as_ptr().cast(),
-            interface.len() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(failed(format!(
-            "cannot bind the API to interface {interface}: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(())
+    socket2::SockRef::from(listener)
+        .bind_device(Some(interface.as_bytes()))
+        .map_err(|e| failed(format!("cannot bind the API to interface {interface}: {e}")))
 }
 
 /// Runs the service until `shutdown` is triggered: sets up the management endpoint and the
