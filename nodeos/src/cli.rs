@@ -232,7 +232,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Command::Run { once, interval_ms } => {
             // Before any thread starts: they inherit the blocked signals.
-            let shutdown = towalink_system::Shutdown::new().context("cannot make the stop signal")?;
+            let shutdown =
+                towalink_system::Shutdown::new().context("cannot make the stop signal")?;
             towalink_system::stop_on_signals(&shutdown, "shutting down")
                 .context("cannot set up SIGTERM/SIGINT handling")?;
             let options = crate::daemon::Options {

@@ -16,8 +16,8 @@ pub fn run(config_dir: &std::path::Path, interface: &str) -> Result<ExitCode, Er
         store.ensure_gitignore()?;
     }
     // Before any thread starts: they inherit the blocked signals.
-    let shutdown = Shutdown::new()
-        .map_err(|e| Error::Service(format!("cannot make the stop signal: {e}")))?;
+    let shutdown =
+        Shutdown::new().map_err(|e| Error::Service(format!("cannot make the stop signal: {e}")))?;
     towalink_system::stop_on_signals(
         &shutdown,
         "stopping: no new connections, the ones in flight finish",
