@@ -16,10 +16,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Files in the configuration directory get exactly the modes tlm asks for (0644, 0600 for
     // secrets), whatever the operator's umask.
-    // SAFETY: umask only sets the process's file mode creation mask.
-    unsafe {
-        libc::umask(0o022);
-    }
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
     tracing_subscriber::fmt()
         .with_max_level(cli.loglevel.tracing_level())
         .with_writer(std::io::stderr)

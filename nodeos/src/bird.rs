@@ -128,4 +128,21 @@ impl BirdControl {
             })
             .collect())
     }
+
+    /// The BGP sessions as a node reports them; none when BIRD does not answer.
+    pub fn bgp_sessions(&self) -> Vec<towalink_bundle::messages::BgpSession> {
+        self.protocols()
+            .map(|protocols| {
+                protocols
+                    .into_iter()
+                    .filter(|p| p.proto == "BGP")
+                    .map(|p| towalink_bundle::messages::BgpSession {
+                        name: p.name,
+                        state: p.state,
+                        info: p.info,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }

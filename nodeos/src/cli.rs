@@ -231,7 +231,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             None => writeln!(out, "marked bad; no version to roll back to")?,
         },
         Command::Run { once, interval_ms } => {
-            let shutdown = crate::daemon::shutdown_on_signals()
+            // Before any thread starts: they inherit the blocked signals.
+            let shutdown =
+                towalink_system::Shutdown::new().context("cannot make the stop signal")?;
+            towalink_system::stop_on_signals(&shutdown, "shutting down")
                 .context("cannot set up SIGTERM/SIGINT handling")?;
             let options = crate::daemon::Options {
                 dataplane: cli.dataplane,

@@ -15,16 +15,18 @@
 //!    differ from the last seen ([`PartialEq`]), the management thread is told to report at
 //!    once ([`Action::Notify`]).
 //!
-//! The loop ends when `shutdown` is set (SIGTERM or SIGINT: [`shutdown_on_signals`]); the
-//! in-process tunnels go down with the daemon, as they do when it is killed.
+//! The loop ends when `shutdown` is triggered (SIGTERM or SIGINT:
+//! [`towalink_system::stop_on_signals`]); the in-process tunnels go down with the daemon, as
+//! they do when it is killed.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use towalink_bundle::messages::TunnelReport;
+use towalink_system::Shutdown;
 
 use crate::dataplane::ReconcileReport;
 use crate::dataplane::{Boringtun, DataPlane, DesiredState, KernelWireGuard, LinkStats};
@@ -36,13 +38,7 @@ use crate::slots::DiskState;
 /// failed.
 pub const RETRY_ROUNDS: u32 = 10;
 
-/// One BGP session as `birdc show protocols` shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BgpSession {
-    pub name: String,
-    pub state: String,
-    pub info: String,
-}
+pub use towalink_bundle::messages::BgpSession;
 
 /// What a report to the controller is about: when it changes, the node reports at once.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -242,8 +238,8 @@ fn open_dataplane(kind: DataPlaneKind) -> Result<Option<DataPlane>, crate::Error
 }
 
 /// The daemon: recover from disk, start the management thread (when the identity has a
-/// management link), then one round per interval until `shutdown` is set.
-pub fn run(node: Node, options: Options, shutdown: &AtomicBool) -> anyhow::Result<()> {
+/// management link), then one round per interval until `shutdown` is triggered.
+pub fn run(node: Node, options: Options, shutdown: &Shutdown) -> anyhow::Result<()> {
     crate::dataplane::netlink::enable_forwarding();
     node.startup()?;
     let mut dataplane = open_dataplane(options.dataplane)?;
@@ -265,7 +261,7 @@ pub fn run(node: Node, options: Options, shutdown: &AtomicBool) -> anyhow::Resul
     }
     let mut daemon = Daemon::new();
     let mut watch = Watch::default();
-    while !shutdown.load(Ordering::SeqCst) {
+    while !shutdown.is_triggered() {
         let seen = shared.generation.load(Ordering::SeqCst);
         let round = dataplane.as_ref().map(|_| {
             // The tunnels follow the current version and the identity.
@@ -315,14 +311,13 @@ pub fn run(node: Node, options: Options, shutdown: &AtomicBool) -> anyhow::Resul
         }
         // Sleep, but wake early when the management thread changed something or on shutdown.
         let until = Instant::now() + options.interval;
-        while Instant::now() < until
-            && shared.generation.load(Ordering::SeqCst) == seen
-            && !shutdown.load(Ordering::SeqCst)
-        {
-            std::thread::sleep(Duration::from_millis(25));
+        while Instant::now() < until && shared.generation.load(Ordering::SeqCst) == seen {
+            if shutdown.sleep(Duration::from_millis(25)) {
+                break;
+            }
         }
     }
-    if shutdown.load(Ordering::SeqCst) {
+    if shutdown.is_triggered() {
         tracing::info!("stopping");
     }
     // Dropping the data plane takes the in-process tunnels down (kernel links stay, as
@@ -333,53 +328,11 @@ pub fn run(node: Node, options: Options, shutdown: &AtomicBool) -> anyhow::Resul
 
 /// The disk state and the BGP sessions (BIRD not answering: none).
 fn reported(node: &Node) -> Reported {
-    let bgp = node
-        .reloader
-        .bird
-        .protocols()
-        .map(|protocols| {
-            protocols
-                .into_iter()
-                .filter(|p| p.proto == "BGP")
-                .map(|p| BgpSession {
-                    name: p.name,
-                    state: p.state,
-                    info: p.info,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let bgp = node.reloader.bird.bgp_sessions();
     Reported {
         disk: node.state.read().ok(),
         bgp,
     }
-}
-
-/// Blocks SIGTERM and SIGINT in this thread and the threads it starts from now on, and sets
-/// the returned flag when one arrives (a thread waits for them with `sigwait`); a second one
-/// ends the process at once. Call before starting other threads.
-pub fn shutdown_on_signals() -> std::io::Result<Arc<AtomicBool>> {
-    use nix::sys::signal::{SigSet, Signal};
-    let mut signals = SigSet::empty();
-    signals.add(Signal::SIGTERM);
-    signals.add(Signal::SIGINT);
-    signals.thread_block().map_err(std::io::Error::from)?;
-    let flag = Arc::new(AtomicBool::new(false));
-    let set = Arc::clone(&flag);
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            while let Ok(signal) = signals.wait() {
-                if set.load(Ordering::SeqCst) {
-                    tracing::warn!(%signal, "second signal: exiting now");
-                    std::process::exit(1);
-                }
-                // Logged before the flag is set: the process may end as soon as it is.
-                tracing::info!(%signal, "shutting down");
-                set.store(true, Ordering::SeqCst);
-            }
-        })?;
-    Ok(flag)
 }
 
 #[cfg(test)]

@@ -22,8 +22,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use towalink_bundle::messages::{
-    BgpSession, HealthReport, NodeReport, Order, OrderOutcome, OrderResult, RollbackReport,
-    SlotState, SyncReply, TunnelReport, BUNDLE_PATH, SYNC_PATH,
+    HealthReport, NodeReport, Order, OrderOutcome, OrderResult, RollbackReport, SlotState,
+    SyncReply, TunnelReport, BUNDLE_PATH, SYNC_PATH,
 };
 use towalink_bundle::orders::{self, OrderVerdict, ReplyBody};
 use towalink_bundle::wire;
@@ -195,22 +195,7 @@ fn boot_id() -> String {
 /// The report the node sends now.
 pub fn build_report(node: &Node, shared: &Shared) -> Result<NodeReport, Error> {
     let status = node.status()?;
-    let bgp = node
-        .reloader
-        .bird
-        .protocols()
-        .map(|protocols| {
-            protocols
-                .into_iter()
-                .filter(|p| p.proto == "BGP")
-                .map(|p| BgpSession {
-                    name: p.name,
-                    state: p.state,
-                    info: p.info,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let bgp = node.reloader.bird.bgp_sessions();
     Ok(NodeReport {
         node_id: status.node_id,
         node: status.node,

@@ -31,10 +31,8 @@ use crate::model::names::NodeRef;
 use crate::service::records;
 use crate::store::Store;
 use crate::Error;
-use towalink_system::durable;
 
-pub const CERT_FILE: &str = "certs/server.pem";
-pub const KEY_FILE: &str = "certs/key.pem";
+pub use crate::store::keys::{ATTACH_CERT_FILE as CERT_FILE, ATTACH_KEY_FILE as KEY_FILE};
 /// Devices remembered at most (more are turned away until the choice).
 const MAX_DEVICES: usize = 64;
 /// Devices one source (an IPv4 address, an IPv6 /64) may present: a stranger cannot fill the
@@ -121,10 +119,7 @@ fn tls_identity(
     store: &Store,
     extra_names: &[String],
 ) -> Result<(Arc<rustls::ServerConfig>, String, bool), Error> {
-    let cert_path = store.root().join(CERT_FILE);
-    let key_path = store.root().join(KEY_FILE);
-    let mut made = false;
-    if !cert_path.exists() && !key_path.exists() {
+    let (cert_path, key_path, made) = crate::store::keys::attach_tls_files(store, || {
         let mut names = vec![
             "localhost".to_string(),
             "127.0.0.1".to_string(),
@@ -148,15 +143,8 @@ fn tls_identity(
         names.dedup();
         let certified = rcgen::generate_simple_self_signed(names)
             .map_err(|e| failed(format!("cannot make a certificate: {e}")))?;
-        durable::create_dir_all(&store.root().join("certs"))?;
-        durable::write_atomic(
-            &key_path,
-            certified.key_pair.serialize_pem().as_bytes(),
-            0o600,
-        )?;
-        durable::write_atomic(&cert_path, certified.cert.pem().as_bytes(), 0o644)?;
-        made = true;
-    }
+        Ok((certified.key_pair.serialize_pem(), certified.cert.pem()))
+    })?;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
         .and_then(|i| i.collect::<Result<_, _>>())
         .map_err(|e| failed(format!("`{}`: {e}", cert_path.display())))?;

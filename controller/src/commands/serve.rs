@@ -2,6 +2,8 @@
 
 use std::process::ExitCode;
 
+use towalink_system::Shutdown;
+
 use crate::store::Store;
 use crate::Error;
 
@@ -14,8 +16,13 @@ pub fn run(config_dir: &std::path::Path, interface: &str) -> Result<ExitCode, Er
         store.ensure_gitignore()?;
     }
     // Before any thread starts: they inherit the blocked signals.
-    let shutdown = crate::service::Shutdown::new()?;
-    crate::service::stop_on_signals(&shutdown)?;
+    let shutdown =
+        Shutdown::new().map_err(|e| Error::Service(format!("cannot make the stop signal: {e}")))?;
+    towalink_system::stop_on_signals(
+        &shutdown,
+        "stopping: no new connections, the ones in flight finish",
+    )
+    .map_err(|e| Error::Service(format!("cannot set up SIGTERM/SIGINT handling: {e}")))?;
     crate::service::run(&store, interface, &shutdown)?;
     Ok(ExitCode::SUCCESS)
 }

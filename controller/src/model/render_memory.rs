@@ -58,8 +58,7 @@ fn account(delta: isize) -> bool {
 /// Ends the process: the template took more memory than allowed. Allocates nothing.
 fn exceeded() -> ! {
     let write = |bytes: &[u8]| {
-        // SAFETY: writing a valid buffer to the standard error descriptor.
-        unsafe { libc::write(2, bytes.as_ptr().cast(), bytes.len()) };
+        let _ = rustix::io::write(rustix::stdio::stderr(), bytes);
     };
     write(b"tlm: error: template `");
     let (ptr, len) = TEMPLATE
@@ -70,6 +69,9 @@ fn exceeded() -> ! {
         write(unsafe { std::slice::from_raw_parts(ptr, len) });
     }
     write(b"`: rendering takes more than 256 MiB of memory (a string built in a loop?)\n");
+    // Neither std nor rustix's stable API ends the process without running exit handlers
+    // (`std::process::exit` flushes stdout and runs `atexit` handlers, which may allocate, here
+    // inside the allocator; `abort` is a different status).
     // SAFETY: ends the process without running anything that could allocate.
     unsafe { libc::_exit(1) }
 }

@@ -1083,7 +1083,7 @@ pub fn doc_for(path: &str) -> String {
 }
 
 /// Markers around the generated table in docs/config-reference.md.
-pub const TABLE_BEGIN: &str = "<!-- BEGIN attribute table: generated from controller/src/schema.rs; regenerate with `TOWALINK_BLESS=1 cargo test -p towalink-controller --lib schema` -->";
+pub const TABLE_BEGIN: &str = "<!-- BEGIN attribute table: generated from controller/src/model/schema.rs; regenerate with `TOWALINK_BLESS=1 cargo test -p towalink-controller --lib schema` -->";
 pub const TABLE_END: &str = "<!-- END attribute table -->";
 
 fn cell(text: &str) -> String {
@@ -1357,7 +1357,7 @@ mod tests {
         }
         assert!(
             document == expected,
-            "docs/config-reference.md's attribute table differs from controller/src/schema.rs: \
+            "docs/config-reference.md's attribute table differs from controller/src/model/schema.rs: \
              regenerate it with `TOWALINK_BLESS=1 cargo test -p towalink-controller --lib schema`"
         );
     }

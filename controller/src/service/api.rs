@@ -229,24 +229,12 @@ fn sync(node: u32, request: &Request, fleet: &Fleet) -> Result<Reply, ApiError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::management::ManagementSettings;
     use crate::service::fleet::NodeEntry;
-    use crate::store::Store;
     use std::collections::BTreeMap;
 
     /// A fleet of nodes 1 (r.s1, versions 1 and 2) and 2 (r.s2, version 1), in memory.
     fn fleet() -> (tempfile::TempDir, Fleet) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_or_init(dir.path()).unwrap();
-        let settings = ManagementSettings {
-            pool: "fd54:6f77:616c:ffff::/64".parse().unwrap(),
-            listen_port: 51819,
-            api_port: 8001,
-            keepalive_s: 25,
-            report_interval_s: 5,
-            controller_endpoints: Vec::new(),
-        };
-        let fleet = Fleet::new(store, settings);
+        let (dir, fleet) = crate::service::fleet::empty_fleet();
         let entry = |name: &str, versions: Vec<u32>| NodeEntry {
             name: name.parse().unwrap(),
             public_key: String::new(),

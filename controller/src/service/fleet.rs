@@ -292,6 +292,22 @@ impl Fleet {
     }
 }
 
+/// A fleet with no nodes on a fresh directory, for the service's in-process tests.
+#[cfg(test)]
+pub(crate) fn empty_fleet() -> (tempfile::TempDir, Fleet) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_or_init(dir.path()).unwrap();
+    let settings = ManagementSettings {
+        pool: "fd54:6f77:616c:ffff::/64".parse().unwrap(),
+        listen_port: 51819,
+        api_port: 8001,
+        keepalive_s: 25,
+        report_interval_s: 5,
+        controller_endpoints: Vec::new(),
+    };
+    (dir, Fleet::new(store, settings))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,17 +379,7 @@ mod tests {
     }
 
     fn fleet_with(id: u32, entry: NodeEntry) -> (tempfile::TempDir, Fleet) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open_or_init(dir.path()).unwrap();
-        let settings = ManagementSettings {
-            pool: "fd54:6f77:616c:ffff::/64".parse().unwrap(),
-            listen_port: 51819,
-            api_port: 8001,
-            keepalive_s: 25,
-            report_interval_s: 5,
-            controller_endpoints: Vec::new(),
-        };
-        let fleet = Fleet::new(store, settings);
+        let (dir, fleet) = empty_fleet();
         fleet.view.lock().unwrap().nodes.insert(id, entry);
         (dir, fleet)
     }

@@ -12,7 +12,6 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, TcpStream};
-use std::os::fd::AsRawFd as _;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -82,27 +81,19 @@ impl ApiLimits {
 /// Raises the soft limit on open files to the hard one (at most 2^20, the kernel's default
 /// `nr_open`). Returns the limit in force afterwards, and the one before.
 pub fn raise_file_limit() -> std::io::Result<(u64, u64)> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let before = limit.rlim_cur;
-    let wanted = limit.rlim_max.min(1 << 20);
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // `None`: no limit (RLIM_INFINITY).
+    let before = limit.current.unwrap_or(u64::MAX);
+    let wanted = limit.maximum.unwrap_or(u64::MAX).min(1 << 20);
     if wanted <= before {
         return Ok((before, before));
     }
-    let raised = libc::rlimit {
-        rlim_cur: wanted,
-        rlim_max: limit.rlim_max,
+    let raised = Rlimit {
+        current: Some(wanted),
+        maximum: limit.maximum,
     };
-    // SAFETY: setrlimit reads the struct we pass.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    setrlimit(Resource::Nofile, raised)?;
     Ok((wanted, before))
 }
 
@@ -295,7 +286,10 @@ pub fn is_transient(error: &std::io::Error) -> bool {
         std::io::ErrorKind::ConnectionAborted
             | std::io::ErrorKind::ConnectionReset
             | std::io::ErrorKind::Interrupted
-    ) || matches!(error.raw_os_error(), Some(libc::EPROTO | libc::EPERM))
+    ) || matches!(
+        rustix::io::Errno::from_io_error(error),
+        Some(rustix::io::Errno::PROTO | rustix::io::Errno::PERM)
+    )
 }
 
 /// A socket whose reads and writes all end by one instant: each call gets the time left as
@@ -357,14 +351,13 @@ impl Write for Deadline<'_> {
 /// reading anything (also when it sent more before closing). A client that shuts down its
 /// sending side while waiting for the answer counts as gone; the nodes never do.
 pub fn peer_gone(stream: &TcpStream) -> bool {
-    let mut poll = libc::pollfd {
-        fd: stream.as_raw_fd(),
-        events: libc::POLLRDHUP,
-        revents: 0,
-    };
-    // SAFETY: poll on one pollfd we own, for a descriptor the stream keeps open; timeout 0.
-    let n = unsafe { libc::poll(&mut poll, 1, 0) };
-    n > 0 && poll.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(stream, PollFlags::RDHUP)];
+    let n = poll(&mut fds, Some(&Timespec::default())).unwrap_or(0);
+    n > 0
+        && fds[0]
+            .revents()
+            .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR)
 }
 
 /// Reads what the peer already sent without waiting (so closing does not reset the
@@ -494,12 +487,13 @@ mod tests {
 
     #[test]
     fn exhaustion_is_told_apart_from_a_lost_connection() {
-        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
-            let error = std::io::Error::from_raw_os_error(errno);
+        use rustix::io::Errno;
+        for errno in [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM] {
+            let error = std::io::Error::from(errno);
             assert!(!is_transient(&error), "{error}");
         }
-        for errno in [libc::ECONNABORTED, libc::EINTR, libc::EPROTO] {
-            let error = std::io::Error::from_raw_os_error(errno);
+        for errno in [Errno::CONNABORTED, Errno::INTR, Errno::PROTO] {
+            let error = std::io::Error::from(errno);
             assert!(is_transient(&error), "{error}");
         }
     }

@@ -12,7 +12,8 @@
 //! - [`api`]: the router and its refusals, pure; [`server`]: the connections around it.
 //! - [`fleet`]: what the service knows (the view of the directory, the long polls).
 //! - [`records`]: the `status/` files it leaves for `tlm status` and `tlm activate`.
-//! - [`shutdown`]: the stop signal every loop watches; SIGTERM/SIGINT trigger it.
+//! - The stop signal every loop watches is [`towalink_system::Shutdown`] (SIGTERM/SIGINT
+//!   trigger it in `tlm serve`: [`towalink_system::stop_on_signals`]).
 //!
 //! The service reads the configuration directory (it never writes it, except `status/` and
 //! the management key on first start) and notices `tlm commit` / `tlm activate` within
@@ -24,23 +25,21 @@ pub mod fleet;
 pub mod limits;
 pub mod records;
 pub mod server;
-pub mod shutdown;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, TcpListener};
-use std::os::fd::AsRawFd as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use towalink_netdev::netlink::Netlink;
 use towalink_netdev::{boringtun_device, Uapi};
+use towalink_system::Shutdown;
 
 use crate::store::Store;
 use crate::Error;
 use fleet::Fleet;
 use limits::ApiLimits;
 use records::{PeerRecord, ServiceRecord};
-pub use shutdown::{stop_on_signals, Shutdown};
 
 fn failed(what: impl std::fmt::Display) -> Error {
     Error::Service(what.to_string())
@@ -133,23 +132,9 @@ impl Hub {
 /// Binds a listening socket to an interface: connections arriving on any other interface
 /// are refused by the kernel.
 fn bind_to_device(listener: &TcpListener, interface: &str) -> Result<(), Error> {
-    // SAFETY: setsockopt with a valid descriptor and a buffer of the given length.
-    let rc = unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_BINDTODEVICE,
-            interface.as_ptr().cast(),
-            interface.len() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(failed(format!(
-            "cannot bind the API to interface {interface}: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(())
+    socket2::SockRef::from(listener)
+        .bind_device(Some(interface.as_bytes()))
+        .map_err(|e| failed(format!("cannot bind the API to interface {interface}: {e}")))
 }
 
 /// Runs the service until `shutdown` is triggered: sets up the management endpoint and the

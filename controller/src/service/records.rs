@@ -89,7 +89,10 @@ pub fn read_node(store: &Store, node: &NodeFullName) -> Option<NodeRecord> {
 pub fn running_service(store: &Store) -> Option<ServiceRecord> {
     let bytes = std::fs::read(service_path(store)).ok()?;
     let record: ServiceRecord = serde_json::from_slice(&bytes).ok()?;
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    let alive = unsafe { libc::kill(record.pid as i32, 0) } == 0;
+    // Signal 0 only checks that the process exists (and may be signalled by us).
+    let alive = i32::try_from(record.pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok());
     (alive && now_ms().saturating_sub(record.updated_ms) < HEARTBEAT_STALE_MS).then_some(record)
 }

@@ -11,17 +11,16 @@
 use std::collections::BTreeMap;
 use std::io::BufReader;
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd as _;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use towalink_bundle::wire;
+use towalink_system::Shutdown;
 
 use super::api::{self, ApiError, Reply};
 use super::fleet::Fleet;
 use super::limits::{self, ApiLimits, Backoff, Burst, Deadline, Slots};
 use super::records::{self, NodeRecord};
-use super::shutdown::Shutdown;
 use crate::Error;
 
 /// Largest request body (a node report).
@@ -85,38 +84,28 @@ pub fn serve(
 
 /// Waits until a connection is pending on `listener` (true) or `shutdown` is triggered (false).
 fn wait_for_connection(listener: &TcpListener, shutdown: &Shutdown) -> Result<bool, Error> {
+    use rustix::event::{poll, PollFd, PollFlags};
     let mut fds = [
-        libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: shutdown.wake_fd().as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
+        PollFd::new(listener, PollFlags::IN),
+        PollFd::from_borrowed_fd(shutdown.wake_fd(), PollFlags::IN),
     ];
     loop {
         if shutdown.is_triggered() {
             return Ok(false);
         }
-        // SAFETY: poll on two pollfds we own, for descriptors kept open by the listener and
-        // the shutdown; no timeout.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if n < 0 {
-            let error = std::io::Error::last_os_error();
-            if error.kind() == std::io::ErrorKind::Interrupted {
-                continue;
+        match poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(error) => {
+                return Err(Error::Service(format!(
+                    "cannot wait for API connections: {error}"
+                )))
             }
-            return Err(Error::Service(format!(
-                "cannot wait for API connections: {error}"
-            )));
         }
-        if fds[1].revents != 0 || shutdown.is_triggered() {
+        if !fds[1].revents().is_empty() || shutdown.is_triggered() {
             return Ok(false);
         }
-        if fds[0].revents != 0 {
+        if !fds[0].revents().is_empty() {
             return Ok(true);
         }
     }

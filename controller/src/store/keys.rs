@@ -1,8 +1,10 @@
 //! The controller's keys and what a node receives: the management settings of a directory,
 //! the controller's management WireGuard key (made 0600 on first use), the signing key of
-//! versions (its public half always derived from it), a node's identity and secrets. The disk half of [`crate::model::management`].
+//! versions (its public half always derived from it), the attach endpoint's TLS files, a
+//! node's identity and secrets. The disk half of [`crate::model::management`].
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -167,4 +169,28 @@ pub fn controller_public_key(store: &Store) -> Result<Option<String>, Error> {
         durable::write_atomic(&path, format!("{public}\n").as_bytes(), 0o644)?;
     }
     Ok(Some(public))
+}
+
+/// The attach endpoint's TLS certificate (`tlm attach`).
+pub const ATTACH_CERT_FILE: &str = "certs/server.pem";
+/// Its private key (0600).
+pub const ATTACH_KEY_FILE: &str = "certs/key.pem";
+
+/// The attach endpoint's certificate and key files; when neither exists, `make` gives the key
+/// and certificate PEM and they are written (the key 0600). Returns the certificate's and the
+/// key's path and whether they were made now.
+pub fn attach_tls_files(
+    store: &Store,
+    make: impl FnOnce() -> Result<(String, String), Error>,
+) -> Result<(PathBuf, PathBuf, bool), Error> {
+    let cert_path = store.root().join(ATTACH_CERT_FILE);
+    let key_path = store.root().join(ATTACH_KEY_FILE);
+    if cert_path.exists() || key_path.exists() {
+        return Ok((cert_path, key_path, false));
+    }
+    let (key_pem, cert_pem) = make()?;
+    durable::create_dir_all(&store.root().join("certs"))?;
+    durable::write_atomic(&key_path, key_pem.as_bytes(), 0o600)?;
+    durable::write_atomic(&cert_path, cert_pem.as_bytes(), 0o644)?;
+    Ok((cert_path, key_path, true))
 }
