@@ -286,3 +286,56 @@ fn status_shows_what_nodes_report_escaped() {
         "a forged line: {text}"
     );
 }
+
+#[test]
+fn a_device_that_does_not_trust_the_certificate_is_reported() {
+    let t = installation();
+    let port = free_port();
+    make_certificate(&t, port);
+    let attach = t
+        .command(&[
+            "attach",
+            "node",
+            "r.s1",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--collect",
+            "8",
+            "--code",
+            "AAAA-AAAA",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A device checking the certificate against the system's CAs (not this controller's
+    // self-signed one) refuses it: curl exits 60 once attach listens (7 before).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "--max-time", "10"])
+            .args(["--interface", STRANGER])
+            .arg(format!("https://127.0.0.1:{port}/attach/v1/request"))
+            .status()
+            .expect("curl (installed by tests/setup.sh)");
+        if status.code() == Some(60) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waited 60 s for attach to listen on port {port} (curl: {status})"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = attach.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("tlm: error:"))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"));
+    assert!(line.contains("TLS connection(s) failed"), "{line}");
+    assert!(line.contains(&format!("from {STRANGER}")), "{line}");
+    assert!(line.contains("certs/server.pem"), "{line}");
+    assert!(!line.contains("run `towalink-node bootstrap"), "{line}");
+}

@@ -76,9 +76,48 @@ struct Pairing {
     per_source: BTreeMap<std::net::IpAddr, usize>,
     chosen: Option<(String, PairingCode)>,
     granted: bool,
+    /// TLS connections that failed before a request, per source: how many, the last reason
+    /// (a device that does not trust the certificate ends its handshake with an alert).
+    tls_failed: BTreeMap<std::net::IpAddr, (u32, String)>,
 }
 
+/// Sources whose failed TLS connections are remembered (the count of others is not kept).
+const TLS_FAILED_SOURCES: usize = 64;
+
 impl Pairing {
+    fn tls_failed(&mut self, source: std::net::IpAddr, reason: String) {
+        if self.tls_failed.len() >= TLS_FAILED_SOURCES && !self.tls_failed.contains_key(&source) {
+            return;
+        }
+        let entry = self.tls_failed.entry(source).or_insert((0, String::new()));
+        entry.0 += 1;
+        entry.1 = reason;
+    }
+
+    /// `N TLS connection(s) failed (from <source>: <reason>, ...)`, when some did.
+    fn tls_failed_summary(&self) -> Option<String> {
+        if self.tls_failed.is_empty() {
+            return None;
+        }
+        let total: u32 = self.tls_failed.values().map(|(n, _)| n).sum();
+        let sources: Vec<String> = self
+            .tls_failed
+            .iter()
+            .take(3)
+            .map(|(source, (_, reason))| format!("from {source}: {reason}"))
+            .collect();
+        let more = self.tls_failed.len().saturating_sub(3);
+        Some(format!(
+            "{total} TLS connection(s) failed ({}{})",
+            sources.join("; "),
+            if more > 0 {
+                format!("; {more} more source(s)")
+            } else {
+                String::new()
+            }
+        ))
+    }
+
     /// The devices that asked, in the order they first did.
     fn asked(&self) -> Vec<Device> {
         self.order
@@ -186,6 +225,19 @@ fn serve_one(
         return;
     };
     let mut tls = rustls::StreamOwned::new(connection, tcp);
+    // The handshake first, so a device that refuses the certificate is told apart from a
+    // malformed request: `tlm attach` reports it instead of "no device asked".
+    while tls.conn.is_handshaking() {
+        if let Err(error) = tls.conn.complete_io(&mut tls.sock) {
+            let reason = printable(&error.to_string());
+            tracing::warn!(%address, %reason, "TLS connection failed before a request");
+            pairing
+                .lock()
+                .expect("pairing lock")
+                .tls_failed(source_key(&address), reason);
+            return;
+        }
+    }
     let request = match wire::read_request(&mut BufReader::new(&mut tls), 64 * 1024) {
         Ok(r) => r,
         Err(error) => {
@@ -449,7 +501,6 @@ fn choose_and_hand_out(
     input: &mut dyn BufRead,
     out: &mut dyn Write,
 ) -> Result<Device, Error> {
-    let _ = store;
     let started = Instant::now();
     // Collect: until the time is up, or a device showing the given code has asked.
     loop {
@@ -464,13 +515,23 @@ fn choose_and_hand_out(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let devices = pairing.lock().expect("pairing lock").asked();
+    let (devices, tls_failed) = {
+        let state = pairing.lock().expect("pairing lock");
+        (state.asked(), state.tls_failed_summary())
+    };
     if devices.is_empty() {
-        return Err(failed(format!(
-            "no device asked for a configuration within {} s: run `towalink-node bootstrap --controller <this host>:{}` on the device",
-            options.collect.as_secs(),
-            options.listen.port()
-        )));
+        return Err(failed(match tls_failed {
+            Some(summary) => format!(
+                "no device asked for a configuration within {} s, but {summary}: a device that does not trust this controller's certificate needs `--ca` with `{}`",
+                options.collect.as_secs(),
+                store.root().join(CERT_FILE).display()
+            ),
+            None => format!(
+                "no device asked for a configuration within {} s: run `towalink-node bootstrap --controller <this host>:{}` on the device",
+                options.collect.as_secs(),
+                options.listen.port()
+            ),
+        }));
     }
     let code = match &options.code {
         Some(code) => code.clone(),
