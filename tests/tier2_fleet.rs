@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use towalink_tests::binary;
 use towalink_tests::network::{
-    in_netns, tail, wait_for, Network, Options, Topology, CONTROLLER_ENDPOINT,
+    in_netns, ping_outage, tail, wait_for, Network, Options, Topology, CONTROLLER_ENDPOINT,
 };
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -1429,4 +1429,165 @@ fn an_order_for_a_newer_node_contract_is_refused_with_the_reason() {
             .starts_with("refused: version v2 needs node contract 2"),
         "{s1:#}"
     );
+}
+
+/// Issue 12: the controller moves (a new address, reached by name) and every node follows
+/// through a version; LAN traffic never stops; the old address can go. A version naming an
+/// endpoint where no controller is cannot cut a node off: activated with a confirm timer, it is
+/// rolled back to the settings that work.
+#[test]
+fn the_controller_moves_and_every_node_follows() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut options = Options::new(3, Topology::Mesh);
+    options.controller = true;
+    let net = Network::build(options);
+    net.wait_established(Duration::from_secs(60));
+    net.wait_reported(&[1, 2, 3], 1, "good", Duration::from_secs(60));
+
+    // The controller's new underlay address, and a name for it in every site.
+    let ctl_netns = net.controller.as_ref().unwrap().netns.clone();
+    let moved = "203.0.113.253";
+    towalink_tests::network::sh(
+        "ip",
+        &["-n", &ctl_netns, "addr", "add", &format!("{moved}/32"), "dev", "lo"],
+    );
+    for site in &net.sites {
+        let via = format!("192.0.2.{}", 2 * (site.index - 1));
+        site.sh("ip", &["route", "add", &format!("{moved}/32"), "via", &via]);
+        let hosts = std::path::PathBuf::from("/etc/netns")
+            .join(&site.netns)
+            .join("hosts");
+        let mut text = std::fs::read_to_string(&hosts).unwrap();
+        text.push_str(&format!("{moved} controller.towalink.test\n"));
+        std::fs::write(&hosts, text).unwrap();
+    }
+
+    // LAN to LAN across the whole move, five pings a second.
+    let (s1, s3) = (net.site(1), net.site(3));
+    let pinger = s1
+        .exec("ping")
+        .args([
+            "-i",
+            "0.2",
+            "-q",
+            "-I",
+            &s1.lan().to_string(),
+            &s3.lan().to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    net.ctl.ok(&[
+        "set",
+        "global",
+        "controller_endpoint",
+        "\"controller.towalink.test\"",
+    ]);
+    let out = net.ctl.ok(&["commit", "all"]);
+    assert!(out.contains("3 new version(s)"), "{out}");
+    let out = net.ctl.ok(&[
+        "activate",
+        "all",
+        "--confirm",
+        "120",
+        "--wait-blessed",
+        "--timeout",
+        "180",
+    ]);
+    assert!(out.contains("3 of 3 node(s) blessed the version"), "{out}");
+    for site in &net.sites {
+        let working = std::fs::read_to_string(site.state.join("management.toml"))
+            .unwrap_or_else(|e| panic!("{}: no working management settings: {e}", site.node()));
+        assert!(
+            working.contains("controller.towalink.test:"),
+            "{}: {working}",
+            site.node()
+        );
+    }
+    // The old address goes; every node keeps reporting through the new one.
+    towalink_tests::network::sh(
+        "ip",
+        &[
+            "-n",
+            &ctl_netns,
+            "addr",
+            "del",
+            &format!("{CONTROLLER_ENDPOINT}/32"),
+            "dev",
+            "lo",
+        ],
+    );
+    let seen = |status: &serde_json::Value, node: &str| {
+        node_entry(status, node)["last_seen_ms"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before: Vec<u64> = {
+        let status = net.fleet_status();
+        (1..=3).map(|i| seen(&status, &format!("r.s{i}"))).collect()
+    };
+    wait_for(
+        Duration::from_secs(60),
+        || {
+            let status = net.fleet_status();
+            (1..=3).all(|i| seen(&status, &format!("r.s{i}")) > before[i as usize - 1])
+        },
+        || {
+            format!(
+                "not every node reported after the old address went:\n{}\n{}",
+                net.ctl.ok(&["status"]),
+                tail(&net.site(1).log(), 20)
+            )
+        },
+    );
+
+    // A version naming an endpoint where no controller is: r.s2 tries only its settings while
+    // it is pending, cannot confirm, and is rolled back to v2, whose settings work.
+    net.ctl
+        .ok(&["set", "global", "controller_endpoint", "\"203.0.113.77\""]);
+    net.ctl.ok(&["commit", "all"]);
+    net.ctl.ok(&[
+        "activate", "node", "r.s2", "--confirm", "30", "--no-wait",
+    ]);
+    wait_for(
+        Duration::from_secs(240),
+        || {
+            let status = net.fleet_status();
+            let s2 = node_entry(&status, "r.s2");
+            s2["reachable"] == true
+                && s2["active_version"] == 2
+                && s2["last_rollback"]["from_version"] == 3
+        },
+        || {
+            format!(
+                "r.s2 was not rolled back from v3 to v2 and back in touch:\n{}\nnode log:\n{}",
+                net.ctl.ok(&["status", "node", "r.s2"]),
+                tail(&net.site(2).log(), 30)
+            )
+        },
+    );
+    let log = net.site(2).log();
+    assert!(
+        log.contains("203.0.113.77"),
+        "r.s2 never tried the version's endpoint:\n{}",
+        tail(&log, 30)
+    );
+    let working = std::fs::read_to_string(net.site(2).state.join("management.toml")).unwrap();
+    assert!(working.contains("controller.towalink.test:"), "{working}");
+
+    sh_kill_int(pinger.id());
+    let (lost, sent, outage_ms) = ping_outage(pinger.wait_with_output().unwrap());
+    eprintln!(
+        "controller move: {lost} of {sent} LAN pings lost (outage about {outage_ms:.0} ms)"
+    );
+    assert!(sent > 50, "the pinger ran too briefly: {sent}");
+    assert!(
+        lost * 20 < sent,
+        "LAN traffic stopped during the move: {lost} of {sent} lost"
+    );
+}
+
+fn sh_kill_int(pid: u32) {
+    towalink_tests::network::sh("kill", &["-INT", &pid.to_string()]);
 }

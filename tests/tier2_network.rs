@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use towalink_tests::network::{tail, wait_for, Network, Topology};
+use towalink_tests::network::{ping_outage, tail, wait_for, Network, Topology};
 
 /// One network at a time: on two cores, parallel networks would make BFD's 300 ms detection
 /// time a test of the scheduler.
@@ -144,23 +144,6 @@ fn three_sites_full_mesh_failover_restore_and_no_controller() {
             .trim()
             .to_string()
     ));
-}
-
-/// (lost, sent, outage ms) from `ping -q` output: lost packets times the real interval.
-fn ping_outage(output: std::process::Output) -> (u64, u64, f64) {
-    let text = String::from_utf8_lossy(&output.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or_else(|| panic!("{text}"));
-    let numbers: Vec<f64> = line
-        .split(|c: char| !c.is_ascii_digit() && c != '.')
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    let (sent, received) = (numbers[0] as u64, numbers[1] as u64);
-    let time_ms = *numbers.last().unwrap();
-    let lost = sent - received;
-    (lost, sent, lost as f64 * time_ms / sent as f64)
 }
 
 #[test]

@@ -7,7 +7,9 @@
 //! 1. [`Observed::Round`]: what the active version and the identity want of the data plane.
 //!    The daemon asks for a reconciliation when that differs from what it applied last, or
 //!    when an endpoint that did not resolve is due for another try (every
-//!    [`RETRY_ROUNDS`] rounds).
+//!    [`RETRY_ROUNDS`] rounds), or when endpoints naming hosts are due to be resolved again
+//!    (every [`RESOLVE_ROUNDS`] rounds). The management link's settings are the management
+//!    thread's choice ([`crate::management::LinkChoice`]).
 //! 2. [`Observed::Reconciled`], [`Observed::Counters`]: the links' traffic counters become the
 //!    tunnel reports the management thread sends.
 //! 3. [`Action::Check`]: the lifecycle check (bless or roll back a pending version).
@@ -37,6 +39,10 @@ use crate::slots::DiskState;
 /// Rounds between two reconciliations while an endpoint does not resolve or the last one
 /// failed.
 pub const RETRY_ROUNDS: u32 = 10;
+
+/// Rounds between two reconciliations of a state whose endpoints name hosts (resolved again:
+/// dynamic DNS).
+pub const RESOLVE_ROUNDS: u32 = 60;
 
 pub use towalink_bundle::messages::BgpSession;
 
@@ -124,8 +130,16 @@ impl Daemon {
                 if report.changed() {
                     tracing::info!(created = ?report.created, reconfigured = ?report.reconfigured, removed = ?report.removed, "data plane reconciled");
                 }
-                self.retry_in = (!report.unresolved.is_empty()).then_some(RETRY_ROUNDS);
                 self.applied = self.reconciling.take().or(self.applied.take());
+                // Names are resolved again now and then: a site on dynamic DNS, a
+                // controller that moved.
+                self.retry_in = if !report.unresolved.is_empty() {
+                    Some(RETRY_ROUNDS)
+                } else if self.applied.as_ref().is_some_and(DesiredState::names_hosts) {
+                    Some(RESOLVE_ROUNDS)
+                } else {
+                    None
+                };
                 self.read_counters()
             }
             Observed::Reconciled(Err(error)) => {
@@ -250,7 +264,7 @@ pub fn run(node: Node, options: Options, shutdown: &Shutdown) -> anyhow::Result<
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("management".into())
-                .spawn(move || management::run(node, api, shared))
+                .spawn(move || management::run(node, shared))
                 .context("cannot start the management thread")?;
             tracing::info!(%api, "syncing with the controller through the management link");
         }
@@ -265,7 +279,9 @@ pub fn run(node: Node, options: Options, shutdown: &Shutdown) -> anyhow::Result<
         let seen = shared.generation.load(Ordering::SeqCst);
         let round = dataplane.as_ref().map(|_| {
             // The tunnels follow the current version and the identity.
-            node.desired_dataplane().map_err(|e| e.to_string())
+            let chosen = shared.link.lock().ok().and_then(|link| link.clone());
+            node.desired_dataplane(chosen.as_ref())
+                .map_err(|e| e.to_string())
         });
         let mut actions = VecDeque::from(daemon.step(Instant::now(), Observed::Round(round)));
         while let Some(action) = actions.pop_front() {
@@ -568,6 +584,32 @@ mod tests {
                 [Action::ReadCounters(_)]
             ));
         }
+    }
+
+    #[test]
+    fn endpoints_naming_hosts_are_resolved_again_every_minute_addresses_never() {
+        let now = Instant::now();
+        let reconciles = |state: &DesiredState| {
+            let mut daemon = Daemon::new();
+            daemon.step(now, round(state));
+            daemon.step(now, reconciled(&[]));
+            (1..=2 * RESOLVE_ROUNDS)
+                .filter(|_| {
+                    let asked = daemon.step(now, round(state)) == [Action::Reconcile(state.clone())];
+                    if asked {
+                        daemon.step(now, reconciled(&[]));
+                    }
+                    asked
+                })
+                .count()
+        };
+        let named = desired(&["tlwg2"]);
+        assert!(named.names_hosts());
+        assert_eq!(reconciles(&named), 2);
+        let mut addresses = named.clone();
+        addresses.management.as_mut().unwrap().endpoints = vec!["[2001:db8::1]:51820".into()];
+        assert!(!addresses.names_hosts());
+        assert_eq!(reconciles(&addresses), 0);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
-use towalink_bundle::messages::SlotState;
+use towalink_bundle::messages::{Management, SlotState};
 
 use crate::apply::{apply, ApplyReport, Reloader};
 use crate::health::{evaluate, CheckResult, LifecycleSettings};
@@ -373,18 +373,37 @@ impl Node {
         Ok(())
     }
 
-    /// The management API's address, from the identity (none without a management link).
+    /// The management settings of the active version (none: no version, or one from a
+    /// controller before versions carried them).
+    pub fn version_management(&self) -> Option<Management> {
+        let slot = self.state.current()?;
+        let bundle = self.state.slot_bundle(slot).ok()?;
+        towalink_bundle::contract::NodeConfig::of(&bundle)
+            .ok()?
+            .management
+    }
+
+    /// What the management link should use now, before the management thread learned
+    /// anything: the active version's settings, else those that last worked, else the
+    /// identity's.
+    pub fn management_settings(&self) -> Option<Management> {
+        self.version_management()
+            .or_else(|| self.state.working_management())
+    }
+
+    /// The management API's address (none without a management link).
     pub fn controller_api(&self) -> Option<std::net::SocketAddr> {
-        let management = self.state.identity().ok()?.management?;
-        Some(std::net::SocketAddr::new(
-            management.controller_address,
-            management.api_port,
-        ))
+        let management = self.management_settings()?;
+        Some(management.api())
     }
 
     /// What the data plane should look like: the current version's links (none when no
-    /// version is active) and the identity's management link.
-    pub fn desired_dataplane(&self) -> Result<crate::dataplane::DesiredState, Error> {
+    /// version is active) and the management link with `management` (the management
+    /// thread's choice), else [`Node::management_settings`].
+    pub fn desired_dataplane(
+        &self,
+        management: Option<&Management>,
+    ) -> Result<crate::dataplane::DesiredState, Error> {
         let key_path = self.state.path("identity/wg_private_key");
         let key = std::fs::read_to_string(&key_path).map_err(|source| Error::Io {
             action: "cannot read",
@@ -399,7 +418,11 @@ impl Node {
             }
             None => crate::dataplane::DesiredState::default(),
         };
-        state.management = crate::dataplane::management_link(&self.state.identity()?, &key)?;
+        let settings = match management {
+            Some(chosen) => Some(chosen.clone()),
+            None => self.management_settings(),
+        };
+        state.management = crate::dataplane::management_link(settings.as_ref(), &key)?;
         Ok(state)
     }
 

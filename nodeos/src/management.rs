@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use towalink_bundle::messages::{
-    HealthReport, NodeReport, Order, OrderOutcome, OrderResult, RollbackReport, SlotState,
+    HealthReport, Management, NodeReport, Order, OrderOutcome, OrderResult, RollbackReport, SlotState,
     SyncReply, TunnelReport, BUNDLE_PATH, SYNC_PATH,
 };
 use towalink_bundle::orders::{self, OrderVerdict, ReplyBody};
@@ -71,6 +71,9 @@ pub struct Shared {
     pub generation: AtomicU64,
     /// The data plane links as the main loop last saw them.
     pub tunnels: Mutex<Vec<TunnelReport>>,
+    /// The management settings the link should use ([`LinkChoice`]); none until the
+    /// management thread chose.
+    pub link: Mutex<Option<Management>>,
     pub started: Instant,
 }
 
@@ -79,6 +82,7 @@ impl Default for Shared {
         Shared {
             generation: AtomicU64::new(0),
             tunnels: Mutex::new(Vec::new()),
+            link: Mutex::new(None),
             started: Instant::now(),
         }
     }
@@ -87,6 +91,163 @@ impl Default for Shared {
 impl Shared {
     pub fn changed(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// How long one controller endpoint is tried before the next: a reconfigured link needs a
+/// round of the daemon and a WireGuard handshake before a sync can pass.
+pub const TRY_ENDPOINT: Duration = Duration::from_secs(20);
+
+/// Which management settings the link uses: the active version's, or those that last reached
+/// the controller (the working ones). Pure; the management thread tells it what happened.
+///
+/// - A version's settings are tried first. While the version is pending, only they are tried,
+///   so an activation with a confirm timer (or the `controller` check) judges them: a version
+///   that cannot reach the controller is rolled back.
+/// - Once blessed, a version whose settings do not reach the controller is not allowed to cut
+///   the node off: the working settings are tried in turn with the version's.
+/// - Within a set, each endpoint is tried for [`TRY_ENDPOINT`], then the next.
+/// - Settings that reached the controller become the working ones (the caller saves them).
+#[derive(Debug, Clone)]
+pub struct LinkChoice {
+    working: Option<Management>,
+    version: Option<Management>,
+    pending: bool,
+    using: Using,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Which {
+    Version,
+    Working,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Using {
+    which: Which,
+    endpoint: usize,
+    since: Instant,
+}
+
+impl LinkChoice {
+    pub fn new(working: Option<Management>, now: Instant) -> LinkChoice {
+        LinkChoice {
+            working,
+            version: None,
+            pending: false,
+            using: Using {
+                which: Which::Working,
+                endpoint: 0,
+                since: now,
+            },
+        }
+    }
+
+    /// The sets to try, in order.
+    fn sets(&self) -> Vec<Which> {
+        match &self.version {
+            Some(version) if Some(version) != self.working.as_ref() => {
+                if self.pending || self.working.is_none() {
+                    vec![Which::Version]
+                } else {
+                    vec![Which::Version, Which::Working]
+                }
+            }
+            _ => vec![Which::Working],
+        }
+    }
+
+    fn set(&self, which: Which) -> Option<&Management> {
+        match which {
+            Which::Version => self.version.as_ref(),
+            Which::Working => self.working.as_ref(),
+        }
+    }
+
+    /// The active version's settings and whether it is pending. New settings are tried from
+    /// their first endpoint.
+    pub fn observe(&mut self, version: Option<Management>, pending: bool, now: Instant) {
+        let before = self.set(self.using.which).cloned();
+        let version_changed = self.version != version;
+        self.version = version;
+        self.pending = pending;
+        let sets = self.sets();
+        if version_changed || !sets.contains(&self.using.which) {
+            // A new version's settings come first; when they are the ones in use already (a
+            // version with the working settings), the endpoint in use stays.
+            self.using = if before.is_some() && self.set(sets[0]) == before.as_ref() {
+                Using {
+                    which: sets[0],
+                    ..self.using
+                }
+            } else {
+                Using {
+                    which: sets[0],
+                    endpoint: 0,
+                    since: now,
+                }
+            };
+        }
+    }
+
+    /// The settings to use now, their endpoints narrowed to the one being tried.
+    pub fn settings(&self) -> Option<Management> {
+        let mut settings = self.set(self.using.which)?.clone();
+        if let Some(endpoint) = settings.controller_endpoints.get(self.using.endpoint) {
+            settings.controller_endpoints = vec![endpoint.clone()];
+        }
+        Some(settings)
+    }
+
+    /// A sync through [`LinkChoice::settings`] did not reach the controller at `now`.
+    pub fn failed(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.using.since) < TRY_ENDPOINT {
+            return;
+        }
+        let endpoints = self
+            .set(self.using.which)
+            .map_or(0, |s| s.controller_endpoints.len());
+        let sets = self.sets();
+        self.using = if self.using.endpoint + 1 < endpoints {
+            Using {
+                endpoint: self.using.endpoint + 1,
+                since: now,
+                ..self.using
+            }
+        } else {
+            let at = sets.iter().position(|w| *w == self.using.which).unwrap_or(0);
+            Using {
+                which: sets[(at + 1) % sets.len()],
+                endpoint: 0,
+                since: now,
+            }
+        };
+    }
+
+    /// A sync through [`LinkChoice::settings`] reached the controller. Returns the settings
+    /// that became the working ones, when they changed (to be saved).
+    pub fn reached(&mut self) -> Option<Management> {
+        if self.using.which == Which::Version && self.version != self.working {
+            self.working = self.version.clone();
+            self.using.which = Which::Working;
+            return self.working.clone();
+        }
+        None
+    }
+
+    /// Which settings are in use, for the log.
+    pub fn describe(&self) -> &'static str {
+        match (self.using.which, self.through_version()) {
+            (_, true) if self.version.is_some() => "the active version's",
+            (Which::Working, _) => "the last that reached the controller",
+            (Which::Version, _) => "the active version's",
+        }
+    }
+
+    /// Whether the settings in use are the active version's (or the version names none): a
+    /// pending version is confirmed only through its own settings.
+    pub fn through_version(&self) -> bool {
+        self.version.is_none() || self.set(self.using.which) == self.version.as_ref()
     }
 }
 
@@ -268,13 +429,29 @@ fn open_sync_reply(node: &Node, body: &[u8], report: &NodeReport) -> Result<Repl
         .map_err(|e| e.to_string())
 }
 
-/// The management thread: sync, act on the reply, repeat. Never returns.
-pub fn run(node: Node, api: SocketAddr, shared: Arc<Shared>) {
+/// Publishes the settings the link should use; the daemon's next round reconfigures it.
+/// Returns whether they changed.
+fn publish_link(shared: &Shared, settings: Option<Management>) -> bool {
+    let changed = match shared.link.lock() {
+        Ok(mut link) if *link != settings => {
+            *link = settings;
+            true
+        }
+        _ => false,
+    };
+    if changed {
+        shared.changed();
+    }
+    changed
+}
+
+/// The management thread: choose the settings, sync, act on the reply, repeat. Never returns.
+pub fn run(node: Node, shared: Arc<Shared>) {
     let mut interval = Duration::from_secs(DEFAULT_INTERVAL_S);
     let mut reachable = true;
     let mut wait_ms = 0u64;
+    let mut choice = LinkChoice::new(node.state.working_management(), Instant::now());
     loop {
-        let seen = shared.generation.load(Ordering::SeqCst);
         let report = match build_report(&node, &shared) {
             Ok(report) => report,
             Err(error) => {
@@ -283,6 +460,29 @@ pub fn run(node: Node, api: SocketAddr, shared: Arc<Shared>) {
                 continue;
             }
         };
+        choice.observe(
+            node.version_management(),
+            report.state == Some(SlotState::Pending),
+            Instant::now(),
+        );
+        let settings = choice.settings();
+        if publish_link(&shared, settings.clone()) {
+            if let Some(settings) = &settings {
+                tracing::info!(
+                    endpoint = %settings.controller_endpoints.join(","),
+                    settings = choice.describe(),
+                    "management link: trying"
+                );
+            }
+        }
+        let Some(settings) = settings else {
+            // No management settings at all (a version took them away and none ever worked).
+            std::thread::sleep(interval);
+            continue;
+        };
+        let api = settings.api();
+        let endpoint = settings.controller_endpoints.join(",");
+        let seen = shared.generation.load(Ordering::SeqCst);
         let body = match serde_json::to_vec(&report) {
             Ok(body) => body,
             Err(error) => {
@@ -306,29 +506,44 @@ pub fn run(node: Node, api: SocketAddr, shared: Arc<Shared>) {
             &abort,
         ) {
             Ok(response) => {
-                if !reachable {
-                    tracing::info!(%api, "controller reachable again");
-                    reachable = true;
-                }
                 let reply = match open_sync_reply(&node, &response.body, &report) {
                     Ok(reply) => reply,
                     Err(reason) => {
                         tracing::warn!(
                             %api,
+                            %endpoint,
                             reason = %escaped(&reason),
                             interval_s = interval.as_secs(),
                             "sync reply refused; keeping the last good settings"
                         );
+                        choice.failed(Instant::now());
                         wait_ms = 0;
                         pause(interval, &abort);
                         continue;
                     }
                 };
+                if !reachable {
+                    tracing::info!(%api, %endpoint, "controller reachable again");
+                    reachable = true;
+                }
+                if let Some(working) = choice.reached() {
+                    match node.state.save_working_management(&working) {
+                        Ok(()) => tracing::info!(
+                            endpoints = %working.controller_endpoints.join(","),
+                            "the active version's management settings reached the controller: they are now the ones to fall back to"
+                        ),
+                        Err(error) => {
+                            tracing::error!(%error, "cannot record the working management settings")
+                        }
+                    }
+                }
                 interval = Duration::from_secs(reply.report_interval_s);
                 let acted = act_on(&node, api, &reply, &report);
                 // The controller (its signature, over this report's nonce) was reached
-                // through the active version.
-                confirm_if_healthy(&node, &report);
+                // through the active version's own settings.
+                if choice.through_version() {
+                    confirm_if_healthy(&node, &report);
+                }
                 if acted {
                     shared.changed();
                     wait_ms = 0;
@@ -345,11 +560,12 @@ pub fn run(node: Node, api: SocketAddr, shared: Arc<Shared>) {
             Err(error) => {
                 let error = escaped(&error.to_string());
                 if reachable {
-                    tracing::warn!(%api, %error, "controller unreachable; running on the active version, retrying");
+                    tracing::warn!(%api, %endpoint, %error, "controller unreachable; running on the active version, retrying");
                     reachable = false;
                 } else {
-                    tracing::debug!(%api, %error, "controller still unreachable");
+                    tracing::debug!(%api, %endpoint, %error, "controller still unreachable");
                 }
+                choice.failed(Instant::now());
                 wait_ms = 0;
                 // Come back early when the local state changes, else after the interval.
                 pause(interval.min(Duration::from_secs(2)), &abort);
@@ -548,6 +764,99 @@ mod tests {
         );
         assert_eq!(line.chars().count(), MAX_LOGGED_CHARS + 1);
         assert_eq!(escaped("seq 5"), "seq 5");
+    }
+
+    fn settings(endpoints: &[&str]) -> Management {
+        Management {
+            controller_endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            controller_wg_public_key: "k".into(),
+            address: "fd5a::1:3".parse().unwrap(),
+            controller_address: "fd5a::1".parse().unwrap(),
+            api_port: 8443,
+            listen_port: 0,
+            keepalive_s: 25,
+        }
+    }
+
+    fn endpoint(choice: &LinkChoice) -> String {
+        choice.settings().unwrap().controller_endpoints.join(",")
+    }
+
+    #[test]
+    fn a_pending_versions_settings_are_the_only_ones_tried_endpoint_by_endpoint() {
+        let t0 = Instant::now();
+        let mut choice = LinkChoice::new(Some(settings(&["old:1"])), t0);
+        assert_eq!(endpoint(&choice), "old:1");
+        choice.observe(Some(settings(&["new-a:1", "new-b:1"])), true, t0);
+        assert_eq!(endpoint(&choice), "new-a:1");
+        assert!(choice.through_version());
+        // Failures within the try time keep the endpoint.
+        choice.failed(t0 + Duration::from_secs(5));
+        assert_eq!(endpoint(&choice), "new-a:1");
+        choice.failed(t0 + TRY_ENDPOINT);
+        assert_eq!(endpoint(&choice), "new-b:1");
+        choice.failed(t0 + TRY_ENDPOINT * 2);
+        assert_eq!(endpoint(&choice), "new-a:1", "pending: never the old settings");
+        assert!(choice.through_version());
+    }
+
+    #[test]
+    fn a_blessed_version_that_cannot_reach_the_controller_falls_back_in_turn() {
+        let t0 = Instant::now();
+        let mut choice = LinkChoice::new(Some(settings(&["old:1"])), t0);
+        choice.observe(Some(settings(&["wrong:1"])), false, t0);
+        assert_eq!(endpoint(&choice), "wrong:1");
+        choice.failed(t0 + TRY_ENDPOINT);
+        assert_eq!(endpoint(&choice), "old:1");
+        assert!(!choice.through_version(), "a fallback confirms nothing");
+        assert_eq!(choice.reached(), None, "the working settings stay");
+        // Observing the same version again keeps the fallback that works.
+        choice.observe(Some(settings(&["wrong:1"])), false, t0 + TRY_ENDPOINT);
+        assert_eq!(endpoint(&choice), "old:1");
+        // It keeps trying the version's in turn.
+        choice.failed(t0 + TRY_ENDPOINT * 2);
+        assert_eq!(endpoint(&choice), "wrong:1");
+    }
+
+    #[test]
+    fn settings_that_reached_the_controller_become_the_working_ones() {
+        let t0 = Instant::now();
+        let mut choice = LinkChoice::new(Some(settings(&["old:1"])), t0);
+        let new = settings(&["new:1"]);
+        choice.observe(Some(new.clone()), true, t0);
+        assert_eq!(choice.reached(), Some(new.clone()));
+        assert_eq!(choice.reached(), None, "saved once");
+        assert!(choice.through_version());
+        // Blessed later, rolled back to a version without settings: the new ones stay.
+        choice.observe(Some(new.clone()), false, t0);
+        assert_eq!(endpoint(&choice), "new:1");
+        choice.observe(None, false, t0);
+        assert_eq!(endpoint(&choice), "new:1");
+        assert!(choice.through_version(), "a version without settings has nothing to prove");
+    }
+
+    #[test]
+    fn a_rollback_to_the_working_settings_uses_them_at_once() {
+        let t0 = Instant::now();
+        let old = settings(&["old:1"]);
+        let mut choice = LinkChoice::new(Some(old.clone()), t0);
+        choice.observe(Some(settings(&["wrong:1"])), true, t0);
+        assert_eq!(endpoint(&choice), "wrong:1");
+        choice.observe(Some(old), false, t0 + Duration::from_secs(1));
+        assert_eq!(endpoint(&choice), "old:1");
+        assert!(choice.through_version());
+        assert_eq!(choice.reached(), None);
+    }
+
+    #[test]
+    fn without_any_settings_there_is_no_link() {
+        let t0 = Instant::now();
+        let mut choice = LinkChoice::new(None, t0);
+        assert_eq!(choice.settings(), None);
+        choice.failed(t0 + TRY_ENDPOINT);
+        assert_eq!(choice.settings(), None);
+        choice.observe(Some(settings(&["a:1"])), false, t0);
+        assert_eq!(endpoint(&choice), "a:1");
     }
 
     #[test]

@@ -25,6 +25,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use towalink_bundle::messages::Management;
 use towalink_bundle::{Manifest, VerifiedBundle};
 
 use crate::slots::{DiskState, Marker, Slot, SlotView};
@@ -32,6 +33,10 @@ use crate::Error;
 
 /// How many installed versions are kept besides the ones in the slots.
 pub const KEEP_VERSIONS: usize = 10;
+
+/// The management settings that last reached the controller (see
+/// [`StateDir::working_management`]).
+pub const WORKING_MANAGEMENT: &str = "management.toml";
 
 /// The node's identity (`identity/node.toml`), baked into an image or written by
 /// provisioning or attach.
@@ -508,6 +513,36 @@ impl StateDir {
         let text = toml::to_string(record).map_err(|e| Error::Corrupt {
             path: path.clone(),
             message: format!("cannot serialize the rollback record: {e}"),
+        })?;
+        write_atomic(&path, text.as_bytes(), 0o644)
+    }
+
+    /// The management settings that last reached the controller (`management.toml`, written
+    /// after a sync through them succeeded), else the identity's. A file that cannot be read
+    /// falls back to the identity (logged): it never leaves the node without a way back.
+    pub fn working_management(&self) -> Option<Management> {
+        let path = self.path(WORKING_MANAGEMENT);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => match toml::from_str::<Management>(&text) {
+                Ok(management) => return Some(management),
+                Err(error) => tracing::error!(
+                    path = %path.display(),
+                    error = %error.message(),
+                    "unreadable; using the identity's management settings"
+                ),
+            },
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => tracing::error!(path = %path.display(), %error, "cannot read; using the identity's management settings"),
+        }
+        self.identity().ok()?.management
+    }
+
+    /// Records settings that reached the controller, durably.
+    pub fn save_working_management(&self, management: &Management) -> Result<(), Error> {
+        let path = self.path(WORKING_MANAGEMENT);
+        let text = toml::to_string(management).map_err(|e| Error::Corrupt {
+            path: path.clone(),
+            message: format!("cannot serialize the management settings: {e}"),
         })?;
         write_atomic(&path, text.as_bytes(), 0o644)
     }

@@ -933,6 +933,23 @@ impl Drop for Network {
     }
 }
 
+/// (lost, sent, outage ms) from `ping -q` output: lost packets times the real interval.
+pub fn ping_outage(output: std::process::Output) -> (u64, u64, f64) {
+    let text = String::from_utf8_lossy(&output.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let numbers: Vec<f64> = line
+        .split(|c: char| !c.is_ascii_digit() && c != '.')
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (sent, received) = (numbers[0] as u64, numbers[1] as u64);
+    let time_ms = *numbers.last().unwrap();
+    let lost = sent - received;
+    (lost, sent, lost as f64 * time_ms / sent as f64)
+}
+
 /// Runs `job` on a thread that joined the network namespace `netns` (sockets it opens live
 /// there), and returns its result.
 pub fn in_netns<T: Send + 'static>(netns: &str, job: impl FnOnce() -> T + Send + 'static) -> T {

@@ -4,6 +4,8 @@
 
 use std::net::{IpAddr, Ipv6Addr};
 
+use towalink_bundle::messages::Management;
+
 use crate::model::attributes::Merged;
 use crate::model::resolve::{attribute_error, complete_error, ResolveError};
 use crate::model::schema;
@@ -91,6 +93,20 @@ impl ManagementSettings {
         Ipv6Addr::from(u128::from(self.pool.network()) + NODE_OFFSET + u128::from(node_id))
     }
 
+    /// What a node is told about its management link (identity and versions alike): none
+    /// without a `controller_endpoint`.
+    pub fn node_link(&self, node_id: u32, controller_wg_public_key: &str) -> Option<Management> {
+        (!self.controller_endpoints.is_empty()).then(|| Management {
+            controller_endpoints: self.controller_endpoints.clone(),
+            controller_wg_public_key: controller_wg_public_key.to_string(),
+            address: IpAddr::V6(self.node_address(node_id)),
+            controller_address: IpAddr::V6(self.controller_address()),
+            api_port: self.api_port,
+            listen_port: 0,
+            keepalive_s: self.keepalive_s,
+        })
+    }
+
     /// The node id a management address belongs to.
     pub fn node_id_of(&self, address: IpAddr) -> Option<u32> {
         let IpAddr::V6(v6) = address else {
@@ -104,6 +120,22 @@ impl ManagementSettings {
             .checked_sub(NODE_OFFSET)
             .and_then(|id| u32::try_from(id).ok())
             .filter(|id| *id > 0)
+    }
+}
+
+/// What versions tell their nodes about the management link: the settings and the
+/// controller's management public key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionManagement {
+    pub settings: ManagementSettings,
+    pub controller_wg_public_key: String,
+}
+
+impl VersionManagement {
+    /// A node's management settings (none without a `controller_endpoint`).
+    pub fn for_node(&self, node_id: u32) -> Option<Management> {
+        self.settings
+            .node_link(node_id, &self.controller_wg_public_key)
     }
 }
 

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use minijinja::{Environment, UndefinedBehavior};
 use toml::{Table, Value};
 use towalink_bundle::contract::{ContractError, NodeConfig};
+use towalink_bundle::messages::Management;
 use towalink_bundle::{sha256_hex, FileEntry, Service};
 
 use crate::model::attributes::{Level, Merged};
@@ -155,6 +156,7 @@ impl<'a> Renderer<'a> {
         node: &NodeFullName,
         complete: &Merged,
         effective: &Table,
+        management: Option<&Management>,
     ) -> Result<RenderedNode, RenderError> {
         let set = self.file_set(node)?;
         let targets = FileTargets::from_attributes(complete)?;
@@ -200,7 +202,7 @@ impl<'a> Renderer<'a> {
         }
         files.insert(
             NODE_TOML.to_string(),
-            node_toml(complete, effective)?.into_bytes(),
+            node_toml(complete, effective, management)?.into_bytes(),
         );
 
         // A boolean: the schema checked it.
@@ -410,7 +412,11 @@ fn decode<T: serde::de::DeserializeOwned>(
 /// for nodes before the typed contract) with the node's contract ([`NodeConfig`]) built from
 /// them and written over them as the node reads it. A value the node would refuse is refused
 /// here, naming the attribute and the file that set it.
-fn node_toml(complete: &Merged, effective: &Table) -> Result<String, RenderError> {
+fn node_toml(
+    complete: &Merged,
+    effective: &Table,
+    management: Option<&Management>,
+) -> Result<String, RenderError> {
     let attribute_error = |attribute: &str, message: String| RenderError::Attribute {
         file: complete
             .origin(attribute)
@@ -427,7 +433,7 @@ fn node_toml(complete: &Merged, effective: &Table) -> Result<String, RenderError
     let text = toml::to_string(effective).map_err(|e| attribute_error("peers", e.to_string()))?;
     // Nothing in the attributes needs more than the first contract yet: `contract` stays 1
     // (implied, not written), and every node since the first release takes the version.
-    let config = NodeConfig::from_toml(&text).map_err(|error| match error {
+    let mut config = NodeConfig::from_toml(&text).map_err(|error| match error {
         ContractError::Invalid { key, message, .. } => {
             // Keys of `peers` entries (generated) are not top-level attributes.
             let attribute = key
@@ -437,6 +443,7 @@ fn node_toml(complete: &Merged, effective: &Table) -> Result<String, RenderError
         }
         newer @ ContractError::Newer { .. } => attribute_error("contract", newer.to_string()),
     })?;
+    config.management = management.cloned();
     let typed = Table::try_from(&config).map_err(|e| attribute_error("peers", e.to_string()))?;
     let mut table = effective.clone();
     table.extend(typed);
@@ -497,7 +504,7 @@ mod tests {
         // Versions of unchanged nodes stay unchanged: the contract adds no byte to what
         // earlier controllers wrote, and nodes before the contract read it as before.
         let (complete, effective) = attributes(TODAY, Level::Global);
-        assert_eq!(node_toml(&complete, &effective).unwrap(), TODAY);
+        assert_eq!(node_toml(&complete, &effective, None).unwrap(), TODAY);
     }
 
     #[test]
@@ -508,7 +515,7 @@ mod tests {
             node.clone(),
         );
         assert_eq!(
-            node_toml(&complete, &effective).unwrap_err().to_string(),
+            node_toml(&complete, &effective, None).unwrap_err().to_string(),
             "`site_s1/node_r1/config.toml`: attribute `node_health_checks` unknown variant `bogus`, expected one of `bird`, `wireguard`, `controller`"
         );
         let (complete, effective) = attributes(
@@ -516,11 +523,11 @@ mod tests {
             Level::Global,
         );
         assert_eq!(
-            node_toml(&complete, &effective).unwrap_err().to_string(),
+            node_toml(&complete, &effective, None).unwrap_err().to_string(),
             "`config.toml`: attribute `node_boot_tries` must be an integer from 1 to 100"
         );
         let (complete, effective) = attributes(&format!("contract = 1\n{TODAY}"), node);
-        assert!(node_toml(&complete, &effective)
+        assert!(node_toml(&complete, &effective, None)
             .unwrap_err()
             .to_string()
             .starts_with("`site_s1/node_r1/config.toml`: attribute `contract` is reserved"));

@@ -3,18 +3,19 @@
 //! versions (its public half always derived from it), the attach endpoint's TLS files, a
 //! node's identity and secrets. The disk half of [`crate::model::management`].
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use ed25519_dalek::SigningKey;
-use towalink_bundle::messages::{Management, NodeIdentity};
+use towalink_bundle::messages::NodeIdentity;
 use towalink_system::durable::{self, Secret};
 
 use crate::model::allocation::{NodeAllocation, NodeSecrets};
 use crate::model::attributes::{defaults, Level, Merged};
-use crate::model::management::{ManagementSettings, MANAGEMENT_KEY, MANAGEMENT_PUB};
+use crate::model::management::{
+    ManagementSettings, VersionManagement, MANAGEMENT_KEY, MANAGEMENT_PUB,
+};
 use crate::store::{Store, CERTS_DIR};
 use crate::Error;
 
@@ -24,6 +25,28 @@ pub fn settings(store: &Store) -> Result<ManagementSettings, Error> {
     let defaults = defaults();
     let merged = Merged::from_layers([(Level::Default, &defaults), (Level::Global, &global)]);
     Ok(ManagementSettings::from_attributes(&merged)?)
+}
+
+/// What versions tell their nodes about the management link; none without a
+/// `controller_endpoint`. `may_create`: make the controller's management key when there is
+/// none (a commit, under the lock); otherwise a directory without one yet gives none.
+pub fn version_management(
+    store: &Store,
+    may_create: bool,
+) -> Result<Option<VersionManagement>, Error> {
+    let settings = settings(store)?;
+    if settings.controller_endpoints.is_empty() {
+        return Ok(None);
+    }
+    let exists = store.root().join(MANAGEMENT_KEY).exists();
+    if !exists && !may_create {
+        return Ok(None);
+    }
+    let (_, controller_wg_public_key) = controller_key(store)?;
+    Ok(Some(VersionManagement {
+        settings,
+        controller_wg_public_key,
+    }))
 }
 
 /// The controller's management key pair, made (0600) on first use. The caller holds the lock
@@ -78,15 +101,7 @@ pub fn node_identity(
         None
     } else {
         let (_, controller_public) = controller_key(store)?;
-        Some(Management {
-            controller_endpoints: settings.controller_endpoints.clone(),
-            controller_wg_public_key: controller_public,
-            address: IpAddr::V6(settings.node_address(node.id)),
-            controller_address: IpAddr::V6(settings.controller_address()),
-            api_port: settings.api_port,
-            listen_port: 0,
-            keepalive_s: settings.keepalive_s,
-        })
+        settings.node_link(node.id, &controller_public)
     };
     Ok((
         NodeIdentity {

@@ -17,6 +17,7 @@ use std::ops::RangeInclusive;
 
 use serde::{Deserialize, Serialize};
 
+use crate::messages::Management;
 use crate::VerifiedBundle;
 
 /// Path of the contract file inside a version.
@@ -58,6 +59,14 @@ pub struct NodeConfig {
     /// Seconds a pending version may take to pass its checks ([`HEALTH_TIMEOUT_S`]).
     #[serde(default = "default_health_timeout_s")]
     pub node_health_timeout_s: u64,
+    /// How the node reaches the controller while this version is active: endpoints, the
+    /// controller's management key, addresses. Absent (versions of earlier controllers, nodes
+    /// without a controller): the settings that last worked, else the identity's. A node
+    /// takes a version's settings for good only once it reached the controller through them
+    /// (docs/lifecycle.md, "Management settings"). Nodes of contract 1 without this field
+    /// ignore it and keep their identity's settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub management: Option<Management>,
 }
 
 /// One peer link as the node sees it (the `peers` tables; templates read the same fields).
@@ -187,6 +196,7 @@ impl Default for NodeConfig {
             node_boot_tries: default_boot_tries(),
             node_health_checks: None,
             node_health_timeout_s: default_health_timeout_s(),
+            management: None,
         }
     }
 }
@@ -339,6 +349,36 @@ mod tests {
             table.extend(typed);
             assert_eq!(toml::to_string(&table).unwrap(), today);
         }
+    }
+
+    #[test]
+    fn management_settings_travel_in_node_toml_and_are_optional() {
+        let management = Management {
+            controller_endpoints: vec!["ctl.example:51820".into(), "[2001:db8::9]:51820".into()],
+            controller_wg_public_key: "k".into(),
+            address: "fd5a::1:3".parse().unwrap(),
+            controller_address: "fd5a::1".parse().unwrap(),
+            api_port: 8443,
+            listen_port: 0,
+            keepalive_s: 25,
+        };
+        let mut table: toml::Table = TODAY_R1.parse().unwrap();
+        table.extend(
+            toml::Table::try_from(&NodeConfig {
+                management: Some(management.clone()),
+                ..NodeConfig::from_toml(TODAY_R1).unwrap()
+            })
+            .unwrap(),
+        );
+        let text = toml::to_string(&table).unwrap();
+        let config = NodeConfig::from_toml(&text).unwrap();
+        assert_eq!(config.management, Some(management));
+        assert_eq!(config.contract, 1, "nodes of contract 1 ignore it");
+        assert_eq!(NodeConfig::from_toml(TODAY_R1).unwrap().management, None);
+        let error = NodeConfig::from_toml(&text.replace("api_port = 8443", "api_port = 99999"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("`api_port`"), "{error}");
     }
 
     #[test]

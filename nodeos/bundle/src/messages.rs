@@ -311,6 +311,13 @@ pub struct Management {
     pub keepalive_s: u16,
 }
 
+impl Management {
+    /// The management API's address (inside the link).
+    pub fn api(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.controller_address, self.api_port)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,7 @@ pub use towalink_netdev::{key_hex, INTERFACE_PREFIX, MANAGEMENT_MTU};
 pub use towalink_netdev::{Boringtun, KernelWireGuard, LinkStats, WireGuard, WireGuardLink};
 
 use towalink_bundle::contract::{NodeConfig, NODE_TOML};
+use towalink_bundle::messages::Management;
 
 use crate::Error;
 
@@ -33,12 +34,12 @@ pub struct ManagementLink {
     pub controller_address: IpAddr,
 }
 
-/// The management link an identity describes (none for a node without a controller).
+/// The management link of these settings (none for a node without a controller).
 pub fn management_link(
-    identity: &crate::state::Identity,
+    management: Option<&Management>,
     private_key: &str,
 ) -> Result<Option<ManagementLink>, Error> {
-    let Some(management) = &identity.management else {
+    let Some(management) = management else {
         return Ok(None);
     };
     Ok(Some(ManagementLink {
@@ -48,7 +49,7 @@ pub fn management_link(
             listen_port: management.listen_port,
             peer_public_key_hex: key_hex(
                 &management.controller_wg_public_key,
-                "identity/node.toml: management.controller_wg_public_key",
+                "management.controller_wg_public_key",
             )?,
             endpoint: None,
             keepalive: management.keepalive_s,
@@ -116,6 +117,19 @@ pub fn desired(config: &NodeConfig, private_key: &str) -> Result<DesiredState, E
         state.links.insert(name, link);
     }
     Ok(state)
+}
+
+impl DesiredState {
+    /// Whether an endpoint names a host (resolved at each reconciliation) rather than an
+    /// address.
+    pub fn names_hosts(&self) -> bool {
+        let named = |endpoint: &String| endpoint.parse::<SocketAddr>().is_err();
+        self.links
+            .values()
+            .filter_map(|l| l.wireguard.endpoint.as_ref())
+            .chain(self.management.iter().flat_map(|m| m.endpoints.iter()))
+            .any(named)
+    }
 }
 
 /// Resolves an endpoint (`host:port`, names or addresses) to one socket address.

@@ -13,6 +13,7 @@ use super::index::{
 use super::{crash_point, remove, restore, Journal, INDEX, JOURNAL};
 use crate::model::allocation::NodeAllocation;
 use crate::model::names::NodeFullName;
+use crate::model::management::VersionManagement;
 use crate::model::render::{RenderedNode, Renderer};
 use crate::model::resolve::{resolve, ConfigTree, Resolved};
 use crate::store::keys::{save_signing_key, signing_key};
@@ -54,12 +55,19 @@ fn render_node(
     resolved: &Resolved,
     renderer: &mut Renderer<'_>,
     node: &NodeAllocation,
+    management: Option<&VersionManagement>,
 ) -> Result<RenderedNode, Error> {
     let complete = resolved
         .complete_attributes(node.id)
         .expect("every allocated node is resolved");
     let effective = resolved.effective_attributes(node.id, &complete);
-    Ok(renderer.render(&node.full_name(), &complete, &effective)?)
+    let link = management.and_then(|m| m.for_node(node.id));
+    Ok(renderer.render(
+        &node.full_name(),
+        &complete,
+        &effective,
+        link.as_ref(),
+    )?)
 }
 
 /// Renders the nodes and tells which differ from their latest version.
@@ -70,10 +78,11 @@ pub fn changed_nodes(
 ) -> Result<Vec<NodeState>, Error> {
     let resolved = resolve(tree)?;
     let index = load_index(store)?;
+    let management = crate::store::keys::version_management(store, false)?;
     let mut renderer = Renderer::new(tree);
     let mut states = Vec::new();
     for node in nodes {
-        let rendered = render_node(&resolved, &mut renderer, node)?;
+        let rendered = render_node(&resolved, &mut renderer, node, management.as_ref())?;
         let full = node.full_name();
         let entry = index.nodes.get(&full.to_string());
         let digest = content_digest(&rendered.entries, &rendered.services);
@@ -160,6 +169,7 @@ pub fn commit(
     let nodes = nodes_in_scope(&tree, filter);
     let mut index = load_index(store)?;
     let (key, new_key) = signing_key(store)?;
+    let management = crate::store::keys::version_management(store, true)?;
     let created_at = creation_time();
     let staging = store
         .root()
@@ -176,11 +186,12 @@ pub fn commit(
     let results: Vec<Result<Vec<(usize, Staged)>, Error>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|worker| {
-                let (tree, resolved, nodes, key, staging, created_at, index) = (
+                let (tree, resolved, nodes, key, management, staging, created_at, index) = (
                     &tree,
                     &resolved,
                     &nodes,
                     &key,
+                    management.as_ref(),
                     &staging,
                     &created_at,
                     &index,
@@ -196,6 +207,7 @@ pub fn commit(
                             node,
                             index,
                             key,
+                            management,
                             staging,
                             created_at,
                         )?;
@@ -333,11 +345,12 @@ fn stage_node(
     node: &NodeAllocation,
     index: &Index,
     key: &SigningKey,
+    management: Option<&VersionManagement>,
     staging: &Path,
     created_at: &str,
 ) -> Result<Staged, Error> {
     let full = node.full_name();
-    let rendered = render_node(resolved, renderer, node)?;
+    let rendered = render_node(resolved, renderer, node, management)?;
     let previous = index.nodes.get(&full.to_string());
     let digest = content_digest(&rendered.entries, &rendered.services);
     if previous.map(|e| &e.content) == Some(&digest) {
