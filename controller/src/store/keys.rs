@@ -206,7 +206,7 @@ pub fn read_attach_tls_files(store: &Store) -> Result<AttachTlsFiles, Error> {
         None => None,
         Some(text) => Some(toml::from_str(&text).map_err(|e| Error::Corrupt {
             file: ATTACH_NAMES_FILE.into(),
-            message: format!("{}", e.message()),
+            message: e.message().to_string(),
         })?),
     };
     Ok(AttachTlsFiles {
