@@ -3,7 +3,9 @@
 //! nothing is handed out without the pairing code the device shows, `--yes` included; the
 //! stranger who asks first gets nothing; one source cannot crowd the real device out; what a
 //! device says about itself cannot redraw the operator's terminal; `tlm status` shows what
-//! nodes report escaped.
+//! nodes report escaped; the attach certificate names the controller's current endpoints and
+//! every `--san` (checked by curl against the name), and a certificate tlm did not make is
+//! kept.
 
 use std::io::{BufRead as _, Read as _, Write as _};
 use std::process::{Command, Stdio};
@@ -338,4 +340,190 @@ fn a_device_that_does_not_trust_the_certificate_is_reported() {
     assert!(line.contains(&format!("from {STRANGER}")), "{line}");
     assert!(line.contains("certs/server.pem"), "{line}");
     assert!(!line.contains("run `towalink-node bootstrap"), "{line}");
+}
+
+/// `tlm attach` with no device: it makes or remakes its certificate, listens, gives up at once.
+fn attach_once(t: &Installation, port: u16, extra: &[&str]) -> towalink_tests::Run {
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "attach",
+        "node",
+        "r.s1",
+        "--listen",
+        &listen,
+        "--collect",
+        "0",
+        "--code",
+        "AAAA-AAAA",
+    ];
+    args.extend_from_slice(extra);
+    let run = t.run(&args);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("no device asked"), "{}", run.stderr);
+    run
+}
+
+/// A running `tlm attach` that no device answers; ended when dropped (test failures included).
+struct Listening(std::process::Child);
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `tlm attach` on `port` and waits until it answers HTTPS.
+fn listening(t: &Installation, port: u16) -> Listening {
+    let child = t
+        .command(&[
+            "attach",
+            "node",
+            "r.s1",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--collect",
+            "600",
+            "--code",
+            "AAAA-AAAA",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let attach = Listening(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = Command::new("curl")
+            .args(["-s", "-k", "-o", "/dev/null", "--max-time", "10"])
+            .arg(format!("https://127.0.0.1:{port}/attach/v1/request"))
+            .status()
+            .expect("curl (installed by tests/setup.sh)");
+        if status.success() {
+            return attach;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waited 60 s for attach to answer HTTPS on port {port} (curl: {status})"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// curl's exit code for `https://<name>:<port>/…` with `name` resolved to 127.0.0.1 and the
+/// certificate checked against `ca`, names included: 0 when trusted (any HTTP answer), 60
+/// when not.
+fn curl_by_name(port: u16, name: &str, ca: &std::path::Path) -> Option<i32> {
+    Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "--max-time", "10", "--resolve"])
+        .arg(format!("{name}:{port}:127.0.0.1"))
+        .arg("--cacert")
+        .arg(ca)
+        .arg(format!("https://{name}:{port}/attach/v1/request"))
+        .status()
+        .expect("curl (installed by tests/setup.sh)")
+        .code()
+}
+
+#[test]
+fn the_certificate_follows_the_controller_endpoint_and_keeps_every_san() {
+    let t = installation();
+    let port = free_port();
+    let made = attach_once(&t, port, &["--san", "first.example"]);
+    assert!(
+        made.stdout.contains("made a self-signed certificate"),
+        "{}",
+        made.stdout
+    );
+    let cert = t.dir.join("certs/server.pem");
+    let old = t.temp.path().join("old.pem");
+    std::fs::copy(&cert, &old).unwrap();
+    {
+        let _attach = listening(&t, port);
+        assert_eq!(curl_by_name(port, "first.example", &old), Some(0));
+        assert_eq!(
+            curl_by_name(port, "ctl.example", &old),
+            Some(60),
+            "the first certificate does not name ctl.example"
+        );
+    }
+
+    // The controller moves to a new name: the next attach remakes the certificate.
+    t.ok(&["set", "global", "controller_endpoint", "\"ctl.example\""]);
+    t.ok(&["commit", "all"]);
+    let remade = attach_once(&t, port, &[]);
+    let line = remade
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("attach certificate remade:"))
+        .unwrap_or_else(|| panic!("no remade line: {}", remade.stdout));
+    assert!(line.contains("it now names ctl.example (was: "), "{line}");
+    assert!(line.contains("first.example"), "{line}");
+    assert!(
+        remade.stdout.contains("certificate SHA-256 fingerprint "),
+        "{}",
+        remade.stdout
+    );
+    assert_ne!(std::fs::read(&cert).unwrap(), std::fs::read(&old).unwrap());
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(t.dir.join("certs/key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the new key is 0600");
+    {
+        let _attach = listening(&t, port);
+        assert_eq!(
+            curl_by_name(port, "ctl.example", &cert),
+            Some(0),
+            "a device reaching the controller by its new name trusts the new certificate"
+        );
+        assert_eq!(
+            curl_by_name(port, "first.example", &cert),
+            Some(0),
+            "the --san name given once is still in the remade certificate"
+        );
+        assert_eq!(
+            curl_by_name(port, "ctl.example", &old),
+            Some(60),
+            "the old certificate is no longer the one served"
+        );
+    }
+
+    // Nothing new to name: the certificate stays.
+    let before = std::fs::read(&cert).unwrap();
+    let kept = attach_once(&t, port, &["--san", "first.example"]);
+    assert!(!kept.stdout.contains("remade"), "{}", kept.stdout);
+    assert_eq!(std::fs::read(&cert).unwrap(), before);
+}
+
+#[test]
+fn a_certificate_tlm_did_not_make_is_kept_and_its_missing_names_are_warned_about() {
+    let t = installation();
+    let port = free_port();
+    let cert = make_certificate(&t, port);
+    // The operator's own certificate: one tlm has no record of (its record names the
+    // certificate tlm made, by fingerprint).
+    std::fs::remove_file(t.dir.join("certs/attach-names.toml")).unwrap();
+    let before = std::fs::read(&cert).unwrap();
+    t.ok(&["set", "global", "controller_endpoint", "\"ctl.example\""]);
+    t.ok(&["commit", "all"]);
+    let run = attach_once(&t, port, &["--san", "more.example"]);
+    assert!(!run.stdout.contains("remade"), "{}", run.stdout);
+    let warning = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("not made by tlm"))
+        .unwrap_or_else(|| panic!("no warning: {}", run.stderr));
+    assert!(
+        warning.contains("does not name ctl.example, more.example"),
+        "{warning}"
+    );
+    assert_eq!(
+        run.stderr.matches("not made by tlm").count(),
+        1,
+        "{}",
+        run.stderr
+    );
+    assert_eq!(std::fs::read(&cert).unwrap(), before, "kept as it was");
 }

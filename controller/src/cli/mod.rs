@@ -170,7 +170,8 @@ pub enum Command {
         /// How long to wait for the chosen device and its management link (seconds).
         #[arg(long, value_name = "SECONDS", default_value = "120", global = true)]
         timeout: u64,
-        /// Extra host name or address for a certificate made now (repeatable).
+        /// Extra host name or address the attach certificate carries, now and when it is remade
+        /// (repeatable).
         #[arg(long, value_name = "NAME", global = true)]
         san: Vec<String>,
     },

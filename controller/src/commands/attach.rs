@@ -1,7 +1,8 @@
 //! `tlm attach node <ref>`: pair a device running `towalink-node bootstrap` with a node.
 //!
 //! An HTTPS endpoint (rustls; `certs/server.pem` + `certs/key.pem`, made self-signed on first
-//! use with its fingerprint printed) collects requests for a while; the operator picks the
+//! use and remade when tlm's own certificate lacks a name it must carry, its fingerprint
+//! printed each time; a certificate the operator put there is kept) collects requests for a while; the operator picks the
 //! device by the pairing code it shows on its console (typed at the prompt or `--code`; a
 //! device secret: without it nothing is handed out, `--yes` included). Until the choice every
 //! device hears "waiting" and nothing secret leaves the controller; then the chosen device
@@ -53,7 +54,7 @@ pub struct AttachOptions {
     pub code: Option<PairingCode>,
     pub yes: bool,
     pub timeout: Duration,
-    /// Extra names or addresses for a certificate made now.
+    /// Extra names or addresses the certificate carries (`--san`; kept for later ones).
     pub extra_names: Vec<String>,
 }
 
@@ -152,60 +153,247 @@ pub fn fingerprint(der: &[u8]) -> String {
         .join(":")
 }
 
-/// Loads the TLS certificate and key, making a self-signed pair when there is none. Returns
-/// the config, the fingerprint and whether it was made now.
-fn tls_identity(
-    store: &Store,
-    extra_names: &[String],
-) -> Result<(Arc<rustls::ServerConfig>, String, bool), Error> {
-    let (cert_path, key_path, made) = crate::store::keys::attach_tls_files(store, || {
-        let mut names = vec![
-            "localhost".to_string(),
-            "127.0.0.1".to_string(),
-            "::1".to_string(),
-        ];
-        if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
-            names.push(host.trim().to_string());
-        }
-        if let Ok(settings) = crate::store::keys::settings(store) {
-            for endpoint in &settings.controller_endpoints {
-                let host = endpoint
-                    .rsplit_once(':')
-                    .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
-                    .unwrap_or(endpoint);
-                names.push(host.to_string());
+/// Names every attach certificate carries (a device on the controller itself, tests).
+const LOOPBACK_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
+/// The host of a `controller_endpoint` entry: `host:port`, `IPv4:port`, `[IPv6]:port`, or a
+/// bare host or address.
+fn endpoint_host(endpoint: &str) -> &str {
+    let endpoint = endpoint.trim();
+    if endpoint.parse::<std::net::IpAddr>().is_ok() {
+        return endpoint;
+    }
+    if let Some(rest) = endpoint.strip_prefix('[') {
+        return rest.split_once(']').map_or(rest, |(host, _)| host);
+    }
+    endpoint.rsplit_once(':').map_or(endpoint, |(host, _)| host)
+}
+
+/// A name a certificate can carry and a device can check (a DNS name or an IP address), in
+/// the form compared (DNS names lower-case); `None` otherwise.
+fn certificate_name(name: &str) -> Option<String> {
+    let name = name.trim().to_ascii_lowercase();
+    let valid = rustls::pki_types::ServerName::try_from(name.as_str()).is_ok();
+    valid.then_some(name)
+}
+
+/// Checks `--san` names: each must be a host name or an IP address.
+fn checked_san(san: &[String]) -> Result<Vec<String>, Error> {
+    san.iter()
+        .map(|name| {
+            certificate_name(name).ok_or_else(|| {
+                failed(format!(
+                    "--san `{}`: not a host name or an IP address",
+                    printable(name)
+                ))
+            })
+        })
+        .collect()
+}
+
+/// The names the attach certificate must carry: the loopback names, the host name, the hosts
+/// of the `controller_endpoint` entries and the `--san` names (of this run and earlier ones).
+/// Sorted, without duplicates; a host name or endpoint host no certificate can carry is left
+/// out.
+fn certificate_names(host_name: Option<&str>, endpoints: &[String], san: &[String]) -> Vec<String> {
+    let mut names: Vec<String> = LOOPBACK_NAMES
+        .iter()
+        .copied()
+        .chain(host_name)
+        .chain(endpoints.iter().map(|e| endpoint_host(e)))
+        .chain(san.iter().map(String::as_str))
+        .filter_map(certificate_name)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The `needed` names a certificate does not carry (`carries` checks one the way a device
+/// does).
+fn missing_names(needed: &[String], carries: impl Fn(&str) -> bool) -> Vec<String> {
+    needed.iter().filter(|n| !carries(n)).cloned().collect()
+}
+
+/// The attach certificate on disk, as far as the choice goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ExistingCertificate {
+    /// No certificate (a key alone is of no use and is replaced).
+    Nothing,
+    /// One tlm made: its fingerprint is the one in `certs/attach-names.toml`.
+    MadeByTlm { key_fits: bool },
+    /// Any other: the operator's, never replaced.
+    Operator,
+}
+
+/// What `tlm attach` does about its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CertificateChoice {
+    Keep,
+    Make,
+    /// Remade: it lacked these names (empty when its key did not fit it).
+    Remake {
+        lacked: Vec<String>,
+    },
+    /// The operator's certificate lacks these names: kept, with a warning.
+    WarnOperator {
+        lacked: Vec<String>,
+    },
+}
+
+/// Makes, remakes or keeps the certificate: tlm's own is remade when it lacks a name it must
+/// carry (or its key does not fit); the operator's is only warned about.
+fn choose_certificate(existing: ExistingCertificate, missing: &[String]) -> CertificateChoice {
+    match existing {
+        ExistingCertificate::Nothing => CertificateChoice::Make,
+        ExistingCertificate::MadeByTlm { key_fits } if !key_fits || !missing.is_empty() => {
+            CertificateChoice::Remake {
+                lacked: missing.to_vec(),
             }
         }
-        names.extend(extra_names.iter().cloned());
-        names.retain(|n| !n.is_empty());
-        names.sort();
-        names.dedup();
-        let certified = rcgen::generate_simple_self_signed(names)
-            .map_err(|e| failed(format!("cannot make a certificate: {e}")))?;
-        Ok((certified.key_pair.serialize_pem(), certified.cert.pem()))
-    })?;
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
-        .and_then(|i| i.collect::<Result<_, _>>())
-        .map_err(|e| failed(format!("`{}`: {e}", cert_path.display())))?;
-    let first = certs
-        .first()
-        .ok_or_else(|| failed(format!("`{}` holds no certificate", cert_path.display())))?;
-    let print = fingerprint(first);
-    let key = PrivateKeyDer::from_pem_file(&key_path)
-        .map_err(|e| failed(format!("`{}`: {e}", key_path.display())))?;
+        ExistingCertificate::Operator if !missing.is_empty() => CertificateChoice::WarnOperator {
+            lacked: missing.to_vec(),
+        },
+        _ => CertificateChoice::Keep,
+    }
+}
+
+/// The attach endpoint's TLS identity, ready to serve.
+struct TlsIdentity {
+    config: Arc<rustls::ServerConfig>,
+    fingerprint: String,
+    /// What was done about the certificate.
+    choice: CertificateChoice,
+    /// The names the certificate carried before it was remade (from its record).
+    was: Vec<String>,
+}
+
+/// The certificates of a PEM text.
+fn parse_certificates(pem: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| failed(format!("`{CERT_FILE}`: {e}")))?;
+    if certs.is_empty() {
+        return Err(failed(format!("`{CERT_FILE}` holds no certificate")));
+    }
+    Ok(certs)
+}
+
+/// The server configuration of a certificate chain and its key.
+fn server_config(
+    certs: Vec<CertificateDer<'static>>,
+    key_pem: Option<&str>,
+) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let key_pem = key_pem.ok_or_else(|| failed(format!("`{KEY_FILE}` is missing")))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| failed(format!("`{KEY_FILE}`: {e}")))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(failed)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| {
-            failed(format!(
-                "`{}` and `{}` do not fit: {e}",
-                CERT_FILE, KEY_FILE
-            ))
-        })?;
-    Ok((Arc::new(config), print, made))
+        .map_err(|e| failed(format!("`{CERT_FILE}` and `{KEY_FILE}` do not fit: {e}")))?;
+    Ok(Arc::new(config))
+}
+
+/// Loads the attach endpoint's certificate and key, making a self-signed pair when there is
+/// none and remaking tlm's own when it lacks a name it must carry (see [`certificate_names`]).
+/// Call with the lock held.
+fn tls_identity(store: &Store, san: &[String]) -> Result<TlsIdentity, Error> {
+    use crate::store::keys::{
+        read_attach_tls_files, write_attach_record, write_attach_tls_files, AttachCertificateRecord,
+    };
+    let files = read_attach_tls_files(store)?;
+    let mut all_san: Vec<String> = files
+        .record
+        .as_ref()
+        .map(|r| r.san.clone())
+        .unwrap_or_default();
+    all_san.extend(san.iter().cloned());
+    all_san.sort();
+    all_san.dedup();
+    let host_name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok();
+    let endpoints = crate::store::keys::settings(store)
+        .map(|s| s.controller_endpoints)
+        .unwrap_or_default();
+    let needed = certificate_names(host_name.as_deref().map(str::trim), &endpoints, &all_san);
+
+    let existing_certs = files
+        .cert_pem
+        .as_deref()
+        .map(parse_certificates)
+        .transpose()?;
+    let (existing, missing, config) = match existing_certs {
+        None => (ExistingCertificate::Nothing, needed.clone(), None),
+        Some(certs) => {
+            let print = fingerprint(&certs[0]);
+            let parsed = rustls::server::ParsedCertificate::try_from(&certs[0])
+                .map_err(|e| failed(format!("`{CERT_FILE}`: {e}")))?;
+            let missing = missing_names(&needed, |name| {
+                rustls::pki_types::ServerName::try_from(name)
+                    .is_ok_and(|n| rustls::client::verify_server_name(&parsed, &n).is_ok())
+            });
+            drop(parsed);
+            let config = server_config(certs, files.key_pem.as_deref());
+            let tlms = files
+                .record
+                .as_ref()
+                .is_some_and(|r| r.fingerprint == print);
+            let existing = if tlms {
+                ExistingCertificate::MadeByTlm {
+                    key_fits: config.is_ok(),
+                }
+            } else {
+                ExistingCertificate::Operator
+            };
+            (existing, missing, Some((config, print)))
+        }
+    };
+    let choice = choose_certificate(existing, &missing);
+    // A `--san` name tlm's certificate carries already is recorded all the same, so that a
+    // later certificate carries it too.
+    if let (ExistingCertificate::MadeByTlm { .. }, CertificateChoice::Keep, Some(record)) =
+        (existing, &choice, &files.record)
+    {
+        if record.san != all_san {
+            write_attach_record(
+                store,
+                &AttachCertificateRecord {
+                    san: all_san.clone(),
+                    ..record.clone()
+                },
+            )?;
+        }
+    }
+    let was = files.record.map(|r| r.names).unwrap_or_default();
+    let (config, print) = match (&choice, config) {
+        (CertificateChoice::Make | CertificateChoice::Remake { .. }, _) | (_, None) => {
+            let certified = rcgen::generate_simple_self_signed(needed.clone())
+                .map_err(|e| failed(format!("cannot make a certificate: {e}")))?;
+            let print = fingerprint(certified.cert.der());
+            let key_pem = certified.key_pair.serialize_pem();
+            write_attach_tls_files(
+                store,
+                &key_pem,
+                &certified.cert.pem(),
+                &AttachCertificateRecord {
+                    fingerprint: print.clone(),
+                    names: needed,
+                    san: all_san,
+                },
+            )?;
+            let config = server_config(vec![certified.cert.der().clone()], Some(&key_pem))?;
+            (config, print)
+        }
+        (_, Some((config, print))) => (config?, print),
+    };
+    Ok(TlsIdentity {
+        config,
+        fingerprint: print,
+        choice,
+        was,
+    })
 }
 
 fn valid_device_id(id: &str) -> bool {
@@ -378,6 +566,7 @@ pub fn attach(
             "--yes needs --code <the pairing code the device shows on its console>: without it nothing is handed out",
         ));
     }
+    let san = checked_san(&options.extra_names)?;
     let node = store.load_generated()?.node(node_ref)?.clone();
     let full = node.full_name();
     let (identity, secrets): (NodeIdentity, _) = {
@@ -395,18 +584,44 @@ pub fn attach(
         wg_private_key: secrets.wg_private_key.expose().to_string(),
         recovery_token: secrets.recovery_token.expose().to_string(),
     };
-    let (config, print, made) = {
+    let tls = {
         let _lock = store.lock()?;
-        tls_identity(store, &options.extra_names)?
+        tls_identity(store, &san)?
     };
-    if made {
-        writeln!(
-            out,
-            "made a self-signed certificate {CERT_FILE}; give it to devices with `--ca`"
-        )
-        .ok();
+    match &tls.choice {
+        CertificateChoice::Make => {
+            writeln!(
+                out,
+                "made a self-signed certificate {CERT_FILE}; give it to devices with `--ca`"
+            )
+            .ok();
+        }
+        CertificateChoice::Remake { lacked } if lacked.is_empty() => {
+            writeln!(
+                out,
+                "attach certificate remade: `{KEY_FILE}` did not fit it; give the new {CERT_FILE} to devices with `--ca`"
+            )
+            .ok();
+        }
+        CertificateChoice::Remake { lacked } => {
+            writeln!(
+                out,
+                "attach certificate remade: it now names {} (was: {}); give the new {CERT_FILE} to devices with `--ca`",
+                lacked.join(", "),
+                tls.was.join(", ")
+            )
+            .ok();
+        }
+        CertificateChoice::WarnOperator { lacked } => {
+            tracing::warn!(
+                "`{CERT_FILE}` (not made by tlm, so kept) does not name {}: a device reaching this controller by such a name refuses it; add them to it, or remove `{CERT_FILE}` and `{KEY_FILE}` for tlm to make one that does",
+                lacked.join(", ")
+            );
+        }
+        CertificateChoice::Keep => {}
     }
-    writeln!(out, "certificate SHA-256 fingerprint {print}").ok();
+    writeln!(out, "certificate SHA-256 fingerprint {}", tls.fingerprint).ok();
+    let config = tls.config;
     let listener = TcpListener::bind(options.listen)
         .map_err(|e| failed(format!("cannot listen on {}: {e}", options.listen)))?;
     listener.set_nonblocking(true).map_err(failed)?;
@@ -720,6 +935,99 @@ mod tests {
         let print = fingerprint(b"abc");
         assert_eq!(print.len(), 32 * 3 - 1);
         assert!(print.starts_with("BA:78:16:BF"));
+    }
+
+    fn strings(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn the_certificate_names_the_endpoints_the_host_and_every_san() {
+        let names = certificate_names(
+            Some("Ctl1"),
+            &strings(&[
+                "ctl.example.net:51820",
+                "192.0.2.1:51820",
+                "[2001:db8::1]:51820",
+                "2001:db8::2",
+                "bare.example",
+            ]),
+            &strings(&["Extra.Example", "198.51.100.7", "localhost"]),
+        );
+        assert_eq!(
+            names,
+            strings(&[
+                "127.0.0.1",
+                "192.0.2.1",
+                "198.51.100.7",
+                "2001:db8::1",
+                "2001:db8::2",
+                "::1",
+                "bare.example",
+                "ctl.example.net",
+                "ctl1",
+                "extra.example",
+                "localhost",
+            ])
+        );
+        // A host name no certificate can carry is left out, not made into a broken name.
+        let names = certificate_names(Some("bad host!"), &[], &[]);
+        assert_eq!(names, strings(&["127.0.0.1", "::1", "localhost"]));
+        assert!(checked_san(&strings(&["ok.example", "2001:db8::9"])).is_ok());
+        let error = checked_san(&strings(&["not a name"]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--san `not a name`"), "{error}");
+    }
+
+    #[test]
+    fn missing_names_are_those_the_certificate_does_not_carry() {
+        let certified = rcgen::generate_simple_self_signed(strings(&[
+            "old.example",
+            "*.wild.example",
+            "192.0.2.1",
+        ]))
+        .unwrap();
+        let parsed = rustls::server::ParsedCertificate::try_from(certified.cert.der()).unwrap();
+        let carries = |name: &str| {
+            rustls::pki_types::ServerName::try_from(name)
+                .is_ok_and(|n| rustls::client::verify_server_name(&parsed, &n).is_ok())
+        };
+        let needed = strings(&[
+            "old.example",
+            "a.wild.example",
+            "192.0.2.1",
+            "new.example",
+            "192.0.2.2",
+        ]);
+        assert_eq!(
+            missing_names(&needed, carries),
+            strings(&["new.example", "192.0.2.2"])
+        );
+    }
+
+    #[test]
+    fn only_tlms_own_certificate_is_remade() {
+        use CertificateChoice::*;
+        use ExistingCertificate::*;
+        let lacks = strings(&["new.example"]);
+        assert_eq!(choose_certificate(Nothing, &[]), Make);
+        assert_eq!(choose_certificate(MadeByTlm { key_fits: true }, &[]), Keep);
+        assert_eq!(
+            choose_certificate(MadeByTlm { key_fits: true }, &lacks),
+            Remake {
+                lacked: lacks.clone()
+            }
+        );
+        assert_eq!(
+            choose_certificate(MadeByTlm { key_fits: false }, &[]),
+            Remake { lacked: vec![] }
+        );
+        assert_eq!(choose_certificate(Operator, &[]), Keep);
+        assert_eq!(
+            choose_certificate(Operator, &lacks),
+            WarnOperator { lacked: lacks }
+        );
     }
 
     #[test]

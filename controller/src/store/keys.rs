@@ -3,7 +3,6 @@
 //! versions (its public half always derived from it), the attach endpoint's TLS files, a
 //! node's identity and secrets. The disk half of [`crate::model::management`].
 
-use std::path::PathBuf;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
@@ -191,21 +190,84 @@ pub const ATTACH_CERT_FILE: &str = "certs/server.pem";
 /// Its private key (0600).
 pub const ATTACH_KEY_FILE: &str = "certs/key.pem";
 
-/// The attach endpoint's certificate and key files; when neither exists, `make` gives the key
-/// and certificate PEM and they are written (the key 0600). Returns the certificate's and the
-/// key's path and whether they were made now.
-pub fn attach_tls_files(
+/// What `tlm attach` records beside a certificate it made: its fingerprint (the marker that
+/// tells tlm's certificate from one the operator put there), the names it carries and the
+/// names ever given with `--san` (carried into every certificate made later).
+pub const ATTACH_NAMES_FILE: &str = "certs/attach-names.toml";
+
+/// The contents of [`ATTACH_NAMES_FILE`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachCertificateRecord {
+    /// The SHA-256 fingerprint of the certificate tlm made (the first in
+    /// [`ATTACH_CERT_FILE`]); a certificate with another one is the operator's.
+    pub fingerprint: String,
+    /// The names (host names and addresses) that certificate carries.
+    pub names: Vec<String>,
+    /// The names given with `--san`, by this and earlier `tlm attach` runs.
+    pub san: Vec<String>,
+}
+
+/// The attach endpoint's files as they are on disk (each `None` when absent).
+pub struct AttachTlsFiles {
+    pub cert_pem: Option<String>,
+    pub key_pem: Option<String>,
+    pub record: Option<AttachCertificateRecord>,
+}
+
+/// Reads the attach endpoint's certificate, key and [`ATTACH_NAMES_FILE`].
+pub fn read_attach_tls_files(store: &Store) -> Result<AttachTlsFiles, Error> {
+    let record = match durable::read_optional(&store.root().join(ATTACH_NAMES_FILE))? {
+        None => None,
+        Some(text) => Some(toml::from_str(&text).map_err(|e| Error::Corrupt {
+            file: ATTACH_NAMES_FILE.into(),
+            message: e.message().to_string(),
+        })?),
+    };
+    Ok(AttachTlsFiles {
+        cert_pem: durable::read_optional(&store.root().join(ATTACH_CERT_FILE))?,
+        key_pem: durable::read_optional(&store.root().join(ATTACH_KEY_FILE))?,
+        record,
+    })
+}
+
+/// Writes a certificate tlm made for the attach endpoint: the key (0600), the certificate,
+/// then its record, each durably. In this order a crash leaves either the old record beside
+/// the old certificate (a key that does not fit it is remade) or the new certificate and key
+/// without their record (the operator's, as far as tlm can tell: kept, warned about).
+pub fn write_attach_tls_files(
     store: &Store,
-    make: impl FnOnce() -> Result<(String, String), Error>,
-) -> Result<(PathBuf, PathBuf, bool), Error> {
-    let cert_path = store.root().join(ATTACH_CERT_FILE);
-    let key_path = store.root().join(ATTACH_KEY_FILE);
-    if cert_path.exists() || key_path.exists() {
-        return Ok((cert_path, key_path, false));
-    }
-    let (key_pem, cert_pem) = make()?;
-    durable::create_dir_all(&store.root().join("certs"))?;
-    durable::write_atomic(&key_path, key_pem.as_bytes(), 0o600)?;
-    durable::write_atomic(&cert_path, cert_pem.as_bytes(), 0o644)?;
-    Ok((cert_path, key_path, true))
+    key_pem: &str,
+    cert_pem: &str,
+    record: &AttachCertificateRecord,
+) -> Result<(), Error> {
+    durable::create_dir_all(&store.root().join(CERTS_DIR))?;
+    durable::write_atomic(
+        &store.root().join(ATTACH_KEY_FILE),
+        key_pem.as_bytes(),
+        0o600,
+    )?;
+    durable::write_atomic(
+        &store.root().join(ATTACH_CERT_FILE),
+        cert_pem.as_bytes(),
+        0o644,
+    )?;
+    write_attach_record(store, record)
+}
+
+/// Writes [`ATTACH_NAMES_FILE`] (durably).
+pub fn write_attach_record(store: &Store, record: &AttachCertificateRecord) -> Result<(), Error> {
+    let text = format!(
+        "# Written by `tlm attach` with the certificate it made ({ATTACH_CERT_FILE}). Without\n\
+         # this file (or with another fingerprint) tlm never replaces that certificate.\n{}",
+        toml::to_string(record)
+            .map_err(|e| Error::Service(format!("cannot write `{ATTACH_NAMES_FILE}`: {e}")))?
+    );
+    durable::create_dir_all(&store.root().join(CERTS_DIR))?;
+    durable::write_atomic(
+        &store.root().join(ATTACH_NAMES_FILE),
+        text.as_bytes(),
+        0o644,
+    )?;
+    Ok(())
 }
