@@ -502,9 +502,19 @@ fn a_certificate_tlm_did_not_make_is_kept_and_its_missing_names_are_warned_about
     let t = installation();
     let port = free_port();
     let cert = make_certificate(&t, port);
-    // The operator's own certificate: one tlm has no record of (its record names the
-    // certificate tlm made, by fingerprint).
-    std::fs::remove_file(t.dir.join("certs/attach-names.toml")).unwrap();
+    // The operator's own certificate and key in place of tlm's (tlm's record names the
+    // certificate it made, by fingerprint).
+    let made = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
+        .args(["-days", "30", "-subj", "/CN=ops.example", "-addext"])
+        .arg("subjectAltName=DNS:ops.example,DNS:localhost,IP:127.0.0.1")
+        .arg("-keyout")
+        .arg(t.dir.join("certs/key.pem"))
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     let before = std::fs::read(&cert).unwrap();
     t.ok(&["set", "global", "controller_endpoint", "\"ctl.example\""]);
     t.ok(&["commit", "all"]);
@@ -515,8 +525,9 @@ fn a_certificate_tlm_did_not_make_is_kept_and_its_missing_names_are_warned_about
         .lines()
         .find(|l| l.contains("not made by tlm"))
         .unwrap_or_else(|| panic!("no warning: {}", run.stderr));
+    // Among the names it lacks (the loopback and host names too): the endpoint and the --san.
     assert!(
-        warning.contains("does not name ctl.example, more.example"),
+        warning.contains("ctl.example") && warning.contains("more.example"),
         "{warning}"
     );
     assert_eq!(
@@ -526,4 +537,26 @@ fn a_certificate_tlm_did_not_make_is_kept_and_its_missing_names_are_warned_about
         run.stderr
     );
     assert_eq!(std::fs::read(&cert).unwrap(), before, "kept as it was");
+}
+
+/// A directory from a tlm before the certificate record: its self-signed certificate is still
+/// tlm's (rcgen's subject), so it follows the endpoints too.
+#[test]
+fn a_certificate_an_earlier_tlm_made_follows_the_endpoints() {
+    let t = installation();
+    let port = free_port();
+    let cert = make_certificate(&t, port);
+    std::fs::remove_file(t.dir.join("certs/attach-names.toml")).unwrap();
+    let before = std::fs::read(&cert).unwrap();
+    t.ok(&["set", "global", "controller_endpoint", "\"ctl.example\""]);
+    t.ok(&["commit", "all"]);
+    let run = attach_once(&t, port, &[]);
+    assert!(
+        run.stdout.contains("attach certificate remade: it now names ctl.example"),
+        "{}{}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(!run.stderr.contains("not made by tlm"), "{}", run.stderr);
+    assert_ne!(std::fs::read(&cert).unwrap(), before);
 }

@@ -297,6 +297,16 @@ fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The subject every certificate made by tlm before `certs/attach-names.toml` existed carries
+/// (rcgen's default distinguished name); an operator's certificate names its owner.
+const EARLIER_TLM_SUBJECT: &[u8] = b"rcgen self signed cert";
+
+/// Whether a certificate without a record was made by an earlier tlm (so it may be remade).
+fn made_by_earlier_tlm(der: &[u8]) -> bool {
+    der.windows(EARLIER_TLM_SUBJECT.len())
+        .any(|w| w == EARLIER_TLM_SUBJECT)
+}
+
 /// Loads the attach endpoint's certificate and key, making a self-signed pair when there is
 /// none and remaking tlm's own when it lacks a name it must carry (see [`certificate_names`]).
 /// Call with the lock held.
@@ -335,11 +345,13 @@ fn tls_identity(store: &Store, san: &[String]) -> Result<TlsIdentity, Error> {
                     .is_ok_and(|n| rustls::client::verify_server_name(&parsed, &n).is_ok())
             });
             drop(parsed);
+            // tlm before the record: its certificates carry rcgen's default subject.
+            let earlier_tlm = made_by_earlier_tlm(certs[0].as_ref());
             let config = server_config(certs, files.key_pem.as_deref());
-            let tlms = files
-                .record
-                .as_ref()
-                .is_some_and(|r| r.fingerprint == print);
+            let tlms = match &files.record {
+                Some(record) => record.fingerprint == print,
+                None => earlier_tlm,
+            };
             let existing = if tlms {
                 ExistingCertificate::MadeByTlm {
                     key_fits: config.is_ok(),
