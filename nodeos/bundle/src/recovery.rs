@@ -225,11 +225,8 @@ pub fn seal(
     if token.is_empty() {
         return Err(RecoveryError::EmptyToken);
     }
-    let size = header_len(KIND_TOKEN_BOUND)
-        + BODY_FIXED_LEN
-        + bundle.len()
-        + TAG_LEN
-        + SIGNATURE_LEN;
+    let size =
+        header_len(KIND_TOKEN_BOUND) + BODY_FIXED_LEN + bundle.len() + TAG_LEN + SIGNATURE_LEN;
     if size > MAX_OBJECT_BYTES {
         return Err(RecoveryError::TooLarge { size });
     }
@@ -350,7 +347,9 @@ pub fn open(
     };
 
     if body.len() < BODY_FIXED_LEN {
-        return Err(RecoveryError::Malformed("body shorter than its fixed fields"));
+        return Err(RecoveryError::Malformed(
+            "body shorter than its fixed fields",
+        ));
     }
     let found = u32::from_be_bytes(body[0..4].try_into().expect("4 bytes"));
     let seq = u64::from_be_bytes(body[4..12].try_into().expect("8 bytes"));
@@ -377,7 +376,13 @@ pub fn open(
 }
 
 fn header_len(kind: u8) -> usize {
-    MAGIC.len() + 2 + if kind == KIND_TOKEN_BOUND { NONCE_LEN } else { 0 }
+    MAGIC.len()
+        + 2
+        + if kind == KIND_TOKEN_BOUND {
+            NONCE_LEN
+        } else {
+            0
+        }
 }
 
 /// Magic, format, kind (the nonce follows for token-bound objects).
@@ -440,7 +445,16 @@ mod tests {
     }
 
     fn sealed(node_id: u32, seq: u64) -> Vec<u8> {
-        seal(node_id, TOKEN, seq, 4, b"bundle bytes", &key(1), [9; NONCE_LEN]).unwrap()
+        seal(
+            node_id,
+            TOKEN,
+            seq,
+            4,
+            b"bundle bytes",
+            &key(1),
+            [9; NONCE_LEN],
+        )
+        .unwrap()
     }
 
     fn open_as(bytes: &[u8], node_id: u32, token: Option<&str>) -> Result<Opened, RecoveryError> {
@@ -515,7 +529,10 @@ mod tests {
         // The token-less form names its node in the signed body.
         let lost = seal_without_token(7, 1_000, 4, b"b", &key(1)).unwrap();
         let err = open(&lost, 3, Some(TOKEN), &trusted(), true, None).unwrap_err();
-        assert_eq!(err.to_string(), "recovery object for node 7, this is node 3");
+        assert_eq!(
+            err.to_string(),
+            "recovery object for node 7, this is node 3"
+        );
     }
 
     #[test]
@@ -569,7 +586,9 @@ mod tests {
     fn another_key_is_refused_and_any_trusted_key_is_accepted() {
         let foreign = seal(7, TOKEN, 1_000, 4, b"b", &key(2), [9; 12]).unwrap();
         let err = open_as(&foreign, 7, Some(TOKEN)).unwrap_err();
-        assert!(err.to_string().contains("signed by a key this node does not trust"));
+        assert!(err
+            .to_string()
+            .contains("signed by a key this node does not trust"));
         let both = [key(1).verifying_key(), key(2).verifying_key()];
         let opened = open(&foreign, 7, Some(TOKEN), &both, false, None).unwrap();
         assert_eq!(opened.signed_by, key(2).verifying_key());
