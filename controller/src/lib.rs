@@ -76,6 +76,10 @@ pub enum Error {
     GitBusy { lock: PathBuf, pid: u32 },
     #[error("refusing to write the image to `{}`: it is inside the configuration directory, whose files go into git", .0.display())]
     ImageInsideConfig(PathBuf),
+    #[error("refusing to write recovery objects to `{}`: it is inside the configuration directory, whose files go into git", .0.display())]
+    RecoveryInsideConfig(PathBuf),
+    #[error("recovery object: {0}")]
+    Recovery(#[from] towalink_bundle::recovery::RecoveryError),
 }
 
 impl Error {
@@ -104,6 +108,7 @@ impl Error {
             ),
             Error::GitBusy { .. } => Some("wait for that git to finish, then run tlm again".into()),
             Error::ImageInsideConfig(_) => Some("pass -o with a path outside the configuration directory".into()),
+            Error::RecoveryInsideConfig(_) => Some("write them outside the configuration directory".into()),
             _ => None,
         }
     }

@@ -185,6 +185,12 @@ pub enum Command {
         #[command(subcommand)]
         what: ImageWhat,
     },
+    /// Recovery objects: each node's latest version as a static file, signed and bound to the
+    /// node's recovery token, for a node that lost its management connection (docs/recovery.md).
+    Recovery {
+        #[command(subcommand)]
+        what: RecoveryWhat,
+    },
     /// Run git in the configuration directory.
     Git {
         /// Arguments for git.
@@ -263,6 +269,42 @@ pub enum AttachWhat {
 pub enum ProvisionWhat {
     /// <node>.<site> or id, and the directory to write (the node's --state-dir).
     Node { node: String, dir: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecoveryWhat {
+    /// Write each node's recovery object into DIR (created if missing) for a plain web server
+    /// or object store; other files in DIR are left alone.
+    Publish {
+        /// Directory to write the objects into, named as each node looks for its own.
+        dir: PathBuf,
+        /// Also write each node's token-less object (the lost-token form: accepted by a node
+        /// only after several boots without a management connection, and readable by whoever
+        /// fetches it; see docs/recovery.md for the trade-off).
+        #[arg(long)]
+        without_token: bool,
+    },
+    /// Write one node's recovery object to a file (a technician's USB stick, a card's boot
+    /// partition under `towalink-recovery/`).
+    Make {
+        #[command(subcommand)]
+        target: RecoveryTarget,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RecoveryTarget {
+    /// <node>.<site> or id: `-o FILE`; prints the name the node looks for.
+    Node {
+        node: String,
+        /// Output file.
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+        /// Write the token-less object instead (the lost-token form, for a node whose token
+        /// the controller lost; see docs/recovery.md for the trade-off).
+        #[arg(long)]
+        without_token: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -14,6 +14,7 @@ pub mod image;
 pub mod list;
 pub mod operate;
 pub mod provision;
+pub mod recovery;
 pub mod serve;
 pub mod show;
 pub mod status;
@@ -22,8 +23,8 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use crate::cli::{
-    ActivateScope, AddWhat, AttachWhat, Cli, Command, DelWhat, ListWhat, ProvisionWhat, Scope,
-    SetWhat, ShowAllWhat, ShowWhat,
+    ActivateScope, AddWhat, AttachWhat, Cli, Command, DelWhat, ListWhat, ProvisionWhat,
+    RecoveryTarget, RecoveryWhat, Scope, SetWhat, ShowAllWhat, ShowWhat,
 };
 use crate::model::allocation::NodeAllocation;
 use crate::model::names::{NodeFullName, NodeRef, SiteName, VersionSpec};
@@ -48,6 +49,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Git { .. } => unreachable!("handled above"),
         Command::Serve { interface } => serve::run(&config_dir, &interface),
         Command::Image { what } => image::run(&config_dir, &what),
+        Command::Recovery { what } => recovery::run(&config_dir, &what),
         Command::Status { scope, format } => {
             status::run(&config_dir, scope, format.format, &mut out)
         }
@@ -218,6 +220,12 @@ fn check_arguments(command: &Command) -> Result<(), Error> {
         }
         | Command::Provision {
             what: ProvisionWhat::Node { node: n, .. },
+        }
+        | Command::Recovery {
+            what:
+                RecoveryWhat::Make {
+                    target: RecoveryTarget::Node { node: n, .. },
+                },
         } => node(n),
         Command::Add {
             what: AddWhat::Node { node: n },

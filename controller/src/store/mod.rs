@@ -84,6 +84,8 @@ const GITIGNORE: &str = "\
 # tlm's lock, journal, staging and temporary files.
 /.tlm.lock
 /effective/.commit-journal.toml
+# The last seq of each node's recovery object (tlm recovery): soft state.
+/effective/recovery.toml
 # Versions live on disk, immutable; git records effective/index.toml and activation.toml.
 /effective/*/
 .*.tmp-*

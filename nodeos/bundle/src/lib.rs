@@ -29,6 +29,7 @@ pub mod messages;
 pub mod orders;
 pub mod pairing;
 pub mod printable;
+pub mod recovery;
 #[doc(hidden)]
 pub mod test_support;
 pub mod wire;

@@ -1,0 +1,279 @@
+//! Tier 1: `tlm recovery publish` and `tlm recovery make` (docs/recovery.md) with the real
+//! `tlm`: the objects a node would fetch, checked with the node's own function
+//! (`towalink_bundle::recovery::open`), the node's token and the controller's public key.
+
+use std::collections::BTreeMap;
+
+use towalink_bundle::recovery::{self, RecoveryError};
+use towalink_bundle::VerifyingKey;
+use towalink_tests::Installation;
+
+/// Two sites, three committed nodes and one node without a committed version.
+fn installation() -> Installation {
+    let t = Installation::new();
+    t.ok(&["add", "site", "a"]);
+    t.ok(&["add", "site", "b"]);
+    for node in ["x.a", "y.b", "z.b"] {
+        t.ok(&["add", "node", node]);
+    }
+    t.ok(&["commit", "all"]);
+    t.ok(&["add", "node", "fresh.b"]);
+    t
+}
+
+/// `<node>.<site>` → (id, recovery token), read from the store as the node's identity gets it.
+fn nodes(t: &Installation) -> BTreeMap<String, (u32, String)> {
+    let generated: toml::Table = t.read("generated/config.toml").parse().unwrap();
+    let secrets: toml::Table = t.read("generated/secrets.toml").parse().unwrap();
+    let token = |id: i64| {
+        secrets["node"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"].as_integer() == Some(id))
+            .and_then(|n| n["recovery_token"].as_str())
+            .expect("a token for every node")
+            .to_string()
+    };
+    generated["node"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let id = n["id"].as_integer().unwrap();
+            (
+                format!(
+                    "{}.{}",
+                    n["name"].as_str().unwrap(),
+                    n["site"].as_str().unwrap()
+                ),
+                (u32::try_from(id).unwrap(), token(id)),
+            )
+        })
+        .collect()
+}
+
+fn controller_key(t: &Installation) -> VerifyingKey {
+    towalink_bundle::verifying_key_from_base64(&t.read("certs/signing.pub")).unwrap()
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[test]
+fn publish_writes_one_object_per_committed_node_named_by_its_token() {
+    let t = installation();
+    let nodes = nodes(&t);
+    let key = controller_key(&t);
+    let dir = t.temp.path().join("www/recovery");
+    // Other files in the directory are left alone.
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("index.html"), "hello").unwrap();
+
+    let run = t.run(&["recovery", "publish", dir.to_str().unwrap()]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let mut expected: Vec<String> = ["x.a", "y.b", "z.b"]
+        .iter()
+        .map(|n| recovery::object_name(&nodes[*n].1))
+        .collect();
+    expected.push("index.html".into());
+    expected.sort();
+    let mut found: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    found.sort();
+    assert_eq!(found, expected);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("index.html")).unwrap(),
+        "hello"
+    );
+
+    // One line per node: node, version, file name; the node without a version is named on
+    // stderr, not published.
+    for node in ["x.a", "y.b", "z.b"] {
+        let name = recovery::object_name(&nodes[node].1);
+        assert!(
+            run.stdout
+                .lines()
+                .any(|l| l.starts_with(node) && l.contains("v1") && l.contains(&name)),
+            "{node} missing from:\n{}",
+            run.stdout
+        );
+    }
+    assert!(run.stderr.contains("fresh.b"), "{}", run.stderr);
+
+    // Each object opens for its node with its token, and for no other.
+    for (node, (id, token)) in &nodes {
+        if node == "fresh.b" {
+            continue;
+        }
+        let bytes = std::fs::read(dir.join(recovery::object_name(token))).unwrap();
+        let opened = recovery::open(&bytes, *id, Some(token), &[key], false, None)
+            .unwrap_or_else(|e| panic!("{node}: {e}"));
+        assert_eq!((opened.node_id, opened.version), (*id, 1));
+        assert!(opened.token_bound);
+        opened.verify_bundle().unwrap();
+        // No token, and nothing in clear: not the node's name nor its configuration.
+        for (_, any_token) in nodes.values() {
+            assert!(
+                !contains(&bytes, any_token),
+                "{node}: a token in the object"
+            );
+        }
+        assert!(!contains(&bytes, "bird"), "{node}: configuration in clear");
+        let (site, name) = node.split_once('.').map(|(n, s)| (s, n)).unwrap();
+        assert!(!contains(&bytes, &format!("{site}-{name}")));
+        assert!(!run.stdout.contains(token.as_str()) && !run.stderr.contains(token.as_str()));
+    }
+
+    // The seq is kept per node, outside git, and grows with each publish.
+    let git_before = t.git(&["status", "--porcelain"]);
+    let seqs: toml::Table = t.read("effective/recovery.toml").parse().unwrap();
+    let first = seqs["nodes"]["x.a"].as_integer().unwrap() as u64;
+    t.ok(&["recovery", "publish", dir.to_str().unwrap()]);
+    let (id, token) = &nodes["x.a"];
+    let bytes = std::fs::read(dir.join(recovery::object_name(token))).unwrap();
+    let again = recovery::open(&bytes, *id, Some(token), &[key], false, Some(first)).unwrap();
+    assert!(again.seq > first);
+    assert_eq!(
+        t.git(&["status", "--porcelain"]),
+        git_before,
+        "recovery adds nothing for git"
+    );
+    assert!(!git_before.contains("recovery"), "{git_before}");
+}
+
+#[test]
+fn make_writes_one_nodes_object_that_only_that_node_opens() {
+    let t = installation();
+    let nodes = nodes(&t);
+    let key = controller_key(&t);
+    let file = t.temp.path().join("usb/x.tlr");
+    let run = t.run(&[
+        "recovery",
+        "make",
+        "node",
+        "x.a",
+        "-o",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let (id, token) = &nodes["x.a"];
+    let name = recovery::object_name(token);
+    assert!(run.stdout.contains(&name), "{}", run.stdout);
+    assert!(
+        run.stdout
+            .contains(&format!("{}/{name}", recovery::BOOT_DIR)),
+        "{}",
+        run.stdout
+    );
+    for text in [&run.stdout, &run.stderr] {
+        for (_, token) in nodes.values() {
+            assert!(!text.contains(token.as_str()), "a token in tlm's output");
+        }
+    }
+
+    let bytes = std::fs::read(&file).unwrap();
+    assert!(!contains(&bytes, token));
+    let opened = recovery::open(&bytes, *id, Some(token), &[key], false, None).unwrap();
+    assert_eq!(opened.version, 1);
+    assert_eq!(opened.verify_bundle().unwrap().manifest().node, "x");
+
+    // Another node (with its own token), or the wrong token: refused.
+    let (other_id, other_token) = &nodes["y.b"];
+    assert!(matches!(
+        recovery::open(&bytes, *other_id, Some(other_token), &[key], false, None),
+        Err(RecoveryError::WrongToken)
+    ));
+    assert!(matches!(
+        recovery::open(&bytes, *id, Some(other_token), &[key], false, None),
+        Err(RecoveryError::WrongToken)
+    ));
+    // A replay of it after it was applied: refused.
+    assert!(matches!(
+        recovery::open(&bytes, *id, Some(token), &[key], false, Some(opened.seq)),
+        Err(RecoveryError::Replay { .. })
+    ));
+}
+
+#[test]
+fn the_lost_token_form_is_written_only_when_asked() {
+    let t = installation();
+    let nodes = nodes(&t);
+    let key = controller_key(&t);
+    let dir = t.temp.path().join("www");
+    let out = t.ok(&[
+        "recovery",
+        "publish",
+        dir.to_str().unwrap(),
+        "--without-token",
+    ]);
+    let (id, token) = &nodes["z.b"];
+    let lost = recovery::lost_token_name(*id, &key);
+    assert!(
+        out.contains(&lost) && out.contains("without token"),
+        "{out}"
+    );
+    assert!(dir.join(recovery::object_name(token)).is_file());
+    let bytes = std::fs::read(dir.join(&lost)).unwrap();
+    assert!(matches!(
+        recovery::open(&bytes, *id, Some(token), &[key], false, None),
+        Err(RecoveryError::WithoutTokenRefused)
+    ));
+    let opened = recovery::open(&bytes, *id, None, &[key], true, None).unwrap();
+    assert!(!opened.token_bound);
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 6);
+
+    let file = t.temp.path().join("lost.tlr");
+    let out = t.ok(&[
+        "recovery",
+        "make",
+        "node",
+        "z.b",
+        "-o",
+        file.to_str().unwrap(),
+        "--without-token",
+    ]);
+    assert!(out.contains(&lost), "{out}");
+    let bytes = std::fs::read(&file).unwrap();
+    let newer = recovery::open(&bytes, *id, None, &[key], true, Some(opened.seq)).unwrap();
+    assert!(newer.seq > opened.seq);
+}
+
+#[test]
+fn bad_arguments_are_refused_with_one_line() {
+    let t = installation();
+    let file = t.temp.path().join("o.tlr");
+    let file = file.to_str().unwrap();
+    let err = t.refused(&["recovery", "make", "node", "nope.a", "-o", file], 1);
+    assert!(err.contains("nope.a"), "{err}");
+    let err = t.refused(&["recovery", "make", "node", "fresh.b", "-o", file], 1);
+    assert!(
+        err.contains("fresh.b") && err.contains("no committed version"),
+        "{err}"
+    );
+    let err = t.refused(&["recovery", "make", "node", "not a name", "-o", file], 1);
+    assert!(err.contains("not a name"), "{err}");
+    let inside = t.path("recovery-objects");
+    let err = t.refused(&["recovery", "publish", inside.to_str().unwrap()], 1);
+    assert!(err.contains("inside the configuration directory"), "{err}");
+    assert!(!std::path::Path::new(file).exists());
+
+    // Before the first commit there is no signing key.
+    let fresh = Installation::new();
+    fresh.ok(&["add", "site", "a"]);
+    fresh.ok(&["add", "node", "x.a"]);
+    let err = fresh.refused(
+        &[
+            "recovery",
+            "publish",
+            t.temp.path().join("w").to_str().unwrap(),
+        ],
+        1,
+    );
+    assert!(err.contains("signing.key"), "{err}");
+}
