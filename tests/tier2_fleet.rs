@@ -1486,7 +1486,7 @@ fn the_controller_moves_and_every_node_follows() {
     ]);
     let out = net.ctl.ok(&["commit", "all"]);
     assert!(out.contains("3 new version(s)"), "{out}");
-    let out = net.ctl.ok(&[
+    let run = net.ctl.run(&[
         "activate",
         "all",
         "--confirm",
@@ -1495,7 +1495,18 @@ fn the_controller_moves_and_every_node_follows() {
         "--timeout",
         "180",
     ]);
-    assert!(out.contains("3 of 3 node(s) blessed the version"), "{out}");
+    assert!(
+        run.code == 0 && run.stdout.contains("3 of 3 node(s) blessed the version"),
+        "{}{}\nr.s1's log:\n{}",
+        run.stdout,
+        run.stderr,
+        net.site(1)
+            .log()
+            .lines()
+            .filter(|l| !l.contains("DEBUG"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     for site in &net.sites {
         let working = std::fs::read_to_string(site.state.join("management.toml"))
             .unwrap_or_else(|e| panic!("{}: no working management settings: {e}", site.node()));

@@ -134,6 +134,16 @@ impl Boringtun {
     }
 }
 
+/// The UAPI request that removes the peer of `link`.
+fn remove_request(link: &WireGuardLink) -> String {
+    format!(
+        "set=1\npublic_key={}\nremove=true\n\n",
+        link.peer_public_key_hex
+    )
+}
+
+/// The UAPI request that configures `link`: from scratch (`full`: private key, port, the peer
+/// replacing every other), or its peer only (added: see [`Boringtun`]'s `ensure`).
 fn set_request(link: &WireGuardLink, full: bool) -> String {
     let mut request = String::from("set=1\n");
     if full {
@@ -150,9 +160,7 @@ fn set_request(link: &WireGuardLink, full: bool) -> String {
         "persistent_keepalive_interval={}\n",
         link.keepalive
     ));
-    if full {
-        request.push_str("replace_allowed_ips=true\nallowed_ip=0.0.0.0/0\nallowed_ip=::/0\n");
-    }
+    request.push_str("replace_allowed_ips=true\nallowed_ip=0.0.0.0/0\nallowed_ip=::/0\n");
     request.push('\n');
     request
 }
@@ -166,8 +174,14 @@ impl WireGuard for Boringtun {
             let same_identity = device.config.private_key_hex == link.private_key_hex
                 && device.config.listen_port == link.listen_port
                 && device.config.peer_public_key_hex == link.peer_public_key_hex;
-            // Only the endpoint or keepalive changed: update the peer in place, the session
-            // keeps running. Otherwise configure from scratch.
+            // Only the endpoint or keepalive changed: the peer is added again (see
+            // `set_request`). Otherwise configure from scratch.
+            // boringtun cannot modify a peer it has (its device thread panics), and keeps
+            // `remove` for the rest of a request: a changed peer is removed, then added again
+            // in a second request; the session restarts with a handshake.
+            if same_identity {
+                device.api.request(&remove_request(link))?;
+            }
             device.api.request(&set_request(link, !same_identity))?;
             device.config = link.clone();
             return Ok(Ensured::Reconfigured);

@@ -277,12 +277,18 @@ pub fn run(node: Node, options: Options, shutdown: &Shutdown) -> anyhow::Result<
     let mut watch = Watch::default();
     while !shutdown.is_triggered() {
         let seen = shared.generation.load(Ordering::SeqCst);
+        // The management link's settings as the management thread chose them, and their number.
+        let (chosen, link_number) = shared
+            .link
+            .lock()
+            .map(|link| link.clone())
+            .unwrap_or_default();
         let round = dataplane.as_ref().map(|_| {
-            // The tunnels follow the current version and the identity.
-            let chosen = shared.link.lock().ok().and_then(|link| link.clone());
+            // The tunnels follow the current version; the management link the chosen settings.
             node.desired_dataplane(chosen.as_ref())
                 .map_err(|e| e.to_string())
         });
+        let mut applied = round.as_ref().is_some_and(|r| r.is_ok());
         let mut actions = VecDeque::from(daemon.step(Instant::now(), Observed::Round(round)));
         while let Some(action) = actions.pop_front() {
             let outcome = match action {
@@ -291,6 +297,7 @@ pub fn run(node: Node, options: Options, shutdown: &Shutdown) -> anyhow::Result<
                 Action::Reconcile(desired) => {
                     let dataplane = dataplane.as_mut().expect("only asked with a data plane");
                     let report = dataplane.reconcile(&desired).map_err(|e| e.to_string());
+                    applied &= report.is_ok();
                     Some(Observed::Reconciled(report))
                 }
                 Action::ReadCounters(names) => {
@@ -321,6 +328,9 @@ pub fn run(node: Node, options: Options, shutdown: &Shutdown) -> anyhow::Result<
             if let Some(observed) = outcome {
                 actions.extend(daemon.step(Instant::now(), observed));
             }
+        }
+        if applied {
+            shared.link_applied.store(link_number, Ordering::SeqCst);
         }
         if options.once {
             break;

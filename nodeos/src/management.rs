@@ -71,9 +71,11 @@ pub struct Shared {
     pub generation: AtomicU64,
     /// The data plane links as the main loop last saw them.
     pub tunnels: Mutex<Vec<TunnelReport>>,
-    /// The management settings the link should use ([`LinkChoice`]); none until the
-    /// management thread chose.
-    pub link: Mutex<Option<Management>>,
+    /// The management settings the link should use ([`LinkChoice`]) and their number (bumped
+    /// at each change); none until the management thread chose.
+    pub link: Mutex<(Option<Management>, u64)>,
+    /// The number of the settings the data plane has applied to the link.
+    pub link_applied: AtomicU64,
     pub started: Instant,
 }
 
@@ -82,7 +84,8 @@ impl Default for Shared {
         Shared {
             generation: AtomicU64::new(0),
             tunnels: Mutex::new(Vec::new()),
-            link: Mutex::new(None),
+            link: Mutex::new((None, 0)),
+            link_applied: AtomicU64::new(0),
             started: Instant::now(),
         }
     }
@@ -93,6 +96,9 @@ impl Shared {
         self.generation.fetch_add(1, Ordering::SeqCst);
     }
 }
+
+/// How long the management thread waits for the daemon to apply new link settings.
+const LINK_APPLIED_WITHIN: Duration = Duration::from_secs(10);
 
 /// How long one controller endpoint is tried before the next: a reconfigured link needs a
 /// round of the daemon and a WireGuard handshake before a sync can pass.
@@ -430,19 +436,35 @@ fn open_sync_reply(node: &Node, body: &[u8], report: &NodeReport) -> Result<Repl
 }
 
 /// Publishes the settings the link should use; the daemon's next round reconfigures it.
-/// Returns whether they changed.
-fn publish_link(shared: &Shared, settings: Option<Management>) -> bool {
-    let changed = match shared.link.lock() {
-        Ok(mut link) if *link != settings => {
-            *link = settings;
-            true
+/// Returns their number when they changed.
+fn publish_link(shared: &Shared, settings: Option<Management>) -> Option<u64> {
+    let published = match shared.link.lock() {
+        Ok(mut link) if link.0 != settings => {
+            link.0 = settings;
+            link.1 += 1;
+            Some(link.1)
         }
-        _ => false,
+        _ => None,
     };
-    if changed {
+    if published.is_some() {
         shared.changed();
     }
-    changed
+    published
+}
+
+/// Waits until the data plane applied settings number `number` to the link (at most
+/// `limit`); whether it did.
+fn wait_applied(shared: &Shared, number: u64, limit: Duration) -> bool {
+    let until = Instant::now() + limit;
+    loop {
+        if shared.link_applied.load(Ordering::SeqCst) >= number {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// The management thread: choose the settings, sync, act on the reply, repeat. Never returns.
@@ -451,6 +473,8 @@ pub fn run(node: Node, shared: Arc<Shared>) {
     let mut reachable = true;
     let mut wait_ms = 0u64;
     let mut choice = LinkChoice::new(node.state.working_management(), Instant::now());
+    // Whether the link runs with the settings in use (a sync through them proves them).
+    let mut link_ready = false;
     loop {
         let report = match build_report(&node, &shared) {
             Ok(report) => report,
@@ -466,13 +490,18 @@ pub fn run(node: Node, shared: Arc<Shared>) {
             Instant::now(),
         );
         let settings = choice.settings();
-        if publish_link(&shared, settings.clone()) {
+        if let Some(number) = publish_link(&shared, settings.clone()) {
             if let Some(settings) = &settings {
                 tracing::info!(
                     endpoint = %settings.controller_endpoints.join(","),
                     settings = choice.describe(),
                     "management link: trying"
                 );
+            }
+            // A sync proves settings only once the link runs with them.
+            link_ready = wait_applied(&shared, number, LINK_APPLIED_WITHIN);
+            if !link_ready {
+                tracing::warn!("the data plane did not apply the management link's new settings in time; trying anyway");
             }
         }
         let Some(settings) = settings else {
@@ -526,7 +555,7 @@ pub fn run(node: Node, shared: Arc<Shared>) {
                     tracing::info!(%api, %endpoint, "controller reachable again");
                     reachable = true;
                 }
-                if let Some(working) = choice.reached() {
+                if let Some(working) = link_ready.then(|| choice.reached()).flatten() {
                     match node.state.save_working_management(&working) {
                         Ok(()) => tracing::info!(
                             endpoints = %working.controller_endpoints.join(","),
