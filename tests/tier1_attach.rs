@@ -505,7 +505,15 @@ fn a_certificate_tlm_did_not_make_is_kept_and_its_missing_names_are_warned_about
     // The operator's own certificate and key in place of tlm's (tlm's record names the
     // certificate it made, by fingerprint).
     let made = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
         .args(["-days", "30", "-subj", "/CN=ops.example", "-addext"])
         .arg("subjectAltName=DNS:ops.example,DNS:localhost,IP:127.0.0.1")
         .arg("-keyout")
@@ -514,7 +522,11 @@ fn a_certificate_tlm_did_not_make_is_kept_and_its_missing_names_are_warned_about
         .arg(&cert)
         .output()
         .expect("openssl");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
     let before = std::fs::read(&cert).unwrap();
     t.ok(&["set", "global", "controller_endpoint", "\"ctl.example\""]);
     t.ok(&["commit", "all"]);
@@ -552,7 +564,8 @@ fn a_certificate_an_earlier_tlm_made_follows_the_endpoints() {
     t.ok(&["commit", "all"]);
     let run = attach_once(&t, port, &[]);
     assert!(
-        run.stdout.contains("attach certificate remade: it now names ctl.example"),
+        run.stdout
+            .contains("attach certificate remade: it now names ctl.example"),
         "{}{}",
         run.stdout,
         run.stderr

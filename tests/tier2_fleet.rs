@@ -1449,7 +1449,15 @@ fn the_controller_moves_and_every_node_follows() {
     let moved = "203.0.113.253";
     towalink_tests::network::sh(
         "ip",
-        &["-n", &ctl_netns, "addr", "add", &format!("{moved}/32"), "dev", "lo"],
+        &[
+            "-n",
+            &ctl_netns,
+            "addr",
+            "add",
+            &format!("{moved}/32"),
+            "dev",
+            "lo",
+        ],
     );
     for site in &net.sites {
         let via = format!("192.0.2.{}", 2 * (site.index - 1));
@@ -1558,9 +1566,8 @@ fn the_controller_moves_and_every_node_follows() {
     net.ctl
         .ok(&["set", "global", "controller_endpoint", "\"203.0.113.77\""]);
     net.ctl.ok(&["commit", "all"]);
-    net.ctl.ok(&[
-        "activate", "node", "r.s2", "--confirm", "30", "--no-wait",
-    ]);
+    net.ctl
+        .ok(&["activate", "node", "r.s2", "--confirm", "30", "--no-wait"]);
     wait_for(
         Duration::from_secs(240),
         || {
@@ -1589,9 +1596,7 @@ fn the_controller_moves_and_every_node_follows() {
 
     sh_kill_int(pinger.id());
     let (lost, sent, outage_ms) = ping_outage(pinger.wait_with_output().unwrap());
-    eprintln!(
-        "controller move: {lost} of {sent} LAN pings lost (outage about {outage_ms:.0} ms)"
-    );
+    eprintln!("controller move: {lost} of {sent} LAN pings lost (outage about {outage_ms:.0} ms)");
     assert!(sent > 50, "the pinger ran too briefly: {sent}");
     assert!(
         lost * 20 < sent,
@@ -1601,4 +1606,189 @@ fn the_controller_moves_and_every_node_follows() {
 
 fn sh_kill_int(pid: u32) {
     towalink_tests::network::sh("kill", &["-INT", &pid.to_string()]);
+}
+
+/// Issue 12: the controller moved to another host and the nodes were never told (their
+/// settings name an address that is gone). `tlm recovery publish` writes the objects, a plain
+/// HTTP server in the new host's namespace serves them; r.s1 finds its object there, r.s2 on
+/// its media (as on a card's boot partition). A tampered object is refused and changes nothing;
+/// the valid one brings each node to the new address, confirmed only once the controller is
+/// reached through it.
+#[test]
+fn a_stranded_node_recovers_from_a_plain_web_server_and_from_its_media() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let new_address = "203.0.113.253";
+    let mut options = Options::new(2, Topology::Mesh);
+    options.controller = true;
+    options.global = vec![
+        (
+            "recovery_urls".into(),
+            format!("[\"http://{new_address}:8080/towalink\"]"),
+        ),
+        ("recovery_after_s".into(), "10".into()),
+    ];
+    let mut net = Network::build(options);
+    net.wait_reported(&[1, 2], 1, "good", Duration::from_secs(60));
+
+    // The controller moves to another host; nothing tells the nodes.
+    net.move_controller(new_address.parse().unwrap());
+    let ctl_netns = net.controller.as_ref().unwrap().netns.clone();
+    net.ctl.ok(&[
+        "set",
+        "global",
+        "controller_endpoint",
+        &format!("\"{new_address}\""),
+    ]);
+    net.ctl.ok(&["commit", "all"]);
+
+    // Published objects; r.s2's goes to its media, tampered first.
+    let www = net.ctl.dir.parent().unwrap().join("www");
+    let out = net.ctl.ok(&[
+        "recovery",
+        "publish",
+        www.join("towalink").to_str().unwrap(),
+    ]);
+    assert!(out.contains("r.s1") && out.contains("r.s2"), "{out}");
+    let secrets: toml::Table = std::fs::read_to_string(net.ctl.dir.join("generated/secrets.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let token = |site: u32| -> String {
+        let identity: toml::Table =
+            std::fs::read_to_string(net.site(site).state.join("identity/node.toml"))
+                .unwrap()
+                .parse()
+                .unwrap();
+        let id = identity["node_id"].as_integer().unwrap();
+        secrets["node"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"].as_integer() == Some(id))
+            .and_then(|n| n["recovery_token"].as_str())
+            .unwrap()
+            .to_string()
+    };
+    let s2_name = towalink_bundle::recovery::object_name(&token(2));
+    let s2_object = std::fs::read(www.join("towalink").join(&s2_name)).unwrap();
+    std::fs::remove_file(www.join("towalink").join(&s2_name)).unwrap();
+    let usb = net.site(2).media.join("usb/towalink-recovery");
+    std::fs::create_dir_all(&usb).unwrap();
+    let mut tampered = s2_object.clone();
+    let middle = tampered.len() / 2;
+    tampered[middle] ^= 1;
+    std::fs::write(usb.join(&s2_name), &tampered).unwrap();
+
+    let _server = Server::start(
+        &ctl_netns,
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "8080",
+            "--bind",
+            new_address,
+            "--directory",
+            www.to_str().unwrap(),
+        ],
+    );
+
+    // r.s1: from the web server, confirmed through the new address.
+    wait_for(
+        Duration::from_secs(180),
+        || {
+            let status = net.fleet_status();
+            let s1 = node_entry(&status, "r.s1");
+            s1["reachable"] == true && s1["active_version"] == 2 && s1["state"] == "good"
+        },
+        || {
+            format!(
+                "r.s1 did not recover v2 from the web server:\n{}\nnode log:\n{}",
+                net.ctl.ok(&["status"]),
+                notable(&net.site(1).log())
+            )
+        },
+    );
+    let s1_log = net.site(1).log();
+    assert!(
+        s1_log.contains("recovered: activated the version of a recovery object"),
+        "{}",
+        tail(&s1_log, 30)
+    );
+    let working = std::fs::read_to_string(net.site(1).state.join("management.toml")).unwrap();
+    assert!(working.contains(new_address), "{working}");
+
+    // r.s2: the tampered object is refused and changes nothing.
+    wait_for(
+        Duration::from_secs(120),
+        || net.site(2).log().contains("recovery object refused"),
+        || {
+            format!(
+                "r.s2 never refused the tampered object:\n{}",
+                tail(&net.site(2).log(), 30)
+            )
+        },
+    );
+    let s2_log = net.site(2).log();
+    let refusal = s2_log
+        .lines()
+        .find(|l| l.contains("recovery object refused"))
+        .unwrap();
+    assert!(refusal.contains("tampered"), "{refusal}");
+    assert_eq!(net.site(2).status()["active_version"], 1);
+    // The valid one, put on the media as a technician would.
+    std::fs::write(usb.join(&s2_name), &s2_object).unwrap();
+    wait_for(
+        Duration::from_secs(180),
+        || {
+            let status = net.fleet_status();
+            let s2 = node_entry(&status, "r.s2");
+            s2["reachable"] == true && s2["active_version"] == 2 && s2["state"] == "good"
+        },
+        || {
+            format!(
+                "r.s2 did not recover v2 from its media:\n{}\nnode log:\n{}",
+                net.ctl.ok(&["status"]),
+                notable(&net.site(2).log())
+            )
+        },
+    );
+    // Routing went on between the sites throughout.
+    net.wait_established(Duration::from_secs(60));
+    assert!(net.site(1).ping(net.site(2).lan()));
+}
+
+/// A node log's last 40 lines of its own (no debug lines, no WireGuard handshake chatter).
+fn notable(log: &str) -> String {
+    if let Ok(path) = std::env::var("TOWALINK_KEEP_LOG") {
+        let _ = std::fs::write(path, log);
+    }
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.contains("DEBUG") && !l.contains("HANDSHAKE"))
+        .collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+/// A process in a namespace, killed when dropped.
+struct Server(std::process::Child);
+
+impl Server {
+    fn start(netns: &str, command: &[&str]) -> Server {
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", netns])
+            .args(command)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the server");
+        Server(child)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

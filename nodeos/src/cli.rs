@@ -118,6 +118,11 @@ pub enum Command {
         /// Milliseconds between checks.
         #[arg(long, default_value = "1000")]
         interval_ms: u64,
+        /// A directory of mounted media (`/media` on images): each `<DIR>/*/towalink-recovery/`
+        /// is looked at for this node's recovery object when the controller cannot be reached
+        /// (docs/recovery.md). May be given more than once.
+        #[arg(long, value_name = "DIR")]
+        recovery_media: Vec<PathBuf>,
     },
 }
 
@@ -230,7 +235,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Some(v) => writeln!(out, "rolled back; v{v} is active")?,
             None => writeln!(out, "marked bad; no version to roll back to")?,
         },
-        Command::Run { once, interval_ms } => {
+        Command::Run {
+            once,
+            interval_ms,
+            recovery_media,
+        } => {
             // Before any thread starts: they inherit the blocked signals.
             let shutdown =
                 towalink_system::Shutdown::new().context("cannot make the stop signal")?;
@@ -240,6 +249,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 dataplane: cli.dataplane,
                 once,
                 interval: Duration::from_millis(interval_ms),
+                recovery_media,
             };
             crate::daemon::run(node, options, &shutdown)?;
         }

@@ -224,8 +224,10 @@ pub enum DataPlaneKind {
 }
 
 /// How the daemon runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Options {
+    /// Directories whose subdirectories may hold `towalink-recovery/` (mounted boot media).
+    pub recovery_media: Vec<std::path::PathBuf>,
     pub dataplane: DataPlaneKind,
     /// Do the start-up work and one round, then return.
     pub once: bool,
@@ -261,10 +263,11 @@ pub fn run(node: Node, options: Options, shutdown: &Shutdown) -> anyhow::Result<
     match node.controller_api() {
         Some(api) if !options.once => {
             let node = node.clone();
+            let recovery_media = options.recovery_media.clone();
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name("management".into())
-                .spawn(move || management::run(node, shared))
+                .spawn(move || management::run(node, shared, recovery_media))
                 .context("cannot start the management thread")?;
             tracing::info!(%api, "syncing with the controller through the management link");
         }
@@ -605,7 +608,8 @@ mod tests {
             daemon.step(now, reconciled(&[]));
             (1..=2 * RESOLVE_ROUNDS)
                 .filter(|_| {
-                    let asked = daemon.step(now, round(state)) == [Action::Reconcile(state.clone())];
+                    let asked =
+                        daemon.step(now, round(state)) == [Action::Reconcile(state.clone())];
                     if asked {
                         daemon.step(now, reconciled(&[]));
                     }

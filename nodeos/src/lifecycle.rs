@@ -373,14 +373,17 @@ impl Node {
         Ok(())
     }
 
+    /// The contract of the active version (none without one, or when it cannot be read).
+    pub fn active_config(&self) -> Option<towalink_bundle::contract::NodeConfig> {
+        let slot = self.state.current()?;
+        let bundle = self.state.slot_bundle(slot).ok()?;
+        towalink_bundle::contract::NodeConfig::of(&bundle).ok()
+    }
+
     /// The management settings of the active version (none: no version, or one from a
     /// controller before versions carried them).
     pub fn version_management(&self) -> Option<Management> {
-        let slot = self.state.current()?;
-        let bundle = self.state.slot_bundle(slot).ok()?;
-        towalink_bundle::contract::NodeConfig::of(&bundle)
-            .ok()?
-            .management
+        self.active_config()?.management
     }
 
     /// What the management link should use now, before the management thread learned

@@ -22,13 +22,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use towalink_bundle::messages::{
-    HealthReport, Management, NodeReport, Order, OrderOutcome, OrderResult, RollbackReport, SlotState,
-    SyncReply, TunnelReport, BUNDLE_PATH, SYNC_PATH,
+    HealthReport, Management, NodeReport, Order, OrderOutcome, OrderResult, RollbackReport,
+    SlotState, SyncReply, TunnelReport, BUNDLE_PATH, SYNC_PATH,
 };
 use towalink_bundle::orders::{self, OrderVerdict, ReplyBody};
 use towalink_bundle::wire;
 
 use crate::lifecycle::{Node, VersionSpec};
+use crate::recovery::{RecoveryState, RecoveryTimer};
 use crate::state::{now, Installed, Older, KEEP_VERSIONS};
 use crate::Error;
 
@@ -221,7 +222,10 @@ impl LinkChoice {
                 ..self.using
             }
         } else {
-            let at = sets.iter().position(|w| *w == self.using.which).unwrap_or(0);
+            let at = sets
+                .iter()
+                .position(|w| *w == self.using.which)
+                .unwrap_or(0);
             Using {
                 which: sets[(at + 1) % sets.len()],
                 endpoint: 0,
@@ -270,6 +274,18 @@ enum CallError {
     Superseded,
 }
 
+/// Why a read gave up: the node's state changed and a fresh report is due.
+#[derive(Debug)]
+struct Superseded;
+
+impl std::fmt::Display for Superseded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("superseded by a fresh report")
+    }
+}
+
+impl std::error::Error for Superseded {}
+
 /// A stream whose reads give up when `abort` says so (checked every 200 ms) or at `deadline`.
 struct Interruptible<'a> {
     stream: TcpStream,
@@ -288,10 +304,8 @@ impl Read for Interruptible<'_> {
                     ) =>
                 {
                     if (self.abort)() {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::Interrupted,
-                            "superseded",
-                        ));
+                        // Not `Interrupted`: `read_until` retries that forever.
+                        return Err(std::io::Error::other(Superseded));
                     }
                     if Instant::now() >= self.deadline {
                         return Err(std::io::Error::new(
@@ -338,7 +352,7 @@ fn call(
             status: response.status,
             body: String::from_utf8_lossy(&response.body).trim().to_string(),
         }),
-        Err(wire::WireError::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {
+        Err(wire::WireError::Io(e)) if e.get_ref().is_some_and(|e| e.is::<Superseded>()) => {
             Err(CallError::Superseded)
         }
         Err(e) => Err(e.into()),
@@ -467,14 +481,31 @@ fn wait_applied(shared: &Shared, number: u64, limit: Duration) -> bool {
     }
 }
 
-/// The management thread: choose the settings, sync, act on the reply, repeat. Never returns.
-pub fn run(node: Node, shared: Arc<Shared>) {
+/// The management thread: choose the settings, sync, act on the reply, repeat; when the
+/// controller stays out of reach, look for a recovery object ([`crate::recovery`]) at the
+/// active version's `recovery_urls` and under `media`. Never returns.
+pub fn run(node: Node, shared: Arc<Shared>, media: Vec<std::path::PathBuf>) {
     let mut interval = Duration::from_secs(DEFAULT_INTERVAL_S);
     let mut reachable = true;
     let mut wait_ms = 0u64;
     let mut choice = LinkChoice::new(node.state.working_management(), Instant::now());
     // Whether the link runs with the settings in use (a sync through them proves them).
     let mut link_ready = false;
+    let mut recovery_state = RecoveryState::load(&node);
+    if recovery_state.count_boot(&boot_id()) {
+        recovery_state.save(&node);
+    }
+    let mut recovery_timer = RecoveryTimer::new(Instant::now());
+    let look_for_recovery = |node: &Node, state: &mut RecoveryState, timer: &mut RecoveryTimer| {
+        let now = Instant::now();
+        let settings = crate::recovery::Settings::of(node.active_config().as_ref(), &media);
+        if timer.due(now, settings.after) {
+            timer.looked(now);
+            if crate::recovery::look(node, &media, state).is_some() {
+                shared.changed();
+            }
+        }
+    };
     loop {
         let report = match build_report(&node, &shared) {
             Ok(report) => report,
@@ -546,6 +577,7 @@ pub fn run(node: Node, shared: Arc<Shared>) {
                             "sync reply refused; keeping the last good settings"
                         );
                         choice.failed(Instant::now());
+                        look_for_recovery(&node, &mut recovery_state, &mut recovery_timer);
                         wait_ms = 0;
                         pause(interval, &abort);
                         continue;
@@ -554,6 +586,10 @@ pub fn run(node: Node, shared: Arc<Shared>) {
                 if !reachable {
                     tracing::info!(%api, %endpoint, "controller reachable again");
                     reachable = true;
+                }
+                recovery_timer.reached(Instant::now());
+                if recovery_state.reached_controller() {
+                    recovery_state.save(&node);
                 }
                 if let Some(working) = link_ready.then(|| choice.reached()).flatten() {
                     match node.state.save_working_management(&working) {
@@ -595,6 +631,7 @@ pub fn run(node: Node, shared: Arc<Shared>) {
                     tracing::debug!(%api, %endpoint, %error, "controller still unreachable");
                 }
                 choice.failed(Instant::now());
+                look_for_recovery(&node, &mut recovery_state, &mut recovery_timer);
                 wait_ms = 0;
                 // Come back early when the local state changes, else after the interval.
                 pause(interval.min(Duration::from_secs(2)), &abort);
@@ -825,7 +862,11 @@ mod tests {
         choice.failed(t0 + TRY_ENDPOINT);
         assert_eq!(endpoint(&choice), "new-b:1");
         choice.failed(t0 + TRY_ENDPOINT * 2);
-        assert_eq!(endpoint(&choice), "new-a:1", "pending: never the old settings");
+        assert_eq!(
+            endpoint(&choice),
+            "new-a:1",
+            "pending: never the old settings"
+        );
         assert!(choice.through_version());
     }
 
@@ -861,7 +902,10 @@ mod tests {
         assert_eq!(endpoint(&choice), "new:1");
         choice.observe(None, false, t0);
         assert_eq!(endpoint(&choice), "new:1");
-        assert!(choice.through_version(), "a version without settings has nothing to prove");
+        assert!(
+            choice.through_version(),
+            "a version without settings has nothing to prove"
+        );
     }
 
     #[test]
@@ -886,6 +930,27 @@ mod tests {
         assert_eq!(choice.settings(), None);
         choice.observe(Some(settings(&["a:1"])), false, t0);
         assert_eq!(endpoint(&choice), "a:1");
+    }
+
+    #[test]
+    fn a_held_sync_is_dropped_at_once_when_a_fresh_report_is_due() {
+        // A controller that accepts and never answers (a long poll).
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let api = listener.local_addr().unwrap();
+        let holder = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+        let started = Instant::now();
+        let result = call(
+            api,
+            "POST",
+            "/v1/sync",
+            b"{}",
+            1024,
+            Duration::from_secs(60),
+            &|| started.elapsed() > Duration::from_millis(300),
+        );
+        assert!(matches!(result, Err(CallError::Superseded)), "{result:?}");
+        assert!(started.elapsed() < Duration::from_secs(30));
+        drop(holder.join());
     }
 
     #[test]

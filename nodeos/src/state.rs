@@ -532,7 +532,9 @@ impl StateDir {
                 ),
             },
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => tracing::error!(path = %path.display(), %error, "cannot read; using the identity's management settings"),
+            Err(error) => {
+                tracing::error!(path = %path.display(), %error, "cannot read; using the identity's management settings")
+            }
         }
         self.identity().ok()?.management
     }

@@ -93,6 +93,8 @@ pub struct Site {
     pub root: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
+    /// The daemon's `--recovery-media` (as `/media` on an image): `<media>/<disk>/towalink-recovery/`.
+    pub media: PathBuf,
     daemon: Option<Child>,
     bird: Option<Child>,
 }
@@ -192,8 +194,18 @@ impl Site {
             .append(true)
             .open(&self.log)
             .unwrap();
+        std::fs::create_dir_all(&self.media).unwrap();
+        let media = self.media.display().to_string();
         let child = self
-            .node_command(&["--loglevel", "debug", "run", "--interval-ms", "200"])
+            .node_command(&[
+                "--loglevel",
+                "debug",
+                "run",
+                "--interval-ms",
+                "200",
+                "--recovery-media",
+                &media,
+            ])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -355,6 +367,7 @@ impl Network {
                 root: dir.join("root"),
                 socket: dir.join("bird.ctl"),
                 log: dir.join("node.log"),
+                media: dir.join("media"),
                 daemon: None,
                 bird: None,
             });
@@ -482,6 +495,99 @@ impl Network {
             log: self.temp.path().join("controller.log"),
             service: None,
         });
+    }
+
+    /// The controller moves to another host: a new namespace linked to every site
+    /// (192.0.3.2(i-1)/31 on its side, `uc2` in the site), `address` on its `lo`, a route to it
+    /// in every site; the service stops in the old namespace, which is deleted (its links and
+    /// the old endpoint with it), and starts in the new one.
+    pub fn move_controller(&mut self, address: Ipv4Addr) {
+        let netns = format!("{}c2", self.prefix);
+        sh("ip", &["netns", "add", &netns]);
+        sh("ip", &["-n", &netns, "link", "set", "lo", "up"]);
+        sh(
+            "ip",
+            &[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{address}/32"),
+                "dev",
+                "lo",
+            ],
+        );
+        for site in &self.sites {
+            let i = site.index;
+            let (ctl_addr, site_addr) = (
+                format!("192.0.3.{}", 2 * (i - 1)),
+                format!("192.0.3.{}", 2 * (i - 1) + 1),
+            );
+            let ctl_if = format!("c{i}");
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    &netns,
+                    "link",
+                    "add",
+                    &ctl_if,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "uc2",
+                    "netns",
+                    &site.netns,
+                ],
+            );
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    &netns,
+                    "addr",
+                    "add",
+                    &format!("{ctl_addr}/31"),
+                    "dev",
+                    &ctl_if,
+                ],
+            );
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    &site.netns,
+                    "addr",
+                    "add",
+                    &format!("{site_addr}/31"),
+                    "dev",
+                    "uc2",
+                ],
+            );
+            sh("ip", &["-n", &netns, "link", "set", &ctl_if, "up"]);
+            sh("ip", &["-n", &site.netns, "link", "set", "uc2", "up"]);
+            sh(
+                "ip",
+                &[
+                    "-n",
+                    &site.netns,
+                    "route",
+                    "add",
+                    &format!("{address}/32"),
+                    "via",
+                    &ctl_addr,
+                ],
+            );
+        }
+        self.kill_controller();
+        let controller = self
+            .controller
+            .as_mut()
+            .expect("a network with a controller");
+        let old = std::mem::replace(&mut controller.netns, netns);
+        sh("ip", &["netns", "del", &old]);
+        self.start_controller();
     }
 
     /// `tlm` run inside the controller's namespace.

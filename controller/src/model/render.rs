@@ -523,7 +523,9 @@ mod tests {
             Level::Global,
         );
         assert_eq!(
-            node_toml(&complete, &effective, None).unwrap_err().to_string(),
+            node_toml(&complete, &effective, None)
+                .unwrap_err()
+                .to_string(),
             "`config.toml`: attribute `node_boot_tries` must be an integer from 1 to 100"
         );
         let (complete, effective) = attributes(&format!("contract = 1\n{TODAY}"), node);

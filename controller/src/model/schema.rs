@@ -13,7 +13,10 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use toml::Value;
-use towalink_bundle::contract::{HealthCheck, BOOT_TRIES, HEALTH_TIMEOUT_S};
+use towalink_bundle::contract::{
+    HealthCheck, BOOT_TRIES, HEALTH_TIMEOUT_S, RECOVERY_AFTER_S, RECOVERY_CONFIRM_S,
+    RECOVERY_LOST_TOKEN_BOOTS,
+};
 
 use crate::model::attributes::{dotted, Level};
 
@@ -63,6 +66,9 @@ pub enum Type {
     /// A BIRD interface pattern (written between quotes into bird.conf).
     InterfacePattern,
     PackageName,
+    /// Where a node looks for recovery objects: `http://host[:port][/path]` or an absolute
+    /// directory ([`towalink_bundle::recovery::Location`]).
+    RecoveryLocation,
     /// `<node>.<site>` or a node id.
     NodeRef,
     /// "dhcp" or an address with prefix length.
@@ -426,6 +432,52 @@ pub const ATTRIBUTES: &[Attribute] = &[
         seconds(*HEALTH_TIMEOUT_S.start() as i64, *HEALTH_TIMEOUT_S.end() as i64),
         ALL,
         "seconds a pending version may take to pass its checks before it is rolled back",
+    ),
+    // Recovery (towalink-node; docs/recovery.md).
+    optional(
+        "recovery_urls",
+        Type::List(&Type::RecoveryLocation, 0),
+        ALL,
+        "none",
+        "where the node looks for its recovery object (`tlm recovery publish`) when it cannot \
+         reach the controller: `http://` URLs (`<url>/<object name>`) or absolute directories; \
+         the boot partition's `towalink-recovery/` is always looked at where the daemon is told \
+         (`--recovery-media`)",
+    ),
+    optional(
+        "recovery_after_s",
+        seconds(
+            *RECOVERY_AFTER_S.start() as i64,
+            *RECOVERY_AFTER_S.end() as i64,
+        ),
+        ALL,
+        "3600",
+        "seconds without reaching the controller before the node looks for a recovery object \
+         (again after as long each time); it also looks once at each boot that does not reach \
+         the controller",
+    ),
+    optional(
+        "recovery_lost_token_boots",
+        plain(
+            *RECOVERY_LOST_TOKEN_BOOTS.start() as i64,
+            *RECOVERY_LOST_TOKEN_BOOTS.end() as i64,
+        ),
+        ALL,
+        "5",
+        "boots in a row without a management connection after which the node accepts a recovery \
+         object made without its recovery token (`--without-token`); 0: never. The trade-off is \
+         in docs/recovery.md",
+    ),
+    optional(
+        "recovery_confirm_s",
+        seconds(
+            *RECOVERY_CONFIRM_S.start() as i64,
+            *RECOVERY_CONFIRM_S.end() as i64,
+        ),
+        ALL,
+        "600",
+        "confirm timer of a version taken from a recovery object: rolled back unless the \
+         controller is reached through it in time",
     ),
     settable(
         "bundle_file_sizes",
@@ -827,6 +879,9 @@ impl Type {
                 text.is_some_and(|t| !t.is_empty() && !t.contains(['"', '\\']) && !has_control(t))
             }
             Type::PackageName => text.is_some_and(is_package_name),
+            Type::RecoveryLocation => {
+                text.is_some_and(|t| towalink_bundle::recovery::Location::parse(t).is_ok())
+            }
             Type::NodeRef => {
                 text.is_some_and(|t| t.parse::<crate::model::names::NodeRef>().is_ok())
             }
@@ -940,6 +995,9 @@ impl Type {
             }
             Type::InterfacePattern => "a BIRD interface pattern like \"eth*\"".into(),
             Type::PackageName => "an Alpine package name".into(),
+            Type::RecoveryLocation => {
+                "an `http://host[:port][/path]` URL or an absolute directory".into()
+            }
             Type::NodeRef => "a node `<node>.<site>` or id".into(),
             Type::DhcpOrAddress => {
                 "\"dhcp\" or an address with prefix length like \"192.0.2.10/24\"".into()

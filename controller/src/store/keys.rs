@@ -3,7 +3,6 @@
 //! versions (its public half always derived from it), the attach endpoint's TLS files, a
 //! node's identity and secrets. The disk half of [`crate::model::management`].
 
-
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use ed25519_dalek::SigningKey;

@@ -35,6 +35,15 @@ pub const BOOT_TRIES: RangeInclusive<u32> = 1..=100;
 /// What `node_health_timeout_s` may be, in seconds.
 pub const HEALTH_TIMEOUT_S: RangeInclusive<u64> = 1..=86_400;
 
+/// What `recovery_after_s` may be, in seconds.
+pub const RECOVERY_AFTER_S: RangeInclusive<u64> = 10..=604_800;
+pub const DEFAULT_RECOVERY_AFTER_S: u64 = 3600;
+/// What `recovery_confirm_s` may be, in seconds.
+pub const RECOVERY_CONFIRM_S: RangeInclusive<u64> = 30..=86_400;
+pub const DEFAULT_RECOVERY_CONFIRM_S: u64 = 600;
+/// What `recovery_lost_token_boots` may be (0: never).
+pub const RECOVERY_LOST_TOKEN_BOOTS: RangeInclusive<u32> = 0..=1000;
+
 /// What a version tells its node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeConfig {
@@ -67,6 +76,23 @@ pub struct NodeConfig {
     /// ignore it and keep their identity's settings.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub management: Option<Management>,
+    /// Where the node looks for its recovery objects when it cannot reach the controller
+    /// (`http://` URLs, absolute directories; [`crate::recovery::Location`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recovery_urls: Vec<String>,
+    /// Seconds without reaching the controller before the node looks ([`RECOVERY_AFTER_S`];
+    /// absent: [`DEFAULT_RECOVERY_AFTER_S`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_after_s: Option<u64>,
+    /// Boots in a row without a management connection after which an object without the
+    /// recovery token is accepted; 0: never (absent:
+    /// [`crate::recovery::DEFAULT_LOST_TOKEN_BOOTS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_lost_token_boots: Option<u32>,
+    /// The confirm timer of a version taken from a recovery object ([`RECOVERY_CONFIRM_S`];
+    /// absent: [`DEFAULT_RECOVERY_CONFIRM_S`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_confirm_s: Option<u64>,
 }
 
 /// One peer link as the node sees it (the `peers` tables; templates read the same fields).
@@ -197,6 +223,10 @@ impl Default for NodeConfig {
             node_health_checks: None,
             node_health_timeout_s: default_health_timeout_s(),
             management: None,
+            recovery_urls: Vec::new(),
+            recovery_after_s: None,
+            recovery_lost_token_boots: None,
+            recovery_confirm_s: None,
         }
     }
 }
@@ -258,6 +288,47 @@ impl NodeConfig {
                 u64::from(*BOOT_TRIES.start()),
                 u64::from(*BOOT_TRIES.end()),
             ));
+        }
+        if self
+            .recovery_after_s
+            .is_some_and(|s| !RECOVERY_AFTER_S.contains(&s))
+        {
+            return Err(out_of_range(
+                "recovery_after_s",
+                *RECOVERY_AFTER_S.start(),
+                *RECOVERY_AFTER_S.end(),
+            ));
+        }
+        if self
+            .recovery_confirm_s
+            .is_some_and(|s| !RECOVERY_CONFIRM_S.contains(&s))
+        {
+            return Err(out_of_range(
+                "recovery_confirm_s",
+                *RECOVERY_CONFIRM_S.start(),
+                *RECOVERY_CONFIRM_S.end(),
+            ));
+        }
+        if self
+            .recovery_lost_token_boots
+            .is_some_and(|n| !RECOVERY_LOST_TOKEN_BOOTS.contains(&n))
+        {
+            return Err(out_of_range(
+                "recovery_lost_token_boots",
+                u64::from(*RECOVERY_LOST_TOKEN_BOOTS.start()),
+                u64::from(*RECOVERY_LOST_TOKEN_BOOTS.end()),
+            ));
+        }
+        if let Some(bad) = self
+            .recovery_urls
+            .iter()
+            .find_map(|u| crate::recovery::Location::parse(u).err())
+        {
+            return Err(ContractError::Invalid {
+                line: None,
+                key: Some("recovery_urls".into()),
+                message: bad,
+            });
         }
         if !HEALTH_TIMEOUT_S.contains(&self.node_health_timeout_s) {
             return Err(out_of_range(

@@ -426,6 +426,71 @@ fn sign(object: &mut Vec<u8>, key: &SigningKey) {
     object.extend_from_slice(&signature.to_bytes());
 }
 
+/// Where a node looks for its recovery objects: a `recovery_urls` entry. Parsed the same way
+/// by the controller's schema (refused at `tlm set`) and by the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// `http://host[:port][/path]`: the object is fetched from `<path>/<name>`.
+    Http {
+        /// `host:port` (port 80 unless given), as a socket address string to resolve.
+        authority: String,
+        /// The path prefix, starting with `/`, without a trailing `/`.
+        path: String,
+    },
+    /// An absolute directory on the node (a mounted USB stick): `<dir>/<name>`.
+    Directory(String),
+}
+
+impl Location {
+    /// Parses `http://host[:port][/path]` or an absolute directory. `https` is not supported
+    /// yet: objects are signed and sealed, so plain HTTP reveals and risks nothing.
+    pub fn parse(text: &str) -> Result<Location, String> {
+        let bad = |why: &str| format!("`{text}`: {why}");
+        if text.chars().any(char::is_control) || text.contains(char::is_whitespace) {
+            return Err(bad("has spaces or control characters"));
+        }
+        if let Some(rest) = text.strip_prefix("http://") {
+            let (authority, path) = match rest.find('/') {
+                Some(at) => (&rest[..at], &rest[at..]),
+                None => (rest, ""),
+            };
+            if authority.is_empty() || authority.contains('@') {
+                return Err(bad("needs a host (and no user)"));
+            }
+            let has_port = match authority.rfind(']') {
+                Some(close) => authority[close..].contains(':'),
+                None => authority.matches(':').count() == 1,
+            };
+            if !authority.starts_with('[') && authority.matches(':').count() > 1 {
+                return Err(bad(
+                    "an IPv6 address goes in brackets: http://[2001:db8::1]:8080/",
+                ));
+            }
+            let authority = if has_port {
+                authority.to_string()
+            } else {
+                format!("{authority}:80")
+            };
+            if path.contains(['?', '#']) || path.split('/').any(|c| c == "..") {
+                return Err(bad("the path may not hold `?`, `#` or `..`"));
+            }
+            return Ok(Location::Http {
+                authority,
+                path: path.trim_end_matches('/').to_string(),
+            });
+        }
+        if text.contains("://") {
+            return Err(bad(
+                "only http:// URLs and absolute directories are supported",
+            ));
+        }
+        if !text.starts_with('/') || text.split('/').any(|c| c == "..") {
+            return Err(bad("neither an http:// URL nor an absolute directory"));
+        }
+        Ok(Location::Directory(text.trim_end_matches('/').to_string()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -741,6 +806,48 @@ mod tests {
             let mut bad = object.clone();
             bad[index] ^= value;
             proptest::prop_assert!(open(&bad, 7, Some(TOKEN), &trusted(), true, None).is_err());
+        }
+    }
+
+    #[test]
+    fn locations_parse_http_and_directories_and_refuse_the_rest() {
+        assert_eq!(
+            Location::parse("http://203.0.113.9:8080/towalink/").unwrap(),
+            Location::Http {
+                authority: "203.0.113.9:8080".into(),
+                path: "/towalink".into()
+            }
+        );
+        assert_eq!(
+            Location::parse("http://r.example").unwrap(),
+            Location::Http {
+                authority: "r.example:80".into(),
+                path: "".into()
+            }
+        );
+        assert_eq!(
+            Location::parse("http://[2001:db8::1]/x").unwrap(),
+            Location::Http {
+                authority: "[2001:db8::1]:80".into(),
+                path: "/x".into()
+            }
+        );
+        assert_eq!(
+            Location::parse("/media/usb/").unwrap(),
+            Location::Directory("/media/usb".into())
+        );
+        for bad in [
+            "https://r.example/",
+            "ftp://x/",
+            "http://",
+            "http://u@h/",
+            "http://2001:db8::1/",
+            "http://h/a/../b",
+            "relative/dir",
+            "/a/../b",
+            "http://h/ x",
+        ] {
+            assert!(Location::parse(bad).is_err(), "{bad}");
         }
     }
 }

@@ -12,8 +12,8 @@ use super::index::{
 };
 use super::{crash_point, remove, restore, Journal, INDEX, JOURNAL};
 use crate::model::allocation::NodeAllocation;
-use crate::model::names::NodeFullName;
 use crate::model::management::VersionManagement;
+use crate::model::names::NodeFullName;
 use crate::model::render::{RenderedNode, Renderer};
 use crate::model::resolve::{resolve, ConfigTree, Resolved};
 use crate::store::keys::{save_signing_key, signing_key};
@@ -62,12 +62,7 @@ fn render_node(
         .expect("every allocated node is resolved");
     let effective = resolved.effective_attributes(node.id, &complete);
     let link = management.and_then(|m| m.for_node(node.id));
-    Ok(renderer.render(
-        &node.full_name(),
-        &complete,
-        &effective,
-        link.as_ref(),
-    )?)
+    Ok(renderer.render(&node.full_name(), &complete, &effective, link.as_ref())?)
 }
 
 /// Renders the nodes and tells which differ from their latest version.
