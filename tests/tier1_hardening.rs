@@ -348,17 +348,34 @@ fn the_public_signing_key_is_always_derived_from_the_private_key() {
 #[test]
 fn a_refused_provision_writes_nothing() {
     let t = mesh(1);
-    // With management configured, provisioning makes the management key on first use.
+    // With management configured (the commit makes the management key: versions carry its
+    // public half).
     t.ok(&["set", "global", "controller_endpoint", "192.0.2.1"]);
     t.ok(&["commit", "all"]);
-    assert!(!t.path("certs/management.key").exists());
+    let certs = || {
+        let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(t.path("certs"))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let before = certs();
+    assert!(before.iter().any(|(name, _)| name == "management.key"));
     let inside = t.path("node-state");
     let error = t.refused(&["provision", "node", "n0.a", inside.to_str().unwrap()], 1);
     assert!(
         error.contains("inside the configuration directory"),
         "{error}"
     );
-    assert!(!t.path("certs/management.key").exists());
+    assert!(!inside.exists());
+    assert!(certs() == before, "a refused provision changed certs/");
 }
 
 /// Appends `body` to the global BIRD template.

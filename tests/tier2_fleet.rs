@@ -905,9 +905,22 @@ fn at_the_file_limit_the_service_backs_off_and_recovers() {
     let pid = service_pid(&net);
     let per_node = per_node_cap(&net);
     // Leave fewer free descriptors than one node's cap: node A's flood alone reaches the limit.
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count() as u64;
+    // Counted once the nodes' long polls have settled (the count is the same for 2 s), so a
+    // sync that was being replaced when counted does not leave spare descriptors.
+    let count_open = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count() as u64
+    };
+    let mut open = count_open();
+    let mut same = 0;
+    let settle = std::time::Instant::now();
+    while same < 4 && settle.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = count_open();
+        same = if now == open { same + 1 } else { 0 };
+        open = open.min(now);
+    }
     let limit = open + per_node as u64 - 2;
     let new = libc::rlimit {
         rlim_cur: limit,

@@ -278,6 +278,8 @@ pub fn run(node: Node, options: Options, shutdown: &Shutdown) -> anyhow::Result<
     }
     let mut daemon = Daemon::new();
     let mut watch = Watch::default();
+    // Whether the last reconciliation resolved the management link's endpoint.
+    let mut link_resolved = true;
     while !shutdown.is_triggered() {
         let seen = shared.generation.load(Ordering::SeqCst);
         // The management link's settings as the management thread chose them, and their number.
@@ -291,7 +293,7 @@ pub fn run(node: Node, options: Options, shutdown: &Shutdown) -> anyhow::Result<
             node.desired_dataplane(chosen.as_ref())
                 .map_err(|e| e.to_string())
         });
-        let mut applied = round.as_ref().is_some_and(|r| r.is_ok());
+        let mut applied = link_resolved && round.as_ref().is_some_and(|r| r.is_ok());
         let mut actions = VecDeque::from(daemon.step(Instant::now(), Observed::Round(round)));
         while let Some(action) = actions.pop_front() {
             let outcome = match action {
@@ -300,7 +302,16 @@ pub fn run(node: Node, options: Options, shutdown: &Shutdown) -> anyhow::Result<
                 Action::Reconcile(desired) => {
                     let dataplane = dataplane.as_mut().expect("only asked with a data plane");
                     let report = dataplane.reconcile(&desired).map_err(|e| e.to_string());
-                    applied &= report.is_ok();
+                    // A management link whose endpoint did not resolve still talks through
+                    // its previous one (kernel WireGuard keeps it): not applied.
+                    let management = desired.management.as_ref().map(|m| &m.wireguard.name);
+                    link_resolved = report
+                        .as_ref()
+                        .is_ok_and(|r| !management.is_some_and(|name| r.unresolved.contains(name)));
+                    applied &= link_resolved;
+                    if applied {
+                        shared.link_applied.store(link_number, Ordering::SeqCst);
+                    }
                     Some(Observed::Reconciled(report))
                 }
                 Action::ReadCounters(names) => {

@@ -206,6 +206,26 @@ impl Node {
         Ok(version)
     }
 
+    /// Blesses `version` only if it is still the current version and still pending with a
+    /// confirm deadline (compare-and-set under the lock: an order or a rollback since the
+    /// caller looked leaves it alone). Returns whether it did.
+    pub fn confirm(&self, version: u32) -> Result<bool, Error> {
+        let _lock = self.state.lock()?;
+        let disk = self.state.read()?;
+        let Some(slot) = disk.current else {
+            return Ok(false);
+        };
+        let current = disk.slot(slot);
+        let pending = matches!(current.marker, Some(Marker::Pending { .. }));
+        if current.version != Some(version) || !pending || disk.confirm_by.is_none() {
+            return Ok(false);
+        }
+        self.state.set_marker(slot, Marker::Good)?;
+        self.state.set_confirm_by(None)?;
+        tracing::info!(version, %slot, "blessed");
+        Ok(true)
+    }
+
     /// Marks the current version bad and rolls back to the last good one.
     pub fn mark_bad(&self, reason: &str) -> Result<Option<u32>, Error> {
         let _lock = self.state.lock()?;

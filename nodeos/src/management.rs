@@ -489,18 +489,26 @@ pub fn run(node: Node, shared: Arc<Shared>, media: Vec<std::path::PathBuf>) {
     let mut reachable = true;
     let mut wait_ms = 0u64;
     let mut choice = LinkChoice::new(node.state.working_management(), Instant::now());
-    // Whether the link runs with the settings in use (a sync through them proves them).
-    let mut link_ready = false;
+    // The number of the settings last published: a sync proves them only once the daemon has
+    // applied them to the link (checked when the reply arrives).
+    let mut published = 0u64;
     let mut recovery_state = RecoveryState::load(&node);
     if recovery_state.count_boot(&boot_id()) {
         recovery_state.save(&node);
     }
     let mut recovery_timer = RecoveryTimer::new(Instant::now());
-    let look_for_recovery = |node: &Node, state: &mut RecoveryState, timer: &mut RecoveryTimer| {
+    // The active version's `recovery_after_s`, read again each time the node looks or reaches
+    // the controller (not at every failed sync).
+    let mut recovery_after =
+        crate::recovery::Settings::of(node.active_config().as_ref(), &[]).after;
+    let look_for_recovery = |node: &Node,
+                             state: &mut RecoveryState,
+                             timer: &mut RecoveryTimer,
+                             after: &mut Duration| {
         let now = Instant::now();
-        let settings = crate::recovery::Settings::of(node.active_config().as_ref(), &media);
-        if timer.due(now, settings.after) {
+        if timer.due(now, *after) {
             timer.looked(now);
+            *after = crate::recovery::Settings::of(node.active_config().as_ref(), &[]).after;
             if crate::recovery::look(node, &media, state).is_some() {
                 shared.changed();
             }
@@ -529,14 +537,21 @@ pub fn run(node: Node, shared: Arc<Shared>, media: Vec<std::path::PathBuf>) {
                     "management link: trying"
                 );
             }
+            published = number;
             // A sync proves settings only once the link runs with them.
-            link_ready = wait_applied(&shared, number, LINK_APPLIED_WITHIN);
-            if !link_ready {
+            if !wait_applied(&shared, number, LINK_APPLIED_WITHIN) {
                 tracing::warn!("the data plane did not apply the management link's new settings in time; trying anyway");
             }
         }
         let Some(settings) = settings else {
-            // No management settings at all (a version took them away and none ever worked).
+            // No management settings at all (a version took them away and none ever worked):
+            // only a recovery object can bring the node back.
+            look_for_recovery(
+                &node,
+                &mut recovery_state,
+                &mut recovery_timer,
+                &mut recovery_after,
+            );
             std::thread::sleep(interval);
             continue;
         };
@@ -577,7 +592,12 @@ pub fn run(node: Node, shared: Arc<Shared>, media: Vec<std::path::PathBuf>) {
                             "sync reply refused; keeping the last good settings"
                         );
                         choice.failed(Instant::now());
-                        look_for_recovery(&node, &mut recovery_state, &mut recovery_timer);
+                        look_for_recovery(
+                            &node,
+                            &mut recovery_state,
+                            &mut recovery_timer,
+                            &mut recovery_after,
+                        );
                         wait_ms = 0;
                         pause(interval, &abort);
                         continue;
@@ -588,9 +608,12 @@ pub fn run(node: Node, shared: Arc<Shared>, media: Vec<std::path::PathBuf>) {
                     reachable = true;
                 }
                 recovery_timer.reached(Instant::now());
+                recovery_after =
+                    crate::recovery::Settings::of(node.active_config().as_ref(), &[]).after;
                 if recovery_state.reached_controller() {
                     recovery_state.save(&node);
                 }
+                let link_ready = shared.link_applied.load(Ordering::SeqCst) >= published;
                 if let Some(working) = link_ready.then(|| choice.reached()).flatten() {
                     match node.state.save_working_management(&working) {
                         Ok(()) => tracing::info!(
@@ -603,12 +626,13 @@ pub fn run(node: Node, shared: Arc<Shared>, media: Vec<std::path::PathBuf>) {
                     }
                 }
                 interval = Duration::from_secs(reply.report_interval_s);
-                let acted = act_on(&node, api, &reply, &report);
                 // The controller (its signature, over this report's nonce) was reached
-                // through the active version's own settings.
-                if choice.through_version() {
+                // through the active version's own settings, applied to the link: confirm
+                // before an order in this reply changes the active version.
+                if link_ready && choice.through_version() {
                     confirm_if_healthy(&node, &report);
                 }
+                let acted = act_on(&node, api, &reply, &report);
                 if acted {
                     shared.changed();
                     wait_ms = 0;
@@ -631,7 +655,12 @@ pub fn run(node: Node, shared: Arc<Shared>, media: Vec<std::path::PathBuf>) {
                     tracing::debug!(%api, %endpoint, %error, "controller still unreachable");
                 }
                 choice.failed(Instant::now());
-                look_for_recovery(&node, &mut recovery_state, &mut recovery_timer);
+                look_for_recovery(
+                    &node,
+                    &mut recovery_state,
+                    &mut recovery_timer,
+                    &mut recovery_after,
+                );
                 wait_ms = 0;
                 // Come back early when the local state changes, else after the interval.
                 pause(interval.min(Duration::from_secs(2)), &abort);
@@ -801,15 +830,21 @@ fn carry_out(node: &Node, order: Order, not_installed: Option<String>) {
 /// through it (this sync's reply carried the controller's signature over this report's nonce)
 /// and its health checks pass.
 fn confirm_if_healthy(node: &Node, report: &NodeReport) {
+    let Some(version) = report.active_version else {
+        return;
+    };
     if report.state == Some(SlotState::Pending)
         && report.confirm_by.is_some()
         && report.health.iter().all(|c| c.ok)
     {
-        match node.mark_good() {
-            Ok(version) => tracing::info!(
+        // Only the version the report was about (an order in this reply may have activated
+        // another one since, which has yet to prove itself).
+        match node.confirm(version) {
+            Ok(true) => tracing::info!(
                 version,
                 "confirmed: controller reached and health checks pass"
             ),
+            Ok(false) => {}
             Err(error) => tracing::error!(%error, "cannot confirm"),
         }
     }

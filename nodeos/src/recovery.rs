@@ -33,8 +33,29 @@ pub const STATE_FILE: &str = "recovery.toml";
 /// object (a link needs a round and a handshake; DNS may be slow right after boot).
 pub const BOOT_GRACE: Duration = Duration::from_secs(30);
 
-/// How long one fetch may take.
+/// How long one read or connection attempt of a fetch may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a whole fetch may take (a server trickling bytes cannot hold the node).
+const FETCH_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A reader that fails once its deadline has passed.
+struct Deadline<R> {
+    inner: R,
+    until: Instant,
+}
+
+impl<R: std::io::Read> std::io::Read for Deadline<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if Instant::now() >= self.until {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the fetch took longer than its deadline",
+            ));
+        }
+        self.inner.read(buf)
+    }
+}
 
 /// What the node remembers across boots.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,8 +92,13 @@ impl RecoveryState {
         let path = node.state.path(STATE_FILE);
         match std::fs::read_to_string(&path) {
             Ok(text) => toml::from_str(&text).unwrap_or_else(|e| {
-                tracing::error!(path = %path.display(), error = %e.message(), "unreadable; starting over");
-                RecoveryState::default()
+                // Starting over would forget the last seq applied and let a replayed object
+                // in: no object is taken until the file is repaired or removed.
+                tracing::error!(path = %path.display(), error = %e.message(), "unreadable: no recovery object is taken until it is removed");
+                RecoveryState {
+                    last_seq: Some(u64::MAX),
+                    ..RecoveryState::default()
+                }
             }),
             Err(_) => RecoveryState::default(),
         }
@@ -224,7 +250,11 @@ fn fetch(location: &Location, name: &str) -> Result<Option<Vec<u8>>, String> {
                 b"",
             )
             .map_err(|e| format!("{authority}: {e}"))?;
-            let response = wire::read_response(&mut BufReader::new(stream), limit)
+            let reader = Deadline {
+                inner: stream,
+                until: Instant::now() + FETCH_DEADLINE,
+            };
+            let response = wire::read_response(&mut BufReader::new(reader), limit)
                 .map_err(|e| format!("{authority}: {e}"))?;
             match response.status {
                 200 => Ok(Some(response.body)),
@@ -317,9 +347,16 @@ fn apply(node: &Node, opened: Opened, confirm_s: u64) -> Result<(u64, Option<u32
     let refused = |e: &dyn std::fmt::Display| e.to_string();
     let bundle = opened.verify_bundle().map_err(|e| refused(&e))?;
     let version = opened.version;
+    // A recovery object never takes a node back: a stale object (saved and served again by
+    // whoever blocks the controller) is refused even if its seq is new to this node.
+    let active = node.state.read().ok().and_then(|d| d.active_version());
+    if let Some(active) = active.filter(|a| version < *a) {
+        return Err(format!(
+            "holds v{version}, older than the active v{active}: a recovery object never goes back"
+        ));
+    }
     node.install_verified(&bundle, Older::Named(version))
         .map_err(|e| refused(&e))?;
-    let active = node.state.read().ok().and_then(|d| d.active_version());
     if active == Some(version) {
         tracing::info!(
             version,
