@@ -24,17 +24,7 @@ fn installation() -> Installation {
 /// `<node>.<site>` → (id, recovery token), read from the store as the node's identity gets it.
 fn nodes(t: &Installation) -> BTreeMap<String, (u32, String)> {
     let generated: toml::Table = t.read("generated/config.toml").parse().unwrap();
-    let secrets: toml::Table = t.read("generated/secrets.toml").parse().unwrap();
-    let token = |id: i64| {
-        secrets["node"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["id"].as_integer() == Some(id))
-            .and_then(|n| n["recovery_token"].as_str())
-            .expect("a token for every node")
-            .to_string()
-    };
+    let token = |id: i64| t.recovery_token(id);
     generated["node"]
         .as_array()
         .unwrap()

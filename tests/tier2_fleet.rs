@@ -1662,25 +1662,14 @@ fn a_stranded_node_recovers_from_a_plain_web_server_and_from_its_media() {
         www.join("towalink").to_str().unwrap(),
     ]);
     assert!(out.contains("r.s1") && out.contains("r.s2"), "{out}");
-    let secrets: toml::Table = std::fs::read_to_string(net.ctl.dir.join("generated/secrets.toml"))
-        .unwrap()
-        .parse()
-        .unwrap();
     let token = |site: u32| -> String {
         let identity: toml::Table =
             std::fs::read_to_string(net.site(site).state.join("identity/node.toml"))
                 .unwrap()
                 .parse()
                 .unwrap();
-        let id = identity["node_id"].as_integer().unwrap();
-        secrets["node"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["id"].as_integer() == Some(id))
-            .and_then(|n| n["recovery_token"].as_str())
-            .unwrap()
-            .to_string()
+        net.ctl
+            .recovery_token(identity["node_id"].as_integer().unwrap())
     };
     let s2_name = towalink_bundle::recovery::object_name(&token(2));
     let s2_object = std::fs::read(www.join("towalink").join(&s2_name)).unwrap();

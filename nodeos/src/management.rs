@@ -29,7 +29,7 @@ use towalink_bundle::orders::{self, OrderVerdict, ReplyBody};
 use towalink_bundle::wire;
 
 use crate::lifecycle::{Node, VersionSpec};
-use crate::recovery::{RecoveryState, RecoveryTimer};
+use crate::recovery::Recovery;
 use crate::state::{now, Installed, Older, KEEP_VERSIONS};
 use crate::Error;
 
@@ -492,28 +492,7 @@ pub fn run(node: Node, shared: Arc<Shared>, media: Vec<std::path::PathBuf>) {
     // The number of the settings last published: a sync proves them only once the daemon has
     // applied them to the link (checked when the reply arrives).
     let mut published = 0u64;
-    let mut recovery_state = RecoveryState::load(&node);
-    if recovery_state.count_boot(&boot_id()) {
-        recovery_state.save(&node);
-    }
-    let mut recovery_timer = RecoveryTimer::new(Instant::now());
-    // The active version's `recovery_after_s`, read again each time the node looks or reaches
-    // the controller (not at every failed sync).
-    let mut recovery_after =
-        crate::recovery::Settings::of(node.active_config().as_ref(), &[]).after;
-    let look_for_recovery = |node: &Node,
-                             state: &mut RecoveryState,
-                             timer: &mut RecoveryTimer,
-                             after: &mut Duration| {
-        let now = Instant::now();
-        if timer.due(now, *after) {
-            timer.looked(now);
-            *after = crate::recovery::Settings::of(node.active_config().as_ref(), &[]).after;
-            if crate::recovery::look(node, &media, state).is_some() {
-                shared.changed();
-            }
-        }
-    };
+    let mut recovery = Recovery::start(&node, &boot_id(), media, Instant::now());
     loop {
         let report = match build_report(&node, &shared) {
             Ok(report) => report,
@@ -546,12 +525,9 @@ pub fn run(node: Node, shared: Arc<Shared>, media: Vec<std::path::PathBuf>) {
         let Some(settings) = settings else {
             // No management settings at all (a version took them away and none ever worked):
             // only a recovery object can bring the node back.
-            look_for_recovery(
-                &node,
-                &mut recovery_state,
-                &mut recovery_timer,
-                &mut recovery_after,
-            );
+            if recovery.look_if_due(&node, Instant::now()) {
+                shared.changed();
+            }
             std::thread::sleep(interval);
             continue;
         };
@@ -592,12 +568,9 @@ pub fn run(node: Node, shared: Arc<Shared>, media: Vec<std::path::PathBuf>) {
                             "sync reply refused; keeping the last good settings"
                         );
                         choice.failed(Instant::now());
-                        look_for_recovery(
-                            &node,
-                            &mut recovery_state,
-                            &mut recovery_timer,
-                            &mut recovery_after,
-                        );
+                        if recovery.look_if_due(&node, Instant::now()) {
+                            shared.changed();
+                        }
                         wait_ms = 0;
                         pause(interval, &abort);
                         continue;
@@ -607,12 +580,7 @@ pub fn run(node: Node, shared: Arc<Shared>, media: Vec<std::path::PathBuf>) {
                     tracing::info!(%api, %endpoint, "controller reachable again");
                     reachable = true;
                 }
-                recovery_timer.reached(Instant::now());
-                recovery_after =
-                    crate::recovery::Settings::of(node.active_config().as_ref(), &[]).after;
-                if recovery_state.reached_controller() {
-                    recovery_state.save(&node);
-                }
+                recovery.reached(&node, Instant::now());
                 let link_ready = shared.link_applied.load(Ordering::SeqCst) >= published;
                 if let Some(working) = link_ready.then(|| choice.reached()).flatten() {
                     match node.state.save_working_management(&working) {
@@ -655,12 +623,9 @@ pub fn run(node: Node, shared: Arc<Shared>, media: Vec<std::path::PathBuf>) {
                     tracing::debug!(%api, %endpoint, %error, "controller still unreachable");
                 }
                 choice.failed(Instant::now());
-                look_for_recovery(
-                    &node,
-                    &mut recovery_state,
-                    &mut recovery_timer,
-                    &mut recovery_after,
-                );
+                if recovery.look_if_due(&node, Instant::now()) {
+                    shared.changed();
+                }
                 wait_ms = 0;
                 // Come back early when the local state changes, else after the interval.
                 pause(interval.min(Duration::from_secs(2)), &abort);

@@ -152,6 +152,52 @@ impl RecoveryTimer {
     }
 }
 
+/// The management thread's recovery: its state on disk, when to look, where (`media`), and
+/// the active version's `recovery_after_s` (read again when it looks or reaches the
+/// controller, not at every failed sync).
+pub struct Recovery {
+    state: RecoveryState,
+    timer: RecoveryTimer,
+    after: Duration,
+    media: Vec<PathBuf>,
+}
+
+impl Recovery {
+    /// At the daemon's start: a new boot id counts one more boot without the controller.
+    pub fn start(node: &Node, boot_id: &str, media: Vec<PathBuf>, now: Instant) -> Recovery {
+        let mut state = RecoveryState::load(node);
+        if state.count_boot(boot_id) {
+            state.save(node);
+        }
+        Recovery {
+            state,
+            timer: RecoveryTimer::new(now),
+            after: Settings::of(node.active_config().as_ref(), &[]).after,
+            media,
+        }
+    }
+
+    /// The controller was reached: the timer and the boot count start over.
+    pub fn reached(&mut self, node: &Node, now: Instant) {
+        self.timer.reached(now);
+        self.after = Settings::of(node.active_config().as_ref(), &[]).after;
+        if self.state.reached_controller() {
+            self.state.save(node);
+        }
+    }
+
+    /// The controller was not reached: looks for a recovery object when it is time. Returns
+    /// whether a version was activated.
+    pub fn look_if_due(&mut self, node: &Node, now: Instant) -> bool {
+        if !self.timer.due(now, self.after) {
+            return false;
+        }
+        self.timer.looked(now);
+        self.after = Settings::of(node.active_config().as_ref(), &[]).after;
+        look(node, &self.media, &mut self.state).is_some()
+    }
+}
+
 /// The recovery settings of the active version (the defaults without one).
 pub struct Settings {
     pub locations: Vec<Location>,

@@ -66,6 +66,22 @@ impl Default for Installation {
 }
 
 impl Installation {
+    /// The recovery token of node `id`, as the store keeps it (`generated/secrets.toml`).
+    pub fn recovery_token(&self, id: i64) -> String {
+        let secrets: toml::Table = std::fs::read_to_string(self.dir.join("generated/secrets.toml"))
+            .expect("generated/secrets.toml")
+            .parse()
+            .expect("secrets.toml is TOML");
+        secrets["node"]
+            .as_array()
+            .expect("a node list")
+            .iter()
+            .find(|n| n["id"].as_integer() == Some(id))
+            .and_then(|n| n["recovery_token"].as_str())
+            .expect("a token for every node")
+            .to_string()
+    }
+
     pub fn new() -> Installation {
         let temp = tempfile::tempdir().expect("temp dir");
         let dir = temp.path().join("towalink");

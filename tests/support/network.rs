@@ -412,84 +412,7 @@ impl Network {
     /// side, .2(i-1)+1 on the site's), its endpoint on `lo`, a route to it in every site.
     fn build_controller(&mut self) {
         let netns = format!("{}c", self.prefix);
-        sh("ip", &["netns", "add", &netns]);
-        sh("ip", &["-n", &netns, "link", "set", "lo", "up"]);
-        sh(
-            "ip",
-            &[
-                "-n",
-                &netns,
-                "addr",
-                "add",
-                &format!("{CONTROLLER_ENDPOINT}/32"),
-                "dev",
-                "lo",
-            ],
-        );
-        for site in &self.sites {
-            let i = site.index;
-            assert!(i < 128, "at most 127 sites with a controller");
-            let (ctl_addr, site_addr) = (
-                format!("192.0.2.{}", 2 * (i - 1)),
-                format!("192.0.2.{}", 2 * (i - 1) + 1),
-            );
-            let ctl_if = format!("c{i}");
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    &netns,
-                    "link",
-                    "add",
-                    &ctl_if,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "uc",
-                    "netns",
-                    &site.netns,
-                ],
-            );
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    &netns,
-                    "addr",
-                    "add",
-                    &format!("{ctl_addr}/31"),
-                    "dev",
-                    &ctl_if,
-                ],
-            );
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    &site.netns,
-                    "addr",
-                    "add",
-                    &format!("{site_addr}/31"),
-                    "dev",
-                    "uc",
-                ],
-            );
-            sh("ip", &["-n", &netns, "link", "set", &ctl_if, "up"]);
-            sh("ip", &["-n", &site.netns, "link", "set", "uc", "up"]);
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    &site.netns,
-                    "route",
-                    "add",
-                    &format!("{CONTROLLER_ENDPOINT}/32"),
-                    "via",
-                    &ctl_addr,
-                ],
-            );
-        }
+        self.controller_host(&netns, CONTROLLER_ENDPOINT, 2, "uc");
         self.controller = Some(Controller {
             netns,
             log: self.temp.path().join("controller.log"),
@@ -497,19 +420,17 @@ impl Network {
         });
     }
 
-    /// The controller moves to another host: a new namespace linked to every site
-    /// (192.0.3.2(i-1)/31 on its side, `uc2` in the site), `address` on its `lo`, a route to it
-    /// in every site; the service stops in the old namespace, which is deleted (its links and
-    /// the old endpoint with it), and starts in the new one.
-    pub fn move_controller(&mut self, address: Ipv4Addr) {
-        let netns = format!("{}c2", self.prefix);
-        sh("ip", &["netns", "add", &netns]);
-        sh("ip", &["-n", &netns, "link", "set", "lo", "up"]);
+    /// A controller host: namespace `netns` with `address` on its `lo` and a veth to each site
+    /// (192.0.`subnet`.2(i-1)/31 on the host's side as `c<i>`, .2(i-1)+1 as `site_if` in the
+    /// site), and a route to `address` in every site.
+    fn controller_host(&self, netns: &str, address: Ipv4Addr, subnet: u8, site_if: &str) {
+        sh("ip", &["netns", "add", netns]);
+        sh("ip", &["-n", netns, "link", "set", "lo", "up"]);
         sh(
             "ip",
             &[
                 "-n",
-                &netns,
+                netns,
                 "addr",
                 "add",
                 &format!("{address}/32"),
@@ -519,16 +440,17 @@ impl Network {
         );
         for site in &self.sites {
             let i = site.index;
+            assert!(i < 128, "at most 127 sites with a controller");
             let (ctl_addr, site_addr) = (
-                format!("192.0.3.{}", 2 * (i - 1)),
-                format!("192.0.3.{}", 2 * (i - 1) + 1),
+                format!("192.0.{subnet}.{}", 2 * (i - 1)),
+                format!("192.0.{subnet}.{}", 2 * (i - 1) + 1),
             );
             let ctl_if = format!("c{i}");
             sh(
                 "ip",
                 &[
                     "-n",
-                    &netns,
+                    netns,
                     "link",
                     "add",
                     &ctl_if,
@@ -536,7 +458,7 @@ impl Network {
                     "veth",
                     "peer",
                     "name",
-                    "uc2",
+                    site_if,
                     "netns",
                     &site.netns,
                 ],
@@ -545,7 +467,7 @@ impl Network {
                 "ip",
                 &[
                     "-n",
-                    &netns,
+                    netns,
                     "addr",
                     "add",
                     &format!("{ctl_addr}/31"),
@@ -562,11 +484,11 @@ impl Network {
                     "add",
                     &format!("{site_addr}/31"),
                     "dev",
-                    "uc2",
+                    site_if,
                 ],
             );
-            sh("ip", &["-n", &netns, "link", "set", &ctl_if, "up"]);
-            sh("ip", &["-n", &site.netns, "link", "set", "uc2", "up"]);
+            sh("ip", &["-n", netns, "link", "set", &ctl_if, "up"]);
+            sh("ip", &["-n", &site.netns, "link", "set", site_if, "up"]);
             sh(
                 "ip",
                 &[
@@ -580,6 +502,15 @@ impl Network {
                 ],
             );
         }
+    }
+
+    /// The controller moves to another host: a new namespace linked to every site
+    /// (192.0.3.2(i-1)/31 on its side, `uc2` in the site), `address` on its `lo`, a route to it
+    /// in every site; the service stops in the old namespace, which is deleted (its links and
+    /// the old endpoint with it), and starts in the new one.
+    pub fn move_controller(&mut self, address: Ipv4Addr) {
+        let netns = format!("{}c2", self.prefix);
+        self.controller_host(&netns, address, 3, "uc2");
         self.kill_controller();
         let controller = self
             .controller
