@@ -238,7 +238,11 @@ impl WireGuard for KernelWireGuard {
                 let same_identity = current.private_key_hex == link.private_key_hex
                     && current.listen_port == link.listen_port
                     && current.peer_public_key_hex == link.peer_public_key_hex;
-                self.set(link, !same_identity)?;
+                // A new endpoint replaces the peer (a new session, as with boringtun), so
+                // packets of the old session from the old address cannot roam it back, and a
+                // sync that succeeds afterwards went through the new endpoint.
+                let full = !same_identity || current.endpoint != link.endpoint;
+                self.set(link, full)?;
                 Ensured::Reconfigured
             }
             None => {
