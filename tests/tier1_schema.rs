@@ -32,6 +32,32 @@ fn refused_naming(t: &Installation, args: &[&str], pieces: &[&str]) {
 #[test]
 fn set_refuses_the_values_the_node_or_bird_would_refuse() {
     let t = two_sites();
+    // Recovery settings (docs/recovery.md): refused here, not on a node cut off from us.
+    refused_naming(
+        &t,
+        &[
+            "set",
+            "global",
+            "recovery_urls",
+            r#"["https://r.example/"]"#,
+        ],
+        &[
+            "attribute `recovery_urls`",
+            "an `http://host[:port][/path]` URL or an absolute directory",
+        ],
+    );
+    refused_naming(
+        &t,
+        &["set", "site", "a", "recovery_after_s", "5"],
+        &["attribute `recovery_after_s`", "not 5"],
+    );
+    t.ok(&[
+        "set",
+        "global",
+        "recovery_urls",
+        r#"["http://[2001:db8::9]:8080/towalink", "/media/usb"]"#,
+    ]);
+    t.ok(&["set", "node", "y.b", "recovery_lost_token_boots", "0"]);
     refused_naming(
         &t,
         &["set", "global", "bird_bfd_interval_ms", r#""fast""#],

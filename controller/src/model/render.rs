@@ -508,6 +508,31 @@ mod tests {
     }
 
     #[test]
+    fn the_management_settings_are_written_for_the_node_to_read_back() {
+        let management = Management {
+            controller_endpoints: vec!["ctl.example:51819".into()],
+            controller_wg_public_key: "k".into(),
+            address: "fd54::1:3".parse().unwrap(),
+            controller_address: "fd54::1".parse().unwrap(),
+            api_port: 8001,
+            listen_port: 0,
+            keepalive_s: 25,
+        };
+        let (complete, effective) = attributes(TODAY, Level::Global);
+        let text = node_toml(&complete, &effective, Some(&management)).unwrap();
+        let mut table: Table = text.parse().unwrap();
+        assert!(table.remove("management").is_some(), "{text}");
+        assert_eq!(
+            table,
+            TODAY.parse::<Table>().unwrap(),
+            "the attributes stay as they were"
+        );
+        let config = NodeConfig::from_toml(&text).unwrap();
+        assert_eq!(config.management, Some(management));
+        assert_eq!(config.contract, 1, "nodes of contract 1 ignore the table");
+    }
+
+    #[test]
     fn values_the_node_would_refuse_are_refused_naming_attribute_and_file() {
         let node = Level::Node("s1".parse().unwrap(), "r1".parse().unwrap());
         let (complete, effective) = attributes(
