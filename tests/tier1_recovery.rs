@@ -267,3 +267,25 @@ fn bad_arguments_are_refused_with_one_line() {
     );
     assert!(err.contains("signing.key"), "{err}");
 }
+
+#[test]
+fn rotating_a_recovery_token_changes_that_nodes_token_only_and_its_object_name() {
+    let t = installation();
+    let before = nodes(&t);
+    let out = t.ok(&["rotate", "recovery-token", "node", "x.a"]);
+    assert!(out.contains("x.a: recovery token replaced"), "{out}");
+    let after = nodes(&t);
+    assert_ne!(after["x.a"].1, before["x.a"].1);
+    assert_eq!(after["x.a"].1.len(), 64, "32 random bytes in hex");
+    assert_eq!(after["y.b"], before["y.b"]);
+    assert!(!out.contains(&after["x.a"].1) && !out.contains(&before["x.a"].1));
+    // Objects published now carry the new name.
+    let dir = t.temp.path().join("published");
+    t.ok(&["recovery", "publish", dir.to_str().unwrap()]);
+    assert!(dir.join(recovery::object_name(&after["x.a"].1)).exists());
+    assert!(!dir.join(recovery::object_name(&before["x.a"].1)).exists());
+    let error = t.refused(&["rotate", "recovery-token", "node", "nope.a"], 1);
+    assert!(error.contains("nope.a"), "{error}");
+    assert_eq!(error.trim().lines().count(), 1, "{error}");
+    assert_eq!(nodes(&t), after, "a refused rotation changes nothing");
+}

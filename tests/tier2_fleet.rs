@@ -1119,6 +1119,7 @@ impl FakeController {
                         versions: vec![1],
                         order,
                         report_interval_s: interval,
+                        recovery_token: None,
                     };
                     let unsigned = SyncReply {
                         versions: vec![1],
@@ -1643,6 +1644,55 @@ fn a_stranded_node_recovers_from_a_plain_web_server_and_from_its_media() {
     let mut net = Network::build(options);
     net.wait_reported(&[1, 2], 1, "good", Duration::from_secs(60));
 
+    // r.s1's recovery token is rotated first: the node takes the new one at its next sync.
+    let s1_token_file = net.site(1).state.join("identity/recovery_token");
+    let old_token = std::fs::read_to_string(&s1_token_file).unwrap();
+    let s2_token_before =
+        std::fs::read_to_string(net.site(2).state.join("identity/recovery_token")).unwrap();
+    let out = net.ctl.ok(&["rotate", "recovery-token", "node", "r.s1"]);
+    assert!(out.contains("r.s1: recovery token replaced"), "{out}");
+    assert!(!out.contains(old_token.trim()), "{out}");
+    let s1_id = {
+        let identity: toml::Table =
+            std::fs::read_to_string(net.site(1).state.join("identity/node.toml"))
+                .unwrap()
+                .parse()
+                .unwrap();
+        identity["node_id"].as_integer().unwrap()
+    };
+    let new_token = net.ctl.recovery_token(s1_id);
+    assert_ne!(new_token, old_token.trim());
+    wait_for(
+        Duration::from_secs(60),
+        || std::fs::read_to_string(&s1_token_file).is_ok_and(|t| t.trim() == new_token),
+        || {
+            format!(
+                "r.s1 never took its new recovery token:\n{}",
+                notable(&net.site(1).log())
+            )
+        },
+    );
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&s1_token_file)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    assert_eq!(
+        std::fs::read_to_string(net.site(2).state.join("identity/recovery_token")).unwrap(),
+        s2_token_before,
+        "only the rotated node's token changes"
+    );
+    for i in 1..=2 {
+        let log = net.site(i).log();
+        assert!(
+            !log.contains(&new_token) && !log.contains(old_token.trim()),
+            "a token in r.s{i}'s log"
+        );
+    }
+
     // The controller moves to another host; nothing tells the nodes.
     net.move_controller(new_address.parse().unwrap());
     let ctl_netns = net.controller.as_ref().unwrap().netns.clone();
@@ -1671,6 +1721,27 @@ fn a_stranded_node_recovers_from_a_plain_web_server_and_from_its_media() {
         net.ctl
             .recovery_token(identity["node_id"].as_integer().unwrap())
     };
+    // r.s1's object is sealed to its new token: the old one opens nothing.
+    let s1_object = std::fs::read(
+        www.join("towalink")
+            .join(towalink_bundle::recovery::object_name(&token(1))),
+    )
+    .unwrap();
+    let controller_key = towalink_bundle::verifying_key_from_base64(
+        std::fs::read_to_string(net.ctl.dir.join("certs/signing.pub"))
+            .unwrap()
+            .trim(),
+    )
+    .unwrap();
+    assert!(towalink_bundle::recovery::open(
+        &s1_object,
+        s1_id as u32,
+        Some(old_token.trim()),
+        &[controller_key],
+        false,
+        None
+    )
+    .is_err());
     let s2_name = towalink_bundle::recovery::object_name(&token(2));
     let s2_object = std::fs::read(www.join("towalink").join(&s2_name)).unwrap();
     std::fs::remove_file(www.join("towalink").join(&s2_name)).unwrap();

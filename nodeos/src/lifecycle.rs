@@ -393,6 +393,23 @@ impl Node {
         Ok(())
     }
 
+    /// The node's recovery token (`identity/recovery_token`), if it has one.
+    pub fn recovery_token(&self) -> Option<String> {
+        std::fs::read_to_string(self.state.path(towalink_bundle::identity::RECOVERY_TOKEN))
+            .ok()
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+    }
+
+    /// Replaces the node's recovery token (0600, durably), as the controller sent it.
+    pub fn replace_recovery_token(&self, token: &str) -> Result<(), Error> {
+        crate::state::write_atomic(
+            &self.state.path(towalink_bundle::identity::RECOVERY_TOKEN),
+            format!("{}\n", token.trim()).as_bytes(),
+            0o600,
+        )
+    }
+
     /// The contract of the active version (none without one, or when it cannot be read).
     pub fn active_config(&self) -> Option<towalink_bundle::contract::NodeConfig> {
         let slot = self.state.current()?;

@@ -426,6 +426,9 @@ pub fn build_report(node: &Node, shared: &Shared) -> Result<NodeReport, Error> {
             .unwrap_or_default(),
         order_done: node.state.last_order(),
         nonce: nonce(),
+        recovery_token_id: node
+            .recovery_token()
+            .map(|token| towalink_bundle::recovery::object_name(&token)),
     })
 }
 
@@ -594,6 +597,11 @@ pub fn run(node: Node, shared: Arc<Shared>, media: Vec<std::path::PathBuf>) {
                     }
                 }
                 interval = Duration::from_secs(reply.report_interval_s);
+                if let Some(token) = reply.recovery_token.as_deref() {
+                    if take_recovery_token(&node, token) {
+                        shared.changed();
+                    }
+                }
                 // The controller (its signature, over this report's nonce) was reached
                 // through the active version's own settings, applied to the link: confirm
                 // before an order in this reply changes the active version.
@@ -630,6 +638,31 @@ pub fn run(node: Node, shared: Arc<Shared>, media: Vec<std::path::PathBuf>) {
                 // Come back early when the local state changes, else after the interval.
                 pause(interval.min(Duration::from_secs(2)), &abort);
             }
+        }
+    }
+}
+
+/// Takes a recovery token the controller sent (`tlm rotate recovery-token`) when it differs
+/// from the node's. Returns whether it did. The token is never logged.
+fn take_recovery_token(node: &Node, token: &str) -> bool {
+    let token = token.trim();
+    if !(16..=256).contains(&token.len()) || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        tracing::warn!("the controller sent a recovery token that is not 16 to 256 hex digits; keeping the current one");
+        return false;
+    }
+    if node.recovery_token().as_deref() == Some(token) {
+        return false;
+    }
+    match node.replace_recovery_token(token) {
+        Ok(()) => {
+            tracing::info!(
+                "recovery token replaced, as the controller sent it (tlm rotate recovery-token)"
+            );
+            true
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot store the new recovery token");
+            false
         }
     }
 }

@@ -329,10 +329,7 @@ pub fn look(node: &Node, media: &[PathBuf], state: &mut RecoveryState) -> Option
     }
     let identity = node.state.identity().ok()?;
     let key = towalink_bundle::verifying_key_from_base64(&identity.controller_key).ok()?;
-    let token = std::fs::read_to_string(node.state.path(towalink_bundle::identity::RECOVERY_TOKEN))
-        .ok()
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty());
+    let token = node.recovery_token();
     let without_token =
         recovery::accepts_without_token(state.boots_without_controller, settings.lost_token_boots);
     let mut names = Vec::new();

@@ -191,12 +191,33 @@ pub enum Command {
         #[command(subcommand)]
         what: RecoveryWhat,
     },
+    /// Replace a node's secret: `recovery-token node <node>.<site>` (docs/recovery.md).
+    Rotate {
+        #[command(subcommand)]
+        what: RotateWhat,
+    },
     /// Run git in the configuration directory.
     Git {
         /// Arguments for git.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RotateWhat {
+    /// A node's recovery token: recovery objects made from now on need the new one; the node
+    /// receives it at its next sync through `tlm serve`.
+    RecoveryToken {
+        #[command(subcommand)]
+        target: RotateTarget,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RotateTarget {
+    /// <node>.<site>
+    Node { node: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -15,6 +15,7 @@ pub mod list;
 pub mod operate;
 pub mod provision;
 pub mod recovery;
+pub mod rotate;
 pub mod serve;
 pub mod show;
 pub mod status;
@@ -24,7 +25,7 @@ use std::process::ExitCode;
 
 use crate::cli::{
     ActivateScope, AddWhat, AttachWhat, Cli, Command, DelWhat, ListWhat, ProvisionWhat,
-    RecoveryTarget, RecoveryWhat, Scope, SetWhat, ShowAllWhat, ShowWhat,
+    RecoveryTarget, RecoveryWhat, RotateTarget, RotateWhat, Scope, SetWhat, ShowAllWhat, ShowWhat,
 };
 use crate::model::allocation::NodeAllocation;
 use crate::model::names::{NodeFullName, NodeRef, SiteName, VersionSpec};
@@ -129,6 +130,14 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         } => changing(&config_dir, |store, _lock| {
             provision::run(store, &node, &dir, &mut out).map(|()| ExitCode::SUCCESS)
         }),
+        Command::Rotate {
+            what:
+                RotateWhat::RecoveryToken {
+                    target: RotateTarget::Node { node },
+                },
+        } => changing(&config_dir, |store, _lock| {
+            rotate::recovery_token(store, &node, &mut out).map(|()| ExitCode::SUCCESS)
+        }),
     }
 }
 
@@ -220,6 +229,12 @@ fn check_arguments(command: &Command) -> Result<(), Error> {
         }
         | Command::Provision {
             what: ProvisionWhat::Node { node: n, .. },
+        }
+        | Command::Rotate {
+            what:
+                RotateWhat::RecoveryToken {
+                    target: RotateTarget::Node { node: n },
+                },
         }
         | Command::Recovery {
             what:

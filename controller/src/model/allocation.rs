@@ -110,6 +110,13 @@ pub struct NodeSecrets {
     pub recovery_token: Secret,
 }
 
+/// A new recovery token: 32 random bytes in hex.
+pub fn new_recovery_token(rng: &mut impl rand_core::RngCore) -> Secret {
+    let mut token = [0u8; 32];
+    rng.fill_bytes(&mut token);
+    Secret::new(hex::encode(token))
+}
+
 /// The address pools new nodes draw from.
 #[derive(Debug, Clone)]
 pub struct Pools {
@@ -196,8 +203,6 @@ impl Generated {
                 pool: pools.ipv6.to_string(),
             })?;
         let (private, public) = wireguard_key_pair(rng);
-        let mut token = [0u8; 32];
-        rng.fill_bytes(&mut token);
         let id = self.next_node_id;
         self.next_node_id += 1;
         let node = NodeAllocation {
@@ -212,7 +217,7 @@ impl Generated {
         let secrets = NodeSecrets {
             id,
             wg_private_key: private,
-            recovery_token: Secret::new(hex::encode(token)),
+            recovery_token: new_recovery_token(rng),
         };
         Ok((node, secrets))
     }

@@ -240,6 +240,7 @@ mod tests {
             public_key: String::new(),
             versions,
             order: None,
+            recovery_token: None,
         };
         fleet.publish(
             BTreeMap::from([(1, entry("r.s1", vec![1, 2])), (2, entry("r.s2", vec![1]))]),

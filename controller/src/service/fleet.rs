@@ -20,6 +20,7 @@ use crate::model::management::ManagementSettings;
 use crate::model::names::NodeFullName;
 use crate::store::Store;
 use crate::{store::versions, Error};
+use towalink_system::durable::Secret;
 
 /// How many versions a reply offers (the node keeps as many).
 pub const OFFERED_VERSIONS: usize = 10;
@@ -32,6 +33,9 @@ pub struct NodeEntry {
     /// Committed versions, oldest first.
     pub versions: Vec<u32>,
     pub order: Option<Order>,
+    /// The node's recovery token (`generated/secrets.toml`), sent to a node that reports
+    /// holding another one.
+    pub recovery_token: Option<Secret>,
 }
 
 /// What the nodes should know, by node id.
@@ -64,6 +68,14 @@ pub fn reply_for(
     let new_order = entry
         .order
         .is_some_and(|o| report.order_done.as_ref().is_none_or(|d| o.seq > d.seq));
+    // A node that says which token it holds (nodes before rotation do not) gets the current
+    // one when it holds another.
+    let token = entry.recovery_token.as_ref().filter(|token| {
+        report
+            .recovery_token_id
+            .as_ref()
+            .is_some_and(|id| *id != towalink_bundle::recovery::object_name(token.expose()))
+    });
     let signed = key.map(|key| {
         sign_reply(
             &ReplyBody {
@@ -72,6 +84,7 @@ pub fn reply_for(
                 versions: offered.clone(),
                 order: entry.order,
                 report_interval_s: interval_s,
+                recovery_token: token.map(|t| t.expose().to_string()),
             },
             key,
         )
@@ -83,14 +96,15 @@ pub fn reply_for(
             report_interval_s: interval_s,
             signed,
         },
-        missing || new_order,
+        missing || new_order || token.is_some(),
     )
 }
 
 /// Files whose change makes the service reload. A commit publishes its versions after git
 /// recorded them and then removes its journal: that removal is what announces them.
-const WATCHED: [&str; 5] = [
+const WATCHED: [&str; 6] = [
     "generated/config.toml",
+    "generated/secrets.toml",
     "effective/index.toml",
     "effective/activation.toml",
     versions::JOURNAL,
@@ -161,6 +175,7 @@ impl Fleet {
     pub fn reload(&self) -> Result<(), Error> {
         let generated = self.store.load_generated()?;
         let activations = versions::load_activations(&self.store)?;
+        let secrets = self.store.load_secrets()?;
         let mut nodes = BTreeMap::new();
         for node in &generated.nodes {
             let name = node.full_name();
@@ -176,6 +191,11 @@ impl Fleet {
                     name,
                     public_key: node.wg_public_key.clone(),
                     order,
+                    recovery_token: secrets
+                        .nodes
+                        .iter()
+                        .find(|s| s.id == node.id)
+                        .map(|s| s.recovery_token.clone()),
                 },
             );
         }
@@ -323,6 +343,7 @@ mod tests {
                 version,
                 confirm_s: None,
             }),
+            recovery_token: None,
         }
     }
 
@@ -337,6 +358,42 @@ mod tests {
             }),
             ..NodeReport::default()
         }
+    }
+
+    #[test]
+    fn a_rotated_token_goes_to_a_node_that_holds_another_only() {
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let token = "ab".repeat(32);
+        let mut with_token = entry(vec![1], None);
+        with_token.recovery_token = Some(Secret::new(token.clone()));
+        let sent = |recovery_token_id: Option<String>| {
+            let report = NodeReport {
+                installed_versions: vec![1],
+                nonce: "n".into(),
+                recovery_token_id,
+                ..NodeReport::default()
+            };
+            let (reply, news) = reply_for(1, &with_token, &report, 5, Some(&key));
+            let body = towalink_bundle::orders::open_reply(
+                reply.signed.as_ref(),
+                &key.verifying_key(),
+                1,
+                "n",
+            )
+            .unwrap();
+            (body.recovery_token, news)
+        };
+        assert_eq!(sent(Some("old.tlr".into())), (Some(token.clone()), true));
+        assert_eq!(
+            sent(Some(towalink_bundle::recovery::object_name(&token))),
+            (None, false),
+            "the node holds it"
+        );
+        assert_eq!(
+            sent(None),
+            (None, false),
+            "a node before rotation is sent no token"
+        );
     }
 
     #[test]

@@ -387,6 +387,7 @@ mod tests {
                         public_key: String::new(),
                         versions: vec![1],
                         order: None,
+                        recovery_token: None,
                     },
                 )]),
                 None,

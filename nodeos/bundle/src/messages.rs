@@ -64,6 +64,11 @@ pub struct NodeReport {
     /// nodes before signed orders.
     #[serde(default)]
     pub nonce: String,
+    /// The name of the node's recovery object (`recovery::object_name` of its token: no
+    /// secret), so the controller knows which token the node holds. Absent from nodes before
+    /// token rotation: the controller then sends no token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_token_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

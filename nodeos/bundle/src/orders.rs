@@ -51,6 +51,11 @@ pub struct ReplyBody {
     pub order: Option<Order>,
     /// How long the node waits before its next sync when nothing happens.
     pub report_interval_s: u64,
+    /// The node's recovery token, when the node reported holding another one (`tlm rotate
+    /// recovery-token`). It travels inside the management link's WireGuard encryption, signed
+    /// with the rest for this node and report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_token: Option<String>,
 }
 
 /// A [`ReplyBody`]'s exact JSON text and the controller's signature (base64) over it.
@@ -235,6 +240,7 @@ mod tests {
                 confirm_s: None,
             }),
             report_interval_s: 5,
+            recovery_token: None,
         }
     }
 
