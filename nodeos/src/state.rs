@@ -522,6 +522,17 @@ impl StateDir {
     /// falls back to the identity (logged): it never leaves the node without a way back.
     pub fn working_management(&self) -> Option<Management> {
         let path = self.path(WORKING_MANAGEMENT);
+        // An identity written after the file (provisioned or attached again, perhaps for
+        // another controller) wins over settings that worked for the one before.
+        let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        if let (Some(identity), Some(working)) = (
+            modified(&self.path(towalink_bundle::identity::NODE_TOML)),
+            modified(&path),
+        ) {
+            if identity > working {
+                return self.identity().ok()?.management;
+            }
+        }
         match std::fs::read_to_string(&path) {
             Ok(text) => match toml::from_str::<Management>(&text) {
                 Ok(management) => return Some(management),
@@ -682,6 +693,49 @@ mod tests {
         };
         towalink_bundle::build(&manifest, &BTreeMap::from([(path.into(), content)]), &key())
             .unwrap()
+    }
+
+    #[test]
+    fn working_management_settings_win_until_the_identity_is_written_again() {
+        let (temp, state) = state();
+        let management = |endpoint: &str| Management {
+            controller_endpoints: vec![endpoint.into()],
+            controller_wg_public_key: "k".into(),
+            address: "fd54::1:3".parse().unwrap(),
+            controller_address: "fd54::1".parse().unwrap(),
+            api_port: 8001,
+            listen_port: 0,
+            keepalive_s: 25,
+        };
+        let write_identity = |endpoint: &str| {
+            let mut identity = state.identity().unwrap();
+            identity.management = Some(management(endpoint));
+            std::fs::write(
+                temp.path().join("identity/node.toml"),
+                toml::to_string(&identity).unwrap(),
+            )
+            .unwrap();
+        };
+        let set_mtime = |relative: &str, seconds: u64| {
+            std::fs::File::options()
+                .write(true)
+                .open(temp.path().join(relative))
+                .unwrap()
+                .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds))
+                .unwrap();
+        };
+        write_identity("first:1");
+        assert_eq!(state.working_management(), Some(management("first:1")));
+        state
+            .save_working_management(&management("moved:1"))
+            .unwrap();
+        set_mtime("identity/node.toml", 1_000);
+        set_mtime(WORKING_MANAGEMENT, 2_000);
+        assert_eq!(state.working_management(), Some(management("moved:1")));
+        // Provisioned again (for another controller): the identity's settings.
+        write_identity("other:1");
+        set_mtime("identity/node.toml", 3_000);
+        assert_eq!(state.working_management(), Some(management("other:1")));
     }
 
     #[test]
