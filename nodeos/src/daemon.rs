@@ -293,7 +293,9 @@ pub fn run(node: Node, options: Options, shutdown: &Shutdown) -> anyhow::Result<
             node.desired_dataplane(chosen.as_ref())
                 .map_err(|e| e.to_string())
         });
-        let mut applied = link_resolved && round.as_ref().is_some_and(|r| r.is_ok());
+        // Without a data plane (`--dataplane none`) the host routes the management traffic:
+        // whatever was chosen is in effect.
+        let mut applied = link_resolved && round.as_ref().is_none_or(|r| r.is_ok());
         let mut actions = VecDeque::from(daemon.step(Instant::now(), Observed::Round(round)));
         while let Some(action) = actions.pop_front() {
             let outcome = match action {
