@@ -1672,6 +1672,20 @@ fn a_stranded_node_recovers_from_a_plain_web_server_and_from_its_media() {
             )
         },
     );
+    wait_for(
+        Duration::from_secs(60),
+        || {
+            net.ctl
+                .ok(&["status", "node", "r.s1"])
+                .contains("recovery token: current")
+        },
+        || {
+            format!(
+                "tlm status never showed r.s1 holding its new token:\n{}",
+                net.ctl.ok(&["status", "node", "r.s1"])
+            )
+        },
+    );
     {
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(&s1_token_file)

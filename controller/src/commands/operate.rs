@@ -350,6 +350,20 @@ pub fn print_status(
         writeln!(out, "{}", line(row))?;
     }
     if detailed {
+        // The object name of each node's current recovery token, to tell whether the node
+        // holds it (nodes report theirs since token rotation).
+        let token_ids: std::collections::BTreeMap<u32, String> = store
+            .load_secrets()
+            .map(|s| {
+                s.nodes
+                    .iter()
+                    .map(|n| {
+                        let id = towalink_bundle::recovery::object_name(n.recovery_token.expose());
+                        (n.id, id)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         for n in nodes {
             let Some(record) = &n.record else { continue };
             let r = &record.report;
@@ -413,6 +427,14 @@ pub fn print_status(
                     o.version,
                     printable(&o.result.to_string())
                 )?;
+            }
+            if let (Some(held), Some(current)) = (&r.recovery_token_id, token_ids.get(&n.id)) {
+                let state = if held == current {
+                    "current"
+                } else {
+                    "an earlier one (rotated; the node takes the new one at its next sync)"
+                };
+                writeln!(out, "  recovery token: {state}")?;
             }
         }
     }
