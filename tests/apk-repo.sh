@@ -119,7 +119,9 @@ build_bird() { # build_bird <arch>: static musl bird and birdcl into apk-build/<
     CC="$cc" CFLAGS="-O2 -isystem $dir/kinc" LDFLAGS=-static \
       ../src/configure ${host:+--host="$host" --build="$(gcc -dumpmachine)"} "${conf_flags[@]}" >configure.log 2>&1 ||
       { tail -30 configure.log >&2; exit 1; }
-    make -j"$(nproc)" >make.log 2>&1 || { tail -30 make.log >&2; exit 1; }
+    # BIRD's Makefile races when parallel (a generated source before its directory exists,
+    # seen once in CI): a serial make finishes what the parallel one left.
+    make -j"$(nproc)" >make.log 2>&1 || make >>make.log 2>&1 || { tail -30 make.log >&2; exit 1; }
   )
   local b
   for b in bird birdcl; do
