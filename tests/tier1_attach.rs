@@ -392,22 +392,19 @@ fn listening(t: &Installation, port: u16) -> Listening {
         .spawn()
         .unwrap();
     let attach = Listening(child);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let status = Command::new("curl")
-            .args(["-s", "-k", "-o", "/dev/null", "--max-time", "10"])
-            .arg(format!("https://127.0.0.1:{port}/attach/v1/request"))
-            .status()
-            .expect("curl (installed by tests/setup.sh)");
-        if status.success() {
-            return attach;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "waited 60 s for attach to answer HTTPS on port {port} (curl: {status})"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    towalink_tests::network::wait_for(
+        Duration::from_secs(120),
+        || {
+            Command::new("curl")
+                .args(["-s", "-k", "-o", "/dev/null", "--max-time", "10"])
+                .arg(format!("https://127.0.0.1:{port}/attach/v1/request"))
+                .status()
+                .expect("curl (installed by tests/setup.sh)")
+                .success()
+        },
+        || format!("tlm attach never answered HTTPS on port {port}"),
+    );
+    attach
 }
 
 /// curl's exit code for `https://<name>:<port>/…` with `name` resolved to 127.0.0.1 and the

@@ -868,12 +868,7 @@ mod tests {
     fn settings(endpoints: &[&str]) -> Management {
         Management {
             controller_endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
-            controller_wg_public_key: "k".into(),
-            address: "fd5a::1:3".parse().unwrap(),
-            controller_address: "fd5a::1".parse().unwrap(),
-            api_port: 8443,
-            listen_port: 0,
-            keepalive_s: 25,
+            ..towalink_bundle::test_support::management("")
         }
     }
 

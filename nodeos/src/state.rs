@@ -698,15 +698,7 @@ mod tests {
     #[test]
     fn working_management_settings_win_until_the_identity_is_written_again() {
         let (temp, state) = state();
-        let management = |endpoint: &str| Management {
-            controller_endpoints: vec![endpoint.into()],
-            controller_wg_public_key: "k".into(),
-            address: "fd54::1:3".parse().unwrap(),
-            controller_address: "fd54::1".parse().unwrap(),
-            api_port: 8001,
-            listen_port: 0,
-            keepalive_s: 25,
-        };
+        let management = towalink_bundle::test_support::management;
         let write_identity = |endpoint: &str| {
             let mut identity = state.identity().unwrap();
             identity.management = Some(management(endpoint));

@@ -509,15 +509,7 @@ mod tests {
 
     #[test]
     fn the_management_settings_are_written_for_the_node_to_read_back() {
-        let management = Management {
-            controller_endpoints: vec!["ctl.example:51819".into()],
-            controller_wg_public_key: "k".into(),
-            address: "fd54::1:3".parse().unwrap(),
-            controller_address: "fd54::1".parse().unwrap(),
-            api_port: 8001,
-            listen_port: 0,
-            keepalive_s: 25,
-        };
+        let management = towalink_bundle::test_support::management("ctl.example:51819");
         let (complete, effective) = attributes(TODAY, Level::Global);
         let text = node_toml(&complete, &effective, Some(&management)).unwrap();
         let mut table: Table = text.parse().unwrap();

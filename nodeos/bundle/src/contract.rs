@@ -426,12 +426,7 @@ mod tests {
     fn management_settings_travel_in_node_toml_and_are_optional() {
         let management = Management {
             controller_endpoints: vec!["ctl.example:51820".into(), "[2001:db8::9]:51820".into()],
-            controller_wg_public_key: "k".into(),
-            address: "fd5a::1:3".parse().unwrap(),
-            controller_address: "fd5a::1".parse().unwrap(),
-            api_port: 8443,
-            listen_port: 0,
-            keepalive_s: 25,
+            ..crate::test_support::management("")
         };
         let mut table: toml::Table = TODAY_R1.parse().unwrap();
         table.extend(
@@ -446,7 +441,7 @@ mod tests {
         assert_eq!(config.management, Some(management));
         assert_eq!(config.contract, 1, "nodes of contract 1 ignore it");
         assert_eq!(NodeConfig::from_toml(TODAY_R1).unwrap().management, None);
-        let error = NodeConfig::from_toml(&text.replace("api_port = 8443", "api_port = 99999"))
+        let error = NodeConfig::from_toml(&text.replace("api_port = 8001", "api_port = 99999"))
             .unwrap_err()
             .to_string();
         assert!(error.contains("`api_port`"), "{error}");

@@ -37,3 +37,16 @@ pub fn tar_header(name: &str, size: u64) -> Vec<u8> {
     header.set_cksum();
     header.as_bytes().to_vec()
 }
+
+/// Management settings for tests: one controller endpoint, fixed key and addresses.
+pub fn management(endpoint: &str) -> crate::messages::Management {
+    crate::messages::Management {
+        controller_endpoints: vec![endpoint.to_string()],
+        controller_wg_public_key: "k".into(),
+        address: "fd54::1:3".parse().expect("an address"),
+        controller_address: "fd54::1".parse().expect("an address"),
+        api_port: 8001,
+        listen_port: 0,
+        keepalive_s: 25,
+    }
+}
