@@ -18,10 +18,7 @@ pub fn recovery_token(store: &Store, node: &str, out: &mut impl Write) -> Result
         .nodes
         .iter_mut()
         .find(|s| s.id == node.id)
-        .ok_or_else(|| Error::Corrupt {
-            file: "generated/secrets.toml".into(),
-            message: format!("has no keys for node {} (id {})", node.full_name(), node.id),
-        })?;
+        .ok_or_else(|| crate::store::keys::no_secrets(&node))?;
     entry.recovery_token = new_recovery_token(&mut rand_core::OsRng);
     store.save_secrets(&secrets)?;
     writeln!(

@@ -77,6 +77,14 @@ pub fn controller_key(store: &Store) -> Result<(Secret, String), Error> {
 
 /// A node's identity (what goes to `identity/node.toml`) and its secrets. Without a
 /// `controller_endpoint` the identity has no management link (the node runs alone).
+/// `generated/secrets.toml` lacks a node's keys.
+pub fn no_secrets(node: &NodeAllocation) -> Error {
+    Error::Corrupt {
+        file: "generated/secrets.toml".into(),
+        message: format!("has no keys for node {} (id {})", node.full_name(), node.id),
+    }
+}
+
 pub fn node_identity(
     store: &Store,
     node: &NodeAllocation,
@@ -90,10 +98,7 @@ pub fn node_identity(
         .nodes
         .into_iter()
         .find(|s| s.id == node.id)
-        .ok_or_else(|| Error::Corrupt {
-            file: "generated/secrets.toml".into(),
-            message: format!("has no keys for node {} (id {})", node.full_name(), node.id),
-        })?;
+        .ok_or_else(|| no_secrets(node))?;
     let settings = settings(store)?;
     let management = if settings.controller_endpoints.is_empty() {
         None
