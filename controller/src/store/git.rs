@@ -31,6 +31,7 @@ const GIT_LOCKS: [&str; 6] = [
     "index.lock",
     "HEAD.lock",
     "ORIG_HEAD.lock",
+    "AUTO_MERGE.lock",
     "config.lock",
     "packed-refs.lock",
     "shallow.lock",
