@@ -27,7 +27,7 @@ const RECORDED_FILES: [&str; 4] = [
 ];
 
 /// Git's lock files directly in `.git/`.
-const GIT_LOCKS: [&str; 6] = [
+const GIT_LOCKS: [&str; 7] = [
     "index.lock",
     "HEAD.lock",
     "ORIG_HEAD.lock",
