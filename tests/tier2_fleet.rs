@@ -1124,6 +1124,7 @@ impl FakeController {
                         order,
                         report_interval_s: interval,
                         recovery_token: None,
+                        wg_private_key: None,
                     };
                     let unsigned = SyncReply {
                         versions: vec![1],
@@ -1882,4 +1883,204 @@ impl Drop for Server {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Issue 12, key rotation: r.s2's WireGuard key is replaced while LAN traffic flows from r.s1
+/// to r.s2. `tlm rotate node` + commit + activate: the node receives its new private key in a
+/// sync reply, its peers' versions name the new public key, all three switch together.
+/// Afterwards a copy of r.s2's card from before the rotation is refused: its tunnels find no
+/// peer and the controller's hub no longer lets its key in.
+#[test]
+fn rotating_a_nodes_key_keeps_traffic_flowing_and_locks_out_the_old_card() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut options = Options::new(3, Topology::Mesh);
+    options.controller = true;
+    let mut net = Network::build(options);
+    net.wait_established(Duration::from_secs(60));
+    net.wait_reported(&[1, 2, 3], 1, "good", Duration::from_secs(60));
+
+    // The card as it was flashed: r.s2's state directory before the rotation.
+    let old_card = net.temp.path().join("old-card");
+    let s2_state = net.site(2).state.clone();
+    net.site_mut(2).kill_daemon();
+    towalink_tests::network::sh(
+        "cp",
+        &["-a", s2_state.to_str().unwrap(), old_card.to_str().unwrap()],
+    );
+    net.site_mut(2).start_daemon();
+    net.wait_established(Duration::from_secs(60));
+    let old_key = std::fs::read_to_string(s2_state.join("identity/wg_private_key")).unwrap();
+
+    let (s1, s2) = (net.site(1), net.site(2));
+    wait_for(
+        Duration::from_secs(60),
+        || s1.ping(s2.lan()),
+        || {
+            format!(
+                "r.s1 cannot reach r.s2's LAN after r.s2's restart:\n{}",
+                s1.birdc("show protocols")
+            )
+        },
+    );
+    let pinger = s1
+        .exec("ping")
+        .args([
+            "-i",
+            "0.02",
+            "-q",
+            "-I",
+            &s1.lan().to_string(),
+            &s2.lan().to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // Traffic flows before the rotation starts…
+    std::thread::sleep(Duration::from_secs(2));
+    let out = net.ctl.ok(&["rotate", "node", "r.s2"]);
+    assert!(out.contains("r.s2: new WireGuard key"), "{out}");
+    assert!(
+        !out.contains(old_key.trim()),
+        "the old private key was printed: {out}"
+    );
+    let out = net.ctl.ok(&["commit", "all"]);
+    assert!(
+        out.contains("3 new version(s)"),
+        "r.s2 and both peers: {out}"
+    );
+    let run = net.ctl.run(&[
+        "activate",
+        "all",
+        "--confirm",
+        "120",
+        "--wait-blessed",
+        "--timeout",
+        "180",
+    ]);
+    let quiet = |log: String| {
+        log.lines()
+            .filter(|l| !l.contains("DEBUG") && !l.contains("HANDSHAKE"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(
+        run.code == 0 && run.stdout.contains("3 of 3 node(s) blessed the version"),
+        "{}{}\nr.s2's log:\n{}\ncontroller's log:\n{}",
+        run.stdout,
+        run.stderr,
+        tail(&quiet(net.site(2).log()), 40),
+        tail(
+            &quiet(
+                std::fs::read_to_string(&net.controller.as_ref().unwrap().log).unwrap_or_default()
+            ),
+            30
+        )
+    );
+    // LAN to LAN once more through the rotated links, then the figure.
+    wait_for(
+        Duration::from_secs(60),
+        || s1.ping(s2.lan()),
+        || {
+            format!(
+                "r.s1 cannot reach r.s2's LAN after the rotation:\n{}",
+                s1.birdc("show protocols")
+            )
+        },
+    );
+    // …and after it ended.
+    std::thread::sleep(Duration::from_secs(2));
+    sh_kill_int(pinger.id());
+    let (lost, sent, outage_ms) = ping_outage(pinger.wait_with_output().unwrap());
+    eprintln!(
+        "key rotation of r.s2: {lost} of {sent} LAN pings lost (outage about {outage_ms:.0} ms)"
+    );
+    assert!(sent > 50, "the pinger ran too briefly: {sent}");
+    assert!(
+        lost * 4 < sent,
+        "LAN traffic stopped during the rotation: {lost} of {sent} lost"
+    );
+
+    // The new key is r.s2's now: in its keyring (0600), in its peers' versions.
+    let keyring: Vec<_> = std::fs::read_dir(s2_state.join("identity/wg_keys"))
+        .expect("r.s2 keeps the key it was sent")
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(keyring.len(), 1, "{keyring:?}");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&keyring[0]).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", keyring[0].display());
+    }
+    let generated: toml::Table = std::fs::read_to_string(net.ctl.dir.join("generated/config.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let new_public = generated["node"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["site"].as_str() == Some("s2"))
+        .unwrap()["wg_public_key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let seen = |net: &Network| {
+        node_entry(&net.fleet_status(), "r.s2")["last_seen_ms"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    // The controller heard r.s2 on the new key: the old one is no longer offered.
+    wait_for(
+        Duration::from_secs(60),
+        || {
+            let status = std::fs::read_to_string(net.ctl.dir.join("status/nodes/r.s2.json"))
+                .unwrap_or_default();
+            status.contains(&new_public)
+        },
+        || "r.s2 was never heard on its new key".to_string(),
+    );
+
+    // The old card boots as r.s2: nobody takes it.
+    net.site_mut(2).kill_daemon();
+    let rotated_state = net.temp.path().join("rotated-state");
+    std::fs::rename(&s2_state, &rotated_state).unwrap();
+    towalink_tests::network::sh(
+        "cp",
+        &["-a", old_card.to_str().unwrap(), s2_state.to_str().unwrap()],
+    );
+    let before = seen(&net);
+    net.site_mut(2).start_daemon();
+    let (s1, s2) = (net.site(1), net.site(2));
+    // Long enough for the hub to have offered each of a rotated node's keys twice.
+    let window = Duration::from_secs(40);
+    let started = std::time::Instant::now();
+    let mut pinged = false;
+    while started.elapsed() < window {
+        pinged |= s1.ping(s2.lan()) && started.elapsed() > Duration::from_secs(10);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(!pinged, "the old card's links carried traffic");
+    assert_eq!(
+        seen(&net),
+        before,
+        "the controller heard the old card:\n{}",
+        tail(&net.site(2).log(), 20)
+    );
+    // The real node again: back in touch, traffic flows.
+    net.site_mut(2).kill_daemon();
+    std::fs::remove_dir_all(&s2_state).unwrap();
+    std::fs::rename(&rotated_state, &s2_state).unwrap();
+    net.site_mut(2).start_daemon();
+    let (s1, s2) = (net.site(1), net.site(2));
+    wait_for(
+        Duration::from_secs(90),
+        || seen(&net) > before && s1.ping(s2.lan()),
+        || {
+            format!(
+                "the rotated r.s2 did not come back:\n{}",
+                tail(&net.site(2).log(), 30)
+            )
+        },
+    );
 }

@@ -58,6 +58,19 @@ pub fn key_hex(base64_key: &str, what: &str) -> Result<String, Error> {
     Ok(hex::encode(bytes))
 }
 
+/// The public half (base64) of a WireGuard private key (base64).
+pub fn public_key_of(private_base64: &str, what: &str) -> Result<String, Error> {
+    let bytes: [u8; 32] = BASE64
+        .decode(private_base64.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| Error::Key {
+            what: what.to_string(),
+        })?;
+    let secret = boringtun::x25519::StaticSecret::from(bytes);
+    Ok(BASE64.encode(boringtun::x25519::PublicKey::from(&secret).as_bytes()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

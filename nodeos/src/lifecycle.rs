@@ -13,6 +13,10 @@ use crate::slots::{plan_activation, plan_startup, DiskState, Marker, Slot, Start
 use crate::state::{crash_point, now, Installed, Older, RollbackRecord, StateDir};
 use crate::Error;
 
+/// How many keys the keyring keeps ([`Node::take_wireguard_key`]): the current one and the
+/// ones older versions (a rollback) may still name.
+pub const KEYRING_KEEP: usize = 4;
+
 /// Which version to activate (the same rule as `tlm`'s).
 pub use towalink_bundle::args::VersionSpec;
 
@@ -410,6 +414,104 @@ impl Node {
         )
     }
 
+    /// The WireGuard private key whose public half is `public` (a version's `wg_public_key`):
+    /// the identity's when it is that key or none is named, else the keyring's
+    /// ([`towalink_bundle::identity::WG_KEYRING`]). A version naming a key this node does not
+    /// hold runs with the identity's key (its peers will not answer; the node says so).
+    pub fn wireguard_private_key(&self, public: Option<&str>) -> Result<String, Error> {
+        let identity = self.state.identity()?;
+        if let Some(public) = public.filter(|p| *p != identity.wg_public_key) {
+            if let Some(key) = self.keyring_key(public) {
+                return Ok(key);
+            }
+            tracing::warn!(
+                public_key = public,
+                "the active version names a WireGuard key this node does not hold; running with the identity's key"
+            );
+        }
+        let path = self.state.path(towalink_bundle::identity::WG_PRIVATE_KEY);
+        std::fs::read_to_string(&path).map_err(|error| Error::Io {
+            action: "cannot read",
+            path,
+            error,
+        })
+    }
+
+    fn keyring_path(&self, public: &str) -> Option<std::path::PathBuf> {
+        let name = towalink_netdev::key_hex(public, "WireGuard public key").ok()?;
+        Some(
+            self.state
+                .path(towalink_bundle::identity::WG_KEYRING)
+                .join(name),
+        )
+    }
+
+    fn keyring_key(&self, public: &str) -> Option<String> {
+        let key = std::fs::read_to_string(self.keyring_path(public)?).ok()?;
+        // A file that does not hold the named key's private half is not used.
+        (towalink_netdev::public_key_of(&key, "keyring key").ok()? == public).then_some(key)
+    }
+
+    /// The WireGuard public keys this node holds private keys for: the identity's first.
+    pub fn held_wireguard_keys(&self) -> Vec<String> {
+        let mut held: Vec<String> = self
+            .state
+            .identity()
+            .map(|i| vec![i.wg_public_key])
+            .unwrap_or_default();
+        let dir = self.state.path(towalink_bundle::identity::WG_KEYRING);
+        let mut files: Vec<_> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        for file in files {
+            let public = std::fs::read_to_string(&file)
+                .ok()
+                .and_then(|key| towalink_netdev::public_key_of(&key, "keyring key").ok());
+            if let Some(public) = public.filter(|p| !held.contains(p)) {
+                held.push(public);
+            }
+        }
+        held
+    }
+
+    /// Keeps a WireGuard private key the controller sent (`tlm rotate node`) in the keyring
+    /// (0600, durably), beside the keys it holds; the oldest beyond [`KEYRING_KEEP`] go.
+    /// Returns whether the key was new. The key is never logged.
+    pub fn take_wireguard_key(&self, private: &str) -> Result<bool, Error> {
+        let public = towalink_netdev::public_key_of(private, "the WireGuard key sent")?;
+        if self.held_wireguard_keys().contains(&public) {
+            return Ok(false);
+        }
+        let path = self
+            .keyring_path(&public)
+            .expect("a derived public key is base64 of 32 bytes");
+        let dir = self.state.path(towalink_bundle::identity::WG_KEYRING);
+        std::fs::create_dir_all(&dir).map_err(|error| Error::Io {
+            action: "cannot create",
+            path: dir.clone(),
+            error,
+        })?;
+        crate::state::write_atomic(&path, format!("{}\n", private.trim()).as_bytes(), 0o600)?;
+        let mut files: Vec<(std::time::SystemTime, std::path::PathBuf)> = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        files.sort();
+        let excess = files.len().saturating_sub(KEYRING_KEEP);
+        for (_, old) in files.into_iter().take(excess) {
+            if old != path {
+                let _ = std::fs::remove_file(old);
+            }
+        }
+        Ok(true)
+    }
+
     /// The contract of the active version (none without one, or when it cannot be read).
     pub fn active_config(&self) -> Option<towalink_bundle::contract::NodeConfig> {
         let slot = self.state.current()?;
@@ -444,18 +546,17 @@ impl Node {
         &self,
         management: Option<&Management>,
     ) -> Result<crate::dataplane::DesiredState, Error> {
-        let key_path = self.state.path("identity/wg_private_key");
-        let key = std::fs::read_to_string(&key_path).map_err(|source| Error::Io {
-            action: "cannot read",
-            path: key_path,
-            error: source,
-        })?;
-        let mut state = match self.state.current() {
-            Some(slot) => {
-                let bundle = self.state.slot_bundle(slot)?;
-                let config = towalink_bundle::contract::NodeConfig::of(&bundle)?;
-                crate::dataplane::desired(&config, &key)?
-            }
+        let config = match self.state.current() {
+            Some(slot) => Some(towalink_bundle::contract::NodeConfig::of(
+                &self.state.slot_bundle(slot)?,
+            )?),
+            None => None,
+        };
+        // Links and management link run with the key the active version names.
+        let key =
+            self.wireguard_private_key(config.as_ref().and_then(|c| c.wg_public_key.as_deref()))?;
+        let mut state = match &config {
+            Some(config) => crate::dataplane::desired(config, &key)?,
             None => crate::dataplane::DesiredState::default(),
         };
         let settings = match management {

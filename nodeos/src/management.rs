@@ -429,6 +429,7 @@ pub fn build_report(node: &Node, shared: &Shared) -> Result<NodeReport, Error> {
         recovery_token_id: node
             .recovery_token()
             .map(|token| towalink_bundle::recovery::object_name(&token)),
+        wg_public_keys: node.held_wireguard_keys(),
     })
 }
 
@@ -600,6 +601,18 @@ pub fn run(node: Node, shared: Arc<Shared>, media: Vec<std::path::PathBuf>) {
                 if let Some(token) = reply.recovery_token.as_deref() {
                     if take_recovery_token(&node, token) {
                         shared.changed();
+                    }
+                }
+                // A rotated key comes before the order that may activate a version naming it.
+                if let Some(key) = reply.wg_private_key.as_deref() {
+                    match node.take_wireguard_key(key) {
+                        Ok(true) => tracing::info!(
+                            "new WireGuard key kept, as the controller sent it (tlm rotate node); versions naming it will use it"
+                        ),
+                        Ok(false) => {}
+                        Err(error) => {
+                            tracing::error!(%error, "cannot keep the WireGuard key the controller sent")
+                        }
                     }
                 }
                 // The controller (its signature, over this report's nonce) was reached

@@ -191,7 +191,8 @@ pub enum Command {
         #[command(subcommand)]
         what: RecoveryWhat,
     },
-    /// Replace a node's secret: `recovery-token node <node>.<site>` (docs/recovery.md).
+    /// Replace a node's secrets: `node <node>.<site>` (its WireGuard key),
+    /// `recovery-token node <node>.<site>` (docs/recovery.md).
     Rotate {
         #[command(subcommand)]
         what: RotateWhat,
@@ -206,6 +207,10 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum RotateWhat {
+    /// A node's WireGuard key (its links and its management link): the next commit names the
+    /// new key in its and its peers' versions; the node receives the private key at its next
+    /// sync through `tlm serve`, before the activation order.
+    Node { node: String },
     /// A node's recovery token: recovery objects made from now on need the new one; the node
     /// receives it at its next sync through `tlm serve`.
     RecoveryToken {

@@ -138,6 +138,11 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         } => changing(&config_dir, |store, _lock| {
             rotate::recovery_token(store, &node, &mut out).map(|()| ExitCode::SUCCESS)
         }),
+        Command::Rotate {
+            what: RotateWhat::Node { node },
+        } => changing(&config_dir, |store, _lock| {
+            rotate::node(store, &node, &mut out).map(|()| ExitCode::SUCCESS)
+        }),
     }
 }
 
@@ -235,6 +240,9 @@ fn check_arguments(command: &Command) -> Result<(), Error> {
                 RotateWhat::RecoveryToken {
                     target: RotateTarget::Node { node: n },
                 },
+        }
+        | Command::Rotate {
+            what: RotateWhat::Node { node: n },
         }
         | Command::Recovery {
             what:

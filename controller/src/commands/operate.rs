@@ -457,6 +457,7 @@ mod tests {
             node_id: 1,
             last_seen_ms: 0,
             endpoint: None,
+            via_key: None,
             report: NodeReport {
                 active_version: Some(active),
                 state: Some(state),

@@ -83,6 +83,11 @@ pub struct NodeAllocation {
     pub loopback_ipv4: Ipv4Addr,
     pub loopback_ipv6: Ipv6Addr,
     pub wg_public_key: String,
+    /// The key `tlm rotate node` replaced: `tlm serve` still lets the node reach it with
+    /// this one until the node has been heard on the new one (docs/recovery.md, "Rotating a
+    /// node's keys"). Absent for a node never rotated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wg_public_key_previous: Option<String>,
 }
 
 impl NodeAllocation {
@@ -212,6 +217,7 @@ impl Generated {
             loopback_ipv4,
             loopback_ipv6,
             wg_public_key: public,
+            wg_public_key_previous: None,
         };
         self.nodes.push(node.clone());
         let secrets = NodeSecrets {
@@ -250,6 +256,24 @@ impl Generated {
             .expect("found above");
         Ok(self.sites.remove(index))
     }
+}
+
+/// Gives a node a new WireGuard key pair (`tlm rotate node`): the replaced public key is kept
+/// as the previous one (a rotation before the node took the last one keeps the key the node
+/// still runs with: the previous key is only replaced once it is the proven one, see
+/// `tlm serve`).
+pub fn rotate_wireguard_key(
+    node: &mut NodeAllocation,
+    secrets: &mut NodeSecrets,
+    keep_previous: bool,
+    rng: &mut impl CryptoRngCore,
+) {
+    let (private, public) = wireguard_key_pair(rng);
+    let replaced = std::mem::replace(&mut node.wg_public_key, public);
+    if !keep_previous || node.wg_public_key_previous.is_none() {
+        node.wg_public_key_previous = Some(replaced);
+    }
+    secrets.wg_private_key = private;
 }
 
 /// A fresh WireGuard (x25519) key pair: (private, public), base64 as `wg` prints them.

@@ -241,6 +241,8 @@ mod tests {
             versions,
             order: None,
             recovery_token: None,
+            previous_key: None,
+            wg_private_key: None,
         };
         fleet.publish(
             BTreeMap::from([(1, entry("r.s1", vec![1, 2])), (2, entry("r.s2", vec![1]))]),

@@ -36,6 +36,48 @@ pub struct NodeEntry {
     /// The node's recovery token (`generated/secrets.toml`), sent to a node that reports
     /// holding another one.
     pub recovery_token: Option<Secret>,
+    /// The key `tlm rotate node` replaced, while the node has not been heard on the new one
+    /// (`generated/config.toml`'s `wg_public_key_previous`, unless the node's status record
+    /// says it was heard on `public_key`).
+    pub previous_key: Option<String>,
+    /// The node's current WireGuard private key, sent to a node that reports not holding it.
+    pub wg_private_key: Option<Secret>,
+}
+
+/// How long the hub keeps offering one of a rotated node's two keys after the node was last
+/// heard on it (or since it was offered): longer than the management link's keepalive, so a
+/// node that is there is always heard within it.
+pub fn try_key(keepalive_s: u16) -> Duration {
+    Duration::from_secs(u64::from(keepalive_s) + 10)
+}
+
+/// The key the hub offers for a node's management peer now. A node never rotated, or heard on
+/// its current key since, gets its current key. A node in the middle of a rotation switches
+/// to the new key when it activates a version naming it: while it is not heard for `try_for`
+/// on the key offered, the hub offers the other one. `offered`: the key offered now and when
+/// the node was last heard on it (or it was offered, if later). Pure.
+pub fn management_key<'a>(
+    entry: &'a NodeEntry,
+    offered: Option<(&str, Instant)>,
+    try_for: Duration,
+    now: Instant,
+) -> &'a str {
+    let current = entry.public_key.as_str();
+    let Some(previous) = entry.previous_key.as_deref() else {
+        return current;
+    };
+    match offered {
+        Some((key, heard)) if key == current || key == previous => {
+            let other = if key == current { previous } else { current };
+            let mine = if key == current { current } else { previous };
+            if now.saturating_duration_since(heard) < try_for {
+                mine
+            } else {
+                other
+            }
+        }
+        _ => current,
+    }
 }
 
 /// What the nodes should know, by node id.
@@ -68,6 +110,11 @@ pub fn reply_for(
     let new_order = entry
         .order
         .is_some_and(|o| report.order_done.as_ref().is_none_or(|d| o.seq > d.seq));
+    // A node that says which keys it holds (nodes before key rotation do not) gets its
+    // current private key when it lacks it, in the reply that may order a version naming it.
+    let wg_key = entry.wg_private_key.as_ref().filter(|_| {
+        !report.wg_public_keys.is_empty() && !report.wg_public_keys.contains(&entry.public_key)
+    });
     // A node that says which token it holds (nodes before rotation do not) gets the current
     // one when it holds another.
     let token = entry.recovery_token.as_ref().filter(|token| {
@@ -85,6 +132,7 @@ pub fn reply_for(
                 order: entry.order,
                 report_interval_s: interval_s,
                 recovery_token: token.map(|t| t.expose().to_string()),
+                wg_private_key: wg_key.map(|k| k.expose().to_string()),
             },
             key,
         )
@@ -96,7 +144,7 @@ pub fn reply_for(
             report_interval_s: interval_s,
             signed,
         },
-        missing || new_order || token.is_some(),
+        missing || new_order || token.is_some() || wg_key.is_some(),
     )
 }
 
@@ -121,6 +169,19 @@ pub struct Fleet {
     stamp: Mutex<Stamp>,
     /// Node id → underlay address of its management peer, from the hub.
     endpoints: Mutex<BTreeMap<u32, String>>,
+    /// Node id → the key the hub offers for its management peer, since when, and whether the
+    /// node was heard since.
+    offered: Mutex<BTreeMap<u32, Offered>>,
+}
+
+/// The key the hub offers a node ([`management_key`]).
+#[derive(Debug, Clone)]
+struct Offered {
+    key: String,
+    /// When it was offered, or the node was last heard on it, whichever is later.
+    heard: Instant,
+    /// The peer's received bytes as the hub last read them.
+    rx_bytes: u64,
 }
 
 fn stamp(store: &Store) -> Stamp {
@@ -144,6 +205,7 @@ impl Fleet {
             changed: Condvar::new(),
             stamp: Mutex::new(Vec::new()),
             endpoints: Mutex::default(),
+            offered: Mutex::default(),
         }
     }
 
@@ -179,6 +241,12 @@ impl Fleet {
         let mut nodes = BTreeMap::new();
         for node in &generated.nodes {
             let name = node.full_name();
+            let node_secrets = secrets.nodes.iter().find(|s| s.id == node.id);
+            // The status record says which key the node was last heard on: once that is the
+            // current one, the previous key is no longer offered (an old card stays out).
+            let heard_on_current = super::records::read_node(&self.store, &name)
+                .and_then(|r| r.via_key)
+                .is_some_and(|key| key == node.wg_public_key);
             let order = activations.nodes.get(&name.to_string()).map(|a| Order {
                 seq: a.order,
                 version: a.version,
@@ -191,11 +259,12 @@ impl Fleet {
                     name,
                     public_key: node.wg_public_key.clone(),
                     order,
-                    recovery_token: secrets
-                        .nodes
-                        .iter()
-                        .find(|s| s.id == node.id)
-                        .map(|s| s.recovery_token.clone()),
+                    recovery_token: node_secrets.map(|s| s.recovery_token.clone()),
+                    previous_key: node
+                        .wg_public_key_previous
+                        .clone()
+                        .filter(|_| !heard_on_current),
+                    wg_private_key: node_secrets.map(|s| s.wg_private_key.clone()),
                 },
             );
         }
@@ -250,13 +319,72 @@ impl Fleet {
             .cloned()
     }
 
-    /// The public keys and ids of all nodes.
+    /// The id and the key to offer of every node's management peer ([`management_key`]).
     pub fn peers(&self) -> Vec<(u32, String)> {
         let view = self.view.lock().expect("fleet lock");
+        let mut offered = self.offered.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let try_for = try_key(self.settings.keepalive_s);
+        offered.retain(|id, _| view.nodes.contains_key(id));
         view.nodes
             .iter()
-            .map(|(id, n)| (*id, n.public_key.clone()))
+            .map(|(id, entry)| {
+                let before = offered.get(id);
+                let key = management_key(
+                    entry,
+                    before.map(|o| (o.key.as_str(), o.heard)),
+                    try_for,
+                    now,
+                );
+                if before.is_none_or(|o| o.key != key) {
+                    if before.is_some() {
+                        tracing::info!(node = %entry.name, public_key = key, "rotated node not heard: offering its other key");
+                    }
+                    offered.insert(
+                        *id,
+                        Offered {
+                            key: key.to_string(),
+                            heard: now,
+                            rx_bytes: 0,
+                        },
+                    );
+                }
+                (*id, key.to_string())
+            })
             .collect()
+    }
+
+    /// The hub read its peers' counters: a node whose peer received bytes since was heard on
+    /// the key offered (keepalives count: WireGuard takes them only with the peer's key).
+    pub fn received(&self, counters: impl IntoIterator<Item = (u32, u64)>) {
+        let mut offered = self.offered.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        for (id, rx_bytes) in counters {
+            if let Some(o) = offered.get_mut(&id) {
+                if rx_bytes > o.rx_bytes {
+                    o.heard = now;
+                }
+                o.rx_bytes = rx_bytes;
+            }
+        }
+    }
+
+    /// A node was heard (its report arrived through its management peer): returns the key
+    /// the hub offered it, and forgets the previous key once that is the current one.
+    pub fn heard(&self, id: u32) -> Option<String> {
+        let key = {
+            let mut offered = self.offered.lock().unwrap_or_else(|e| e.into_inner());
+            let o = offered.get_mut(&id)?;
+            o.heard = Instant::now();
+            o.key.clone()
+        };
+        let mut view = self.view.lock().expect("fleet lock");
+        if let Some(entry) = view.nodes.get_mut(&id) {
+            if entry.public_key == key && entry.previous_key.take().is_some() {
+                tracing::info!(node = %entry.name, "heard on its new key: the replaced one is no longer offered");
+            }
+        }
+        Some(key)
     }
 
     /// The reply for a node: at once when there is news for it or the service is closing, else
@@ -344,7 +472,53 @@ mod tests {
                 confirm_s: None,
             }),
             recovery_token: None,
+            previous_key: None,
+            wg_private_key: None,
         }
+    }
+
+    #[test]
+    fn a_rotated_node_is_offered_its_keys_in_turn_until_heard() {
+        let start = Instant::now();
+        let mut e = entry(vec![1], None);
+        e.public_key = "new".into();
+        let at = |s: u64| start + Duration::from_secs(s);
+        let try_for = try_key(25);
+        assert_eq!(try_for, Duration::from_secs(35));
+        // Never rotated: the current key, whatever was offered before.
+        let key =
+            |e: &NodeEntry, offered, now| management_key(e, offered, try_for, now).to_string();
+        assert_eq!(key(&e, Some(("old", start)), at(600)), "new");
+        e.previous_key = Some("old".into());
+        assert_eq!(key(&e, None, start), "new");
+        // Not heard for 35 s on one: the other; heard lately: it stays.
+        assert_eq!(key(&e, Some(("new", start)), at(34)), "new");
+        assert_eq!(key(&e, Some(("new", start)), at(35)), "old");
+        assert_eq!(key(&e, Some(("old", at(35))), at(70)), "new");
+        assert_eq!(key(&e, Some(("old", at(590))), at(600)), "old");
+        // A key that is neither (a second rotation): the current one.
+        assert_eq!(key(&e, Some(("older", start)), at(1)), "new");
+    }
+
+    #[test]
+    fn the_private_key_goes_only_to_a_node_that_says_it_lacks_it() {
+        let key = SigningKey::from_bytes(&[7; 32]);
+        let mut e = entry(vec![1], None);
+        e.public_key = "new".into();
+        e.wg_private_key = Some(Secret::new("private".into()));
+        let body = |report: &NodeReport| {
+            let (reply, news) = reply_for(1, &e, report, 5, Some(&key));
+            let body: ReplyBody =
+                serde_json::from_str(&reply.signed.expect("signed").body).unwrap();
+            (body.wg_private_key, news)
+        };
+        let mut report = report(vec![1], None);
+        // A node before key rotation says nothing: it could not use a key.
+        assert_eq!(body(&report), (None, false));
+        report.wg_public_keys = vec!["old".into()];
+        assert_eq!(body(&report), (Some("private".into()), true));
+        report.wg_public_keys = vec!["old".into(), "new".into()];
+        assert_eq!(body(&report), (None, false));
     }
 
     fn report(installed: Vec<u32>, done: Option<u64>) -> NodeReport {

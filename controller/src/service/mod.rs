@@ -63,26 +63,32 @@ impl Hub {
         for (id, key) in fleet.peers() {
             wanted.insert(key_hex(&key)?, id);
         }
-        let mut request = String::from("set=1\n");
+        // boringtun keeps a peer's `remove` for the rest of a request: removals go in a
+        // request of their own, before the additions (a rotated node's key is both).
+        let mut removals = String::from("set=1\n");
+        let mut additions = String::from("set=1\n");
         let mut changes = 0;
         for key in self.peers.keys() {
             if !wanted.contains_key(key) {
-                request.push_str(&format!("public_key={key}\nremove=true\n"));
+                removals.push_str(&format!("public_key={key}\nremove=true\n"));
                 changes += 1;
             }
         }
         for (key, id) in &wanted {
             if self.peers.get(key) != Some(id) {
                 let address = fleet.settings.node_address(*id);
-                request.push_str(&format!(
+                additions.push_str(&format!(
                     "public_key={key}\nreplace_allowed_ips=true\nallowed_ip={address}/128\n"
                 ));
                 changes += 1;
             }
         }
         if changes > 0 {
-            request.push('\n');
-            self.uapi.request(&request)?;
+            for request in [removals, additions] {
+                if request.len() > "set=1\n".len() {
+                    self.uapi.request(&format!("{request}\n"))?;
+                }
+            }
             tracing::info!(peers = wanted.len(), changes, "management peers updated");
             self.peers = wanted;
         }
@@ -241,20 +247,17 @@ struct Heartbeat {
 fn hub_loop(hub: &mut Hub, fleet: &Fleet, heartbeat: &Heartbeat, shutdown: &Shutdown) {
     let mut next_heartbeat = Instant::now();
     loop {
-        match fleet.reload_if_changed() {
-            Ok(true) => {
-                if let Err(error) = hub.sync_peers(fleet) {
-                    tracing::error!(%error, "cannot update the management peers");
-                }
-            }
-            Ok(false) => {}
-            Err(error) => {
-                tracing::error!(%error, "cannot read the configuration directory; keeping the last view")
-            }
+        if let Err(error) = fleet.reload_if_changed() {
+            tracing::error!(%error, "cannot read the configuration directory; keeping the last view")
+        }
+        // Every round: a rotated node not heard on one key is offered the other.
+        if let Err(error) = hub.sync_peers(fleet) {
+            tracing::error!(%error, "cannot update the management peers");
         }
         if Instant::now() >= next_heartbeat {
             next_heartbeat = Instant::now() + Duration::from_secs(1);
             let peers = hub.peer_records();
+            fleet.received(peers.iter().map(|p| (p.node_id, p.rx_bytes)));
             fleet.set_endpoints(
                 peers
                     .iter()

@@ -27,6 +27,10 @@ pub struct NodeRecord {
     /// The node's underlay address as WireGuard last saw it.
     pub endpoint: Option<String>,
     pub report: NodeReport,
+    /// The WireGuard public key of the management peer the report came through (absent in
+    /// records of services before key rotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via_key: Option<String>,
 }
 
 /// One management peer as the controller's WireGuard sees it.

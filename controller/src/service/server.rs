@@ -311,6 +311,7 @@ fn sync(
         last_seen_ms: records::now_ms(),
         endpoint: fleet.endpoint(node_id),
         report,
+        via_key: fleet.heard(node_id),
     };
     let bytes = serde_json::to_vec(&record).expect("record serializes");
     if let Err(error) = records::write_soft(&records::node_path(fleet.store(), &node), &bytes) {
@@ -388,6 +389,8 @@ mod tests {
                         versions: vec![1],
                         order: None,
                         recovery_token: None,
+                        previous_key: None,
+                        wg_private_key: None,
                     },
                 )]),
                 None,

@@ -93,6 +93,11 @@ pub struct NodeConfig {
     /// absent: [`DEFAULT_RECOVERY_CONFIRM_S`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery_confirm_s: Option<u64>,
+    /// The node's own WireGuard public key in this version: the node runs its links and its
+    /// management link with the private key of this public key (its identity's, or one
+    /// `tlm rotate node` sent). Absent (versions before it was read): the identity's key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wg_public_key: Option<String>,
 }
 
 /// One peer link as the node sees it (the `peers` tables; templates read the same fields).
@@ -227,6 +232,7 @@ impl Default for NodeConfig {
             recovery_after_s: None,
             recovery_lost_token_boots: None,
             recovery_confirm_s: None,
+            wg_public_key: None,
         }
     }
 }

@@ -13,6 +13,9 @@ pub const NODE_TOML: &str = "identity/node.toml";
 pub const WG_PRIVATE_KEY: &str = "identity/wg_private_key";
 /// The node's recovery token (0600).
 pub const RECOVERY_TOKEN: &str = "identity/recovery_token";
+/// Private keys `tlm rotate node` sent after the identity was written, one file (0600) per
+/// key, named by the hex of its public half.
+pub const WG_KEYRING: &str = "identity/wg_keys";
 
 /// One file to write: path relative to the state directory, content, mode.
 #[derive(Debug)]

@@ -69,6 +69,11 @@ pub struct NodeReport {
     /// token rotation: the controller then sends no token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery_token_id: Option<String>,
+    /// The WireGuard public keys the node holds private keys for (its identity's and those
+    /// `tlm rotate node` sent), so the controller knows whether to send the current one.
+    /// Empty from nodes before key rotation: the controller then sends no key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wg_public_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

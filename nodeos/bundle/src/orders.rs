@@ -56,6 +56,11 @@ pub struct ReplyBody {
     /// with the rest for this node and report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovery_token: Option<String>,
+    /// The node's current WireGuard private key (base64), when the node reported not holding
+    /// it (`tlm rotate node`): the node keeps it beside its other keys and uses it once a
+    /// version names its public half. Travels like [`ReplyBody::recovery_token`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wg_private_key: Option<String>,
 }
 
 /// A [`ReplyBody`]'s exact JSON text and the controller's signature (base64) over it.
@@ -241,6 +246,7 @@ mod tests {
             }),
             report_interval_s: 5,
             recovery_token: None,
+            wg_private_key: None,
         }
     }
 
