@@ -289,3 +289,76 @@ fn rotating_a_recovery_token_changes_that_nodes_token_only_and_its_object_name()
     assert_eq!(error.trim().lines().count(), 1, "{error}");
     assert_eq!(nodes(&t), after, "a refused rotation changes nothing");
 }
+
+/// `tlm rotate node`: a new key pair for that node only, the replaced public key kept as the
+/// previous one (the hub's fallback until the node is heard on the new one), the private key
+/// never printed; the next commit makes versions for the node and its peers.
+#[test]
+fn rotating_a_nodes_key_replaces_it_keeps_the_previous_and_renews_the_peers_versions() {
+    let t = installation();
+    let keys = |t: &Installation| -> BTreeMap<String, (String, Option<String>, String)> {
+        let generated: toml::Table = t.read("generated/config.toml").parse().unwrap();
+        let secrets: toml::Table = t.read("generated/secrets.toml").parse().unwrap();
+        generated["node"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                let private = secrets["node"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|s| s["id"] == n["id"])
+                    .unwrap()["wg_private_key"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                (
+                    format!(
+                        "{}.{}",
+                        n["name"].as_str().unwrap(),
+                        n["site"].as_str().unwrap()
+                    ),
+                    (
+                        n["wg_public_key"].as_str().unwrap().to_string(),
+                        n.get("wg_public_key_previous")
+                            .map(|k| k.as_str().unwrap().to_string()),
+                        private,
+                    ),
+                )
+            })
+            .collect()
+    };
+    let before = keys(&t);
+    assert!(before.values().all(|(_, previous, _)| previous.is_none()));
+    let out = t.ok(&["rotate", "node", "x.a"]);
+    let after = keys(&t);
+    let (public, previous, private) = &after["x.a"];
+    assert_ne!(public, &before["x.a"].0);
+    assert_eq!(previous.as_ref(), Some(&before["x.a"].0));
+    assert_ne!(private, &before["x.a"].2);
+    assert!(
+        out.contains(&format!("x.a: new WireGuard key {public}")),
+        "{out}"
+    );
+    assert!(
+        !out.contains(private.as_str()) && !out.contains(before["x.a"].2.as_str()),
+        "{out}"
+    );
+    for other in ["y.b", "z.b", "fresh.b"] {
+        assert_eq!(after[other], before[other], "{other} is not rotated");
+    }
+    // The node and its two peers get new versions (fresh.b's first one comes with them).
+    let out = t.ok(&["commit", "all"]);
+    assert!(out.contains("4 new version(s)"), "{out}");
+    // A second rotation before the node took the first keeps the key the node runs with as
+    // the previous one.
+    t.ok(&["rotate", "node", "x.a"]);
+    let again = keys(&t);
+    assert_ne!(again["x.a"].0, after["x.a"].0);
+    assert_eq!(again["x.a"].1.as_ref(), Some(&before["x.a"].0));
+    let error = t.refused(&["rotate", "node", "nope.a"], 1);
+    assert!(error.contains("nope.a"), "{error}");
+    assert_eq!(error.trim().lines().count(), 1, "{error}");
+    assert_eq!(keys(&t), again, "a refused rotation changes nothing");
+}

@@ -1385,7 +1385,7 @@ fn hostile_replies_on_the_management_address_are_refused() {
 }
 
 /// A version made for a newer node contract (signed by the real controller, its
-/// `towalink/node.toml` saying `contract = 2`) reaches a node through the service: the node
+/// `towalink/node.toml` saying `contract = 3`) reaches a node through the service: the node
 /// refuses it at install and answers the order with why, `tlm activate` prints that reason,
 /// and the node keeps its version.
 #[test]
@@ -1403,7 +1403,7 @@ fn an_order_for_a_newer_node_contract_is_refused_with_the_reason() {
         "{out}"
     );
 
-    // What a controller of a later release would make: the same version needing contract 2.
+    // What a controller of a later release would make: the same version needing contract 3.
     let path = net.ctl.path("effective/s1/r/v2/s1-r-v2.tar.zst");
     let key = towalink_bundle::signing_key_from_base64(&net.ctl.read("certs/signing.key")).unwrap();
     let v2 =
@@ -1411,7 +1411,7 @@ fn an_order_for_a_newer_node_contract_is_refused_with_the_reason() {
     let node_toml = towalink_bundle::contract::NODE_TOML;
     let mut files = v2.files().clone();
     let newer = format!(
-        "contract = 2\n{}",
+        "contract = 3\n{}",
         String::from_utf8(files[node_toml].clone()).unwrap()
     );
     files.insert(node_toml.into(), newer.into_bytes());
@@ -1431,7 +1431,7 @@ fn an_order_for_a_newer_node_contract_is_refused_with_the_reason() {
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
     assert!(
         run.stdout.contains(
-            "r.s1: v2 refused: version v2 needs node contract 2; this node understands up to 1: upgrade towalink-node"
+            "r.s1: v2 refused: version v2 needs node contract 3; this node understands up to 2: upgrade towalink-node"
         ),
         "{}",
         run.stdout
@@ -1445,7 +1445,7 @@ fn an_order_for_a_newer_node_contract_is_refused_with_the_reason() {
         s1["last_order"]["result"]
             .as_str()
             .unwrap()
-            .starts_with("refused: version v2 needs node contract 2"),
+            .starts_with("refused: version v2 needs node contract 3"),
         "{s1:#}"
     );
 }
@@ -2082,5 +2082,138 @@ fn rotating_a_nodes_key_keeps_traffic_flowing_and_locks_out_the_old_card() {
                 tail(&net.site(2).log(), 30)
             )
         },
+    );
+}
+
+/// Issue 12, signing-key rotation with an overlap: `tlm rotate signing-key` gives every node a
+/// version trusting the old and the new key; `--finish` is refused until every node blessed
+/// one; then versions and replies signed by the new key are taken, the nodes trust the new
+/// key alone, and a version signed by the old key (a copy of the controller from before) is
+/// refused by the node.
+#[test]
+fn the_signing_key_is_rotated_with_an_overlap_and_the_old_one_retired() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut options = Options::new(2, Topology::Mesh);
+    options.controller = true;
+    let net = Network::build(options);
+    net.wait_reported(&[1, 2], 1, "good", Duration::from_secs(60));
+    let public = |dir: &std::path::Path| {
+        std::fs::read_to_string(dir.join("certs/signing.pub"))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let old_public = public(&net.ctl.dir);
+    let trusted = |site: u32| {
+        std::fs::read_to_string(net.site(site).state.join("trusted-keys.toml")).unwrap_or_default()
+    };
+    let activate = |what: &str| {
+        let run = net.ctl.run(&[
+            "activate",
+            "all",
+            "--confirm",
+            "120",
+            "--wait-blessed",
+            "--timeout",
+            "180",
+        ]);
+        assert!(
+            run.code == 0 && run.stdout.contains("2 of 2 node(s) blessed the version"),
+            "{what}: {}{}\nr.s1's log:\n{}",
+            run.stdout,
+            run.stderr,
+            tail(&net.site(1).log(), 30)
+        );
+    };
+
+    let error = net.ctl.refused(&["rotate", "signing-key", "--finish"], 1);
+    assert!(error.contains("no rotation is under way"), "{error}");
+    let out = net.ctl.ok(&["rotate", "signing-key"]);
+    assert!(out.contains("new signing key"), "{out}");
+    let next_key = std::fs::read_to_string(net.ctl.dir.join("certs/signing.next.key")).unwrap();
+    assert!(
+        !out.contains(next_key.trim()),
+        "the private key was printed: {out}"
+    );
+    let error = net.ctl.refused(&["rotate", "signing-key"], 1);
+    assert!(error.contains("under way"), "{error}");
+    let out = net.ctl.ok(&["commit", "all"]);
+    assert!(out.contains("2 new version(s)"), "{out}");
+    // Committed but not yet blessed anywhere: finishing now would cut the nodes off.
+    let error = net.ctl.refused(&["rotate", "signing-key", "--finish"], 1);
+    assert!(
+        error.contains("not every node blessed") && error.contains("r.s1 (v1 active)"),
+        "{error}"
+    );
+    activate("the overlap version");
+    for site in [1, 2] {
+        let text = trusted(site);
+        assert!(text.contains(&old_public), "r.s{site}: {text}");
+        assert_eq!(text.matches('"').count(), 4, "two keys: {text}");
+    }
+
+    // A copy of the controller from before the rotation ends: it still signs with the old key.
+    let old_controller = net.temp.path().join("old-controller");
+    towalink_tests::network::sh(
+        "cp",
+        &[
+            "-a",
+            net.ctl.dir.to_str().unwrap(),
+            old_controller.to_str().unwrap(),
+        ],
+    );
+    let out = net.ctl.ok(&["rotate", "signing-key", "--finish"]);
+    let new_public = public(&net.ctl.dir);
+    assert_ne!(new_public, old_public);
+    assert!(out.contains(&new_public), "{out}");
+    assert!(!net.ctl.dir.join("certs/signing.next.key").exists());
+    let out = net.ctl.ok(&["commit", "all"]);
+    assert!(out.contains("2 new version(s)"), "{out}");
+    activate("the first version signed by the new key");
+    for site in [1, 2] {
+        let text = trusted(site);
+        assert!(
+            text.contains(&new_public) && !text.contains(&old_public),
+            "r.s{site} still trusts the old key: {text}"
+        );
+    }
+    // What the old key signs is refused now.
+    let run = std::process::Command::new(binary("tlm"))
+        .env("TOWALINK_CONFIG_DIR", &old_controller)
+        .args(["set", "global", "user_note", "\"forged\""])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{run:?}");
+    let run = std::process::Command::new(binary("tlm"))
+        .env("TOWALINK_CONFIG_DIR", &old_controller)
+        .args(["commit", "all"])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{run:?}");
+    let forged = std::fs::read_dir(old_controller.join("effective/s1/r"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with('v'))
+        .max_by_key(|p| {
+            p.file_name().unwrap().to_str().unwrap()[1..]
+                .parse::<u32>()
+                .unwrap_or(0)
+        })
+        .unwrap();
+    let bundle = std::fs::read_dir(&forged)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_str().unwrap().ends_with(".tar.zst"))
+        .unwrap();
+    let site = net.site(1);
+    let out = site
+        .node_command(&["install", bundle.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("a version signed by the retired key: {}", stderr.trim());
+    assert!(
+        !out.status.success() && stderr.contains("signature"),
+        "a version signed by the retired key was taken: {stderr}"
     );
 }

@@ -410,7 +410,7 @@ fn bad_bundles_are_refused_and_change_nothing() {
 }
 
 /// A version signed by the real controller but made for a newer node contract (its
-/// `towalink/node.toml` says `contract = 2`): `towalink-node install` refuses it naming both
+/// `towalink/node.toml` says `contract = 3`): `towalink-node install` refuses it naming both
 /// contract numbers, stores nothing, and the node keeps its active version.
 #[test]
 fn a_version_for_a_newer_node_contract_is_refused_at_install() {
@@ -425,7 +425,7 @@ fn a_version_for_a_newer_node_contract_is_refused_at_install() {
     let node_toml = towalink_bundle::contract::NODE_TOML;
     let mut files = v1.files().clone();
     let newer = format!(
-        "contract = 2\n{}",
+        "contract = 3\n{}",
         String::from_utf8(files[node_toml].clone()).unwrap()
     );
     files.insert(node_toml.into(), newer.into_bytes());
@@ -444,7 +444,7 @@ fn a_version_for_a_newer_node_contract_is_refused_at_install() {
     assert_eq!(run.code, 1, "{}", run.stdout);
     assert_eq!(
         run.stderr.trim(),
-        "towalink-node: error: version v7 needs node contract 2; this node understands up to 1: upgrade towalink-node"
+        "towalink-node: error: version v7 needs node contract 3; this node understands up to 2: upgrade towalink-node"
     );
     assert_eq!(
         before,

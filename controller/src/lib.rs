@@ -80,6 +80,9 @@ pub enum Error {
     RecoveryInsideConfig(PathBuf),
     #[error("recovery object: {0}")]
     Recovery(#[from] towalink_bundle::recovery::RecoveryError),
+    /// `tlm rotate signing-key` asked at the wrong step.
+    #[error("signing-key rotation: {0}")]
+    SigningRotation(String),
 }
 
 impl Error {

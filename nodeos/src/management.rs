@@ -447,10 +447,17 @@ fn open_sync_reply(node: &Node, body: &[u8], report: &NodeReport) -> Result<Repl
     let reply: SyncReply =
         serde_json::from_slice(body).map_err(|e| format!("reply is not valid: {e}"))?;
     let identity = node.state.identity().map_err(|e| e.to_string())?;
-    let key = towalink_bundle::verifying_key_from_base64(&identity.controller_key)
-        .map_err(|e| format!("identity: controller_key: {e}"))?;
-    orders::open_reply(reply.signed.as_ref(), &key, identity.node_id, &report.nonce)
-        .map_err(|e| e.to_string())
+    let keys = node
+        .state
+        .trusted_keys(&identity)
+        .map_err(|e| e.to_string())?;
+    orders::open_reply(
+        reply.signed.as_ref(),
+        &keys,
+        identity.node_id,
+        &report.nonce,
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// Publishes the settings the link should use; the daemon's next round reconfigures it.

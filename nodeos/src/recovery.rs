@@ -328,7 +328,7 @@ pub fn look(node: &Node, media: &[PathBuf], state: &mut RecoveryState) -> Option
         return None;
     }
     let identity = node.state.identity().ok()?;
-    let key = towalink_bundle::verifying_key_from_base64(&identity.controller_key).ok()?;
+    let keys = node.state.trusted_keys(&identity).ok()?;
     let token = node.recovery_token();
     let without_token =
         recovery::accepts_without_token(state.boots_without_controller, settings.lost_token_boots);
@@ -337,7 +337,10 @@ pub fn look(node: &Node, media: &[PathBuf], state: &mut RecoveryState) -> Option
         names.push(recovery::object_name(token));
     }
     if without_token {
-        names.push(recovery::lost_token_name(identity.node_id, &key));
+        // Named after the signing key: any the node trusts (two while it is rotated).
+        for key in &keys {
+            names.push(recovery::lost_token_name(identity.node_id, key));
+        }
     }
     tracing::info!(
         locations = settings.locations.len(),
@@ -359,7 +362,7 @@ pub fn look(node: &Node, media: &[PathBuf], state: &mut RecoveryState) -> Option
                 &bytes,
                 identity.node_id,
                 token.as_deref(),
-                &[key],
+                &keys,
                 without_token,
                 state.last_seq,
             );

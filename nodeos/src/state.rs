@@ -4,6 +4,8 @@
 //! identity/node.toml              node id, names, controller signing key (public)
 //! identity/wg_private_key         WireGuard private key (0600)
 //! identity/recovery_token         recovery token (0600)
+//! identity/wg_keys/<hex>          WireGuard keys `tlm rotate node` sent (0600, newest 4)
+//! trusted-keys.toml               controller keys trusted after a signing-key rotation
 //! incoming/*.tar.zst              bundles waiting to be installed (from tlm provision, OTA)
 //! versions/v<N>/                  installed, verified versions (manifest.toml, manifest.sig, files/)
 //! slots/a/, slots/b/              the two slots, each a complete copy of one version
@@ -33,6 +35,15 @@ use crate::Error;
 
 /// How many installed versions are kept besides the ones in the slots.
 pub const KEEP_VERSIONS: usize = 10;
+
+/// The controller keys the node trusts after a signing-key rotation (`keys = [...]`, from the
+/// last blessed version that listed `signing_keys`); absent: the identity's key.
+pub const TRUSTED_KEYS: &str = "trusted-keys.toml";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct TrustedKeysFile {
+    keys: Vec<String>,
+}
 
 /// The management settings that last reached the controller (see
 /// [`StateDir::working_management`]).
@@ -206,16 +217,68 @@ impl StateDir {
         })
     }
 
-    fn controller_key(
+    /// The controller keys this node trusts: those the last blessed version that named any
+    /// listed ([`TRUSTED_KEYS`]), else its identity's `controller_key`. A trust file that
+    /// cannot be read refuses everything (it is never guessed).
+    pub fn trusted_keys(
         &self,
         identity: &Identity,
-    ) -> Result<ed25519_dalek_key::VerifyingKey, Error> {
-        towalink_bundle::verifying_key_from_base64(&identity.controller_key).map_err(|_| {
-            Error::Corrupt {
-                path: self.path(towalink_bundle::identity::NODE_TOML),
-                message: "controller_key is not a base64 ed25519 public key".into(),
+    ) -> Result<Vec<ed25519_dalek_key::VerifyingKey>, Error> {
+        let path = self.path(TRUSTED_KEYS);
+        let corrupt = |path: PathBuf, message: &str| Error::Corrupt {
+            path,
+            message: message.into(),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let file: TrustedKeysFile =
+                    toml::from_str(&text).map_err(|e| corrupt(path.clone(), e.message()))?;
+                let keys: Result<Vec<_>, _> = file
+                    .keys
+                    .iter()
+                    .map(|k| towalink_bundle::verifying_key_from_base64(k))
+                    .collect();
+                match keys {
+                    Ok(keys) if !keys.is_empty() => Ok(keys),
+                    _ => Err(corrupt(path, "`keys` must list base64 ed25519 public keys")),
+                }
             }
-        })
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key = towalink_bundle::verifying_key_from_base64(&identity.controller_key)
+                    .map_err(|_| {
+                        corrupt(
+                            self.path(towalink_bundle::identity::NODE_TOML),
+                            "controller_key is not a base64 ed25519 public key",
+                        )
+                    })?;
+                Ok(vec![key])
+            }
+            Err(e) => Err(io("cannot read", &path)(e)),
+        }
+    }
+
+    /// A version in `slot` was blessed: when it lists `signing_keys`, they become the keys
+    /// this node trusts (`tlm rotate signing-key`).
+    fn trust_blessed(&self, slot: Slot) -> Result<(), Error> {
+        let bundle = self.slot_bundle(slot)?;
+        let config = towalink_bundle::contract::NodeConfig::of(&bundle)?;
+        if config.signing_keys.is_empty() {
+            return Ok(());
+        }
+        let file = TrustedKeysFile {
+            keys: config.signing_keys,
+        };
+        if std::fs::read_to_string(self.path(TRUSTED_KEYS))
+            .ok()
+            .and_then(|t| toml::from_str::<TrustedKeysFile>(&t).ok())
+            .is_some_and(|old| old == file)
+        {
+            return Ok(());
+        }
+        let text = toml::to_string(&file).expect("trusted keys serialize");
+        write_atomic(&self.path(TRUSTED_KEYS), text.as_bytes(), 0o644)?;
+        tracing::info!(keys = %file.keys.join(","), version = bundle.manifest().version, "the blessed version names the controller keys to trust: trusting these now");
+        Ok(())
     }
 
     /// Verifies a bundle and stores its version. Nothing changes when it is refused.
@@ -242,7 +305,7 @@ impl StateDir {
         meter: &towalink_bundle::Meter,
     ) -> Result<VerifiedBundle, Error> {
         let identity = self.identity()?;
-        let key = self.controller_key(&identity)?;
+        let key = self.trusted_keys(&identity)?;
         Ok(towalink_bundle::verify_reader(
             reader,
             &key,
@@ -341,7 +404,7 @@ impl StateDir {
     /// Reads and re-verifies a stored version (signature, node id, hashes).
     pub fn load_version_tree(&self, dir: &Path) -> Result<VerifiedBundle, Error> {
         let identity = self.identity()?;
-        let key = self.controller_key(&identity)?;
+        let key = self.trusted_keys(&identity)?;
         let manifest_text = std::fs::read_to_string(dir.join(towalink_bundle::MANIFEST_NAME))
             .map_err(io("cannot read", dir))?;
         let signature_text = std::fs::read_to_string(dir.join(towalink_bundle::SIGNATURE_NAME))
@@ -461,6 +524,12 @@ impl StateDir {
         crash_point("fill-renamed");
         let path = self.marker_path(slot, marker);
         write_atomic(&path, b"", 0o644)?;
+        if marker == Marker::Good {
+            // The version is good whatever happens here; the trust stays as it was.
+            if let Err(error) = self.trust_blessed(slot) {
+                tracing::error!(%error, "cannot take the blessed version's signing keys");
+            }
+        }
         crash_point("fill-marked");
         Ok(())
     }
@@ -469,14 +538,21 @@ impl StateDir {
     pub fn set_marker(&self, slot: Slot, marker: Marker) -> Result<(), Error> {
         let to = self.marker_path(slot, marker);
         match self.marker(slot) {
-            Some(old) if old == marker => Ok(()),
+            Some(old) if old == marker => return Ok(()),
             Some(old) => {
                 let from = self.marker_path(slot, old);
                 std::fs::rename(&from, &to).map_err(io("cannot rename", &from))?;
-                sync_dir(&self.path("slots"))
+                sync_dir(&self.path("slots"))?;
             }
-            None => write_atomic(&to, b"", 0o644),
+            None => write_atomic(&to, b"", 0o644)?,
         }
+        if marker == Marker::Good {
+            // The version is good whatever happens here; the trust stays as it was.
+            if let Err(error) = self.trust_blessed(slot) {
+                tracing::error!(%error, "cannot take the blessed version's signing keys");
+            }
+        }
+        Ok(())
     }
 
     /// Points `current` at a slot: a new symlink renamed over the old one.
@@ -734,11 +810,11 @@ mod tests {
     fn a_version_needing_a_newer_contract_is_refused_at_install_and_not_stored() {
         let (temp, state) = state();
         let node_toml = towalink_bundle::contract::NODE_TOML;
-        let newer = bundle_with(7, node_toml, b"contract = 2\n".to_vec());
+        let newer = bundle_with(7, node_toml, b"contract = 3\n".to_vec());
         let refused = state.install(&newer, Older::Refuse).unwrap_err();
         assert_eq!(
             refused.to_string(),
-            "version v7 needs node contract 2; this node understands up to 1: upgrade towalink-node"
+            "version v7 needs node contract 3; this node understands up to 2: upgrade towalink-node"
         );
         assert_eq!(state.versions().unwrap(), Vec::<u32>::new());
         assert!(!temp.path().join("versions/v7").exists());

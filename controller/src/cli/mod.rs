@@ -207,6 +207,13 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum RotateWhat {
+    /// The controller's signing key, with an overlap: first versions trusting the current and
+    /// a new key (commit, activate), then `--finish` once every node blessed one.
+    SigningKey {
+        /// Sign with the new key from now on (refused until every node trusts it).
+        #[arg(long)]
+        finish: bool,
+    },
     /// A node's WireGuard key (its links and its management link): the next commit names the
     /// new key in its and its peers' versions; the node receives the private key at its next
     /// sync through `tlm serve`, before the activation order.

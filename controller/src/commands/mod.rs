@@ -139,6 +139,11 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
             rotate::recovery_token(store, &node, &mut out).map(|()| ExitCode::SUCCESS)
         }),
         Command::Rotate {
+            what: RotateWhat::SigningKey { finish },
+        } => changing(&config_dir, |store, _lock| {
+            rotate::signing_key(store, finish, &mut out).map(|()| ExitCode::SUCCESS)
+        }),
+        Command::Rotate {
             what: RotateWhat::Node { node },
         } => changing(&config_dir, |store, _lock| {
             rotate::node(store, &node, &mut out).map(|()| ExitCode::SUCCESS)

@@ -49,6 +49,11 @@ pub enum AllocationError {
 pub struct Generated {
     pub next_site_id: u32,
     pub next_node_id: u32,
+    /// The controller keys versions tell their nodes to trust (`tlm rotate signing-key`): the
+    /// current and the next while a rotation lasts, then the new one. Empty (every directory
+    /// before the first rotation): versions name none and nodes trust their identity's key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signing_keys: Vec<String>,
     #[serde(default, rename = "site")]
     pub sites: Vec<SiteAllocation>,
     #[serde(default, rename = "node")]
@@ -60,6 +65,7 @@ impl Default for Generated {
         Generated {
             next_site_id: 1,
             next_node_id: 1,
+            signing_keys: Vec::new(),
             sites: Vec::new(),
             nodes: Vec::new(),
         }

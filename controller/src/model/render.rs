@@ -444,6 +444,10 @@ fn node_toml(
         newer @ ContractError::Newer { .. } => attribute_error("contract", newer.to_string()),
     })?;
     config.management = management.cloned();
+    if !config.signing_keys.is_empty() {
+        // Nodes that would ignore the list would refuse every version after the rotation.
+        config.contract = towalink_bundle::contract::SIGNING_KEYS_CONTRACT;
+    }
     let typed = Table::try_from(&config).map_err(|e| attribute_error("peers", e.to_string()))?;
     let mut table = effective.clone();
     table.extend(typed);

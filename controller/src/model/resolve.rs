@@ -158,6 +158,8 @@ pub struct Resolved {
     peers: BTreeMap<u32, Vec<u32>>,
     links: BTreeSet<topology::Link>,
     warnings: Vec<SchemaWarning>,
+    /// `generated/config.toml`'s `signing_keys` (empty before any signing-key rotation).
+    signing_keys: Vec<String>,
 }
 
 /// Merges the hierarchy for a site (defaults → global → site).
@@ -247,6 +249,7 @@ pub fn resolve(tree: &ConfigTree) -> Result<Resolved, ResolveError> {
         peers,
         links,
         warnings,
+        signing_keys: tree.generated.signing_keys.clone(),
     })
 }
 
@@ -372,6 +375,15 @@ impl Resolved {
         ];
         for (key, value) in generated {
             merged.set(key, value, Level::Generated);
+        }
+        // Only once a signing key was rotated: versions of unchanged nodes stay byte for byte.
+        if !self.signing_keys.is_empty() {
+            let keys = self.signing_keys.iter().cloned().map(Value::String);
+            merged.set(
+                "signing_keys",
+                Value::Array(keys.collect()),
+                Level::Generated,
+            );
         }
         // The controller's underlay addresses, for the templates' filters: the data plane
         // must never route the management link's own packets into a tunnel.

@@ -288,6 +288,12 @@ pub const ATTRIBUTES: &[Attribute] = &[
          node); the BIRD filters never import or export a route covering them",
     ),
     generated(
+        "signing_keys",
+        Type::List(&Type::String, 1),
+        "(only after `tlm rotate signing-key`) the controller keys a node trusts once it blessed \
+         the version: old and new while the rotation lasts, then the new one",
+    ),
+    generated(
         "peers",
         Type::List(&Type::String, 0),
         "(templates and `towalink/node.toml` only) one table per link, see below",

@@ -150,8 +150,9 @@ pub fn reply_for(
 
 /// Files whose change makes the service reload. A commit publishes its versions after git
 /// recorded them and then removes its journal: that removal is what announces them.
-const WATCHED: [&str; 6] = [
+const WATCHED: [&str; 7] = [
     "generated/config.toml",
+    crate::store::keys::SIGNING_KEY,
     "generated/secrets.toml",
     "effective/index.toml",
     "effective/activation.toml",

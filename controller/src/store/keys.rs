@@ -125,6 +125,53 @@ pub const SIGNING_KEY: &str = "certs/signing.key";
 /// Its public half, a copy for operators (the key a node trusts comes from [`SIGNING_KEY`]).
 pub const SIGNING_PUB: &str = "certs/signing.pub";
 
+/// The next signing key while `tlm rotate signing-key` lasts (0600, not in git); `--finish`
+/// renames it over [`SIGNING_KEY`].
+pub const SIGNING_NEXT_KEY: &str = "certs/signing.next.key";
+
+/// The next signing key, if a rotation is under way.
+pub fn load_next_signing_key(store: &Store) -> Result<Option<SigningKey>, Error> {
+    let path = store.root().join(SIGNING_NEXT_KEY);
+    let Some(text) = durable::read_optional(&path)? else {
+        return Ok(None);
+    };
+    let key = towalink_bundle::signing_key_from_base64(&text).map_err(|_| Error::Corrupt {
+        file: SIGNING_NEXT_KEY.to_string(),
+        message: "not a base64 ed25519 secret key".into(),
+    })?;
+    Ok(Some(key))
+}
+
+/// Makes and stores the next signing key (0600); returns its public half.
+pub fn make_next_signing_key(store: &Store) -> Result<String, Error> {
+    let key = SigningKey::generate(&mut rand_core::OsRng);
+    durable::write_atomic(
+        &store.root().join(SIGNING_NEXT_KEY),
+        format!("{}\n", towalink_bundle::signing_key_to_base64(&key)).as_bytes(),
+        0o600,
+    )?;
+    Ok(public_key_text(&key))
+}
+
+/// Makes the next signing key the signing key: renamed over it (atomic), `signing.pub`
+/// rewritten.
+pub fn promote_next_signing_key(store: &Store) -> Result<(), Error> {
+    let next = load_next_signing_key(store)?.ok_or_else(|| Error::Corrupt {
+        file: SIGNING_NEXT_KEY.to_string(),
+        message: "missing".into(),
+    })?;
+    durable::rename(
+        &store.root().join(SIGNING_NEXT_KEY),
+        &store.root().join(SIGNING_KEY),
+    )?;
+    durable::write_atomic(
+        &store.root().join(SIGNING_PUB),
+        format!("{}\n", public_key_text(&next)).as_bytes(),
+        0o644,
+    )?;
+    Ok(())
+}
+
 /// Loads the controller's signing key, or makes a new one (not yet saved).
 pub(crate) fn signing_key(store: &Store) -> Result<(SigningKey, bool), Error> {
     match load_signing_key(store)? {
@@ -146,7 +193,7 @@ pub fn load_signing_key(store: &Store) -> Result<Option<SigningKey>, Error> {
     Ok(Some(key))
 }
 
-fn public_key_text(key: &SigningKey) -> String {
+pub fn public_key_text(key: &SigningKey) -> String {
     towalink_bundle::verifying_key_to_base64(&key.verifying_key())
 }
 

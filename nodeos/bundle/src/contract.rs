@@ -23,8 +23,12 @@ use crate::VerifiedBundle;
 /// Path of the contract file inside a version.
 pub const NODE_TOML: &str = "towalink/node.toml";
 
-/// The newest contract this build understands.
-pub const CONTRACT: u32 = 1;
+/// The newest contract this build understands. 2: `signing_keys` (a node that ignored it would
+/// keep trusting only its identity's key and refuse every version after the rotation ends).
+pub const CONTRACT: u32 = 2;
+
+/// The contract a version listing `signing_keys` needs.
+pub const SIGNING_KEYS_CONTRACT: u32 = 2;
 
 /// The contract of a node.toml without a `contract` field (every controller before it).
 const FIRST_CONTRACT: u32 = 1;
@@ -98,6 +102,12 @@ pub struct NodeConfig {
     /// `tlm rotate node` sent). Absent (versions before it was read): the identity's key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wg_public_key: Option<String>,
+    /// The controller keys (base64 ed25519) the node trusts once it blessed this version,
+    /// replacing the ones it trusted before (`tlm rotate signing-key`: the old and the new key
+    /// while the rotation lasts, then the new one alone). Empty (every version before the
+    /// first rotation): the node's trust stays as it is. Needs [`SIGNING_KEYS_CONTRACT`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signing_keys: Vec<String>,
 }
 
 /// One peer link as the node sees it (the `peers` tables; templates read the same fields).
@@ -193,7 +203,7 @@ pub enum ContractError {
     },
 }
 
-/// A version's node.toml refused: `version v7 needs node contract 2; …`.
+/// A version's node.toml refused: `version v7 needs node contract 3; …`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("version v{version} {error}")]
 pub struct VersionRefused {
@@ -233,6 +243,7 @@ impl Default for NodeConfig {
             recovery_lost_token_boots: None,
             recovery_confirm_s: None,
             wg_public_key: None,
+            signing_keys: Vec::new(),
         }
     }
 }
@@ -283,6 +294,18 @@ impl NodeConfig {
     }
 
     fn check_ranges(&self) -> Result<(), ContractError> {
+        if self.signing_keys.len() > 4
+            || self
+                .signing_keys
+                .iter()
+                .any(|k| crate::verifying_key_from_base64(k).is_err())
+        {
+            return Err(ContractError::Invalid {
+                line: None,
+                key: Some("signing_keys".into()),
+                message: "must be 1 to 4 base64 ed25519 public keys".into(),
+            });
+        }
         let out_of_range = |key: &str, min: u64, max: u64| ContractError::Invalid {
             line: None,
             key: Some(key.into()),
@@ -479,12 +502,12 @@ mod tests {
     #[test]
     fn a_newer_contract_is_refused_naming_both_numbers() {
         // Even when the rest means nothing to this build.
-        let text = "contract = 2\nnode_health_checks = [\"quantum\"]\n[peers]\nx = 1\n";
+        let text = "contract = 3\nnode_health_checks = [\"quantum\"]\n[peers]\nx = 1\n";
         assert_eq!(
             NodeConfig::from_toml(text),
             Err(ContractError::Newer {
-                needs: 2,
-                understands: 1
+                needs: 3,
+                understands: 2
             })
         );
         let refused = VersionRefused {
@@ -493,15 +516,15 @@ mod tests {
         };
         assert_eq!(
             refused.to_string(),
-            "version v7 needs node contract 2; this node understands up to 1: upgrade towalink-node"
+            "version v7 needs node contract 3; this node understands up to 2: upgrade towalink-node"
         );
         assert_eq!(NodeConfig::from_toml("contract = 1").unwrap().contract, 1);
         let written = toml::to_string(&NodeConfig {
-            contract: 2,
+            contract: 3,
             ..NodeConfig::default()
         })
         .unwrap();
-        assert!(written.starts_with("contract = 2\n"), "{written}");
+        assert!(written.starts_with("contract = 3\n"), "{written}");
         for bad in ["contract = 0", "contract = \"2\"", "contract = -1"] {
             let error = NodeConfig::from_toml(bad).unwrap_err().to_string();
             assert!(

@@ -305,13 +305,38 @@ impl VerifiedBundle {
     }
 }
 
+/// The controller keys a node trusts: one (its identity's), or several while the controller's
+/// signing key is rotated (`tlm rotate signing-key`: old and new until every node blessed a
+/// version naming the new one). A signature by any of them is accepted.
+pub trait TrustedKeys {
+    fn trusted(&self) -> &[VerifyingKey];
+}
+
+impl TrustedKeys for VerifyingKey {
+    fn trusted(&self) -> &[VerifyingKey] {
+        std::slice::from_ref(self)
+    }
+}
+
+impl TrustedKeys for [VerifyingKey] {
+    fn trusted(&self) -> &[VerifyingKey] {
+        self
+    }
+}
+
+impl TrustedKeys for Vec<VerifyingKey> {
+    fn trusted(&self) -> &[VerifyingKey] {
+        self
+    }
+}
+
 /// Checks a bundle for a node: archive shape, signature against the trusted controller key,
 /// node id, format, paths, modes, and every file's hash. Anything off is an error with the
 /// reason; nothing partial is returned. See the crate documentation for the order of the
 /// checks and the bounds on what is decompressed.
 pub fn verify(
     bytes: &[u8],
-    controller_key: &VerifyingKey,
+    controller_key: &(impl TrustedKeys + ?Sized),
     node_id: u32,
 ) -> Result<VerifiedBundle, BundleError> {
     verify_reader(bytes, controller_key, node_id, &Meter::default())
@@ -321,7 +346,7 @@ pub fn verify(
 /// counted by `meter`.
 pub fn verify_reader<R: Read>(
     compressed: R,
-    controller_key: &VerifyingKey,
+    controller_key: &(impl TrustedKeys + ?Sized),
     node_id: u32,
     meter: &Meter,
 ) -> Result<VerifiedBundle, BundleError> {
@@ -383,7 +408,7 @@ fn tar_cost(name_len: u64, size: u64) -> u64 {
 /// how much was decompressed before a refusal).
 pub fn verify_tar<R: Read>(
     tar_stream: R,
-    controller_key: &VerifyingKey,
+    controller_key: &(impl TrustedKeys + ?Sized),
     node_id: u32,
     meter: &Meter,
 ) -> Result<VerifiedBundle, BundleError> {
@@ -519,7 +544,7 @@ pub fn verify_parts(
     manifest_text: String,
     signature_text: String,
     files: BTreeMap<String, Vec<u8>>,
-    controller_key: &VerifyingKey,
+    controller_key: &(impl TrustedKeys + ?Sized),
     node_id: u32,
 ) -> Result<VerifiedBundle, BundleError> {
     for path in files.keys() {
@@ -540,7 +565,7 @@ pub fn verify_parts(
 fn check_signed_manifest(
     manifest_text: &str,
     signature_text: &str,
-    controller_key: &VerifyingKey,
+    controller_key: &(impl TrustedKeys + ?Sized),
     node_id: u32,
 ) -> Result<Manifest, BundleError> {
     let signature_bytes: [u8; 64] = BASE64
@@ -548,12 +573,14 @@ fn check_signed_manifest(
         .map_err(|_| BundleError::SignatureFormat)?
         .try_into()
         .map_err(|_| BundleError::SignatureFormat)?;
-    controller_key
-        .verify(
-            manifest_text.as_bytes(),
-            &Signature::from_bytes(&signature_bytes),
-        )
-        .map_err(|_| BundleError::BadSignature)?;
+    let signature = Signature::from_bytes(&signature_bytes);
+    if !controller_key
+        .trusted()
+        .iter()
+        .any(|key| key.verify(manifest_text.as_bytes(), &signature).is_ok())
+    {
+        return Err(BundleError::BadSignature);
+    }
     let manifest: Manifest =
         toml::from_str(manifest_text).map_err(|e| BundleError::Manifest(e.to_string()))?;
     if manifest.format != FORMAT {

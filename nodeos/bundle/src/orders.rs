@@ -19,7 +19,7 @@ use std::ops::RangeInclusive;
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
-use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _, VerifyingKey};
+use ed25519_dalek::{Signature, Signer as _, SigningKey, Verifier as _};
 use serde::{Deserialize, Serialize};
 
 use crate::messages::Order;
@@ -123,7 +123,7 @@ pub fn sign_reply(body: &ReplyBody, key: &SigningKey) -> SignedReply {
 /// node id, nonce, and every bound on its values. Returns the body only when all hold.
 pub fn open_reply(
     signed: Option<&SignedReply>,
-    key: &VerifyingKey,
+    key: &(impl crate::TrustedKeys + ?Sized),
     node_id: u32,
     nonce: &str,
 ) -> Result<ReplyBody, ReplyError> {
@@ -133,11 +133,15 @@ pub fn open_reply(
         .map_err(|_| ReplyError::SignatureFormat)?
         .try_into()
         .map_err(|_| ReplyError::SignatureFormat)?;
-    key.verify(
-        &signed_message(&signed.body),
-        &Signature::from_bytes(&signature),
-    )
-    .map_err(|_| ReplyError::BadSignature)?;
+    let signature = Signature::from_bytes(&signature);
+    let message = signed_message(&signed.body);
+    if !key
+        .trusted()
+        .iter()
+        .any(|key| key.verify(&message, &signature).is_ok())
+    {
+        return Err(ReplyError::BadSignature);
+    }
     let body: ReplyBody =
         serde_json::from_str(&signed.body).map_err(|e| ReplyError::Body(e.to_string()))?;
     if body.node_id != node_id {
