@@ -2126,6 +2126,32 @@ fn the_signing_key_is_rotated_with_an_overlap_and_the_old_one_retired() {
         );
     };
 
+    // LAN to LAN across the whole rotation.
+    net.wait_established(Duration::from_secs(60));
+    let (s1, s2) = (net.site(1), net.site(2));
+    wait_for(
+        Duration::from_secs(60),
+        || s1.ping(s2.lan()),
+        || {
+            format!(
+                "r.s1 cannot reach r.s2's LAN:\n{}",
+                s1.birdc("show protocols")
+            )
+        },
+    );
+    let pinger = s1
+        .exec("ping")
+        .args([
+            "-i",
+            "0.02",
+            "-q",
+            "-I",
+            &s1.lan().to_string(),
+            &s2.lan().to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     let error = net.ctl.refused(&["rotate", "signing-key", "--finish"], 1);
     assert!(error.contains("no rotation is under way"), "{error}");
     let out = net.ctl.ok(&["rotate", "signing-key"]);
@@ -2177,6 +2203,17 @@ fn the_signing_key_is_rotated_with_an_overlap_and_the_old_one_retired() {
             "r.s{site} still trusts the old key: {text}"
         );
     }
+    std::thread::sleep(Duration::from_secs(1));
+    sh_kill_int(pinger.id());
+    let (lost, sent, outage_ms) = ping_outage(pinger.wait_with_output().unwrap());
+    eprintln!(
+        "signing-key rotation: {lost} of {sent} LAN pings lost (outage about {outage_ms:.0} ms)"
+    );
+    assert!(sent > 20, "the pinger ran too briefly: {sent}");
+    assert!(
+        lost * 4 < sent,
+        "LAN traffic stopped during the rotation: {lost} of {sent} lost"
+    );
     // What the old key signs is refused now.
     let run = std::process::Command::new(binary("tlm"))
         .env("TOWALINK_CONFIG_DIR", &old_controller)

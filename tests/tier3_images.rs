@@ -208,7 +208,7 @@ fn x86_64_image_boots_under_bios_and_uefi_reaches_the_controller_and_keeps_its_s
     };
 
     let netns = Netns::new();
-    let _service = serve(&ctl, &netns, &work.path().join("serve.log"));
+    let service = serve(&ctl, &netns, &work.path().join("serve.log"));
 
     // First boot, SeaBIOS → syslinux: the data partition is formatted and seeded, OpenRC starts
     // the daemon through the image's own service, the node reaches the controller.
@@ -322,7 +322,68 @@ fn x86_64_image_boots_under_bios_and_uefi_reaches_the_controller_and_keeps_its_s
         "seeded again:\n{}",
         tail(&console, 40)
     );
-    wait_online(&ctl, &vm, 2, "good", Some(&first_boot));
+    let second_boot = wait_online(&ctl, &vm, 2, "good", Some(&first_boot));
+
+    // Issue 12: while the card is powered off the controller's management port changes. The
+    // node's v2 names a port where nothing answers: it is cut off. A technician copies the
+    // object `tlm recovery make` wrote to the card's boot partition; at boot the node finds
+    // it, activates v3 with a confirm timer, reaches the controller through v3's settings and
+    // blesses it.
+    let mut vm = vm;
+    vm.power_off();
+    drop(vm);
+    drop(service);
+    ctl.ok(&["set", "global", "mgmt_listen_port", "51829"]);
+    ctl.ok(&["-m", "management port 51829", "commit", "all"]);
+    let object = work.path().join("recovery-object");
+    let out = ctl.ok(&[
+        "recovery",
+        "make",
+        "node",
+        "r1.s1",
+        "-o",
+        object.to_str().unwrap(),
+    ]);
+    let name = out
+        .split('`')
+        .nth(1)
+        .unwrap_or_else(|| panic!("no object name in: {out}"))
+        .to_string();
+    let boot_partition = {
+        let bytes = std::fs::read(&image).unwrap();
+        let (_, parts) = towalink_images::disk::parse_mbr(&bytes).expect("an MBR");
+        format!(
+            "{}@@{}",
+            image.display(),
+            u64::from(parts[0].start_lba) * 512
+        )
+    };
+    let mtools = |args: &[&str]| {
+        let run = std::process::Command::new(args[0])
+            .args(["-i", &boot_partition])
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        assert!(run.status.success(), "{args:?}: {run:?}");
+    };
+    mtools(&["mmd", "::towalink-recovery"]);
+    mtools(&[
+        "mcopy",
+        object.to_str().unwrap(),
+        &format!("::towalink-recovery/{name}"),
+    ]);
+    let _service = serve(&ctl, &netns, &work.path().join("serve-moved.log"));
+    let vm = Vm::boot(&netns, "x86_64-recovery", &image, Firmware::Bios);
+    vm.wait_console(
+        "towalink-node: r1.s1 (id 1), active v2",
+        Duration::from_secs(240),
+    );
+    wait_online(&ctl, &vm, 3, "good", Some(&second_boot));
+    let log = vm.console();
+    assert!(
+        !log.contains(private_key.trim()),
+        "the private key reached the console"
+    );
 }
 
 #[test]
