@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use towalink_tests::binary;
 use towalink_tests::network::{
-    in_netns, ping_outage, tail, wait_for, Network, Options, Topology, CONTROLLER_ENDPOINT,
+    in_netns, ping_outage, tail, wait_for, LanPinger, Network, Options, Topology,
+    CONTROLLER_ENDPOINT,
 };
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -1513,27 +1514,7 @@ fn the_controller_moves_and_every_node_follows() {
     ]);
     let out = net.ctl.ok(&["commit", "all"]);
     assert!(out.contains("3 new version(s)"), "{out}");
-    let run = net.ctl.run(&[
-        "activate",
-        "all",
-        "--confirm",
-        "120",
-        "--wait-blessed",
-        "--timeout",
-        "180",
-    ]);
-    assert!(
-        run.code == 0 && run.stdout.contains("3 of 3 node(s) blessed the version"),
-        "{}{}\nr.s1's log:\n{}",
-        run.stdout,
-        run.stderr,
-        net.site(1)
-            .log()
-            .lines()
-            .filter(|l| !l.contains("DEBUG"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    net.activate_all_blessed("the version naming the controller by its new name");
     for site in &net.sites {
         let working = std::fs::read_to_string(site.state.join("management.toml"))
             .unwrap_or_else(|e| panic!("{}: no working management settings: {e}", site.node()));
@@ -1912,29 +1893,7 @@ fn rotating_a_nodes_key_keeps_traffic_flowing_and_locks_out_the_old_card() {
     let old_key = std::fs::read_to_string(s2_state.join("identity/wg_private_key")).unwrap();
 
     let (s1, s2) = (net.site(1), net.site(2));
-    wait_for(
-        Duration::from_secs(60),
-        || s1.ping(s2.lan()),
-        || {
-            format!(
-                "r.s1 cannot reach r.s2's LAN after r.s2's restart:\n{}",
-                s1.birdc("show protocols")
-            )
-        },
-    );
-    let pinger = s1
-        .exec("ping")
-        .args([
-            "-i",
-            "0.02",
-            "-q",
-            "-I",
-            &s1.lan().to_string(),
-            &s2.lan().to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let pinger = LanPinger::start(s1, s2);
 
     // Traffic flows before the rotation starts…
     std::thread::sleep(Duration::from_secs(2));
@@ -1949,34 +1908,7 @@ fn rotating_a_nodes_key_keeps_traffic_flowing_and_locks_out_the_old_card() {
         out.contains("3 new version(s)"),
         "r.s2 and both peers: {out}"
     );
-    let run = net.ctl.run(&[
-        "activate",
-        "all",
-        "--confirm",
-        "120",
-        "--wait-blessed",
-        "--timeout",
-        "180",
-    ]);
-    let quiet = |log: String| {
-        log.lines()
-            .filter(|l| !l.contains("DEBUG") && !l.contains("HANDSHAKE"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    assert!(
-        run.code == 0 && run.stdout.contains("3 of 3 node(s) blessed the version"),
-        "{}{}\nr.s2's log:\n{}\ncontroller's log:\n{}",
-        run.stdout,
-        run.stderr,
-        tail(&quiet(net.site(2).log()), 40),
-        tail(
-            &quiet(
-                std::fs::read_to_string(&net.controller.as_ref().unwrap().log).unwrap_or_default()
-            ),
-            30
-        )
-    );
+    net.activate_all_blessed("the versions naming r.s2's new key");
     // LAN to LAN once more through the rotated links, then the figure.
     wait_for(
         Duration::from_secs(60),
@@ -1990,8 +1922,7 @@ fn rotating_a_nodes_key_keeps_traffic_flowing_and_locks_out_the_old_card() {
     );
     // …and after it ended.
     std::thread::sleep(Duration::from_secs(2));
-    sh_kill_int(pinger.id());
-    let (lost, sent, outage_ms) = ping_outage(pinger.wait_with_output().unwrap());
+    let (lost, sent, outage_ms) = pinger.finish();
     eprintln!(
         "key rotation of r.s2: {lost} of {sent} LAN pings lost (outage about {outage_ms:.0} ms)"
     );
@@ -2107,51 +2038,11 @@ fn the_signing_key_is_rotated_with_an_overlap_and_the_old_one_retired() {
     let trusted = |site: u32| {
         std::fs::read_to_string(net.site(site).state.join("trusted-keys.toml")).unwrap_or_default()
     };
-    let activate = |what: &str| {
-        let run = net.ctl.run(&[
-            "activate",
-            "all",
-            "--confirm",
-            "120",
-            "--wait-blessed",
-            "--timeout",
-            "180",
-        ]);
-        assert!(
-            run.code == 0 && run.stdout.contains("2 of 2 node(s) blessed the version"),
-            "{what}: {}{}\nr.s1's log:\n{}",
-            run.stdout,
-            run.stderr,
-            tail(&net.site(1).log(), 30)
-        );
-    };
+    let activate = |what: &str| net.activate_all_blessed(what);
 
     // LAN to LAN across the whole rotation.
     net.wait_established(Duration::from_secs(60));
-    let (s1, s2) = (net.site(1), net.site(2));
-    wait_for(
-        Duration::from_secs(60),
-        || s1.ping(s2.lan()),
-        || {
-            format!(
-                "r.s1 cannot reach r.s2's LAN:\n{}",
-                s1.birdc("show protocols")
-            )
-        },
-    );
-    let pinger = s1
-        .exec("ping")
-        .args([
-            "-i",
-            "0.02",
-            "-q",
-            "-I",
-            &s1.lan().to_string(),
-            &s2.lan().to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let pinger = LanPinger::start(net.site(1), net.site(2));
     let error = net.ctl.refused(&["rotate", "signing-key", "--finish"], 1);
     assert!(error.contains("no rotation is under way"), "{error}");
     let out = net.ctl.ok(&["rotate", "signing-key"]);
@@ -2204,8 +2095,7 @@ fn the_signing_key_is_rotated_with_an_overlap_and_the_old_one_retired() {
         );
     }
     std::thread::sleep(Duration::from_secs(1));
-    sh_kill_int(pinger.id());
-    let (lost, sent, outage_ms) = ping_outage(pinger.wait_with_output().unwrap());
+    let (lost, sent, outage_ms) = pinger.finish();
     eprintln!(
         "signing-key rotation: {lost} of {sent} LAN pings lost (outage about {outage_ms:.0} ms)"
     );

@@ -626,6 +626,46 @@ impl Network {
     }
 
     /// `tlm status --format json`, node by name.
+    /// `tlm activate all --confirm 120 --wait-blessed` (up to 180 s); asserts that every site's
+    /// node blessed the version, else shows the output and the last lines of each log (without
+    /// debug lines) under `what`.
+    pub fn activate_all_blessed(&self, what: &str) {
+        let run = self.ctl.run(&[
+            "activate",
+            "all",
+            "--confirm",
+            "120",
+            "--wait-blessed",
+            "--timeout",
+            "180",
+        ]);
+        let n = self.sites.len();
+        let quiet = |log: String| {
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| !l.contains("DEBUG") && !l.contains("HANDSHAKE"))
+                .collect();
+            lines[lines.len().saturating_sub(25)..].join("\n")
+        };
+        assert!(
+            run.code == 0
+                && run
+                    .stdout
+                    .contains(&format!("{n} of {n} node(s) blessed the version")),
+            "{what}: {}{}{}\n[controller]\n{}",
+            run.stdout,
+            run.stderr,
+            self.sites
+                .iter()
+                .map(|s| format!("\n[{}]\n{}", s.name, quiet(s.log())))
+                .collect::<String>(),
+            self.controller
+                .as_ref()
+                .map(|c| quiet(std::fs::read_to_string(&c.log).unwrap_or_default()))
+                .unwrap_or_default()
+        );
+    }
+
     pub fn fleet_status(&self) -> serde_json::Value {
         let text = self.ctl.ok(&["status", "--format", "json"]);
         serde_json::from_str(&text).unwrap()
@@ -966,6 +1006,60 @@ impl Drop for Network {
                 .args(["netns", "del", &site.netns])
                 .status();
             let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&site.netns));
+        }
+    }
+}
+
+/// A ping every 20 ms from one site's LAN address to another's, for a figure of what a change
+/// cost the traffic; killed on drop (also when the test fails).
+pub struct LanPinger {
+    child: Option<Child>,
+}
+
+impl LanPinger {
+    /// Waits (generously) until `from` reaches `to`'s LAN, then starts pinging.
+    pub fn start(from: &Site, to: &Site) -> LanPinger {
+        wait_for(
+            Duration::from_secs(60),
+            || from.ping(to.lan()),
+            || {
+                format!(
+                    "{} cannot reach {}'s LAN:\n{}",
+                    from.name,
+                    to.name,
+                    from.birdc("show protocols")
+                )
+            },
+        );
+        let child = from
+            .exec("ping")
+            .args([
+                "-i",
+                "0.02",
+                "-q",
+                "-I",
+                &from.lan().to_string(),
+                &to.lan().to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start ping");
+        LanPinger { child: Some(child) }
+    }
+
+    /// Stops it (SIGINT, so ping prints its summary): (lost, sent, outage ms).
+    pub fn finish(mut self) -> (u64, u64, f64) {
+        let child = self.child.take().expect("running");
+        sh("kill", &["-INT", &child.id().to_string()]);
+        ping_outage(child.wait_with_output().expect("ping output"))
+    }
+}
+
+impl Drop for LanPinger {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }

@@ -131,12 +131,16 @@ pub const SIGNING_NEXT_KEY: &str = "certs/signing.next.key";
 
 /// The next signing key, if a rotation is under way.
 pub fn load_next_signing_key(store: &Store) -> Result<Option<SigningKey>, Error> {
-    let path = store.root().join(SIGNING_NEXT_KEY);
-    let Some(text) = durable::read_optional(&path)? else {
+    load_secret_signing_key(store, SIGNING_NEXT_KEY)
+}
+
+/// An ed25519 secret key file of the directory, if it exists.
+fn load_secret_signing_key(store: &Store, file: &str) -> Result<Option<SigningKey>, Error> {
+    let Some(text) = durable::read_optional(&store.root().join(file))? else {
         return Ok(None);
     };
     let key = towalink_bundle::signing_key_from_base64(&text).map_err(|_| Error::Corrupt {
-        file: SIGNING_NEXT_KEY.to_string(),
+        file: file.to_string(),
         message: "not a base64 ed25519 secret key".into(),
     })?;
     Ok(Some(key))
@@ -182,15 +186,7 @@ pub(crate) fn signing_key(store: &Store) -> Result<(SigningKey, bool), Error> {
 
 /// The controller's signing key, if a commit made one (never made here).
 pub fn load_signing_key(store: &Store) -> Result<Option<SigningKey>, Error> {
-    let path = store.root().join(SIGNING_KEY);
-    let Some(text) = durable::read_optional(&path)? else {
-        return Ok(None);
-    };
-    let key = towalink_bundle::signing_key_from_base64(&text).map_err(|_| Error::Corrupt {
-        file: SIGNING_KEY.to_string(),
-        message: "not a base64 ed25519 secret key".into(),
-    })?;
-    Ok(Some(key))
+    load_secret_signing_key(store, SIGNING_KEY)
 }
 
 pub fn public_key_text(key: &SigningKey) -> String {
