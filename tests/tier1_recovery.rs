@@ -362,3 +362,77 @@ fn rotating_a_nodes_key_replaces_it_keeps_the_previous_and_renews_the_peers_vers
     assert_eq!(error.trim().lines().count(), 1, "{error}");
     assert_eq!(keys(&t), again, "a refused rotation changes nothing");
 }
+
+/// What `tlm rotate` refuses, and the crash windows it recovers from: a node whose reports
+/// show a `towalink-node` from before key rotation is not rotated; a private key that does not
+/// match the node's public key (a crash between `rotate node`'s two writes) goes into no
+/// identity; a signing-key start cut short between its writes is taken up again.
+#[test]
+fn rotation_refuses_old_nodes_and_mismatched_keys_and_resumes_an_interrupted_start() {
+    let t = installation();
+    // x.a reported once, from a node before key rotation (no `wg_public_keys`).
+    t.write(
+        "status/nodes/x.a.json",
+        r#"{"node":"x.a","node_id":1,"last_seen_ms":1,"endpoint":null,"report":{"node_id":1,"node":"x.a","daemon_version":"0.1.0","uptime_s":1,"daemon_uptime_s":1,"active_version":1,"state":"good","tries_left":null,"confirm_by":null,"last_good_version":1,"installed_versions":[1],"health":[],"last_rollback":null,"tunnels":[],"bgp":[],"order_done":null}}"#,
+    );
+    let before = t.read("generated/config.toml");
+    let error = t.refused(&["rotate", "node", "x.a"], 1);
+    assert!(
+        error.contains("x.a runs a towalink-node from before key rotation"),
+        "{error}"
+    );
+    assert_eq!(error.trim().lines().count(), 1, "{error}");
+    assert_eq!(t.read("generated/config.toml"), before);
+
+    // y.b's private key replaced behind tlm's back (as a crash after the first write would).
+    let secrets = t.read("generated/secrets.toml");
+    let x_private = {
+        let table: toml::Table = secrets.parse().unwrap();
+        table["node"].as_array().unwrap()[0]["wg_private_key"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let y_private = {
+        let table: toml::Table = secrets.parse().unwrap();
+        table["node"].as_array().unwrap()[1]["wg_private_key"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    t.write(
+        "generated/secrets.toml",
+        &secrets.replace(&y_private, &x_private),
+    );
+    let state = t.temp.path().join("y-state");
+    let error = t.refused(&["provision", "node", "y.b", state.to_str().unwrap()], 1);
+    assert!(
+        error.contains("does not match its public key") && error.contains("y.b"),
+        "{error}"
+    );
+    assert!(
+        !error.contains(&x_private),
+        "a private key was printed: {error}"
+    );
+    t.ok(&["rotate", "node", "y.b"]);
+    t.ok(&["provision", "node", "y.b", state.to_str().unwrap()]);
+
+    // A signing-key start cut short after the next key was written: taken up again.
+    t.ok(&["rotate", "signing-key"]);
+    let listed: toml::Table = t.read("generated/config.toml").parse().unwrap();
+    let keys = listed["signing_keys"].as_array().unwrap().clone();
+    assert_eq!(keys.len(), 2);
+    t.write(
+        "generated/config.toml",
+        &t.read("generated/config.toml")
+            .lines()
+            .filter(|l| !l.starts_with("signing_keys"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    );
+    t.ok(&["rotate", "signing-key"]);
+    let again: toml::Table = t.read("generated/config.toml").parse().unwrap();
+    assert_eq!(again["signing_keys"].as_array().unwrap(), &keys);
+    let error = t.refused(&["rotate", "signing-key"], 1);
+    assert!(error.contains("under way"), "{error}");
+}

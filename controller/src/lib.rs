@@ -80,9 +80,9 @@ pub enum Error {
     RecoveryInsideConfig(PathBuf),
     #[error("recovery object: {0}")]
     Recovery(#[from] towalink_bundle::recovery::RecoveryError),
-    /// `tlm rotate signing-key` asked at the wrong step.
-    #[error("signing-key rotation: {0}")]
-    SigningRotation(String),
+    /// `tlm rotate` refused: the step, or the node, is not ready for it.
+    #[error("{0}")]
+    Rotation(String),
 }
 
 impl Error {

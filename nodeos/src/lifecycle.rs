@@ -274,6 +274,13 @@ impl Node {
         let _lock = self.state.lock()?;
         self.take_incoming()?;
         let disk = self.state.read()?;
+        // A crash between a bless and taking its signing keys is finished here.
+        if let Some(slot) = disk
+            .current
+            .filter(|s| disk.slot(*s).marker == Some(Marker::Good))
+        {
+            self.state.retrust_blessed(slot);
+        }
         let action = plan_startup(&disk, now());
         tracing::info!(?action, "startup");
         match &action {
@@ -452,6 +459,13 @@ impl Node {
         (towalink_netdev::public_key_of(&key, "keyring key").ok()? == public).then_some(key)
     }
 
+    /// The public key the links run with now: the active version's, else the identity's.
+    pub fn running_wireguard_key(&self) -> Option<String> {
+        self.active_config()
+            .and_then(|c| c.wg_public_key)
+            .or_else(|| self.state.identity().ok().map(|i| i.wg_public_key))
+    }
+
     /// The WireGuard public keys this node holds private keys for: the identity's first.
     pub fn held_wireguard_keys(&self) -> Vec<String> {
         let mut held: Vec<String> = self
@@ -503,9 +517,13 @@ impl Node {
             .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
             .collect();
         files.sort();
+        // Never the key the active version runs with, nor the one just taken.
+        let running = self
+            .running_wireguard_key()
+            .and_then(|public| self.keyring_path(&public));
         let excess = files.len().saturating_sub(KEYRING_KEEP);
         for (_, old) in files.into_iter().take(excess) {
-            if old != path {
+            if old != path && Some(&old) != running.as_ref() {
                 let _ = std::fs::remove_file(old);
             }
         }

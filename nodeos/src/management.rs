@@ -430,6 +430,17 @@ pub fn build_report(node: &Node, shared: &Shared) -> Result<NodeReport, Error> {
             .recovery_token()
             .map(|token| towalink_bundle::recovery::object_name(&token)),
         wg_public_keys: node.held_wireguard_keys(),
+        wg_public_key: node.running_wireguard_key(),
+        trusted_keys: node
+            .state
+            .identity()
+            .and_then(|identity| node.state.trusted_keys(&identity))
+            .map(|keys| {
+                keys.iter()
+                    .map(towalink_bundle::verifying_key_to_base64)
+                    .collect()
+            })
+            .unwrap_or_default(),
     })
 }
 

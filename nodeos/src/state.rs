@@ -257,6 +257,13 @@ impl StateDir {
         }
     }
 
+    /// [`StateDir::trust_blessed`] for a slot already good (at startup), logging a failure.
+    pub fn retrust_blessed(&self, slot: Slot) {
+        if let Err(error) = self.trust_blessed(slot) {
+            tracing::error!(%error, "cannot take the blessed version's signing keys");
+        }
+    }
+
     /// A version in `slot` was blessed: when it lists `signing_keys`, they become the keys
     /// this node trusts (`tlm rotate signing-key`).
     fn trust_blessed(&self, slot: Slot) -> Result<(), Error> {

@@ -44,23 +44,34 @@ pub fn recovery_token(store: &Store, node: &str, out: &mut impl Write) -> Result
 
 pub fn signing_key(store: &Store, finish: bool, out: &mut impl Write) -> Result<(), Error> {
     use crate::store::keys;
-    let refused = |message: String| Err(Error::SigningRotation(message));
+    let refused =
+        |message: String| Err(Error::Rotation(format!("signing-key rotation: {message}")));
     let current = keys::load_signing_key(store)?.ok_or_else(|| {
-        Error::SigningRotation(
-            "there is no signing key yet: `tlm commit` makes the first one".into(),
+        Error::Rotation(
+            "signing-key rotation: there is no signing key yet: `tlm commit` makes the first one"
+                .into(),
         )
     })?;
     let current_public = keys::public_key_text(&current);
     let next = keys::load_next_signing_key(store)?;
     let mut generated = store.load_generated()?;
     if !finish {
-        if next.is_some() {
-            return refused(format!(
-                "a rotation is under way (`{}` exists): finish it with `tlm rotate signing-key --finish`",
-                keys::SIGNING_NEXT_KEY
-            ));
-        }
-        let next_public = keys::make_next_signing_key(store)?;
+        let next_public = match &next {
+            // Listed already: the rotation is under way. Not listed: an earlier start was
+            // cut short between its two writes; it goes on with that key.
+            Some(next)
+                if generated
+                    .signing_keys
+                    .contains(&keys::public_key_text(next)) =>
+            {
+                return refused(format!(
+                    "a rotation is under way (`{}` exists): finish it with `tlm rotate signing-key --finish`",
+                    keys::SIGNING_NEXT_KEY
+                ));
+            }
+            Some(next) => keys::public_key_text(next),
+            None => keys::make_next_signing_key(store)?,
+        };
         generated.signing_keys = vec![current_public, next_public.clone()];
         store.save_generated(&generated)?;
         writeln!(
@@ -72,21 +83,31 @@ pub fn signing_key(store: &Store, finish: bool, out: &mut impl Write) -> Result<
         return Ok(());
     }
     let Some(next) = next else {
+        // An earlier --finish cut short after the key was promoted: versions must name the
+        // signing key alone.
+        if !generated.signing_keys.is_empty() && generated.signing_keys != [current_public.clone()]
+        {
+            generated.signing_keys = vec![current_public.clone()];
+            store.save_generated(&generated)?;
+            writeln!(
+                out,
+                "finished an interrupted --finish: signing key {current_public}; `tlm commit all` and `tlm activate all`"
+            )
+            .ok();
+            return Ok(());
+        }
         return refused("no rotation is under way: `tlm rotate signing-key` starts one".into());
     };
     let next_public = keys::public_key_text(&next);
-    // Every node must trust the new key before anything is signed with it: its status
-    // record says it runs a blessed version that names it.
+    // Every node must trust the new key before anything is signed with it: its last report
+    // lists it among the keys it trusts (taken when it blessed a version naming them).
     let mut behind = Vec::new();
     for node in &generated.nodes {
         let name = node.full_name();
         let record = records::read_node(store, &name);
-        let trusted = record.as_ref().is_some_and(|r| {
-            r.report.state == Some(towalink_bundle::messages::SlotState::Good)
-                && r.report.active_version.is_some_and(|v| {
-                    version_trusts(store, &name, node.id, v, &current, &next_public)
-                })
-        });
+        let trusted = record
+            .as_ref()
+            .is_some_and(|r| r.report.trusted_keys.contains(&next_public));
         if !trusted {
             behind.push(match record.and_then(|r| r.report.active_version) {
                 Some(v) => format!("{name} (v{v} active)"),
@@ -111,26 +132,6 @@ pub fn signing_key(store: &Store, finish: bool, out: &mut impl Write) -> Result<
     Ok(())
 }
 
-/// Whether a node's committed version `version` (checked against the current key) names
-/// `key` among the keys to trust.
-fn version_trusts(
-    store: &Store,
-    name: &crate::model::names::NodeFullName,
-    node_id: u32,
-    version: u32,
-    signer: &towalink_bundle::SigningKey,
-    key: &str,
-) -> bool {
-    let path = crate::store::versions::bundle_path(store, name, version);
-    let Ok(bytes) = std::fs::read(&path) else {
-        return false;
-    };
-    towalink_bundle::verify(&bytes, &signer.verifying_key(), node_id)
-        .ok()
-        .and_then(|bundle| towalink_bundle::contract::NodeConfig::of(&bundle).ok())
-        .is_some_and(|config| config.signing_keys.iter().any(|k| k == key))
-}
-
 pub fn node(store: &Store, node: &str, out: &mut impl Write) -> Result<(), Error> {
     let mut generated = store.load_generated()?;
     let id = generated.node(&node.parse()?)?.id;
@@ -146,11 +147,26 @@ pub fn node(store: &Store, node: &str, out: &mut impl Write) -> Result<(), Error
         .iter_mut()
         .find(|s| s.id == id)
         .ok_or_else(|| crate::store::keys::no_secrets(allocation))?;
-    // A node not yet heard on its current key (a rotation not carried out) still runs with
+    // A node that reported without the keys it holds runs a towalink-node from before key
+    // rotation: it would never take the new key, and its peers would stop reaching it.
+    let record = records::read_node(store, &name);
+    if record
+        .as_ref()
+        .is_some_and(|r| r.report.wg_public_keys.is_empty())
+    {
+        return Err(Error::Rotation(format!(
+            "{name} runs a towalink-node from before key rotation (its reports do not list the keys it holds): upgrade it first"
+        )));
+    }
+    // A node not yet settled on its current key (a rotation not carried out) still runs with
     // the previous one: that one stays the fallback.
-    let heard_on_current = records::read_node(store, &name)
-        .and_then(|r| r.via_key)
-        .is_some_and(|key| key == allocation.wg_public_key);
+    let heard_on_current = record.is_some_and(|r| {
+        crate::service::fleet::settled_on(
+            &r.report,
+            r.via_key.as_deref(),
+            &allocation.wg_public_key,
+        )
+    });
     rotate_wireguard_key(allocation, entry, !heard_on_current, &mut rand_core::OsRng);
     let public = allocation.wg_public_key.clone();
     // The private key first: a crash between the two writes leaves the old public key in

@@ -282,6 +282,17 @@ pub fn rotate_wireguard_key(
     secrets.wg_private_key = private;
 }
 
+/// The public half (base64) of a WireGuard private key (base64); none when it is not one.
+pub fn public_key_of(private: &Secret) -> Option<String> {
+    let bytes: [u8; 32] = BASE64
+        .decode(private.expose().trim())
+        .ok()?
+        .try_into()
+        .ok()?;
+    let secret = x25519_dalek::StaticSecret::from(bytes);
+    Some(BASE64.encode(x25519_dalek::PublicKey::from(&secret).as_bytes()))
+}
+
 /// A fresh WireGuard (x25519) key pair: (private, public), base64 as `wg` prints them.
 pub fn wireguard_key_pair(rng: &mut impl CryptoRngCore) -> (Secret, String) {
     let secret = x25519_dalek::StaticSecret::random_from_rng(rng);

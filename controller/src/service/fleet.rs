@@ -44,6 +44,15 @@ pub struct NodeEntry {
     pub wg_private_key: Option<Secret>,
 }
 
+/// Whether a rotated node settled on its current key: a report that came through it, from a
+/// blessed version whose links run with it. Until then its previous key may still be needed
+/// (a version naming the new key rolled back before it was blessed). Pure.
+pub fn settled_on(report: &NodeReport, via_key: Option<&str>, current: &str) -> bool {
+    via_key == Some(current)
+        && report.state == Some(towalink_bundle::messages::SlotState::Good)
+        && report.wg_public_key.as_deref() == Some(current)
+}
+
 /// How long the hub keeps offering one of a rotated node's two keys after the node was last
 /// heard on it (or since it was offered): longer than the management link's keepalive, so a
 /// node that is there is always heard within it.
@@ -244,10 +253,16 @@ impl Fleet {
             let name = node.full_name();
             let node_secrets = secrets.nodes.iter().find(|s| s.id == node.id);
             // The status record says which key the node was last heard on: once that is the
-            // current one, the previous key is no longer offered (an old card stays out).
+            // current one and the node blessed a version running with it, the previous key is
+            // no longer offered (an old card stays out).
             let heard_on_current = super::records::read_node(&self.store, &name)
-                .and_then(|r| r.via_key)
-                .is_some_and(|key| key == node.wg_public_key);
+                .is_some_and(|r| settled_on(&r.report, r.via_key.as_deref(), &node.wg_public_key));
+            // A private key whose public half is not the node's (a crash inside `tlm rotate
+            // node`) is never sent.
+            let private = node_secrets.map(|s| s.wg_private_key.clone()).filter(|k| {
+                crate::model::allocation::public_key_of(k).as_deref()
+                    == Some(node.wg_public_key.as_str())
+            });
             let order = activations.nodes.get(&name.to_string()).map(|a| Order {
                 seq: a.order,
                 version: a.version,
@@ -265,7 +280,7 @@ impl Fleet {
                         .wg_public_key_previous
                         .clone()
                         .filter(|_| !heard_on_current),
-                    wg_private_key: node_secrets.map(|s| s.wg_private_key.clone()),
+                    wg_private_key: private,
                 },
             );
         }
@@ -371,8 +386,9 @@ impl Fleet {
     }
 
     /// A node was heard (its report arrived through its management peer): returns the key
-    /// the hub offered it, and forgets the previous key once that is the current one.
-    pub fn heard(&self, id: u32) -> Option<String> {
+    /// the hub offered it, and forgets the previous key once the node settled on the current
+    /// one ([`settled_on`]).
+    pub fn heard(&self, id: u32, report: &NodeReport) -> Option<String> {
         let key = {
             let mut offered = self.offered.lock().unwrap_or_else(|e| e.into_inner());
             let o = offered.get_mut(&id)?;
@@ -381,7 +397,9 @@ impl Fleet {
         };
         let mut view = self.view.lock().expect("fleet lock");
         if let Some(entry) = view.nodes.get_mut(&id) {
-            if entry.public_key == key && entry.previous_key.take().is_some() {
+            if settled_on(report, Some(&key), &entry.public_key)
+                && entry.previous_key.take().is_some()
+            {
                 tracing::info!(node = %entry.name, "heard on its new key: the replaced one is no longer offered");
             }
         }
@@ -499,6 +517,26 @@ mod tests {
         assert_eq!(key(&e, Some(("old", at(590))), at(600)), "old");
         // A key that is neither (a second rotation): the current one.
         assert_eq!(key(&e, Some(("older", start)), at(1)), "new");
+    }
+
+    #[test]
+    fn a_node_settles_on_its_key_only_blessed_and_running_with_it() {
+        let mut report = report(vec![1], None);
+        assert!(!settled_on(&report, Some("new"), "new"), "no state");
+        report.state = Some(towalink_bundle::messages::SlotState::Pending);
+        report.wg_public_key = Some("new".into());
+        assert!(
+            !settled_on(&report, Some("new"), "new"),
+            "pending: may roll back"
+        );
+        report.state = Some(towalink_bundle::messages::SlotState::Good);
+        assert!(settled_on(&report, Some("new"), "new"));
+        assert!(
+            !settled_on(&report, Some("old"), "new"),
+            "heard on the old key"
+        );
+        report.wg_public_key = Some("old".into());
+        assert!(!settled_on(&report, Some("new"), "new"), "runs the old key");
     }
 
     #[test]

@@ -246,13 +246,25 @@ struct Heartbeat {
 /// the heartbeat.
 fn hub_loop(hub: &mut Hub, fleet: &Fleet, heartbeat: &Heartbeat, shutdown: &Shutdown) {
     let mut next_heartbeat = Instant::now();
+    // A peer error that persists is logged once a minute, not every round.
+    let mut last_peer_error: Option<(String, Instant)> = None;
     loop {
         if let Err(error) = fleet.reload_if_changed() {
             tracing::error!(%error, "cannot read the configuration directory; keeping the last view")
         }
         // Every round: a rotated node not heard on one key is offered the other.
-        if let Err(error) = hub.sync_peers(fleet) {
-            tracing::error!(%error, "cannot update the management peers");
+        match hub.sync_peers(fleet) {
+            Ok(()) => last_peer_error = None,
+            Err(error) => {
+                let text = error.to_string();
+                let again = last_peer_error.as_ref().is_some_and(|(last, at)| {
+                    *last == text && at.elapsed() < Duration::from_secs(60)
+                });
+                if !again {
+                    tracing::error!(%error, "cannot update the management peers");
+                    last_peer_error = Some((text, Instant::now()));
+                }
+            }
         }
         if Instant::now() >= next_heartbeat {
             next_heartbeat = Instant::now() + Duration::from_secs(1);

@@ -305,13 +305,14 @@ fn sync(
     wait: Duration,
 ) -> Result<(), ApiError> {
     let fleet = &*api.fleet;
+    let via_key = fleet.heard(node_id, &report);
     let record = NodeRecord {
         node: node.to_string(),
         node_id,
         last_seen_ms: records::now_ms(),
         endpoint: fleet.endpoint(node_id),
         report,
-        via_key: fleet.heard(node_id),
+        via_key,
     };
     let bytes = serde_json::to_vec(&record).expect("record serializes");
     if let Err(error) = records::write_soft(&records::node_path(fleet.store(), &node), &bytes) {

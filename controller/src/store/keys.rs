@@ -99,6 +99,20 @@ pub fn node_identity(
         .into_iter()
         .find(|s| s.id == node.id)
         .ok_or_else(|| no_secrets(node))?;
+    // A crash inside `tlm rotate node` can leave the new private key beside the old public
+    // one: such an identity would make a node nobody can reach.
+    if crate::model::allocation::public_key_of(&node_secrets.wg_private_key).as_deref()
+        != Some(node.wg_public_key.as_str())
+    {
+        return Err(Error::Corrupt {
+            file: "generated/secrets.toml".into(),
+            message: format!(
+                "the WireGuard private key of node {} does not match its public key in generated/config.toml: run `tlm rotate node {}` again",
+                node.full_name(),
+                node.full_name()
+            ),
+        });
+    }
     let settings = settings(store)?;
     let management = if settings.controller_endpoints.is_empty() {
         None

@@ -74,6 +74,13 @@ pub struct NodeReport {
     /// Empty from nodes before key rotation: the controller then sends no key.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub wg_public_keys: Vec<String>,
+    /// The WireGuard public key the node's links run with now (its active version's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wg_public_key: Option<String>,
+    /// The controller keys the node trusts now (base64 ed25519): `tlm rotate signing-key
+    /// --finish` waits until every node lists the new one. Empty from nodes before it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
