@@ -1961,15 +1961,24 @@ fn rotating_a_nodes_key_keeps_traffic_flowing_and_locks_out_the_old_card() {
             .as_u64()
             .unwrap_or(0)
     };
-    // The controller heard r.s2 on the new key: the old one is no longer offered.
+    // The controller heard r.s2 through the new key, blessed and running with it: the old one
+    // is no longer offered.
+    let record = || -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(net.ctl.dir.join("status/nodes/r.s2.json"))
+                .unwrap_or_default(),
+        )
+        .unwrap_or_default()
+    };
     wait_for(
         Duration::from_secs(60),
         || {
-            let status = std::fs::read_to_string(net.ctl.dir.join("status/nodes/r.s2.json"))
-                .unwrap_or_default();
-            status.contains(&new_public)
+            let r = record();
+            r["via_key"] == new_public.as_str()
+                && r["report"]["wg_public_key"] == new_public.as_str()
+                && r["report"]["state"] == "good"
         },
-        || "r.s2 was never heard on its new key".to_string(),
+        || format!("r.s2 never settled on its new key: {:#}", record()),
     );
 
     // The old card boots as r.s2: nobody takes it.
