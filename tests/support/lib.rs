@@ -174,7 +174,8 @@ impl Installation {
 }
 
 /// sha256 over every file, directory and symlink below `root` (paths, modes, contents), so any
-/// change to the tree changes the hash.
+/// change to the tree changes the hash; a top-level `status/` (the records a running `tlm
+/// serve` keeps writing) is left out.
 pub fn tree_hash(root: &Path) -> String {
     let mut entries = BTreeMap::new();
     collect(root, root, &mut entries);
@@ -192,6 +193,10 @@ fn collect(root: &Path, dir: &Path, out: &mut BTreeMap<String, (u32, String)>) {
     for entry in entries.flatten() {
         let path = entry.path();
         let relative = path.strip_prefix(root).unwrap().display().to_string();
+        // What a running `tlm serve` writes as nodes report: its records, not configuration.
+        if relative == "status" {
+            continue;
+        }
         let meta = std::fs::symlink_metadata(&path).unwrap();
         let mode = meta.permissions().mode();
         if meta.is_dir() {
