@@ -7,9 +7,10 @@
 //! every `--san` (checked by curl against the name), and a certificate tlm did not make is
 //! kept.
 
+use std::cell::Cell;
 use std::io::{BufRead as _, Read as _, Write as _};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use towalink_tests::{binary, Installation};
 
@@ -139,19 +140,24 @@ fn only_the_device_showing_the_typed_code_gets_the_identity() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let started = Instant::now();
     // The stranger asks first, with a host name built to redraw the operator's list, and
     // then crowds the list from its one address.
     let evil = "r3-s1\u{1b}[2J\u{1b}[H\r\n  1) 0123456789abcdef0123456789abcdef  host `r.s1`";
-    let mut first = 0;
-    while first != 202 {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "attach never answered the stranger ({first})"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-        first = stranger_asks(port, &cert, "5757575757575757", evil, "ZZZZ-ZZZZ");
-    }
+    let first = Cell::new(0);
+    towalink_tests::network::wait_for(
+        Duration::from_secs(120),
+        || {
+            first.set(stranger_asks(
+                port,
+                &cert,
+                "5757575757575757",
+                evil,
+                "ZZZZ-ZZZZ",
+            ));
+            first.get() == 202
+        },
+        || format!("attach never answered the stranger ({})", first.get()),
+    );
     let crowd: Vec<u16> = (0..8)
         .map(|i| stranger_asks(port, &cert, &format!("{i:016x}"), "crowd", "ZZZZ-ZZZZ"))
         .collect();
@@ -312,23 +318,26 @@ fn a_device_that_does_not_trust_the_certificate_is_reported() {
         .unwrap();
     // A device checking the certificate against the system's CAs (not this controller's
     // self-signed one) refuses it: curl exits 60 once attach listens (7 before).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let status = Command::new("curl")
-            .args(["-s", "-o", "/dev/null", "--max-time", "10"])
-            .args(["--interface", STRANGER])
-            .arg(format!("https://127.0.0.1:{port}/attach/v1/request"))
-            .status()
-            .expect("curl (installed by tests/setup.sh)");
-        if status.code() == Some(60) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "waited 60 s for attach to listen on port {port} (curl: {status})"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let last = Cell::new(None);
+    towalink_tests::network::wait_for(
+        Duration::from_secs(120),
+        || {
+            let status = Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "--max-time", "10"])
+                .args(["--interface", STRANGER])
+                .arg(format!("https://127.0.0.1:{port}/attach/v1/request"))
+                .status()
+                .expect("curl (installed by tests/setup.sh)");
+            last.set(status.code());
+            status.code() == Some(60)
+        },
+        || {
+            format!(
+                "attach never refused a TLS attempt on port {port} (curl exit {:?})",
+                last.get()
+            )
+        },
+    );
     let out = attach.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");

@@ -386,20 +386,14 @@ fn rotation_refuses_old_nodes_and_mismatched_keys_and_resumes_an_interrupted_sta
 
     // y.b's private key replaced behind tlm's back (as a crash after the first write would).
     let secrets = t.read("generated/secrets.toml");
-    let x_private = {
+    let private = |index: usize| {
         let table: toml::Table = secrets.parse().unwrap();
-        table["node"].as_array().unwrap()[0]["wg_private_key"]
+        table["node"].as_array().unwrap()[index]["wg_private_key"]
             .as_str()
             .unwrap()
             .to_string()
     };
-    let y_private = {
-        let table: toml::Table = secrets.parse().unwrap();
-        table["node"].as_array().unwrap()[1]["wg_private_key"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let (x_private, y_private) = (private(0), private(1));
     t.write(
         "generated/secrets.toml",
         &secrets.replace(&y_private, &x_private),
