@@ -123,6 +123,11 @@ pub enum Command {
         /// (docs/recovery.md). May be given more than once.
         #[arg(long, value_name = "DIR")]
         recovery_media: Vec<PathBuf>,
+        /// Also serve the metrics (Prometheus text, `/metrics`) on this address, e.g.
+        /// `127.0.0.1:9469` or a LAN address; they are always served to the controller on the
+        /// management link. May be given more than once.
+        #[arg(long, value_name = "ADDRESS:PORT")]
+        metrics_listen: Vec<std::net::SocketAddr>,
     },
 }
 
@@ -239,6 +244,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             once,
             interval_ms,
             recovery_media,
+            metrics_listen,
         } => {
             // Before any thread starts: they inherit the blocked signals.
             let shutdown =
@@ -250,6 +256,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 once,
                 interval: Duration::from_millis(interval_ms),
                 recovery_media,
+                metrics_listen,
             };
             crate::daemon::run(node, options, &shutdown)?;
         }

@@ -233,6 +233,8 @@ pub struct Options {
     pub once: bool,
     /// Time between rounds (a round starts early when the management thread changed something).
     pub interval: Duration,
+    /// Addresses the metrics are served on besides the management link (`--metrics-listen`).
+    pub metrics_listen: Vec<std::net::SocketAddr>,
 }
 
 fn open_dataplane(kind: DataPlaneKind) -> Result<Option<DataPlane>, crate::Error> {
@@ -260,6 +262,31 @@ pub fn run(node: Node, options: Options, shutdown: &Shutdown) -> anyhow::Result<
     node.startup()?;
     let mut dataplane = open_dataplane(options.dataplane)?;
     let shared = Arc::new(Shared::default());
+    // Bound before anything else starts: an address that cannot be used is refused at once.
+    let metrics_listeners = options
+        .metrics_listen
+        .iter()
+        .map(|address| {
+            std::net::TcpListener::bind(address)
+                .with_context(|| format!("--metrics-listen {address}: cannot listen"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let on_management_link = node.controller_api().is_some() && dataplane.is_some();
+    if !options.once && (on_management_link || !metrics_listeners.is_empty()) {
+        let (node, shared, shutdown) = (node.clone(), Arc::clone(&shared), shutdown.clone());
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                crate::metrics::serve(
+                    node,
+                    shared,
+                    metrics_listeners,
+                    on_management_link,
+                    &shutdown,
+                )
+            })
+            .context("cannot start the metrics thread")?;
+    }
     match node.controller_api() {
         Some(api) if !options.once => {
             let node = node.clone();

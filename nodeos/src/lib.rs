@@ -13,6 +13,7 @@ pub mod dataplane;
 pub mod health;
 pub mod lifecycle;
 pub mod management;
+pub mod metrics;
 pub mod recovery;
 pub mod slots;
 pub mod state;

@@ -2,6 +2,8 @@
 //! back, start) on the state directory and the root, under the state lock.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -26,6 +28,89 @@ pub struct Node {
     pub state: StateDir,
     pub root: PathBuf,
     pub reloader: Reloader,
+    /// What this process counted (shared by the clones: the daemon's threads).
+    pub counters: Arc<Counters>,
+}
+
+/// Why a version was rolled back: the `reason` label of `towalink_node_rollbacks_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RollbackCause {
+    /// Its files could not be applied.
+    ApplyFailed,
+    /// It used up its boot tries without being blessed (a power cut, a hang).
+    BootTries,
+    /// Its confirm timer expired.
+    ConfirmTimer,
+    /// It did not pass its health checks in time.
+    HealthChecks,
+    /// `towalink-node mark-bad`.
+    Operator,
+    /// The slot was found bad, unmarked or incomplete at start.
+    BrokenSlot,
+}
+
+impl RollbackCause {
+    pub const ALL: [RollbackCause; 6] = [
+        RollbackCause::ApplyFailed,
+        RollbackCause::BootTries,
+        RollbackCause::ConfirmTimer,
+        RollbackCause::HealthChecks,
+        RollbackCause::Operator,
+        RollbackCause::BrokenSlot,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            RollbackCause::ApplyFailed => "apply_failed",
+            RollbackCause::BootTries => "boot_tries",
+            RollbackCause::ConfirmTimer => "confirm_timer",
+            RollbackCause::HealthChecks => "health_checks",
+            RollbackCause::Operator => "operator",
+            RollbackCause::BrokenSlot => "broken_slot",
+        }
+    }
+
+    /// Why a start rolls `slot` back, from its marker.
+    fn at_startup(disk: &DiskState, slot: Slot) -> RollbackCause {
+        match disk.slot(slot).marker {
+            Some(Marker::Pending { tries_left: 0 }) => RollbackCause::BootTries,
+            Some(Marker::Pending { .. }) => RollbackCause::ConfirmTimer,
+            _ => RollbackCause::BrokenSlot,
+        }
+    }
+}
+
+/// What this process counted since it started (the daemon's metrics: docs/operations.md).
+#[derive(Debug, Default)]
+pub struct Counters {
+    rollbacks: [AtomicU64; RollbackCause::ALL.len()],
+    applies: AtomicU64,
+    /// The last apply's duration in microseconds.
+    last_apply_us: AtomicU64,
+}
+
+impl Counters {
+    pub fn rollbacks(&self, cause: RollbackCause) -> u64 {
+        self.rollbacks[cause as usize].load(Ordering::Relaxed)
+    }
+
+    /// How many applies ran and how long the last one took.
+    pub fn applies(&self) -> (u64, f64) {
+        (
+            self.applies.load(Ordering::Relaxed),
+            self.last_apply_us.load(Ordering::Relaxed) as f64 / 1e6,
+        )
+    }
+
+    fn count_rollback(&self, cause: RollbackCause) {
+        self.rollbacks[cause as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn count_apply(&self, took: std::time::Duration) {
+        self.applies.fetch_add(1, Ordering::Relaxed);
+        self.last_apply_us
+            .store(took.as_micros() as u64, Ordering::Relaxed);
+    }
 }
 
 /// What an activation did.
@@ -70,7 +155,20 @@ impl Node {
             state: StateDir::new(state_dir),
             root: root.to_path_buf(),
             reloader,
+            counters: Arc::default(),
         }
+    }
+
+    /// Applies a version's files, timing it for the metrics.
+    fn apply_timed(
+        &self,
+        bundle: &towalink_bundle::VerifiedBundle,
+        previous: Option<&towalink_bundle::Manifest>,
+    ) -> Result<ApplyReport, Error> {
+        let started = Instant::now();
+        let report = apply(bundle, previous, &self.root, &self.reloader);
+        self.counters.count_apply(started.elapsed());
+        report
     }
 
     /// Verifies and stores a bundle; a version older than the newest installed only as
@@ -133,7 +231,7 @@ impl Node {
         crash_point("activate-switched");
         tracing::info!(version, %slot, "activated; applying");
         let bundle = self.state.slot_bundle(slot)?;
-        match apply(&bundle, previous.as_ref(), &self.root, &self.reloader) {
+        match self.apply_timed(&bundle, previous.as_ref()) {
             Ok(report) => {
                 let activation_ms =
                     started.elapsed().as_secs_f64() * 1000.0 - report.bird_reload_ms;
@@ -149,14 +247,19 @@ impl Node {
             Err(error) => {
                 let reason = format!("apply of v{version} failed: {error}");
                 tracing::error!(%reason);
-                self.roll_back_locked(slot, &reason)?;
+                self.roll_back_locked(slot, RollbackCause::ApplyFailed, &reason)?;
                 Err(Error::RolledBack(reason))
             }
         }
     }
 
     /// Goes back to the other slot (which must hold a good version), applies it, records why.
-    fn roll_back_locked(&self, from: Slot, reason: &str) -> Result<Option<ApplyReport>, Error> {
+    fn roll_back_locked(
+        &self,
+        from: Slot,
+        cause: RollbackCause,
+        reason: &str,
+    ) -> Result<Option<ApplyReport>, Error> {
         let disk = self.state.read()?;
         let to = from.other();
         let from_version = disk.slot(from).version;
@@ -178,6 +281,7 @@ impl Node {
                 to_version: if has_fallback { to_version } else { None },
                 reason: reason.to_string(),
             })?;
+            self.counters.count_rollback(cause);
         }
         crash_point("rollback-recorded");
         if !has_fallback {
@@ -193,7 +297,7 @@ impl Node {
         tracing::warn!(from = ?from_version, to = ?to_version, reason, "rolled back");
         let bundle = self.state.slot_bundle(to)?;
         let previous = self.state.slot_manifest(from);
-        let report = apply(&bundle, previous.as_ref(), &self.root, &self.reloader)?;
+        let report = self.apply_timed(&bundle, previous.as_ref())?;
         crash_point("rollback-applied");
         Ok(Some(report))
     }
@@ -235,7 +339,7 @@ impl Node {
         let _lock = self.state.lock()?;
         let disk = self.state.read()?;
         let slot = disk.current.ok_or(Error::NothingActive)?;
-        self.roll_back_locked(slot, reason)?;
+        self.roll_back_locked(slot, RollbackCause::Operator, reason)?;
         Ok(self.state.read()?.active_version())
     }
 
@@ -304,11 +408,13 @@ impl Node {
                 )?;
                 let previous = self.state.slot_manifest(slot.other());
                 if let Err(error) = self.apply_current(&disk, previous.as_ref()) {
-                    self.roll_back_locked(*slot, &format!("apply failed: {error}"))?;
+                    let reason = format!("apply failed: {error}");
+                    self.roll_back_locked(*slot, RollbackCause::ApplyFailed, &reason)?;
                 }
             }
             StartupAction::RollBack { from, reason, .. } => {
-                self.roll_back_locked(*from, reason)?;
+                let cause = RollbackCause::at_startup(&disk, *from);
+                self.roll_back_locked(*from, cause, reason)?;
             }
         }
         Ok(action)
@@ -347,7 +453,7 @@ impl Node {
             return Ok(());
         };
         let bundle = self.state.slot_bundle(slot)?;
-        let report = apply(&bundle, previous, &self.root, &self.reloader)?;
+        let report = self.apply_timed(&bundle, previous)?;
         tracing::info!(version = bundle.manifest().version, written = report.written.len(), reloaded = ?report.reloaded, "applied");
         Ok(())
     }
@@ -367,7 +473,8 @@ impl Node {
             return Ok(());
         };
         if disk.confirm_by.is_some_and(|t| now() >= t) {
-            self.roll_back_locked(slot, &format!("v{version}: the confirm timer expired"))?;
+            let reason = format!("v{version}: the confirm timer expired");
+            self.roll_back_locked(slot, RollbackCause::ConfirmTimer, &reason)?;
             watch.watching = None;
             return Ok(());
         }
@@ -398,7 +505,7 @@ impl Node {
                 settings.timeout_s,
                 failed.join("; ")
             );
-            self.roll_back_locked(slot, &reason)?;
+            self.roll_back_locked(slot, RollbackCause::HealthChecks, &reason)?;
             watch.watching = None;
         }
         Ok(())

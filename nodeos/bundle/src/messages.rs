@@ -27,6 +27,11 @@ pub const BUNDLE_PATH: &str = "/v1/bundle/";
 pub const ATTACH_PATH: &str = "/attach/v1/request";
 /// Longest long poll a controller holds.
 pub const MAX_WAIT_MS: u64 = 60_000;
+/// The TCP port of a node's metrics (Prometheus text), on its management address: the
+/// controller relays them (`tlm serve`'s `/metrics/nodes`).
+pub const NODE_METRICS_PORT: u16 = 9469;
+/// The path of a node's metrics.
+pub const METRICS_PATH: &str = "/metrics";
 
 /// A node's report: everything `tlm status` shows about it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
