@@ -146,6 +146,13 @@ pub enum Command {
         /// Name of the management interface.
         #[arg(long, default_value = "tlmgmt0")]
         interface: String,
+        /// Address of the operator listener: metrics (`/metrics`, `/metrics/nodes`), the
+        /// operator API and the web UI (docs/operations.md). Loopback by default.
+        #[arg(long, value_name = "ADDRESS:PORT", default_value = "127.0.0.1:9468")]
+        operator_listen: std::net::SocketAddr,
+        /// Run without the operator listener.
+        #[arg(long, conflicts_with = "operator_listen")]
+        no_operator: bool,
     },
     /// Pair a device running `towalink-node bootstrap` with a node (HTTPS, port 8000).
     Attach {

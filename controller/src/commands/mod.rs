@@ -48,7 +48,15 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
     let mut out = std::io::stdout().lock();
     match command {
         Command::Git { .. } => unreachable!("handled above"),
-        Command::Serve { interface } => serve::run(&config_dir, &interface),
+        Command::Serve {
+            interface,
+            operator_listen,
+            no_operator,
+        } => serve::run(
+            &config_dir,
+            &interface,
+            (!no_operator).then_some(operator_listen),
+        ),
         Command::Image { what } => image::run(&config_dir, &what),
         Command::Recovery { what } => recovery::run(&config_dir, &what),
         Command::Status { scope, format } => {

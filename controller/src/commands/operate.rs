@@ -173,7 +173,7 @@ pub struct NodeStatus {
 fn reachable(service: Option<&ServiceRecord>, record: Option<&NodeRecord>, now: u64) -> bool {
     match (service, record) {
         (Some(service), Some(record)) => {
-            now.saturating_sub(record.last_seen_ms) <= 3 * 1000 * service.report_interval_s + 2000
+            crate::service::metrics::reachable(record.last_seen_ms, now, service.report_interval_s)
         }
         _ => false,
     }

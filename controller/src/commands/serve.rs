@@ -8,7 +8,11 @@ use crate::store::Store;
 use crate::Error;
 
 /// Runs the service on `interface` until a stop signal.
-pub fn run(config_dir: &std::path::Path, interface: &str) -> Result<ExitCode, Error> {
+pub fn run(
+    config_dir: &std::path::Path,
+    interface: &str,
+    operator_listen: Option<std::net::SocketAddr>,
+) -> Result<ExitCode, Error> {
     let store = Store::open_existing(config_dir)?;
     {
         let _lock = store.lock()?;
@@ -23,6 +27,6 @@ pub fn run(config_dir: &std::path::Path, interface: &str) -> Result<ExitCode, Er
         "stopping: no new connections, the ones in flight finish",
     )
     .map_err(|e| Error::Service(format!("cannot set up SIGTERM/SIGINT handling: {e}")))?;
-    crate::service::run(&store, interface, &shutdown)?;
+    crate::service::run(&store, interface, operator_listen, &shutdown)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -16,6 +16,8 @@ use towalink_bundle::messages::{NodeReport, Order, SyncReply};
 use towalink_bundle::orders::{sign_reply, ReplyBody};
 use towalink_bundle::SigningKey;
 
+use super::metrics::FleetNode;
+use super::records::NodeRecord;
 use crate::model::management::ManagementSettings;
 use crate::model::names::NodeFullName;
 use crate::store::Store;
@@ -182,6 +184,9 @@ pub struct Fleet {
     /// Node id → the key the hub offers for its management peer, since when, and whether the
     /// node was heard since.
     offered: Mutex<BTreeMap<u32, Offered>>,
+    /// Node id → its last report (also in `status/`; read from there once, at the first load).
+    records: Mutex<BTreeMap<u32, NodeRecord>>,
+    records_loaded: std::sync::atomic::AtomicBool,
 }
 
 /// The key the hub offers a node ([`management_key`]).
@@ -216,7 +221,33 @@ impl Fleet {
             stamp: Mutex::new(Vec::new()),
             endpoints: Mutex::default(),
             offered: Mutex::default(),
+            records: Mutex::default(),
+            records_loaded: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Keeps a node's last report in memory (the metrics and the operator API read it).
+    pub fn note(&self, record: NodeRecord) {
+        self.records
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(record.node_id, record);
+    }
+
+    /// Every node with its versions, order and last report, in id order.
+    pub fn fleet_nodes(&self) -> Vec<FleetNode> {
+        let view = self.view.lock().expect("fleet lock");
+        let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        view.nodes
+            .iter()
+            .map(|(id, entry)| FleetNode {
+                name: entry.name.to_string(),
+                id: *id,
+                latest: entry.versions.last().copied(),
+                desired: entry.order.map(|o| (o.version, o.seq)),
+                record: records.get(id).cloned(),
+            })
+            .collect()
     }
 
     pub fn store(&self) -> &Store {
@@ -283,6 +314,17 @@ impl Fleet {
                     wg_private_key: private,
                 },
             );
+        }
+        if !self
+            .records_loaded
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, entry) in &nodes {
+                if let Some(record) = super::records::read_node(&self.store, &entry.name) {
+                    records.entry(*id).or_insert(record);
+                }
+            }
         }
         let key = versions::load_signing_key(&self.store)?;
         self.publish(nodes, key);

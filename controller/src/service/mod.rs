@@ -23,6 +23,8 @@
 pub mod api;
 pub mod fleet;
 pub mod limits;
+pub mod metrics;
+pub mod operator;
 pub mod records;
 pub mod server;
 
@@ -147,7 +149,12 @@ fn bind_to_device(listener: &TcpListener, interface: &str) -> Result<(), Error> 
 /// API's listener, serves the API on a thread of its own, and runs the hub's loop (reload,
 /// peers, heartbeat) on this one. On the stop, waits for the API to finish its requests (up to
 /// [`limits::SHUTDOWN_GRACE`]) and removes the management interface.
-pub fn run(store: &Store, interface: &str, shutdown: &Shutdown) -> Result<(), Error> {
+pub fn run(
+    store: &Store,
+    interface: &str,
+    operator_listen: Option<SocketAddr>,
+    shutdown: &Shutdown,
+) -> Result<(), Error> {
     let settings = crate::store::keys::settings(store)?;
     let (secret, public) = {
         let _lock = store.lock()?;
@@ -176,6 +183,13 @@ pub fn run(store: &Store, interface: &str, shutdown: &Shutdown) -> Result<(), Er
         peers: BTreeMap::new(),
     };
     hub.sync_peers(&fleet)?;
+    // The operator's address first: refused before the nodes see a service.
+    let operator_listener = operator_listen
+        .map(|address| {
+            TcpListener::bind(address)
+                .map_err(|e| failed(format!("--operator-listen {address}: cannot listen: {e}")))
+        })
+        .transpose()?;
     let api = SocketAddr::new(controller_address, settings.api_port);
     let listener =
         TcpListener::bind(api).map_err(|e| failed(format!("cannot listen on {api}: {e}")))?;
@@ -217,9 +231,36 @@ pub fn run(store: &Store, interface: &str, shutdown: &Shutdown) -> Result<(), Er
             })
             .map_err(failed)?
     };
+    let started_ms = records::now_ms();
+    let operator = match operator_listener {
+        Some(listener) => {
+            let address = listener.local_addr().map_err(failed)?;
+            tracing::info!(%address, "operator listener: /metrics, /metrics/nodes");
+            let (shutdown, operator) = (
+                shutdown.clone(),
+                operator::Operator {
+                    fleet: Arc::clone(&fleet),
+                    started_ms,
+                },
+            );
+            Some(
+                std::thread::Builder::new()
+                    .name("operator".into())
+                    .spawn(move || {
+                        let served = operator::serve(listener, operator, &shutdown);
+                        if let Err(error) = &served {
+                            tracing::error!(%error, "the operator listener stopped");
+                        }
+                        served
+                    })
+                    .map_err(failed)?,
+            )
+        }
+        None => None,
+    };
     let heartbeat = Heartbeat {
         path: records::service_path(store),
-        started_ms: records::now_ms(),
+        started_ms,
         api: api.to_string(),
         listen_port: settings.listen_port,
         report_interval_s: settings.report_interval_s,
@@ -228,6 +269,9 @@ pub fn run(store: &Store, interface: &str, shutdown: &Shutdown) -> Result<(), Er
     let served = server
         .join()
         .unwrap_or_else(|_| Err(failed("the API thread panicked")));
+    if let Some(operator) = operator {
+        let _ = operator.join();
+    }
     tracing::info!("controller service stopped");
     served
 }

@@ -320,6 +320,7 @@ fn sync(
             tracing::error!(%error, unlogged, %node, "cannot write the node's status");
         }
     }
+    fleet.note(record.clone());
     let gone = || limits::peer_gone(stream);
     match fleet.wait_reply(node_id, &record.report, wait, limits::HANGUP_CHECK, &gone) {
         Some(reply) => {

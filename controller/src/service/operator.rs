@@ -1,0 +1,132 @@
+//! The operator listener of `tlm serve` (`--operator-listen`, loopback by default): HTTP for
+//! people and their tools, on axum over tokio (one current-thread runtime on a thread of its
+//! own), apart from the nodes' strict API on the management link.
+//!
+//! - `GET /metrics`: the fleet as the service sees it ([`super::metrics::fleet`]).
+//! - `GET /metrics/nodes`: every node's own metrics, relayed over the management link
+//!   ([`super::metrics::relay`]), fetched [`RELAY_PARALLEL`] at a time.
+//!
+//! The listener stops accepting when `shutdown` is triggered and ends once the requests in
+//! flight are answered.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use towalink_system::Shutdown;
+
+use super::fleet::Fleet;
+use super::metrics::{fetch_timed, fleet, node_metrics_address, relay};
+use super::records;
+use crate::Error;
+
+/// How many nodes the relay fetches at once.
+pub const RELAY_PARALLEL: usize = 64;
+
+/// What the handlers share.
+pub struct Operator {
+    pub fleet: Arc<Fleet>,
+    /// When the service started (Unix milliseconds).
+    pub started_ms: u64,
+}
+
+fn metrics_response(text: String) -> Response {
+    (
+        [(header::CONTENT_TYPE, towalink_metrics::CONTENT_TYPE)],
+        text,
+    )
+        .into_response()
+}
+
+async fn fleet_metrics(State(operator): State<Arc<Operator>>) -> Response {
+    let nodes = operator.fleet.fleet_nodes();
+    metrics_response(fleet(
+        &nodes,
+        records::now_ms(),
+        operator.fleet.settings.report_interval_s,
+        operator.started_ms,
+    ))
+}
+
+async fn node_metrics(State(operator): State<Arc<Operator>>) -> Response {
+    let settings = &operator.fleet.settings;
+    let targets: Vec<(String, SocketAddr)> = operator
+        .fleet
+        .fleet_nodes()
+        .into_iter()
+        .map(|n| (n.name, node_metrics_address(settings.node_address(n.id))))
+        .collect();
+    let permits = Arc::new(tokio::sync::Semaphore::new(RELAY_PARALLEL));
+    let mut fetches = Vec::with_capacity(targets.len());
+    for (name, address) in targets {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            break;
+        };
+        fetches.push(tokio::task::spawn_blocking(move || {
+            let fetched = fetch_timed(name, address);
+            drop(permit);
+            fetched
+        }));
+    }
+    let mut fetched = Vec::with_capacity(fetches.len());
+    for fetch in fetches {
+        if let Ok(f) = fetch.await {
+            fetched.push(f);
+        }
+    }
+    metrics_response(relay(&fetched))
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        "not found: tlm serve's operator listener serves /metrics and /metrics/nodes\n",
+    )
+        .into_response()
+}
+
+/// The routes.
+pub fn router(operator: Arc<Operator>) -> Router {
+    Router::new()
+        .route("/metrics", get(fleet_metrics))
+        .route("/metrics/nodes", get(node_metrics))
+        .fallback(not_found)
+        .with_state(operator)
+}
+
+/// Serves `listener` until `shutdown` is triggered (blocking: runs its own runtime).
+pub fn serve(
+    listener: std::net::TcpListener,
+    operator: Operator,
+    shutdown: &Shutdown,
+) -> Result<(), Error> {
+    let failed = |what: &str, e: std::io::Error| Error::Service(format!("{what}: {e}"));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .thread_name("operator")
+        .build()
+        .map_err(|e| failed("cannot start the operator listener's runtime", e))?;
+    let shutdown = shutdown.clone();
+    runtime.block_on(async move {
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| failed("operator listener", e))?;
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|e| failed("operator listener", e))?;
+        let stopped = async move {
+            while !shutdown.is_triggered() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        axum::serve(listener, router(Arc::new(operator)))
+            .with_graceful_shutdown(stopped)
+            .await
+            .map_err(|e| failed("operator listener", e))
+    })
+}
