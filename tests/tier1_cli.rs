@@ -288,6 +288,17 @@ fn commit_creates_a_version_only_when_content_changed() {
         out.contains("0 new version(s), 4 node(s) unchanged"),
         "{out}"
     );
+    // The controller's own attributes (alerts) reach no version.
+    t.ok(&[
+        "set",
+        "global",
+        "alert_webhooks",
+        "[\"https://hooks.example/towalink\"]",
+    ]);
+    t.ok(&["set", "global", "alert_bgp_down_after_s", "30"]);
+    assert_eq!(t.ok(&["list", "changed"]), "");
+    let out = t.ok(&["commit", "all"]);
+    assert!(out.contains("0 new version(s)"), "{out}");
 
     // A global attribute that reaches every node's files: every node gets v2.
     t.ok(&["set", "global", "bird_bfd_interval_ms", "200"]);

@@ -3,7 +3,9 @@
 //! fleet view (`/metrics`) and every node's own metrics relayed over the management links
 //! (`/metrics/nodes`) — and the test asks it over its HTTP API what an operator would: are
 //! the nodes up, does a link's traffic count grow while iperf3 runs, does a BGP session read
-//! down after its link is cut and up again after the repair.
+//! down after its link is cut and up again after the repair. A webhook receiver in the same
+//! namespace takes the alerts `tlm serve` posts (refusing the first, so it must be retried):
+//! a BGP session down, a node unreachable, a rollback, and each one's end.
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
@@ -11,7 +13,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use towalink_tests::network::{in_netns, tail, wait_for, Network, Options, Topology};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use towalink_tests::network::{
+    in_netns, spawn_in_netns, tail, wait_for, Network, Options, Topology,
+};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -312,5 +319,258 @@ fn prometheus_scrapes_the_fleet_and_every_node_through_the_controller() {
         http(&net.site(1).netns, "GET", &underlay, "/metrics").0,
         0,
         "a neighbour reached r.s2's metrics over the underlay"
+    );
+}
+
+/// What the webhook receiver got: the status it answered and the JSON body.
+type Received = Arc<Mutex<Vec<(u16, serde_json::Value)>>>;
+
+/// A webhook receiver in a namespace: answers 503 to the first post, 200 to the others, and
+/// keeps every body; stopped on drop.
+struct Receiver {
+    received: Received,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Receiver {
+    fn start(netns: &str, address: &str) -> Receiver {
+        let received: Received = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (held, stopping, address) = (
+            Arc::clone(&received),
+            Arc::clone(&stop),
+            address.to_string(),
+        );
+        let thread = spawn_in_netns(netns, move || {
+            let listener = std::net::TcpListener::bind(&address).expect("bind the receiver");
+            listener.set_nonblocking(true).unwrap();
+            while !stopping.load(Ordering::SeqCst) {
+                let Ok((mut stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                };
+                stream.set_nonblocking(false).unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 4096];
+                // The head, then as much body as Content-Length says.
+                let body = loop {
+                    let Ok(n) = stream.read(&mut buffer) else {
+                        break None;
+                    };
+                    if n == 0 {
+                        break None;
+                    }
+                    request.extend_from_slice(&buffer[..n]);
+                    let text = String::from_utf8_lossy(&request).into_owned();
+                    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                        continue;
+                    };
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (name, value) = l.split_once(':')?;
+                            name.eq_ignore_ascii_case("content-length")
+                                .then(|| value.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    if body.len() >= length {
+                        break Some(body[..length].to_string());
+                    }
+                };
+                let Some(body) = body else { continue };
+                let mut received = held.lock().unwrap();
+                let status = if received.is_empty() { 503 } else { 200 };
+                received.push((status, serde_json::from_str(&body).unwrap_or_default()));
+                drop(received);
+                let reason = if status == 200 {
+                    "OK"
+                } else {
+                    "Service Unavailable"
+                };
+                let _ = stream.write_all(
+                    format!("HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                );
+            }
+        });
+        Receiver {
+            received,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn all(&self) -> Vec<(u16, serde_json::Value)> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Whether an alert was taken (answered 200) with these fields.
+    fn taken(&self, alert: &str, status: &str, node: &str) -> bool {
+        self.all().iter().any(|(code, body)| {
+            *code == 200
+                && body["alert"] == alert
+                && body["status"] == status
+                && body["node"] == node
+        })
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[test]
+fn alerts_reach_a_webhook_retried_and_each_one_ends() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const HOOK: &str = "127.0.0.1:9471";
+    let mut options = Options::new(2, Topology::Mesh);
+    options.controller = true;
+    options.global = vec![
+        ("alert_webhooks".into(), format!("[\"http://{HOOK}/hook\"]")),
+        ("alert_unreachable_after_s".into(), "10".into()),
+        ("alert_bgp_down_after_s".into(), "5".into()),
+    ];
+    let mut net = Network::build(options);
+    let ctl = net.controller.as_ref().unwrap().netns.clone();
+    let receiver = Receiver::start(&ctl, HOOK);
+    net.wait_established(Duration::from_secs(120));
+    let seen = |receiver: &Receiver| {
+        receiver
+            .all()
+            .iter()
+            .map(|(code, body)| format!("{code} {body}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+
+    // A BGP session down past its threshold: alerted; the first post is refused (503) and
+    // the same alert is posted again.
+    net.cut(1, 2);
+    wait_for(
+        Duration::from_secs(90),
+        || receiver.taken("bgp_session_down", "firing", "r.s1"),
+        || {
+            format!(
+                "a bgp_session_down alert for r.s1 to be taken:\n{}\n{}",
+                seen(&receiver),
+                tail(&net.controller_log(), 20)
+            )
+        },
+    );
+    let all = receiver.all();
+    assert_eq!(all[0].0, 503, "{}", seen(&receiver));
+    assert!(
+        all[1..]
+            .iter()
+            .any(|(code, body)| *code == 200 && *body == all[0].1),
+        "the refused alert was posted again:\n{}",
+        seen(&receiver)
+    );
+    let firing = all
+        .iter()
+        .find(|(_, b)| b["alert"] == "bgp_session_down" && b["node"] == "r.s1")
+        .unwrap()
+        .1
+        .clone();
+    assert!(firing["subject"].is_string(), "{firing}");
+    assert!(
+        firing["summary"]
+            .as_str()
+            .unwrap()
+            .contains("is not established"),
+        "{firing}"
+    );
+    net.restore(1, 2);
+    wait_for(
+        Duration::from_secs(120),
+        || receiver.taken("bgp_session_down", "resolved", "r.s1"),
+        || format!("the BGP alert of r.s1 to be resolved:\n{}", seen(&receiver)),
+    );
+
+    // A node that stops reporting: unreachable after 10 s; back when it reports again.
+    net.site_mut(2).kill_daemon();
+    wait_for(
+        Duration::from_secs(90),
+        || receiver.taken("node_unreachable", "firing", "r.s2"),
+        || format!("a node_unreachable alert for r.s2:\n{}", seen(&receiver)),
+    );
+    net.site_mut(2).start_daemon();
+    wait_for(
+        Duration::from_secs(90),
+        || receiver.taken("node_unreachable", "resolved", "r.s2"),
+        || {
+            format!(
+                "r.s2's unreachable alert to be resolved:\n{}",
+                seen(&receiver)
+            )
+        },
+    );
+    net.wait_established(Duration::from_secs(120));
+
+    // A version that breaks BGP on r.s2 is rolled back: alerted, naming the version; over
+    // once the operator orders the version it runs.
+    let status = net.fleet_status();
+    let running = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == "r.s2")
+        .unwrap()["active_version"]
+        .as_u64()
+        .unwrap();
+    std::fs::write(
+        net.ctl.dir.join("site_s2/node_r/bird_peers.conf.jinja"),
+        towalink_tests::bird_peers_breaking_bgp(),
+    )
+    .unwrap();
+    net.ctl.ok(&["commit", "all"]);
+    let run = net.ctl.run(&[
+        "activate",
+        "node",
+        "r.s2",
+        "--wait-blessed",
+        "--timeout",
+        "120",
+    ]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    wait_for(
+        Duration::from_secs(60),
+        || receiver.taken("node_rolled_back", "firing", "r.s2"),
+        || format!("a node_rolled_back alert for r.s2:\n{}", seen(&receiver)),
+    );
+    let rolled = receiver
+        .all()
+        .into_iter()
+        .find(|(_, b)| b["alert"] == "node_rolled_back")
+        .unwrap()
+        .1;
+    assert_eq!(rolled["subject"], format!("v{}", running + 1), "{rolled}");
+    assert!(
+        rolled["summary"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("rolled back from v{} to v{running}", running + 1)),
+        "{rolled}"
+    );
+    net.ctl.ok(&[
+        "activate",
+        "node",
+        "r.s2",
+        &running.to_string(),
+        "--no-wait",
+    ]);
+    wait_for(
+        Duration::from_secs(60),
+        || receiver.taken("node_rolled_back", "resolved", "r.s2"),
+        || format!("r.s2's rollback alert to end:\n{}", seen(&receiver)),
     );
 }

@@ -425,6 +425,7 @@ impl Resolved {
     /// The effective attributes of a node: its complete attributes plus `peers`.
     pub fn effective_attributes(&self, node_id: u32, complete: &Merged) -> Table {
         let mut table = complete.values.clone();
+        table.retain(|name, _| !super::schema::CONTROLLER_ONLY.contains(&name));
         let peers = Value::try_from(self.peers(node_id)).expect("peers serialize to TOML");
         table.insert("peers".to_string(), peers);
         table

@@ -71,6 +71,8 @@ pub enum Type {
     RecoveryLocation,
     /// `<node>.<site>` or a node id.
     NodeRef,
+    /// Where `tlm serve` posts alerts: an `http://` or `https://` URL.
+    WebhookUrl,
     /// "dhcp" or an address with prefix length.
     DhcpOrAddress,
     /// A table of `key` → `value`; `key_name` names the keys in docs.
@@ -189,6 +191,31 @@ const PORT: Type = Type::Integer {
     max: 65535,
     unit: None,
 };
+/// Attributes only `tlm serve` reads: they never reach a node's version (setting one makes no
+/// new versions), and templates do not see them.
+pub const CONTROLLER_ONLY: [&str; 3] = [
+    "alert_webhooks",
+    "alert_unreachable_after_s",
+    "alert_bgp_down_after_s",
+];
+
+/// `http://` or `https://`, a host, no spaces or control characters, at most 2,048 bytes.
+fn is_webhook_url(text: &str) -> bool {
+    let Some(rest) = text
+        .strip_prefix("http://")
+        .or_else(|| text.strip_prefix("https://"))
+    else {
+        return false;
+    };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    text.len() <= 2048
+        && !host.is_empty()
+        && !host.starts_with(':')
+        && !text
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '"')
+}
+
 const fn seconds(min: i64, max: i64) -> Type {
     Type::Integer {
         min,
@@ -532,6 +559,28 @@ pub const ATTRIBUTES: &[Attribute] = &[
         seconds(1, 300),
         Levels::GLOBAL,
         "nodes report at least this often (changes at once)",
+    ),
+    // Alerts (`tlm serve`; docs/operations.md). The controller's own: never in a version.
+    optional(
+        "alert_webhooks",
+        Type::List(&Type::WebhookUrl, 0),
+        Levels::GLOBAL,
+        "none",
+        "URLs `tlm serve` posts each alert to (JSON), retried with backoff",
+    ),
+    optional(
+        "alert_unreachable_after_s",
+        seconds(10, 604_800),
+        Levels::GLOBAL,
+        "300",
+        "a node that has not reported for this long is alerted as unreachable",
+    ),
+    optional(
+        "alert_bgp_down_after_s",
+        seconds(5, 604_800),
+        Levels::GLOBAL,
+        "120",
+        "a BGP session a reachable node reports not established for this long is alerted",
     ),
     // Files and services.
     settable(
@@ -891,6 +940,7 @@ impl Type {
             Type::NodeRef => {
                 text.is_some_and(|t| t.parse::<crate::model::names::NodeRef>().is_ok())
             }
+            Type::WebhookUrl => text.is_some_and(is_webhook_url),
             Type::DhcpOrAddress => {
                 text.is_some_and(|t| t == "dhcp" || t.parse::<ipnet::IpNet>().is_ok())
             }
@@ -1005,6 +1055,7 @@ impl Type {
                 "an `http://host[:port][/path]` URL or an absolute directory".into()
             }
             Type::NodeRef => "a node `<node>.<site>` or id".into(),
+            Type::WebhookUrl => "an `http://` or `https://` URL".into(),
             Type::DhcpOrAddress => {
                 "\"dhcp\" or an address with prefix length like \"192.0.2.10/24\"".into()
             }

@@ -20,6 +20,7 @@
 //! 100 ms by watching `generated/config.toml`, `effective/index.toml` and
 //! `effective/activation.toml`.
 
+pub mod alerts;
 pub mod api;
 pub mod fleet;
 pub mod limits;
@@ -258,6 +259,13 @@ pub fn run(
         }
         None => None,
     };
+    let alerting = {
+        let (fleet, shutdown) = (Arc::clone(&fleet), shutdown.clone());
+        std::thread::Builder::new()
+            .name("alerts".into())
+            .spawn(move || alerts::run(&fleet, started_ms, &shutdown))
+            .map_err(failed)?
+    };
     let heartbeat = Heartbeat {
         path: records::service_path(store),
         started_ms,
@@ -272,6 +280,7 @@ pub fn run(
     if let Some(operator) = operator {
         let _ = operator.join();
     }
+    let _ = alerting.join();
     tracing::info!("controller service stopped");
     served
 }

@@ -70,6 +70,11 @@ pub fn node_path(store: &Store, node: &NodeFullName) -> PathBuf {
         .join(format!("{node}.json"))
 }
 
+/// What the alert rule remembers (`status/alerts.json`, [`super::alerts::AlertState`]).
+pub fn alerts_path(store: &Store) -> PathBuf {
+    store.root().join(STATUS_DIR).join("alerts.json")
+}
+
 pub fn service_path(store: &Store) -> PathBuf {
     store.root().join(STATUS_DIR).join("service.json")
 }

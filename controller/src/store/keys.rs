@@ -25,6 +25,15 @@ pub fn settings(store: &Store) -> Result<ManagementSettings, Error> {
     Ok(ManagementSettings::from_attributes(&merged)?)
 }
 
+/// The alert settings of `tlm serve` (global attributes `alert_*`).
+pub fn alert_settings(store: &Store) -> Result<crate::service::alerts::AlertSettings, Error> {
+    let global = store.level_attributes(&Level::Global)?;
+    let merged = Merged::from_layers([(Level::Global, &global)]);
+    Ok(crate::service::alerts::AlertSettings::from_attributes(
+        &merged,
+    )?)
+}
+
 /// What versions tell their nodes about the management link; none without a
 /// `controller_endpoint`. `may_create`: make the controller's management key when there is
 /// none (a commit, under the lock); otherwise a directory without one yet gives none.
