@@ -30,17 +30,38 @@ const PROMETHEUS: &str = "127.0.0.1:9090";
 /// One HTTP/1.0 request from inside `netns` (the server closes the connection after the
 /// response): the status code and the body.
 fn http(netns: &str, method: &str, address: &str, target: &str) -> (u16, String) {
-    let (method, address, target) = (method.to_string(), address.to_string(), target.to_string());
+    request(netns, method, address, target, &[], "")
+}
+
+/// A request with header lines and a body.
+fn request(
+    netns: &str,
+    method: &str,
+    address: &str,
+    target: &str,
+    headers: &[String],
+    body: &str,
+) -> (u16, String) {
+    let mut head = format!("{method} {target} HTTP/1.0\r\nHost: {address}\r\n");
+    for header in headers {
+        head.push_str(header);
+        head.push_str("\r\n");
+    }
+    if !body.is_empty() || method == "POST" {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    head.push_str(body);
+    let address = address.to_string();
     in_netns(netns, move || {
         let to: SocketAddr = address.parse().unwrap();
         let Ok(mut stream) = TcpStream::connect_timeout(&to, Duration::from_secs(5)) else {
             return (0, String::new());
         };
         stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
+            .set_read_timeout(Some(Duration::from_secs(300)))
             .unwrap();
-        let request = format!("{method} {target} HTTP/1.0\r\nHost: {address}\r\n\r\n");
-        if stream.write_all(request.as_bytes()).is_err() {
+        if stream.write_all(head.as_bytes()).is_err() {
             return (0, String::new());
         }
         let mut reply = Vec::new();
@@ -573,4 +594,253 @@ fn alerts_reach_a_webhook_retried_and_each_one_ends() {
         || receiver.taken("node_rolled_back", "resolved", "r.s2"),
         || format!("r.s2's rollback alert to end:\n{}", seen(&receiver)),
     );
+}
+
+/// The operator API as a client sees it: one token, JSON in and out.
+struct Api<'a> {
+    netns: &'a str,
+    token: Option<String>,
+}
+
+impl Api<'_> {
+    fn headers(&self, json: bool) -> Vec<String> {
+        let mut headers = Vec::new();
+        if let Some(token) = &self.token {
+            headers.push(format!("Authorization: Bearer {token}"));
+        }
+        if json {
+            headers.push("Content-Type: application/json".into());
+        }
+        headers
+    }
+
+    fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let (status, body) = request(self.netns, "GET", OPERATOR, path, &self.headers(false), "");
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)),
+        )
+    }
+
+    fn post(&self, path: &str, body: &str) -> (u16, serde_json::Value) {
+        let (status, reply) = request(
+            self.netns,
+            "POST",
+            OPERATOR,
+            path,
+            &self.headers(true),
+            body,
+        );
+        (
+            status,
+            serde_json::from_str(&reply).unwrap_or(serde_json::Value::String(reply)),
+        )
+    }
+}
+
+fn file_mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn the_operator_api_runs_tlms_own_commands_for_token_holders_only() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut options = Options::new(2, Topology::Mesh);
+    options.controller = true;
+    let net = Network::build(options);
+    let ctl = net.controller.as_ref().unwrap().netns.clone();
+    net.wait_established(Duration::from_secs(120));
+
+    // Tokens: written to the file asked for (0600), stored hashed (0600), never printed.
+    let ops_file = net.temp.path().join("ops.token");
+    let viewer_file = net.temp.path().join("viewer.token");
+    let out = net
+        .ctl
+        .ok(&["token", "add", "ops", "--file", ops_file.to_str().unwrap()]);
+    let ops = std::fs::read_to_string(&ops_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(!out.contains(&ops), "{out}");
+    net.ctl.ok(&[
+        "token",
+        "add",
+        "viewer",
+        "--read-only",
+        "--file",
+        viewer_file.to_str().unwrap(),
+    ]);
+    let viewer = std::fs::read_to_string(&viewer_file)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(file_mode(&ops_file), 0o600);
+    assert_eq!(
+        file_mode(&net.ctl.path("certs/operator-tokens.toml")),
+        0o600
+    );
+    let stored = net.ctl.read("certs/operator-tokens.toml");
+    assert!(
+        !stored.contains(&ops) && !stored.contains(&viewer),
+        "{stored}"
+    );
+    let listed = net.ctl.ok(&["token", "list"]);
+    assert!(
+        listed.contains("ops") && listed.contains("read-only") && !listed.contains(&ops),
+        "{listed}"
+    );
+    let again = net.ctl.run(&[
+        "token",
+        "add",
+        "ops",
+        "--file",
+        "/tmp/towalink-never-written",
+    ]);
+    assert_eq!(again.code, 1);
+    assert!(
+        again.stderr.contains("a token named `ops` exists"),
+        "{}",
+        again.stderr
+    );
+    assert!(!std::path::Path::new("/tmp/towalink-never-written").exists());
+
+    let anonymous = Api {
+        netns: &ctl,
+        token: None,
+    };
+    let forged = Api {
+        netns: &ctl,
+        token: Some(format!("tlo_{}", "A".repeat(43))),
+    };
+    let reader = Api {
+        netns: &ctl,
+        token: Some(viewer.clone()),
+    };
+    let admin = Api {
+        netns: &ctl,
+        token: Some(ops.clone()),
+    };
+
+    // Reads.
+    assert_eq!(anonymous.get("/api/v1/nodes").0, 401);
+    assert_eq!(forged.get("/api/v1/nodes").0, 401);
+    let (status, nodes) = reader.get("/api/v1/nodes");
+    assert_eq!(status, 200, "{nodes}");
+    let names: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["r.s1", "r.s2"]);
+    let (status, attributes) = reader.get("/api/v1/nodes/r.s1/attributes");
+    assert_eq!(status, 200, "{attributes}");
+    assert!(
+        attributes.to_string().contains("\"generated\""),
+        "origins are given: {attributes}"
+    );
+    let (status, error) = reader.get("/api/v1/nodes/nope.s1/attributes");
+    assert_eq!(status, 404, "{error}");
+    assert!(
+        error["error"].as_str().unwrap().contains("nope.s1"),
+        "{error}"
+    );
+    assert_eq!(reader.get("/api/v1/links").0, 200);
+    let (status, fleet) = reader.get("/api/v1/status");
+    assert_eq!(status, 200, "{fleet}");
+    assert_eq!(fleet["nodes"].as_array().unwrap().len(), 2, "{fleet}");
+    let (status, document) = anonymous.get("/api/v1/openapi.json");
+    assert_eq!(status, 200);
+    assert!(
+        document["paths"]["/api/v1/activate"].is_object(),
+        "{document}"
+    );
+
+    // Writes: refused for the read-only token, for bad values and malformed bodies, each
+    // leaving the directory as it was.
+    let before = towalink_tests::tree_hash(&net.ctl.dir);
+    let set = |value: &str| {
+        format!(r#"{{"scope":"global","attribute":"bird_bfd_interval_ms","value":{value}}}"#)
+    };
+    assert_eq!(reader.post("/api/v1/set", &set("200")).0, 403);
+    assert_eq!(anonymous.post("/api/v1/set", &set("200")).0, 401);
+    let (status, refused) = admin.post("/api/v1/set", &set("\"fast\""));
+    assert_eq!(status, 400, "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("bird_bfd_interval_ms"),
+        "{refused}"
+    );
+    assert_eq!(admin.post("/api/v1/set", "{not json").0, 400);
+    assert_eq!(
+        admin
+            .post(
+                "/api/v1/set",
+                r#"{"scope":"global","attribute":"x","value":1,"extra":1}"#
+            )
+            .0,
+        422
+    );
+    let (status, refused) = admin.post(
+        "/api/v1/set",
+        r#"{"scope":"site","attribute":"bird_bfd_interval_ms","value":200}"#,
+    );
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(
+        towalink_tests::tree_hash(&net.ctl.dir),
+        before,
+        "a refused write changed the directory"
+    );
+
+    // A change, its commit with a message and a canary activation, as `tlm` would.
+    let (status, done) = admin.post("/api/v1/set", &set("200"));
+    assert_eq!((status, done["ok"].as_bool()), (200, Some(true)), "{done}");
+    assert!(net
+        .ctl
+        .ok(&["show", "global"])
+        .contains("bird_bfd_interval_ms = 200"));
+    let (status, changed) = reader.get("/api/v1/changed");
+    assert_eq!(
+        (status, changed.as_array().map(Vec::len)),
+        (200, Some(2)),
+        "{changed}"
+    );
+    let (status, done) = admin.post(
+        "/api/v1/commit",
+        r#"{"scope":"all","message":"BFD 200 ms from the API"}"#,
+    );
+    assert_eq!((status, done["ok"].as_bool()), (200, Some(true)), "{done}");
+    assert!(net
+        .ctl
+        .git(&["log", "--format=%s"])
+        .contains("BFD 200 ms from the API"));
+    let latest = |node: &str| {
+        net.fleet_status()["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node"] == node)
+            .unwrap()["latest_version"]
+            .as_u64()
+            .unwrap() as u32
+    };
+    let (status, done) = admin.post(
+        "/api/v1/activate",
+        r#"{"scope":"all","canary":"r.s1","wait_blessed":true,"timeout":120}"#,
+    );
+    assert_eq!((status, done["ok"].as_bool()), (200, Some(true)), "{done}");
+    let output = done["output"].as_str().unwrap();
+    assert!(
+        output.contains("r.s1") && output.contains("blessed"),
+        "{output}"
+    );
+    net.wait_reported(&[1, 2], latest("r.s2"), "good", Duration::from_secs(120));
+
+    // A revoked token is refused from the next request on.
+    net.ctl.ok(&["token", "revoke", "viewer"]);
+    assert_eq!(reader.get("/api/v1/nodes").0, 401);
+    assert_eq!(admin.get("/api/v1/nodes").0, 200);
 }

@@ -83,6 +83,9 @@ pub enum Error {
     /// `tlm rotate` refused: the step, or the node, is not ready for it.
     #[error("{0}")]
     Rotation(String),
+    /// `tlm token` refused.
+    #[error("{0}")]
+    Token(String),
 }
 
 impl Error {

@@ -204,6 +204,12 @@ pub enum Command {
         #[command(subcommand)]
         what: RotateWhat,
     },
+    /// Bearer tokens of the operator API (`tlm serve --operator-listen`): `add NAME --file
+    /// FILE` writes a new token to FILE (0600), `list`, `revoke NAME`.
+    Token {
+        #[command(subcommand)]
+        what: TokenWhat,
+    },
     /// Run git in the configuration directory.
     Git {
         /// Arguments for git.
@@ -231,6 +237,27 @@ pub enum RotateWhat {
         #[command(subcommand)]
         target: RotateTarget,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenWhat {
+    /// Make a token; it is written to FILE only (created with mode 0600), never printed.
+    Add {
+        name: String,
+        /// Where to write the token (must not exist).
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+        /// Reads only: every write through the API is refused.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// The tokens: name, access, when made (never the tokens themselves).
+    List {
+        #[command(flatten)]
+        format: FormatArg,
+    },
+    /// Remove a token: the API refuses it from the next request on.
+    Revoke { name: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -19,6 +19,7 @@ pub mod rotate;
 pub mod serve;
 pub mod show;
 pub mod status;
+pub mod token;
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -26,14 +27,20 @@ use std::process::ExitCode;
 use crate::cli::{
     ActivateScope, AddWhat, AttachWhat, Cli, Command, DelWhat, ListWhat, ProvisionWhat,
     RecoveryTarget, RecoveryWhat, RotateTarget, RotateWhat, Scope, SetWhat, ShowAllWhat, ShowWhat,
+    TokenWhat,
 };
 use crate::model::allocation::NodeAllocation;
 use crate::model::names::{NodeFullName, NodeRef, SiteName, VersionSpec};
 use crate::store::{versions, Store, StoreLock};
 use crate::Error;
 
-/// Runs a parsed command.
+/// Runs a parsed command, its output to stdout.
 pub fn run(cli: Cli) -> Result<ExitCode, Error> {
+    run_to(cli, &mut std::io::stdout().lock())
+}
+
+/// Runs a parsed command, its output (of the commands the operator API runs) to `out`.
+pub fn run_to(cli: Cli, out: &mut impl std::io::Write) -> Result<ExitCode, Error> {
     let Cli {
         config_dir,
         message,
@@ -45,7 +52,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
     }
     // Bad names are refused before the directory is opened (or created by a first command).
     check_arguments(&command)?;
-    let mut out = std::io::stdout().lock();
+    let mut out = out;
     match command {
         Command::Git { .. } => unreachable!("handled above"),
         Command::Serve {
@@ -155,6 +162,28 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
             what: RotateWhat::Node { node },
         } => changing(&config_dir, |store, _lock| {
             rotate::node(store, &node, &mut out).map(|()| ExitCode::SUCCESS)
+        }),
+        Command::Token {
+            what:
+                TokenWhat::Add {
+                    name,
+                    file,
+                    read_only,
+                },
+        } => changing(&config_dir, |store, _lock| {
+            token::add(store, &name, &file, read_only, &mut out).map(|()| ExitCode::SUCCESS)
+        }),
+        Command::Token {
+            what: TokenWhat::List { format },
+        } => {
+            let store = reading(&config_dir)?;
+            token::list(&store, format.format, &mut out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token {
+            what: TokenWhat::Revoke { name },
+        } => changing(&config_dir, |store, _lock| {
+            token::revoke(store, &name, &mut out).map(|()| ExitCode::SUCCESS)
         }),
     }
 }

@@ -26,6 +26,7 @@ pub mod fleet;
 pub mod limits;
 pub mod metrics;
 pub mod operator;
+pub mod operator_api;
 pub mod records;
 pub mod server;
 

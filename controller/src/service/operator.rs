@@ -5,6 +5,7 @@
 //! - `GET /metrics`: the fleet as the service sees it ([`super::metrics::fleet`]).
 //! - `GET /metrics/nodes`: every node's own metrics, relayed over the management link
 //!   ([`super::metrics::relay`]), fetched [`RELAY_PARALLEL`] at a time.
+//! - `/api/v1/…`: the operator API ([`super::operator_api`], [`API_ROUTES`]).
 //!
 //! The listener stops accepting when `shutdown` is triggered and ends once the requests in
 //! flight are answered.
@@ -16,7 +17,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use towalink_system::Shutdown;
 
@@ -85,16 +86,51 @@ async fn node_metrics(State(operator): State<Arc<Operator>>) -> Response {
 async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
-        "not found: tlm serve's operator listener serves /metrics and /metrics/nodes\n",
+        "not found: tlm serve's operator listener serves /metrics, /metrics/nodes and /api/v1/ (see /api/v1/openapi.json)\n",
     )
         .into_response()
 }
 
+/// The operator API's routes (each in `openapi.json`).
+pub const API_ROUTES: [&str; 14] = [
+    "/api/v1/sites",
+    "/api/v1/sites/{site}/nodes",
+    "/api/v1/sites/{site}/attributes",
+    "/api/v1/nodes",
+    "/api/v1/nodes/{node}/status",
+    "/api/v1/nodes/{node}/attributes",
+    "/api/v1/links",
+    "/api/v1/changed",
+    "/api/v1/status",
+    "/api/v1/attributes/global",
+    "/api/v1/set",
+    "/api/v1/commit",
+    "/api/v1/activate",
+    "/api/v1/openapi.json",
+];
+
 /// The routes.
 pub fn router(operator: Arc<Operator>) -> Router {
+    use super::operator_api as api;
+    let [sites, site_nodes, site_attributes, nodes, node_status, node_attributes, links, changed, status, global, set, commit, activate, openapi] =
+        API_ROUTES;
     Router::new()
         .route("/metrics", get(fleet_metrics))
         .route("/metrics/nodes", get(node_metrics))
+        .route(sites, get(api::sites))
+        .route(site_nodes, get(api::site_nodes))
+        .route(site_attributes, get(api::site_attributes))
+        .route(nodes, get(api::nodes))
+        .route(node_status, get(api::node_status))
+        .route(node_attributes, get(api::node_attributes))
+        .route(links, get(api::links))
+        .route(changed, get(api::changed))
+        .route(status, get(api::status))
+        .route(global, get(api::global_attributes))
+        .route(set, post(api::set))
+        .route(commit, post(api::commit))
+        .route(activate, post(api::activate))
+        .route(openapi, get(api::openapi))
         .fallback(not_found)
         .with_state(operator)
 }

@@ -17,6 +17,7 @@
 pub mod git;
 pub mod installation;
 pub mod keys;
+pub mod tokens;
 pub mod versions;
 
 use std::collections::BTreeMap;
