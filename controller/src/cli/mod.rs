@@ -204,6 +204,14 @@ pub enum Command {
         #[command(subcommand)]
         what: RotateWhat,
     },
+    /// What changed between two versions of a node (default: its latest and the one before),
+    /// file by file, as a unified diff.
+    Diff {
+        #[command(subcommand)]
+        what: DiffWhat,
+        #[command(flatten)]
+        format: FormatArg,
+    },
     /// Bearer tokens of the operator API (`tlm serve --operator-listen`): `add NAME --file
     /// FILE` writes a new token to FILE (0600), `list`, `revoke NAME`.
     Token {
@@ -236,6 +244,20 @@ pub enum RotateWhat {
     RecoveryToken {
         #[command(subcommand)]
         target: RotateTarget,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DiffWhat {
+    /// <node>.<site> or id.
+    Node {
+        node: String,
+        /// The older version (default: the one before --to).
+        #[arg(long, value_name = "N")]
+        from: Option<u32>,
+        /// The newer version (default: the latest).
+        #[arg(long, value_name = "N")]
+        to: Option<u32>,
     },
 }
 
@@ -276,6 +298,8 @@ pub enum ListWhat {
     Changed,
     /// The WireGuard links of all nodes (`all`, the default), a site or a node.
     Links { target: Option<String> },
+    /// A node's committed versions: number, parent, when made, files.
+    Versions { node: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -92,6 +92,9 @@ pub fn run(
                 );
             }
         }
+        ListWhat::Versions { node } => {
+            super::diff::list_versions(store, &node, format, out)?;
+        }
         ListWhat::Changed => {
             let tree = store.load_tree()?;
             let nodes = versions::nodes_in_scope(&tree, |_| true);

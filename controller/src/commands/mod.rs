@@ -8,6 +8,7 @@
 pub mod activate;
 pub mod attach;
 pub mod commit;
+pub mod diff;
 pub mod edit;
 pub mod git;
 pub mod image;
@@ -25,7 +26,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use crate::cli::{
-    ActivateScope, AddWhat, AttachWhat, Cli, Command, DelWhat, ListWhat, ProvisionWhat,
+    ActivateScope, AddWhat, AttachWhat, Cli, Command, DelWhat, DiffWhat, ListWhat, ProvisionWhat,
     RecoveryTarget, RecoveryWhat, RotateTarget, RotateWhat, Scope, SetWhat, ShowAllWhat, ShowWhat,
     TokenWhat,
 };
@@ -92,6 +93,14 @@ pub fn run_to(cli: Cli, out: &mut impl std::io::Write) -> Result<ExitCode, Error
         Command::List { what, format } => {
             let store = reading(&config_dir)?;
             list::run(&store, what, format.format, &mut out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Diff {
+            what: DiffWhat::Node { node, from, to },
+            format,
+        } => {
+            let store = reading(&config_dir)?;
+            diff::run(&store, &node, from, to, format.format, &mut out)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Show { what, format } => {

@@ -92,13 +92,15 @@ async fn not_found() -> Response {
 }
 
 /// The operator API's routes (each in `openapi.json`).
-pub const API_ROUTES: [&str; 14] = [
+pub const API_ROUTES: [&str; 16] = [
     "/api/v1/sites",
     "/api/v1/sites/{site}/nodes",
     "/api/v1/sites/{site}/attributes",
     "/api/v1/nodes",
     "/api/v1/nodes/{node}/status",
     "/api/v1/nodes/{node}/attributes",
+    "/api/v1/nodes/{node}/versions",
+    "/api/v1/nodes/{node}/diff",
     "/api/v1/links",
     "/api/v1/changed",
     "/api/v1/status",
@@ -112,7 +114,7 @@ pub const API_ROUTES: [&str; 14] = [
 /// The routes.
 pub fn router(operator: Arc<Operator>) -> Router {
     use super::operator_api as api;
-    let [sites, site_nodes, site_attributes, nodes, node_status, node_attributes, links, changed, status, global, set, commit, activate, openapi] =
+    let [sites, site_nodes, site_attributes, nodes, node_status, node_attributes, node_versions, node_diff, links, changed, status, global, set, commit, activate, openapi] =
         API_ROUTES;
     Router::new()
         .route("/metrics", get(fleet_metrics))
@@ -123,6 +125,8 @@ pub fn router(operator: Arc<Operator>) -> Router {
         .route(nodes, get(api::nodes))
         .route(node_status, get(api::node_status))
         .route(node_attributes, get(api::node_attributes))
+        .route(node_versions, get(api::node_versions))
+        .route(node_diff, get(api::node_diff))
         .route(links, get(api::links))
         .route(changed, get(api::changed))
         .route(status, get(api::status))

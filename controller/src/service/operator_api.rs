@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -84,6 +84,16 @@ pub struct ActivateRequest {
     pub no_wait: bool,
 }
 
+/// `GET /api/v1/nodes/{node}/diff?from=N&to=M`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffQuery {
+    #[serde(default)]
+    pub from: Option<u32>,
+    #[serde(default)]
+    pub to: Option<u32>,
+}
+
 /// What a request asks `tlm` to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Operation {
@@ -97,6 +107,8 @@ pub enum Operation {
     GlobalAttributes,
     SiteAttributes(String),
     NodeAttributes(String),
+    NodeVersions(String),
+    NodeDiff(String, DiffQuery),
     Set(SetRequest),
     Commit(CommitRequest),
     Activate(ActivateRequest),
@@ -206,6 +218,17 @@ impl Operation {
             }
             Operation::NodeAttributes(node) => {
                 (words(&["show_all", "--origin", "node"]), vec![node.clone()])
+            }
+            Operation::NodeVersions(node) => (words(&["list", "versions"]), vec![node.clone()]),
+            Operation::NodeDiff(node, query) => {
+                let mut argv = words(&["diff", "node"]);
+                if let Some(from) = query.from {
+                    argv.extend(["--from".to_string(), from.to_string()]);
+                }
+                if let Some(to) = query.to {
+                    argv.extend(["--to".to_string(), to.to_string()]);
+                }
+                (argv, vec![node.clone()])
             }
             Operation::Set(request) => {
                 let allowed = [ScopeKind::Global, ScopeKind::Site, ScopeKind::Node];
@@ -402,6 +425,17 @@ pub async fn site_attributes(State(o): Shared, h: HeaderMap, Path(site): Path<St
 pub async fn node_attributes(State(o): Shared, h: HeaderMap, Path(node): Path<String>) -> Response {
     perform(o, h, Operation::NodeAttributes(node)).await
 }
+pub async fn node_versions(State(o): Shared, h: HeaderMap, Path(node): Path<String>) -> Response {
+    perform(o, h, Operation::NodeVersions(node)).await
+}
+pub async fn node_diff(
+    State(o): Shared,
+    h: HeaderMap,
+    Path(node): Path<String>,
+    Query(query): Query<DiffQuery>,
+) -> Response {
+    perform(o, h, Operation::NodeDiff(node, query)).await
+}
 pub async fn set(State(o): Shared, h: HeaderMap, Json(request): Json<SetRequest>) -> Response {
     perform(o, h, Operation::Set(request)).await
 }
@@ -520,6 +554,15 @@ mod tests {
             Operation::GlobalAttributes,
             Operation::SiteAttributes("s1".into()),
             Operation::NodeAttributes("r.s1".into()),
+            Operation::NodeVersions("r.s1".into()),
+            Operation::NodeDiff("r.s1".into(), DiffQuery::default()),
+            Operation::NodeDiff(
+                "r.s1".into(),
+                DiffQuery {
+                    from: Some(1),
+                    to: Some(2),
+                },
+            ),
         ] {
             let mut full = vec!["tlm".to_string()];
             full.extend(argv(operation.clone()));
