@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -843,4 +844,170 @@ fn the_operator_api_runs_tlms_own_commands_for_token_holders_only() {
     net.ctl.ok(&["token", "revoke", "viewer"]);
     assert_eq!(reader.get("/api/v1/nodes").0, 401);
     assert_eq!(admin.get("/api/v1/nodes").0, 200);
+}
+
+/// The colour the browser draws a link in.
+fn stroke(browser: &mut towalink_tests::browser::Browser, link: &str) -> String {
+    browser
+        .eval(&format!(
+            "getComputedStyle(document.querySelector('line[data-link=\"{link}\"]')).stroke"
+        ))
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn the_web_ui_shows_the_map_a_cut_link_turning_red_and_activates_with_a_canary() {
+    use towalink_tests::browser::{artifacts, Browser};
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let shots = artifacts("web-ui");
+    let mut options = Options::new(3, Topology::Mesh);
+    options.controller = true;
+    let net = Network::build(options);
+    let ctl = net.controller.as_ref().unwrap().netns.clone();
+    net.wait_established(Duration::from_secs(120));
+    let token_file = net.temp.path().join("ops.token");
+    net.ctl.ok(&[
+        "token",
+        "add",
+        "ops",
+        "--file",
+        token_file.to_str().unwrap(),
+    ]);
+    let token = std::fs::read_to_string(&token_file)
+        .unwrap()
+        .trim()
+        .to_string();
+
+    // The page itself: embedded files, a policy that allows nothing from elsewhere.
+    let (status, page) = http(&ctl, "GET", OPERATOR, "/");
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("/ui/app.js") && !page.contains("https://"),
+        "{page}"
+    );
+
+    let mut browser = Browser::start(&ctl);
+    browser.navigate(&format!("http://{OPERATOR}/"));
+    browser.wait_until(
+        Duration::from_secs(30),
+        "document.getElementById('login')",
+        "the login form",
+    );
+    // A wrong token is refused on the form.
+    browser.eval(&format!(
+        "document.getElementById('token').value = 'tlo_{}'; document.getElementById('login-submit').click()",
+        "B".repeat(43)
+    ));
+    browser.wait_until(
+        Duration::from_secs(30),
+        "document.getElementById('login-error').textContent.includes('unknown or revoked token')",
+        "the refusal of a wrong token",
+    );
+    browser.eval(&format!(
+        "document.getElementById('token').value = '{token}'; document.getElementById('login-submit').click()"
+    ));
+    let links = ["r.s1--r.s2", "r.s1--r.s3", "r.s2--r.s3"];
+    let all_up = links
+        .iter()
+        .map(|l| {
+            format!("document.querySelector('line[data-link=\"{l}\"]').dataset.state === 'up'")
+        })
+        .collect::<Vec<_>>()
+        .join(" && ");
+    browser.wait_until(
+        Duration::from_secs(60),
+        &all_up,
+        "the three links up on the map",
+    );
+    assert_eq!(
+        stroke(&mut browser, "r.s1--r.s2"),
+        "rgb(30, 142, 62)",
+        "up is green"
+    );
+    let rows = browser.eval(
+        "[...document.querySelectorAll('#fleet tbody tr')].map(r => r.dataset.node + ' ' + r.children[1].textContent)",
+    );
+    assert_eq!(
+        rows,
+        json!(["r.s1 yes", "r.s2 yes", "r.s3 yes"]),
+        "the fleet table"
+    );
+    browser.screenshot(&shots.join("fleet.png"));
+
+    // The underlay between s1 and s2 is cut: the map shows that link red within seconds.
+    net.cut(1, 2);
+    let cut = std::time::Instant::now();
+    browser.wait_until(
+        Duration::from_secs(60),
+        "document.querySelector('line[data-link=\"r.s1--r.s2\"]').dataset.state === 'down'",
+        "the cut link r.s1--r.s2 down",
+    );
+    eprintln!(
+        "the cut link turned red on the map after {:.1} s",
+        cut.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        stroke(&mut browser, "r.s1--r.s2"),
+        "rgb(217, 48, 37)",
+        "down is red"
+    );
+    assert_eq!(
+        browser.eval("document.querySelector('line[data-link=\"r.s1--r.s3\"]').dataset.state"),
+        json!("up"),
+        "the other links stay up"
+    );
+    browser.screenshot(&shots.join("link-cut.png"));
+    net.restore(1, 2);
+    browser.wait_until(
+        Duration::from_secs(120),
+        &all_up,
+        "the repaired link up again",
+    );
+
+    // A change committed with tlm, activated from the page with r.s1 as the canary.
+    net.ctl
+        .ok(&["set", "global", "bird_bfd_interval_ms", "200"]);
+    net.ctl.ok(&["-m", "BFD 200 ms", "commit", "all"]);
+    browser.eval(
+        "document.querySelector('#activate input[name=canary]').value = 'r.s1'; \
+         document.getElementById('activate-submit').click()",
+    );
+    browser.wait_until(
+        Duration::from_secs(180),
+        "document.getElementById('activate-output').dataset.ok === 'true'",
+        "the activation's outcome",
+    );
+    let output = browser.eval("document.getElementById('activate-output').textContent");
+    let output = output.as_str().unwrap();
+    assert!(
+        output.contains("canary `r.s1` blessed the version")
+            && output.contains("r.s3: v2 activated, blessed"),
+        "{output}"
+    );
+    net.wait_reported(&[1, 2, 3], 2, "good", Duration::from_secs(60));
+
+    // A node's page: its attributes with their origin, its links, its versions and a diff.
+    browser.navigate(&format!("http://{OPERATOR}/#/node/r.s1"));
+    browser.wait_until(
+        Duration::from_secs(30),
+        "document.querySelectorAll('#versions tbody tr').length === 2",
+        "r.s1's two versions",
+    );
+    let origin = browser.eval(
+        "[...document.querySelectorAll('#attributes tbody tr')].find(r => r.children[0].textContent === 'bird_bfd_interval_ms').children[2].textContent",
+    );
+    assert_eq!(origin, json!("global"), "where the attribute was set");
+    let peers = browser.eval(
+        "[...document.querySelectorAll('#links tbody tr')].map(r => r.children[0].textContent)",
+    );
+    assert_eq!(peers, json!(["r.s2", "r.s3"]));
+    browser.eval("document.querySelector('#versions tr[data-version=\"2\"] button').click()");
+    browser.wait_until(
+        Duration::from_secs(30),
+        "document.getElementById('diff').textContent.includes('+    min rx interval 200 ms;')",
+        "the diff of v1 → v2",
+    );
+    browser.screenshot(&shots.join("node.png"));
 }

@@ -9,6 +9,7 @@ use std::process::{Command, Output};
 
 use sha2::{Digest, Sha256};
 
+pub mod browser;
 pub mod network;
 pub mod vm;
 

@@ -6,6 +6,9 @@
 //! - `GET /metrics/nodes`: every node's own metrics, relayed over the management link
 //!   ([`super::metrics::relay`]), fetched [`RELAY_PARALLEL`] at a time.
 //! - `/api/v1/…`: the operator API ([`super::operator_api`], [`API_ROUTES`]).
+//! - `/`, `/ui/…`: the web UI (`ui/`: one page of plain JavaScript, embedded in the binary,
+//!   served with a content security policy that allows nothing but this listener). It logs in
+//!   with an API token and uses the API only.
 //!
 //! The listener stops accepting when `shutdown` is triggered and ends once the requests in
 //! flight are answered.
@@ -83,6 +86,38 @@ async fn node_metrics(State(operator): State<Arc<Operator>>) -> Response {
     metrics_response(relay(&fetched))
 }
 
+/// The web UI's files, embedded in the binary (no CDN, nothing fetched from elsewhere).
+const UI_INDEX: &str = include_str!("ui/index.html");
+const UI_SCRIPT: &str = include_str!("ui/app.js");
+const UI_STYLE: &str = include_str!("ui/app.css");
+
+/// The page may load only its own files and talk only to this listener.
+const UI_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+                         connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'";
+
+fn ui_file(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CONTENT_SECURITY_POLICY, UI_POLICY),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn ui_index() -> Response {
+    ui_file("text/html; charset=utf-8", UI_INDEX)
+}
+async fn ui_script() -> Response {
+    ui_file("text/javascript; charset=utf-8", UI_SCRIPT)
+}
+async fn ui_style() -> Response {
+    ui_file("text/css; charset=utf-8", UI_STYLE)
+}
+
 async fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
@@ -117,6 +152,9 @@ pub fn router(operator: Arc<Operator>) -> Router {
     let [sites, site_nodes, site_attributes, nodes, node_status, node_attributes, node_versions, node_diff, links, changed, status, global, set, commit, activate, openapi] =
         API_ROUTES;
     Router::new()
+        .route("/", get(ui_index))
+        .route("/ui/app.js", get(ui_script))
+        .route("/ui/app.css", get(ui_style))
         .route("/metrics", get(fleet_metrics))
         .route("/metrics/nodes", get(node_metrics))
         .route(sites, get(api::sites))
