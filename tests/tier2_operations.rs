@@ -221,6 +221,9 @@ fn prometheus_scrapes_the_fleet_and_every_node_through_the_controller() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut options = Options::new(2, Topology::Mesh);
     options.controller = true;
+    // Each node also serves its metrics on its own loopback, on the same port as on its
+    // management link.
+    options.daemon_args = vec!["--metrics-listen".into(), "127.0.0.1:9469".into()];
     let net = Network::build(options);
     let ctl = net.controller.as_ref().unwrap().netns.clone();
     net.wait_established(Duration::from_secs(120));
@@ -334,6 +337,17 @@ fn prometheus_scrapes_the_fleet_and_every_node_through_the_controller() {
     // The operator listener refuses what it does not serve, with the right status.
     assert_eq!(http(&ctl, "POST", OPERATOR, "/metrics").0, 405);
     assert_eq!(http(&ctl, "GET", OPERATOR, "/nothing/here").0, 404);
+    // A node's metrics on the address the operator chose, answering only GET /metrics.
+    let s1 = &net.site(1).netns;
+    let (status, local) = http(s1, "GET", "127.0.0.1:9469", "/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        local.contains("towalink_node_info{name=\"r.s1\""),
+        "{}",
+        tail(&local, 5)
+    );
+    assert_eq!(http(s1, "POST", "127.0.0.1:9469", "/metrics").0, 405);
+    assert_eq!(http(s1, "GET", "127.0.0.1:9469", "/other").0, 404);
     // Each node's metrics answer only on its management link, not on its underlay address.
     let s2 = net.site(2);
     let underlay = format!("{}:9469", s2.endpoint());

@@ -1,8 +1,8 @@
 //! The node's metrics (Prometheus text, docs/operations.md): [`render`] is pure, from the
 //! report the node sends the controller, its slots on disk and what the process counted;
-//! [`serve`] answers `GET /metrics` on the management link (port
-//! [`NODE_METRICS_PORT`], the socket bound to the management interface, so only the controller
-//! reaches it) and on the addresses the operator gives (`--metrics-listen`).
+//! [`serve`] answers `GET /metrics` on the management link (the management address, port
+//! [`NODE_METRICS_PORT`], the socket bound to the management interface too, so only the
+//! controller reaches it) and on the addresses the operator gives (`--metrics-listen`).
 //!
 //! Each scrape builds a fresh report: BIRD is asked for its sessions then, the slots are read
 //! from disk. Connections are answered one at a time, each within [`CONNECTION_DEADLINE`].
@@ -319,29 +319,39 @@ fn answer(stream: TcpStream, node: &Node, shared: &Shared) {
     let _ = writer.flush();
 }
 
-/// A listener on every address, bound to the management interface; with its index.
-fn management_listener() -> std::io::Result<(TcpListener, u32)> {
+/// The management interface's global IPv6 address and its index, from the kernel's list
+/// (`/proc/net/if_inet6`: address, index, prefix length, scope, flags, name).
+fn management_address() -> Option<(std::net::Ipv6Addr, u32)> {
+    let table = std::fs::read_to_string("/proc/net/if_inet6").ok()?;
+    table.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [address, index, _, scope, _, name] = fields[..] else {
+            return None;
+        };
+        if name != MANAGEMENT_INTERFACE || scope != "00" {
+            return None;
+        }
+        let bits = u128::from_str_radix(address, 16).ok()?;
+        Some((bits.into(), u32::from_str_radix(index, 16).ok()?))
+    })
+}
+
+/// A listener on the management address, bound to the management interface too. Bound to
+/// the address, not to every address: `--metrics-listen 127.0.0.1:9469` or a LAN address on
+/// the same port does not collide with it.
+fn management_listener(address: std::net::Ipv6Addr) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
-    let index = interface_index(MANAGEMENT_INTERFACE)?;
     let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
-    socket.set_only_v6(false)?;
     socket.set_reuse_address(true)?;
     socket.bind_device(Some(MANAGEMENT_INTERFACE.as_bytes()))?;
-    let address = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, NODE_METRICS_PORT));
-    socket.bind(&address.into())?;
+    socket.bind(&SocketAddr::from((address, NODE_METRICS_PORT)).into())?;
     socket.listen(16)?;
-    Ok((socket.into(), index))
+    Ok(socket.into())
 }
 
-fn interface_index(name: &str) -> std::io::Result<u32> {
-    let text = std::fs::read_to_string(format!("/sys/class/net/{name}/ifindex"))?;
-    text.trim()
-        .parse()
-        .map_err(|_| std::io::Error::other("unreadable interface index"))
-}
-
-/// Serves the metrics until `shutdown`: on the management interface (when `management`), kept
-/// bound to the interface there is now, and on each of `listen`. Runs on the calling thread.
+/// Serves the metrics until `shutdown`: on the management address (when `management`), kept
+/// bound to the address and interface there are now, and on each of `listen`. Runs on the
+/// calling thread.
 pub fn serve(
     node: Node,
     shared: Arc<Shared>,
@@ -352,31 +362,29 @@ pub fn serve(
     for listener in &listen {
         let _ = listener.set_nonblocking(true);
     }
-    let mut bound: Option<(TcpListener, u32)> = None;
+    let mut bound: Option<(TcpListener, (std::net::Ipv6Addr, u32))> = None;
     let mut checked = std::time::Instant::now() - REBIND_EVERY;
     let mut logged_error = false;
     loop {
         if management && checked.elapsed() >= REBIND_EVERY {
             checked = std::time::Instant::now();
-            let index = interface_index(MANAGEMENT_INTERFACE).ok();
-            if bound.as_ref().map(|(_, i)| *i) != index {
+            let now = management_address();
+            if bound.as_ref().map(|(_, at)| *at) != now {
                 bound = None;
-                match management_listener() {
-                    Ok((listener, index)) => {
-                        let _ = listener.set_nonblocking(true);
-                        tracing::info!(
-                            port = NODE_METRICS_PORT,
-                            interface = MANAGEMENT_INTERFACE,
-                            "metrics served on the management link"
-                        );
-                        bound = Some((listener, index));
-                        logged_error = false;
+                if let Some((address, index)) = now {
+                    match management_listener(address) {
+                        Ok(listener) => {
+                            let _ = listener.set_nonblocking(true);
+                            tracing::info!(%address, port = NODE_METRICS_PORT, "metrics served on the management link");
+                            bound = Some((listener, (address, index)));
+                            logged_error = false;
+                        }
+                        Err(error) if !logged_error => {
+                            tracing::warn!(%error, %address, port = NODE_METRICS_PORT, "cannot serve metrics on the management link");
+                            logged_error = true;
+                        }
+                        Err(_) => {}
                     }
-                    Err(error) if index.is_some() && !logged_error => {
-                        tracing::warn!(%error, "cannot serve metrics on the management link");
-                        logged_error = true;
-                    }
-                    Err(_) => {}
                 }
             }
         }

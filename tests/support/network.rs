@@ -58,6 +58,8 @@ pub struct Options {
     /// Start BIRD before the node daemons (as the image's OpenRC order does), with the
     /// placeholder configuration the image's BIRD service starts with.
     pub bird_first: bool,
+    /// More arguments for every `towalink-node run`.
+    pub daemon_args: Vec<String>,
 }
 
 impl Options {
@@ -70,6 +72,7 @@ impl Options {
             spare: Vec::new(),
             global: Vec::new(),
             bird_first: false,
+            daemon_args: Vec::new(),
         }
     }
 }
@@ -95,6 +98,8 @@ pub struct Site {
     pub log: PathBuf,
     /// The daemon's `--recovery-media` (as `/media` on an image): `<media>/<disk>/towalink-recovery/`.
     pub media: PathBuf,
+    /// More arguments for `towalink-node run` ([`Options::daemon_args`]).
+    pub daemon_args: Vec<String>,
     daemon: Option<Child>,
     bird: Option<Child>,
 }
@@ -196,16 +201,18 @@ impl Site {
             .unwrap();
         std::fs::create_dir_all(&self.media).unwrap();
         let media = self.media.display().to_string();
+        let mut args = vec![
+            "--loglevel",
+            "debug",
+            "run",
+            "--interval-ms",
+            "200",
+            "--recovery-media",
+            &media,
+        ];
+        args.extend(self.daemon_args.iter().map(String::as_str));
         let child = self
-            .node_command(&[
-                "--loglevel",
-                "debug",
-                "run",
-                "--interval-ms",
-                "200",
-                "--recovery-media",
-                &media,
-            ])
+            .node_command(&args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -368,6 +375,7 @@ impl Network {
                 socket: dir.join("bird.ctl"),
                 log: dir.join("node.log"),
                 media: dir.join("media"),
+                daemon_args: options.daemon_args.clone(),
                 daemon: None,
                 bird: None,
             });
