@@ -597,6 +597,19 @@ fn alerts_reach_a_webhook_retried_and_each_one_ends() {
             .contains(&format!("rolled back from v{} to v{running}", running + 1)),
         "{rolled}"
     );
+    // The node counted it, by cause (relayed by the controller).
+    let (status, relayed) = http(&ctl, "GET", OPERATOR, "/metrics/nodes");
+    assert_eq!(status, 200);
+    assert!(
+        relayed
+            .contains("towalink_node_rollbacks_total{node=\"r.s2\",reason=\"health_checks\"} 1\n"),
+        "{}",
+        relayed
+            .lines()
+            .filter(|l| l.contains("rollbacks"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     net.ctl.ok(&[
         "activate",
         "node",
