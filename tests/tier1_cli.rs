@@ -1063,3 +1063,76 @@ fn an_earlier_default_bird_template_gets_the_management_filters_at_the_next_comm
         }
     }
 }
+
+/// The original's help flag `-?` (and `-h`, `--help`) on every command, each top-level command
+/// with examples; shell completions and manual pages generated from the same grammar.
+#[test]
+fn help_on_every_command_completions_and_manual_pages() {
+    let t = Installation::new();
+    for args in [
+        &["-?"][..],
+        &["-h"],
+        &["--help"],
+        &["set", "-?"],
+        &["set", "node", "-?"],
+        &["activate", "--help"],
+        &["token", "add", "-h"],
+    ] {
+        let run = t.run(args);
+        assert_eq!(run.code, 0, "tlm {args:?}: {}", run.stderr);
+        assert!(
+            run.stdout.contains("Usage: tlm"),
+            "tlm {args:?}: {}",
+            run.stdout
+        );
+    }
+    let top = t.run(&["-?"]).stdout;
+    assert!(top.contains("-?, --help"), "{top}");
+    let commands: Vec<&str> = top
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert!(commands.len() >= 20, "{commands:?}");
+    for command in &commands {
+        let help = t.run(&[command, "-?"]).stdout;
+        assert!(
+            help.contains("Examples:\n  tlm "),
+            "tlm {command} -? has no examples:\n{help}"
+        );
+    }
+    assert!(t
+        .run(&["set", "-?"])
+        .stdout
+        .contains("  tlm set global bird_bfd_interval_ms 200"));
+
+    let bash = t.run(&["completions", "bash"]);
+    assert_eq!(bash.code, 0, "{}", bash.stderr);
+    assert!(
+        bash.stdout.contains("_tlm()") && bash.stdout.contains("show_all"),
+        "{}",
+        bash.stdout
+    );
+    assert!(t
+        .run(&["completions", "zsh"])
+        .stdout
+        .starts_with("#compdef tlm"));
+    let refused = t.run(&["completions", "tcsh"]);
+    assert_eq!(refused.code, 2, "{}", refused.stderr);
+
+    let pages = tempfile::tempdir().unwrap();
+    let dir = pages.path().join("man1");
+    let out = t.ok(&["man", "--dir", dir.to_str().unwrap()]);
+    assert!(out.contains("manual page(s) written"), "{out}");
+    let top_page = std::fs::read_to_string(dir.join("tlm.1")).unwrap();
+    assert!(top_page.contains(".TH tlm"), "{top_page}");
+    let set_node = std::fs::read_to_string(dir.join("tlm-set-node.1")).unwrap();
+    assert!(
+        set_node.contains(".TH tlm-set-node") && set_node.contains("ATTRIBUTE"),
+        "{set_node}"
+    );
+    assert!(dir.join("tlm-token-add.1").exists());
+}

@@ -15,8 +15,25 @@ pub use towalink_bundle::args::LogLevel;
 
 /// tlm: manage a Towalink installation (sites, nodes, configuration versions).
 #[derive(Debug, Parser)]
-#[command(name = "tlm", version, about, long_about = None, max_term_width = 100)]
+#[command(
+    name = "tlm",
+    version,
+    about,
+    long_about = None,
+    max_term_width = 100,
+    disable_help_flag = true,
+    after_help = "Examples:\n  \
+        tlm add site mysite1 && tlm add node primary.mysite1\n  \
+        tlm set global topology star\n  \
+        tlm -m \"first\" commit all\n  \
+        tlm activate all --canary mysite1\n  \
+        tlm set -?            (help on any command: -?, -h or --help)\n\n\
+        Docs: README.md, docs/ (operations.md, controller-service.md, images.md, recovery.md)."
+)]
 pub struct Cli {
+    /// Print help (`-?`, `-h` or `--help`, on every command).
+    #[arg(short = '?', short_alias = 'h', long = "help", action = clap::ArgAction::Help, global = true)]
+    help: Option<bool>,
     /// Configuration directory.
     #[arg(
         short = 'c',
@@ -59,6 +76,9 @@ pub struct FormatArg {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// List sites, nodes, links, or nodes whose configuration changed since their last commit.
+    #[command(
+        after_help = "Examples:\n  tlm list sites\n  tlm list nodes all --format json\n  tlm list links mysite1\n  tlm list changed\n  tlm list versions primary.mysite1"
+    )]
     List {
         #[command(subcommand)]
         what: ListWhat,
@@ -66,6 +86,9 @@ pub enum Command {
         format: FormatArg,
     },
     /// Show the attributes set at one level (global, a site or a node).
+    #[command(
+        after_help = "Examples:\n  tlm show global\n  tlm show site mysite1\n  tlm show node primary.mysite1 --format json"
+    )]
     Show {
         #[command(subcommand)]
         what: ShowWhat,
@@ -74,6 +97,9 @@ pub enum Command {
     },
     /// Show the complete attributes of a site or node after merging global → site → node.
     #[command(name = "show_all")]
+    #[command(
+        after_help = "Examples:\n  tlm show_all node primary.mysite1 --origin\n  tlm show_all site mysite1 --explain"
+    )]
     ShowAll {
         #[command(subcommand)]
         what: ShowAllWhat,
@@ -88,29 +114,40 @@ pub enum Command {
     },
     /// Add a site or a node.
     #[command(alias = "create")]
+    #[command(after_help = "Examples:\n  tlm add site mysite1\n  tlm add node primary.mysite1")]
     Add {
         #[command(subcommand)]
         what: AddWhat,
     },
     /// Remove a site (without nodes) or a node.
     #[command(alias = "remove")]
+    #[command(after_help = "Examples:\n  tlm del node primary.mysite1\n  tlm del site mysite1")]
     Del {
         #[command(subcommand)]
         what: DelWhat,
     },
     /// Set an attribute; the value is TOML (25, true, '[ "hubs" ]'), checked against the
     /// attribute schema; `empty` removes it. Names of your own start with `user_`.
+    #[command(
+        after_help = "Examples:\n  tlm set global bird_bfd_interval_ms 200\n  tlm set node primary.mysite1 wg_endpoint 203.0.113.10\n  tlm set site mysite1 groups '[ \"hubs\" ]'\n  tlm set node primary.mysite1 wg_endpoint empty"
+    )]
     Set {
         #[command(subcommand)]
         what: SetWhat,
     },
     /// Create a new version for every node in scope whose configuration changed, and a git commit.
+    #[command(
+        after_help = "Examples:\n  tlm -m \"BFD 200 ms\" commit all\n  tlm commit site mysite1\n  tlm commit node 15"
+    )]
     Commit {
         #[command(subcommand)]
         scope: Scope,
     },
     /// Make nodes run a version (default: latest): recorded, then carried out by the nodes
     /// through the controller service; prints what each node did.
+    #[command(
+        after_help = "Examples:\n  tlm activate all\n  tlm activate all --canary mysite1 --wait-blessed\n  tlm activate node primary.mysite1 3 --confirm 300\n  tlm activate site mysite1 --no-wait"
+    )]
     Activate {
         #[command(subcommand)]
         scope: ActivateScope,
@@ -135,6 +172,9 @@ pub enum Command {
     },
     /// Per node: reachable, last seen, active and pending version, tunnels, BGP, uptime,
     /// last rollback (from the controller service's view).
+    #[command(
+        after_help = "Examples:\n  tlm status\n  tlm status node primary.mysite1\n  tlm status --format json"
+    )]
     Status {
         #[command(subcommand)]
         scope: Option<Scope>,
@@ -142,6 +182,9 @@ pub enum Command {
         format: FormatArg,
     },
     /// Run the controller service: the management WireGuard endpoint and the nodes' API.
+    #[command(
+        after_help = "Examples:\n  tlm serve\n  tlm serve --operator-listen 192.0.2.5:9468\n  curl -s 127.0.0.1:9468/metrics"
+    )]
     Serve {
         /// Name of the management interface.
         #[arg(long, default_value = "tlmgmt0")]
@@ -155,6 +198,9 @@ pub enum Command {
         no_operator: bool,
     },
     /// Pair a device running `towalink-node bootstrap` with a node (HTTPS, port 8000).
+    #[command(
+        after_help = "Examples:\n  tlm attach node primary.mysite1\n  tlm attach node primary.mysite1 --code 7KQ2-M9XD --yes"
+    )]
     Attach {
         #[command(subcommand)]
         what: AttachWhat,
@@ -183,29 +229,42 @@ pub enum Command {
         san: Vec<String>,
     },
     /// Write a node state directory (identity + latest version) to start `towalink-node` from.
+    #[command(after_help = "Examples:\n  tlm provision node primary.mysite1 /var/lib/towalink")]
     Provision {
         #[command(subcommand)]
         what: ProvisionWhat,
     },
     /// Node disk images: build (Alpine, diskless, with the node baked in), inspect.
+    #[command(
+        after_help = "Examples:\n  tlm image build node primary.mysite1 --board rpi4 -o primary.img.zst\n  tlm image build site mysite1 --board x86_64 -o images/ --zstd\n  tlm image inspect primary.img.zst"
+    )]
     Image {
         #[command(subcommand)]
         what: ImageWhat,
     },
     /// Recovery objects: each node's latest version as a static file, signed and bound to the
     /// node's recovery token, for a node that lost its management connection (docs/recovery.md).
+    #[command(
+        after_help = "Examples:\n  tlm recovery publish /srv/www/recovery\n  tlm recovery make node primary.mysite1 -o primary.tlr"
+    )]
     Recovery {
         #[command(subcommand)]
         what: RecoveryWhat,
     },
     /// Replace a node's secrets: `node <node>.<site>` (its WireGuard key),
     /// `recovery-token node <node>.<site>` (docs/recovery.md).
+    #[command(
+        after_help = "Examples:\n  tlm rotate node primary.mysite1\n  tlm rotate recovery-token node primary.mysite1\n  tlm rotate signing-key\n  tlm rotate signing-key --finish"
+    )]
     Rotate {
         #[command(subcommand)]
         what: RotateWhat,
     },
     /// What changed between two versions of a node (default: its latest and the one before),
     /// file by file, as a unified diff.
+    #[command(
+        after_help = "Examples:\n  tlm diff node primary.mysite1\n  tlm diff node primary.mysite1 --from 2 --to 5 --format json"
+    )]
     Diff {
         #[command(subcommand)]
         what: DiffWhat,
@@ -214,11 +273,31 @@ pub enum Command {
     },
     /// Bearer tokens of the operator API (`tlm serve --operator-listen`): `add NAME --file
     /// FILE` writes a new token to FILE (0600), `list`, `revoke NAME`.
+    #[command(
+        after_help = "Examples:\n  tlm token add ops --file ~/.towalink-ops.token\n  tlm token add grafana --read-only --file grafana.token\n  tlm token list\n  tlm token revoke grafana"
+    )]
     Token {
         #[command(subcommand)]
         what: TokenWhat,
     },
+    /// Shell completions for tlm, to stdout (e.g. `tlm completions bash >
+    /// /etc/bash_completion.d/tlm`).
+    #[command(
+        after_help = "Examples:\n  tlm completions bash > /etc/bash_completion.d/tlm\n  tlm completions zsh > ~/.zfunc/_tlm"
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Manual pages for tlm and each of its commands (`tlm.1`, `tlm-set.1`, ...) into DIR.
+    #[command(after_help = "Examples:\n  tlm man --dir /usr/local/share/man/man1")]
+    Man {
+        /// Where to write the pages (created if missing).
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Run git in the configuration directory.
+    #[command(after_help = "Examples:\n  tlm git log --oneline\n  tlm git show HEAD --stat")]
     Git {
         /// Arguments for git.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]

@@ -13,6 +13,7 @@ pub mod edit;
 pub mod git;
 pub mod image;
 pub mod list;
+pub mod manual;
 pub mod operate;
 pub mod provision;
 pub mod recovery;
@@ -66,6 +67,16 @@ pub fn run_to(cli: Cli, out: &mut impl std::io::Write) -> Result<ExitCode, Error
             (!no_operator).then_some(operator_listen),
         ),
         Command::Image { what } => image::run(&config_dir, &what),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "tlm", &mut out);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => {
+            let written = manual::write_pages(&dir)?;
+            writeln!(out, "{written} manual page(s) written to {}", dir.display()).ok();
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Recovery { what } => recovery::run(&config_dir, &what),
         Command::Status { scope, format } => {
             status::run(&config_dir, scope, format.format, &mut out)
