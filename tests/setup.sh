@@ -2,8 +2,8 @@
 # Installs what Towalink's tests and demo need on a fresh Debian machine:
 # - BIRD 2 (its parser checks every rendered configuration; nodes run it), git (the
 #   configuration directory is a repository), iproute2, ping, iperf3 and unshare (the network
-#   tier), Prometheus (it scrapes `tlm serve`'s metrics in tier 2) and Chromium (headless, the
-#   web UI's tier-2 test);
+#   tier), Prometheus (it scrapes `tlm serve`'s metrics in tier 2), Chromium (headless, the
+#   web UI's tier-2 test) and Ansible (`ansible-core`: `tlm ansible` in tier 1);
 # - for node images and their tier: the syslinux installer and MBR code, systemd-boot's EFI
 #   loader, qemu (x86_64 and aarch64, with OVMF for UEFI) and qemu-img, debugfs, mksquashfs,
 #   cpio, depmod, curl, gpgv (tests/assets.sh prepares the test assets with them);
@@ -20,6 +20,7 @@ have ping || need+=(iputils-ping)
 have iperf3 || need+=(iperf3)
 have prometheus || need+=(prometheus)
 have chromium || need+=(chromium)
+have ansible || need+=(ansible-core)
 have unshare || need+=(util-linux)
 have syslinux || need+=(syslinux)
 [ -e /usr/lib/syslinux/mbr/mbr.bin ] || need+=(syslinux-common)

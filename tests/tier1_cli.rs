@@ -1136,3 +1136,75 @@ fn help_on_every_command_completions_and_manual_pages() {
     );
     assert!(dir.join("tlm-token-add.1").exists());
 }
+
+/// `tlm inventory` and the original's Ansible wrappers, with the real `ansible` and
+/// `ansible-playbook` (Debian's `ansible-core`) asked which hosts each command targets.
+#[test]
+fn ansible_wrappers_target_the_nodes_in_scope() {
+    let t = three_sites();
+    let inventory = json(&t.ok(&["inventory"]));
+    let groups = inventory["all"]["children"].as_object().unwrap();
+    assert_eq!(
+        groups.keys().map(String::as_str).collect::<Vec<_>>(),
+        ["site_hq", "site_mysite1", "site_mysite2"]
+    );
+    let primary = &groups["site_mysite1"]["hosts"]["primary.mysite1"];
+    assert!(
+        primary["ansible_host"]
+            .as_str()
+            .unwrap()
+            .starts_with("fd54:6f77:616c:ffff::1:"),
+        "the management address: {primary}"
+    );
+    assert_eq!(primary["towalink_node_id"], 1);
+    let site = json(&t.ok(&["inventory", "site", "hq"]));
+    assert_eq!(site["all"]["children"].as_object().unwrap().len(), 1);
+
+    // The hosts Ansible itself lists for each wrapper (`--list-hosts` runs nothing on them).
+    let hosts = |args: &[&str]| -> Vec<String> {
+        let run = t.run(args);
+        assert_eq!(run.code, 0, "tlm {args:?}: {}{}", run.stdout, run.stderr);
+        let mut hosts: Vec<String> = run
+            .stdout
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.contains('.') && !l.contains([' ', ':', '/']))
+            .map(str::to_string)
+            .collect();
+        hosts.sort();
+        hosts
+    };
+    assert_eq!(
+        hosts(&["ansible", "site", "mysite1", "all", "--list-hosts"]),
+        ["backup.mysite1", "primary.mysite1"]
+    );
+    assert_eq!(
+        hosts(&["ansible", "node", "main.hq", "all", "--list-hosts"]),
+        ["main.hq"]
+    );
+    assert_eq!(
+        hosts(&["ansible", "node", "3", "all", "--list-hosts"]),
+        ["edge.mysite2"],
+        "a node by id"
+    );
+    assert_eq!(hosts(&["ansible", "all", "all", "--list-hosts"]).len(), 4);
+    let dir = tempfile::tempdir().unwrap();
+    let playbook = dir.path().join("playbook");
+    std::fs::write(
+        &playbook,
+        "- hosts: all\n  gather_facts: false\n  tasks:\n    - debug: msg=hi\n",
+    )
+    .unwrap();
+    assert_eq!(
+        hosts(&[
+            "ansible_playbook",
+            "site",
+            "mysite2",
+            playbook.to_str().unwrap(),
+            "--list-hosts"
+        ]),
+        ["edge.mysite2"]
+    );
+    let refused = t.refused(&["ansible", "site", "nope", "all", "--list-hosts"], 1);
+    assert!(refused.contains("nope"), "{refused}");
+}

@@ -280,6 +280,33 @@ pub enum Command {
         #[command(subcommand)]
         what: TokenWhat,
     },
+    /// The Ansible inventory of the nodes in scope (default: all), as JSON: a group per site
+    /// (`site_<site>`), each node `<node>.<site>` with its management address as `ansible_host`.
+    #[command(
+        after_help = "Examples:\n  tlm inventory > hosts.json && ansible -i hosts.json all -m ping\n  tlm inventory site mysite1"
+    )]
+    Inventory {
+        #[command(subcommand)]
+        scope: Option<Scope>,
+    },
+    /// Run `ansible` on the nodes in scope (the rest of the arguments are Ansible's; the
+    /// pattern `all` means the nodes in scope).
+    #[command(
+        after_help = "Examples:\n  tlm ansible all all -a whoami\n  tlm ansible site mysite1 all -a whoami\n  tlm ansible node primary.mysite1 all -m ping"
+    )]
+    Ansible {
+        #[command(subcommand)]
+        scope: AnsibleScope,
+    },
+    /// Run `ansible-playbook` on the nodes in scope (the rest of the arguments are its own).
+    #[command(
+        name = "ansible_playbook",
+        after_help = "Examples:\n  tlm ansible_playbook all myplaybook.yml -e test_variable=test\n  tlm ansible_playbook node 15 myplaybook.yml"
+    )]
+    AnsiblePlaybook {
+        #[command(subcommand)]
+        scope: AnsibleScope,
+    },
     /// Shell completions for tlm, to stdout (e.g. `tlm completions bash >
     /// /etc/bash_completion.d/tlm`).
     #[command(
@@ -338,6 +365,38 @@ pub enum DiffWhat {
         #[arg(long, value_name = "N")]
         to: Option<u32>,
     },
+}
+
+/// Where `tlm ansible` runs, and Ansible's own arguments.
+#[derive(Debug, Subcommand)]
+pub enum AnsibleScope {
+    All {
+        /// Ansible's arguments (a host pattern first: `all`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
+    },
+    Site {
+        site: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
+    },
+    /// <node>.<site> or id.
+    Node {
+        node: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        args: Vec<String>,
+    },
+}
+
+impl AnsibleScope {
+    /// The scope and Ansible's arguments.
+    pub fn split(self) -> (Scope, Vec<String>) {
+        match self {
+            AnsibleScope::All { args } => (Scope::All, args),
+            AnsibleScope::Site { site, args } => (Scope::Site { site }, args),
+            AnsibleScope::Node { node, args } => (Scope::Node { node }, args),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -6,6 +6,7 @@
 //! interrupted commit was finished, and only when no secret is about to enter git.
 
 pub mod activate;
+pub mod ansible;
 pub mod attach;
 pub mod commit;
 pub mod diff;
@@ -67,6 +68,21 @@ pub fn run_to(cli: Cli, out: &mut impl std::io::Write) -> Result<ExitCode, Error
             (!no_operator).then_some(operator_listen),
         ),
         Command::Image { what } => image::run(&config_dir, &what),
+        Command::Inventory { scope } => {
+            let store = reading(&config_dir)?;
+            ansible::print(&store, &scope.unwrap_or(Scope::All), &mut out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ansible { scope } => {
+            let store = reading(&config_dir)?;
+            let (scope, args) = scope.split();
+            ansible::run(&store, "ansible", &scope, &args)
+        }
+        Command::AnsiblePlaybook { scope } => {
+            let store = reading(&config_dir)?;
+            let (scope, args) = scope.split();
+            ansible::run(&store, "ansible-playbook", &scope, &args)
+        }
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "tlm", &mut out);
