@@ -666,6 +666,17 @@ impl Api<'_> {
     }
 }
 
+/// `tlm token add NAME --file <temp>/NAME.token` (with `extra` options): the file, the token
+/// in it, and what tlm printed.
+fn add_token(net: &Network, name: &str, extra: &[&str]) -> (std::path::PathBuf, String, String) {
+    let file = net.temp.path().join(format!("{name}.token"));
+    let mut args = vec!["token", "add", name, "--file", file.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = net.ctl.ok(&args);
+    let token = std::fs::read_to_string(&file).unwrap().trim().to_string();
+    (file, token, out)
+}
+
 fn file_mode(path: &std::path::Path) -> u32 {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -681,28 +692,9 @@ fn the_operator_api_runs_tlms_own_commands_for_token_holders_only() {
     net.wait_established(Duration::from_secs(120));
 
     // Tokens: written to the file asked for (0600), stored hashed (0600), never printed.
-    let ops_file = net.temp.path().join("ops.token");
-    let viewer_file = net.temp.path().join("viewer.token");
-    let out = net
-        .ctl
-        .ok(&["token", "add", "ops", "--file", ops_file.to_str().unwrap()]);
-    let ops = std::fs::read_to_string(&ops_file)
-        .unwrap()
-        .trim()
-        .to_string();
+    let (ops_file, ops, out) = add_token(&net, "ops", &[]);
     assert!(!out.contains(&ops), "{out}");
-    net.ctl.ok(&[
-        "token",
-        "add",
-        "viewer",
-        "--read-only",
-        "--file",
-        viewer_file.to_str().unwrap(),
-    ]);
-    let viewer = std::fs::read_to_string(&viewer_file)
-        .unwrap()
-        .trim()
-        .to_string();
+    let (_, viewer, _) = add_token(&net, "viewer", &["--read-only"]);
     assert_eq!(file_mode(&ops_file), 0o600);
     assert_eq!(
         file_mode(&net.ctl.path("certs/operator-tokens.toml")),
@@ -894,18 +886,7 @@ fn the_web_ui_shows_the_map_a_cut_link_turning_red_and_activates_with_a_canary()
     let net = Network::build(options);
     let ctl = net.controller.as_ref().unwrap().netns.clone();
     net.wait_established(Duration::from_secs(120));
-    let token_file = net.temp.path().join("ops.token");
-    net.ctl.ok(&[
-        "token",
-        "add",
-        "ops",
-        "--file",
-        token_file.to_str().unwrap(),
-    ]);
-    let token = std::fs::read_to_string(&token_file)
-        .unwrap()
-        .trim()
-        .to_string();
+    let (_, token, _) = add_token(&net, "ops", &[]);
 
     // The page itself: embedded files, a policy that allows nothing from elsewhere.
     let (status, page) = http(&ctl, "GET", OPERATOR, "/");

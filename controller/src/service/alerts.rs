@@ -146,6 +146,17 @@ impl AlertState {
             .iter()
             .position(|c| c.alert == alert && c.node == node && c.subject.as_deref() == subject)
     }
+
+    fn find_kind(&self, alert: AlertKind, node: &str) -> Option<usize> {
+        self.conditions
+            .iter()
+            .position(|c| c.alert == alert && c.node == node)
+    }
+
+    /// The alerts firing now.
+    pub fn firing(&self) -> impl Iterator<Item = &Condition> {
+        self.conditions.iter().filter(|c| c.firing)
+    }
 }
 
 /// The alerts due at `now_ms` for `nodes`, updating `state`. `started_ms`: when the service
@@ -340,19 +351,6 @@ pub fn observe(
         });
     }
     alerts
-}
-
-impl AlertState {
-    fn find_kind(&self, alert: AlertKind, node: &str) -> Option<usize> {
-        self.conditions
-            .iter()
-            .position(|c| c.alert == alert && c.node == node)
-    }
-
-    /// The alerts firing now.
-    pub fn firing(&self) -> impl Iterator<Item = &Condition> {
-        self.conditions.iter().filter(|c| c.firing)
-    }
 }
 
 /// How long to wait before the attempt after `attempts` failed ones: 1 s, doubling, at most
