@@ -108,6 +108,23 @@ pub enum Command {
         /// instead of a random one; the device shows it either way.
         #[arg(long, value_name = "CODE")]
         code: Option<towalink_bundle::pairing::PairingCode>,
+        /// First make this existing host a node (what `setup-host` does: BIRD, this binary,
+        /// the service, forwarding), then pair, then start the service. Run again, it changes
+        /// nothing and pairs no second time.
+        #[arg(long)]
+        setup_host: bool,
+    },
+    /// Make this existing host (Alpine with OpenRC; Debian, Raspberry Pi OS or Ubuntu with
+    /// systemd) a node: BIRD 2 from the package manager, this binary as
+    /// /usr/sbin/towalink-node, the node service, forwarding sysctls, the services enabled and
+    /// started. Each step is skipped when already so; another host is refused, unchanged.
+    SetupHost {
+        /// Print the steps and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Install and enable, but do not start the services now.
+        #[arg(long)]
+        no_start: bool,
     },
     /// The daemon: recover from disk, then keep the tunnels in line with the active version and
     /// watch pending versions (bless or roll back). SIGTERM or SIGINT stops it (exit 0).
@@ -266,20 +283,56 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             interval_ms,
             timeout_s,
             code,
+            setup_host,
         } => {
-            let outcome = crate::bootstrap::bootstrap(
-                &node.state,
-                &controller,
-                ca.as_deref(),
-                Duration::from_millis(interval_ms),
-                timeout_s.map(Duration::from_secs),
-                code.as_ref(),
-            )?;
-            writeln!(
-                out,
-                "attached as {} (id {}); start `towalink-node run`",
-                outcome.node, outcome.node_id
-            )?;
+            let host = if setup_host {
+                let host = crate::host::detect_here()?;
+                let steps = crate::host::plan(&host);
+                let changed = crate::host::carry_out(&host, &steps, false, false, &mut out)?;
+                Some((host, steps, changed))
+            } else {
+                None
+            };
+            let paired = node.state.path(towalink_bundle::identity::NODE_TOML);
+            if host.is_some() && paired.exists() {
+                let who = node.state.identity().map(|i| format!("{}.{} (id {})", i.node, i.site, i.node_id))?;
+                writeln!(out, "pairing: already so (this device is {who})")?;
+            } else {
+                let outcome = crate::bootstrap::bootstrap(
+                    &node.state,
+                    &controller,
+                    ca.as_deref(),
+                    Duration::from_millis(interval_ms),
+                    timeout_s.map(Duration::from_secs),
+                    code.as_ref(),
+                )?;
+                writeln!(
+                    out,
+                    "attached as {} (id {}){}",
+                    outcome.node,
+                    outcome.node_id,
+                    if host.is_some() { "" } else { "; start `towalink-node run`" }
+                )?;
+            }
+            if let Some((host, steps, changed)) = host {
+                let start: Vec<_> = steps
+                    .into_iter()
+                    .filter(|s| matches!(s, crate::host::Step::Start { .. }))
+                    .collect();
+                crate::host::carry_out(&host, &start, true, changed, &mut out)?;
+            }
+        }
+        Command::SetupHost { dry_run, no_start } => {
+            let host = crate::host::detect_here()?;
+            let steps = crate::host::plan(&host);
+            writeln!(out, "host: {}", host.name)?;
+            if dry_run {
+                for step in &steps {
+                    writeln!(out, "{step}")?;
+                }
+            } else {
+                crate::host::carry_out(&host, &steps, !no_start, false, &mut out)?;
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod host;
 pub mod lifecycle;
 pub mod management;
 pub mod metrics;

@@ -10,6 +10,7 @@ use std::process::{Command, Output};
 use sha2::{Digest, Sha256};
 
 pub mod browser;
+pub mod hostcopy;
 pub mod network;
 pub mod vm;
 

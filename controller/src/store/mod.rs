@@ -256,8 +256,14 @@ impl Store {
             let _ = durable::remove_dir_all(&staging);
             return Err(e);
         }
-        // An empty target directory (perhaps a mount point) is replaced when possible,
-        // otherwise filled in place.
+        // An empty target directory (perhaps a mount point, or the one the Debian package
+        // made with mode 0700) is replaced when possible, otherwise filled in place; its mode
+        // is kept either way.
+        let kept_mode = std::fs::metadata(&self.root).ok().map(|m| m.permissions());
+        if let Some(mode) = &kept_mode {
+            std::fs::set_permissions(&staging, mode.clone())
+                .map_err(|e| IoError::new("cannot set the mode of", &staging, e))?;
+        }
         if self.root.exists() && std::fs::remove_dir(&self.root).is_err() {
             for entry in std::fs::read_dir(&staging)
                 .map_err(|e| IoError::new("cannot read directory", &staging, e))?

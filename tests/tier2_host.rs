@@ -1,0 +1,308 @@
+//! Tier 2 (host workflows), each in a throwaway copy of this Debian machine
+//! ([`towalink_tests::hostcopy`]: an overlay of `/` in namespaces of its own, so packages,
+//! units and sysctls are real and the machine is left as it was):
+//! - the controller's Debian package (`controller/dist/build-deb.sh`) installs with `apt-get
+//!   install ./…deb`: `tlm` on the PATH, `/etc/towalink` 0700, the unit `systemd-analyze
+//!   verify` accepts, man pages and completions; the seed's quickstart then runs against
+//!   `/etc/towalink`, and removing or purging the package keeps the installation;
+//! - `towalink-node bootstrap --setup-host` makes the host a node: BIRD through apt, the binary,
+//!   the systemd unit (verified), forwarding on, the services enabled; pairs with `tlm attach`;
+//!   run again it changes nothing; the services, started as systemd would start them, run the
+//!   node's version through Debian's own `bird.service`;
+//! - another distribution is refused in one line, with nothing changed.
+
+use std::time::Duration;
+
+use towalink_tests::hostcopy::{HostCopy, NEIGHBOUR_ADDRESS};
+use towalink_tests::network::wait_for;
+use towalink_tests::{binary, Run};
+
+fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn root_only() {
+    assert!(
+        rustix_is_root(),
+        "tier-2 host tests make namespaces and mounts: run them as root (.ci/run does)"
+    );
+}
+
+fn rustix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
+/// What systemd would run for `unit` (a unit file's text): its Environment= and
+/// EnvironmentFile= settings, ExecStartPre= lines (a leading `-` lets one fail), then
+/// ExecStart=, as one shell command line.
+fn as_systemd_would_start(unit: &str) -> String {
+    let mut script = vec!["set -a".to_string()];
+    for line in unit.lines() {
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let value = value.trim();
+        match key.trim() {
+            "Environment" => script.push(value.to_string()),
+            "EnvironmentFile" => match value.strip_prefix('-') {
+                Some(optional) => script.push(format!("[ -e {optional} ] && . {optional}")),
+                None => script.push(format!(". {value}")),
+            },
+            "ExecStartPre" => match value.strip_prefix('-') {
+                Some(may_fail) => script.push(format!("{may_fail} || true")),
+                None => script.push(format!("{value} || exit 1")),
+            },
+            "ExecStart" => script.push(format!("exec {value}")),
+            _ => {}
+        }
+    }
+    script.join("\n")
+}
+
+#[test]
+fn controller_package_installs_in_one_command_and_runs_the_seed_quickstart() {
+    root_only();
+    let out = repo().join(format!("target/tmp/deb-{}", std::process::id()));
+    let build = std::process::Command::new(repo().join("controller/dist/build-deb.sh"))
+        .arg("--binary")
+        .arg(binary("tlm"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .expect("controller/dist/build-deb.sh");
+    let build: Run = build.into();
+    assert_eq!(build.code, 0, "build-deb.sh failed: {}", build.stderr);
+    let deb = build.stdout.trim().to_string();
+    assert!(
+        deb.ends_with(".deb") && std::path::Path::new(&deb).is_file(),
+        "build-deb.sh printed `{deb}`"
+    );
+
+    let copy = HostCopy::new("deb");
+    assert!(
+        !copy.path("/usr/bin/tlm").exists(),
+        "this machine has a /usr/bin/tlm already: the test would not show the package's"
+    );
+    let install = copy.run(&format!("apt-get install -y -q --no-install-recommends {deb}"));
+    assert_eq!(
+        install.code, 0,
+        "apt-get install of the package failed:\n{}{}",
+        install.stdout, install.stderr
+    );
+    assert_eq!(copy.ok("command -v tlm").trim(), "/usr/bin/tlm");
+    assert_eq!(
+        copy.ok("stat -c '%a %U' /etc/towalink").trim(),
+        "700 root",
+        "the configuration directory holds the installation's keys: root only"
+    );
+    let verify = copy.run("systemd-analyze verify /lib/systemd/system/tlm-serve.service");
+    assert_eq!(
+        verify.code, 0,
+        "systemd-analyze verify refused the packaged unit:\n{}{}",
+        verify.stdout, verify.stderr
+    );
+    assert!(copy
+        .ok("grep '^ExecStart=' /lib/systemd/system/tlm-serve.service")
+        .contains("ExecStart=/usr/bin/tlm serve"));
+    for page in ["tlm.1.gz", "tlm-add-node.1.gz", "tlm-ansible.1.gz", "tlm-serve.1.gz"] {
+        assert!(
+            copy.path(&format!("/usr/share/man/man1/{page}")).is_file(),
+            "man page {page} is not installed"
+        );
+    }
+    assert!(copy
+        .ok("bash -c '. /usr/share/bash-completion/completions/tlm && complete -p tlm'")
+        .contains("tlm"));
+    assert!(copy.path("/usr/share/zsh/vendor-completions/_tlm").is_file());
+
+    // The seed's quickstart (2.4.1 to 2.4.3) on the default directory, verbatim (its
+    // `primary.mysitel` is a misprint of `primary.mysite1`).
+    copy.ok("tlm add site mysite1");
+    copy.ok("tlm add node primary.mysite1");
+    let commit = copy.ok("tlm commit all");
+    assert!(commit.contains("primary.mysite1"), "{commit}");
+    assert_eq!(
+        copy.ok("stat -c '%a' /etc/towalink").trim(),
+        "700",
+        "the first command kept the directory's mode"
+    );
+    let log = copy.ok("tlm git log --oneline");
+    assert!(log.lines().count() >= 2, "{log}");
+    let listed = copy.ok("tlm list nodes mysite1");
+    assert!(listed.contains("primary.mysite1"), "{listed}");
+    assert_eq!(
+        copy.ok("stat -c %a /etc/towalink/certs/signing.key /etc/towalink/generated/secrets.toml"),
+        "600\n600\n"
+    );
+
+    // Removing, then purging the package keeps the installation (its keys and history).
+    copy.ok("apt-get remove -y -q towalink-controller");
+    assert!(!copy.path("/usr/bin/tlm").exists());
+    copy.ok("dpkg --purge towalink-controller");
+    assert!(copy.path("/etc/towalink/config.toml").is_file());
+    assert!(copy.path("/etc/towalink/.git").is_dir());
+    drop(copy);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn existing_debian_host_becomes_a_node_with_bootstrap_setup_host_twice_the_same() {
+    root_only();
+    let mut copy = HostCopy::new("node");
+    // The controller's service runs next door, as on another machine: the node reaches it
+    // over the link (in one namespace its management address would be a local one).
+    copy.add_neighbour();
+    let tlm = binary("tlm").display().to_string();
+    let node = binary("towalink-node").display().to_string();
+    let ctl = "export TOWALINK_CONFIG_DIR=/root/controller;";
+    copy.ok(&format!(
+        "{ctl} {tlm} add site s1 && {tlm} add node r.s1 && \
+         {tlm} set global controller_endpoint '\"{NEIGHBOUR_ADDRESS}\"' && {tlm} commit all"
+    ));
+    // The attach certificate first (an attach with no device gives up at once).
+    copy.command_next_door(&format!(
+        "{ctl} {tlm} attach node r.s1 --listen {NEIGHBOUR_ADDRESS}:8000 --collect 0 --code AAAA-AAAA"
+    ))
+    .output()
+    .unwrap();
+    assert!(copy.path("/root/controller/certs/server.pem").is_file());
+    copy.spawn_next_door(
+        &format!("env TOWALINK_CONFIG_DIR=/root/controller {tlm} attach node r.s1 --listen {NEIGHBOUR_ADDRESS}:8000 --code AAAA-AAAA --yes --collect 1 --timeout 600"),
+        "/root/attach.log",
+    );
+    let bootstrap = format!(
+        "{node} bootstrap --setup-host --controller {NEIGHBOUR_ADDRESS}:8000 \
+         --ca /root/controller/certs/server.pem --code AAAA-AAAA --interval-ms 500 --timeout-s 600"
+    );
+    let first = copy.ok(&bootstrap);
+    for line in [
+        "apt-get install bird2: already so",
+        "install this towalink-node as /usr/sbin/towalink-node: done",
+        "write /etc/systemd/system/towalink-node.service (mode 0644): done",
+        "write /etc/sysctl.d/90-towalink.conf (mode 0644): done",
+        "sysctl -p /etc/sysctl.d/90-towalink.conf: applied",
+        "start at boot: bird.service towalink-node.service: done",
+        "attached as r.s1 (id 1)",
+        "start now: bird.service towalink-node.service: skipped: systemd is not running here",
+    ] {
+        assert!(first.contains(line), "no `{line}` in:\n{first}");
+    }
+    assert_eq!(
+        copy.ok("cat /proc/sys/net/ipv4/ip_forward /proc/sys/net/ipv6/conf/all/forwarding"),
+        "1\n1\n",
+        "forwarding is on (in the copy's network namespace)"
+    );
+    assert_eq!(
+        copy.ok(&format!("cmp /usr/sbin/towalink-node {node} && echo same")),
+        "same\n"
+    );
+    for unit in ["towalink-node.service", "bird.service"] {
+        assert_eq!(
+            copy.run(&format!("test -e /etc/systemd/system/multi-user.target.wants/{unit}"))
+                .code,
+            0,
+            "{unit} is not enabled"
+        );
+    }
+    let verify = copy.run("systemd-analyze verify /etc/systemd/system/towalink-node.service");
+    assert_eq!(
+        verify.code, 0,
+        "systemd-analyze verify refused the node unit:\n{}{}",
+        verify.stdout, verify.stderr
+    );
+
+    // Again: nothing changes, no second pairing.
+    let second = copy.ok(&bootstrap);
+    assert!(
+        second.contains("pairing: already so (this device is r.s1 (id 1))"),
+        "{second}"
+    );
+    for line in second.lines() {
+        assert!(
+            line.ends_with("already so")
+                || line.contains("already so (this device")
+                || line.contains(": applied")
+                || line.contains("skipped: systemd is not running"),
+            "the second run changed something: `{line}` in:\n{second}"
+        );
+    }
+
+    // The controller's service, then the node's services as systemd starts them: Debian's
+    // bird.service and the node's unit; then the seed's `tlm activate all`.
+    copy.spawn_next_door(
+        &format!("env TOWALINK_CONFIG_DIR=/root/controller {tlm} serve"),
+        "/root/serve.log",
+    );
+    let bird_unit = std::fs::read_to_string(copy.path("/lib/systemd/system/bird.service")).unwrap();
+    copy.spawn(&format!("sh -c '{}'", as_systemd_would_start(&bird_unit).replace('\'', "'\\''")), "/root/bird.log");
+    let node_unit =
+        std::fs::read_to_string(copy.path("/etc/systemd/system/towalink-node.service")).unwrap();
+    copy.spawn(&format!("sh -c '{}'", as_systemd_would_start(&node_unit).replace('\'', "'\\''")), "/root/node.log");
+    let log = |name: &str| std::fs::read_to_string(copy.path(name)).unwrap_or_default();
+    let activate: Run = copy
+        .command_next_door(&format!("{ctl} {tlm} activate all --timeout 300"))
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(
+        activate.code, 0,
+        "tlm activate all:\n{}{}\nnode log:\n{}\nserve log:\n{}",
+        activate.stdout,
+        activate.stderr,
+        log("/root/node.log"),
+        log("/root/serve.log")
+    );
+    wait_for(
+        Duration::from_secs(180),
+        || {
+            copy.run("/usr/sbin/towalink-node status --format json")
+                .stdout
+                .contains("\"active_version\": 1")
+                && copy
+                    .run("birdc -s /run/bird/bird.ctl show status")
+                    .stdout
+                    .contains("Router ID is 10.")
+        },
+        || {
+            format!(
+                "the node service to activate v1 and Debian's BIRD (run as user bird) to take its configuration\nnode log:\n{}\nbird log:\n{}\nstatus: {}",
+                log("/root/node.log"),
+                log("/root/bird.log"),
+                copy.run("/usr/sbin/towalink-node status").stdout
+            )
+        },
+    );
+    assert!(copy
+        .ok("grep -c 'router id' /etc/bird/bird.conf")
+        .trim()
+        .parse::<u32>()
+        .is_ok_and(|n| n >= 1));
+}
+
+#[test]
+fn another_distribution_is_refused_in_one_line_and_nothing_is_changed() {
+    root_only();
+    let copy = HostCopy::new("fedora");
+    copy.ok(
+        "rm -f /etc/os-release && printf 'NAME=\"Fedora Linux\"\\nID=fedora\\nPRETTY_NAME=\"Fedora Linux 41 (Server Edition)\"\\n' > /usr/lib/os-release",
+    );
+    let node = binary("towalink-node").display().to_string();
+    let run = copy.run(&format!("{node} setup-host"));
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let error = run.stderr.trim();
+    assert_eq!(error.lines().count(), 1, "{error}");
+    assert!(
+        error.contains("unsupported host `Fedora Linux 41 (Server Edition)`: ID=fedora")
+            && error.contains("nothing was changed"),
+        "{error}"
+    );
+    assert!(!copy.path("/usr/sbin/towalink-node").exists());
+    assert!(!copy.path("/etc/systemd/system/towalink-node.service").exists());
+    assert!(!copy.path("/etc/sysctl.d/90-towalink.conf").exists());
+}
