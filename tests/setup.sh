@@ -3,7 +3,8 @@
 # - BIRD 2 (its parser checks every rendered configuration; nodes run it), git (the
 #   configuration directory is a repository), iproute2, ping, iperf3 and unshare (the network
 #   tier), Prometheus (it scrapes `tlm serve`'s metrics in tier 2), Chromium (headless, the
-#   web UI's tier-2 test) and Ansible (`ansible-core`: `tlm ansible` in tier 1);
+#   web UI's tier-2 test), Ansible (`ansible-core`: `tlm ansible` in tiers 1 and 2), OpenSSH's
+#   server (the nodes' management sshd) and systemd-analyze (unit files are verified);
 # - for node images and their tier: the syslinux installer and MBR code, systemd-boot's EFI
 #   loader, qemu (x86_64 and aarch64, with OVMF for UEFI) and qemu-img, debugfs, mksquashfs,
 #   cpio, depmod, curl, gpgv (tests/assets.sh prepares the test assets with them);
@@ -22,6 +23,8 @@ have prometheus || need+=(prometheus)
 have chromium || need+=(chromium)
 have ansible || need+=(ansible-core)
 have unshare || need+=(util-linux)
+have systemd-analyze || need+=(systemd)
+have dpkg-deb || need+=(dpkg)
 have syslinux || need+=(syslinux)
 [ -e /usr/lib/syslinux/mbr/mbr.bin ] || need+=(syslinux-common)
 [ -e /usr/lib/systemd/boot/efi/systemd-bootx64.efi ] || need+=(systemd-boot-efi)
@@ -53,6 +56,23 @@ if ((${#need[@]})); then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
     --allow-downgrades "${need[@]}" >/dev/null
+fi
+# OpenSSH's server (tier 2: each node's management sshd, reached by `tlm ansible`), installed
+# without starting the distribution's own sshd on this machine (policy-rc.d says no).
+if [ ! -x /usr/sbin/sshd ]; then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  echo "setup: installing openssh-server (not started)" >&2
+  policy=""
+  [ -e /usr/sbin/policy-rc.d ] || {
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+    $sudo chmod 0755 "$policy"
+  }
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    openssh-server openssh-client >/dev/null
+  [ -z "$policy" ] || $sudo rm -f "$policy"
 fi
 command -v cargo >/dev/null 2>&1 || {
   echo "setup: cargo not found: install Rust with rustup (https://rustup.rs)" >&2

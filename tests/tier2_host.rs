@@ -68,12 +68,16 @@ fn as_systemd_would_start(unit: &str) -> String {
 #[test]
 fn controller_package_installs_in_one_command_and_runs_the_seed_quickstart() {
     root_only();
-    let out = repo().join(format!("target/tmp/deb-{}", std::process::id()));
+    std::fs::create_dir_all(repo().join("target/tmp")).unwrap();
+    let out = tempfile::Builder::new()
+        .prefix("deb-")
+        .tempdir_in(repo().join("target/tmp"))
+        .unwrap();
     let build = std::process::Command::new(repo().join("controller/dist/build-deb.sh"))
         .arg("--binary")
         .arg(binary("tlm"))
         .arg("--out")
-        .arg(&out)
+        .arg(out.path())
         .output()
         .expect("controller/dist/build-deb.sh");
     let build: Run = build.into();
@@ -89,7 +93,9 @@ fn controller_package_installs_in_one_command_and_runs_the_seed_quickstart() {
         !copy.path("/usr/bin/tlm").exists(),
         "this machine has a /usr/bin/tlm already: the test would not show the package's"
     );
-    let install = copy.run(&format!("apt-get install -y -q --no-install-recommends {deb}"));
+    let install = copy.run(&format!(
+        "apt-get install -y -q --no-install-recommends {deb}"
+    ));
     assert_eq!(
         install.code, 0,
         "apt-get install of the package failed:\n{}{}",
@@ -110,7 +116,12 @@ fn controller_package_installs_in_one_command_and_runs_the_seed_quickstart() {
     assert!(copy
         .ok("grep '^ExecStart=' /lib/systemd/system/tlm-serve.service")
         .contains("ExecStart=/usr/bin/tlm serve"));
-    for page in ["tlm.1.gz", "tlm-add-node.1.gz", "tlm-ansible.1.gz", "tlm-serve.1.gz"] {
+    for page in [
+        "tlm.1.gz",
+        "tlm-add-node.1.gz",
+        "tlm-ansible.1.gz",
+        "tlm-serve.1.gz",
+    ] {
         assert!(
             copy.path(&format!("/usr/share/man/man1/{page}")).is_file(),
             "man page {page} is not installed"
@@ -119,7 +130,9 @@ fn controller_package_installs_in_one_command_and_runs_the_seed_quickstart() {
     assert!(copy
         .ok("bash -c '. /usr/share/bash-completion/completions/tlm && complete -p tlm'")
         .contains("tlm"));
-    assert!(copy.path("/usr/share/zsh/vendor-completions/_tlm").is_file());
+    assert!(copy
+        .path("/usr/share/zsh/vendor-completions/_tlm")
+        .is_file());
 
     // The seed's quickstart (2.4.1 to 2.4.3) on the default directory, verbatim (its
     // `primary.mysitel` is a misprint of `primary.mysite1`).
@@ -147,8 +160,6 @@ fn controller_package_installs_in_one_command_and_runs_the_seed_quickstart() {
     copy.ok("dpkg --purge towalink-controller");
     assert!(copy.path("/etc/towalink/config.toml").is_file());
     assert!(copy.path("/etc/towalink/.git").is_dir());
-    drop(copy);
-    let _ = std::fs::remove_dir_all(&out);
 }
 
 #[test]
@@ -204,8 +215,10 @@ fn existing_debian_host_becomes_a_node_with_bootstrap_setup_host_twice_the_same(
     );
     for unit in ["towalink-node.service", "bird.service"] {
         assert_eq!(
-            copy.run(&format!("test -e /etc/systemd/system/multi-user.target.wants/{unit}"))
-                .code,
+            copy.run(&format!(
+                "test -e /etc/systemd/system/multi-user.target.wants/{unit}"
+            ))
+            .code,
             0,
             "{unit} is not enabled"
         );
@@ -240,10 +253,22 @@ fn existing_debian_host_becomes_a_node_with_bootstrap_setup_host_twice_the_same(
         "/root/serve.log",
     );
     let bird_unit = std::fs::read_to_string(copy.path("/lib/systemd/system/bird.service")).unwrap();
-    copy.spawn(&format!("sh -c '{}'", as_systemd_would_start(&bird_unit).replace('\'', "'\\''")), "/root/bird.log");
+    copy.spawn(
+        &format!(
+            "sh -c '{}'",
+            as_systemd_would_start(&bird_unit).replace('\'', "'\\''")
+        ),
+        "/root/bird.log",
+    );
     let node_unit =
         std::fs::read_to_string(copy.path("/etc/systemd/system/towalink-node.service")).unwrap();
-    copy.spawn(&format!("sh -c '{}'", as_systemd_would_start(&node_unit).replace('\'', "'\\''")), "/root/node.log");
+    copy.spawn(
+        &format!(
+            "sh -c '{}'",
+            as_systemd_would_start(&node_unit).replace('\'', "'\\''")
+        ),
+        "/root/node.log",
+    );
     let log = |name: &str| std::fs::read_to_string(copy.path(name)).unwrap_or_default();
     let activate: Run = copy
         .command_next_door(&format!("{ctl} {tlm} activate all --timeout 300"))
@@ -251,7 +276,8 @@ fn existing_debian_host_becomes_a_node_with_bootstrap_setup_host_twice_the_same(
         .unwrap()
         .into();
     assert_eq!(
-        activate.code, 0,
+        activate.code,
+        0,
         "tlm activate all:\n{}{}\nnode log:\n{}\nserve log:\n{}",
         activate.stdout,
         activate.stderr,
@@ -303,6 +329,176 @@ fn another_distribution_is_refused_in_one_line_and_nothing_is_changed() {
         "{error}"
     );
     assert!(!copy.path("/usr/sbin/towalink-node").exists());
-    assert!(!copy.path("/etc/systemd/system/towalink-node.service").exists());
+    assert!(!copy
+        .path("/etc/systemd/system/towalink-node.service")
+        .exists());
     assert!(!copy.path("/etc/sysctl.d/90-towalink.conf").exists());
+}
+
+/// The listening TCP sockets on port 22 in `site`'s namespace (`ss` local addresses).
+fn ssh_listeners(site: &towalink_tests::network::Site) -> Vec<String> {
+    site.sh("ss", &["-Hltn", "sport = :22"])
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn ansible_reaches_every_node_over_its_management_link_with_the_configured_keys_only() {
+    use towalink_tests::network::{tail, Network, Options, Topology};
+    root_only();
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("ops");
+    let made = std::process::Command::new("ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "ops@towalink-test",
+            "-f",
+        ])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen (openssh-client)");
+    assert!(made.success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    let mut options = Options::new(2, Topology::Mesh);
+    options.controller = true;
+    options.global = vec![(
+        "node_ssh_authorized_keys".into(),
+        format!("[ \"{}\" ]", public.trim()),
+    )];
+    let net = Network::build(options);
+    let ctl_netns = net.controller.as_ref().unwrap().netns.clone();
+    let inventory: serde_json::Value = serde_json::from_str(&net.ctl.ok(&["inventory"])).unwrap();
+    let address_of = |node: &str| {
+        let site = node.split('.').nth(1).unwrap();
+        inventory["all"]["children"][format!("site_{site}")]["hosts"][node]["ansible_host"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+
+    // Each node's sshd: on its management address, port 22, and nowhere else.
+    for site in &net.sites {
+        let expected = format!("[{}]:22", address_of(&site.node()));
+        wait_for(
+            Duration::from_secs(120),
+            || ssh_listeners(site) == vec![expected.clone()],
+            || {
+                format!(
+                    "{}'s sshd to listen on {expected} only: {:?}\n{}",
+                    site.node(),
+                    ssh_listeners(site),
+                    tail(&site.log(), 20)
+                )
+            },
+        );
+        let mode = std::fs::metadata(site.state.join("ssh/ssh_host_ed25519_key")).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o600
+        );
+    }
+
+    // The original's grammar: `tlm ansible <scope> <ansible arguments>`, run where the
+    // controller runs (its namespace), with the operator's key.
+    let home = tempfile::tempdir().unwrap();
+    let ansible = |program: &str, args: &[&str]| -> Run {
+        let mut command = net.ctl_in_netns(&[&[program][..], args].concat());
+        command
+            .env("HOME", home.path())
+            .env("ANSIBLE_HOST_KEY_CHECKING", "False")
+            .env("ANSIBLE_PRIVATE_KEY_FILE", &key)
+            .env("ANSIBLE_SSH_ARGS", "-o UserKnownHostsFile=/dev/null")
+            .env("ANSIBLE_NOCOLOR", "1");
+        command.output().unwrap().into()
+    };
+    let whoami = ansible("ansible", &["all", "all", "-a", "whoami"]);
+    assert_eq!(whoami.code, 0, "{}{}", whoami.stdout, whoami.stderr);
+    for site in &net.sites {
+        assert!(
+            whoami
+                .stdout
+                .contains(&format!("{} | CHANGED | rc=0 >>\nroot", site.node())),
+            "{}",
+            whoami.stdout
+        );
+    }
+    let playbook = home.path().join("mark.yml");
+    let marks = home.path().join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    std::fs::write(
+        &playbook,
+        format!(
+            "- hosts: all\n  gather_facts: false\n  tasks:\n    - ansible.builtin.copy:\n        content: \"{{{{ towalink_node_id }}}}\\n\"\n        dest: \"{}/{{{{ inventory_hostname }}}}\"\n",
+            marks.display()
+        ),
+    )
+    .unwrap();
+    let played = ansible(
+        "ansible_playbook",
+        &["node", "r.s2", &playbook.display().to_string()],
+    );
+    assert_eq!(played.code, 0, "{}{}", played.stdout, played.stderr);
+    assert_eq!(
+        std::fs::read_to_string(marks.join("r.s2")).unwrap().trim(),
+        "2",
+        "the playbook ran on r.s2 (file copied over SFTP/SCP)"
+    );
+    assert!(!marks.join("r.s1").exists(), "the scope was node r.s2 only");
+
+    // Another key is turned away; a site neighbour on the underlay finds no sshd.
+    let stranger = keys.path().join("stranger");
+    std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&stranger)
+        .status()
+        .unwrap();
+    let refused = std::process::Command::new("ip")
+        .args(["netns", "exec", &ctl_netns, "ssh", "-i"])
+        .arg(&stranger)
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=20",
+        ])
+        .arg(format!("root@{}", address_of("r.s1")))
+        .arg("true")
+        .output()
+        .unwrap();
+    let refused: Run = refused.into();
+    assert_eq!(refused.code, 255, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("Permission denied"),
+        "{}",
+        refused.stderr
+    );
+    let underlay = net.sites[0].endpoint();
+    let probe = net.sites[1].sh(
+        "sh",
+        &["-c", &format!("timeout 10 bash -c 'echo > /dev/tcp/{underlay}/22' 2>/dev/null && echo open || echo closed")],
+    );
+    assert_eq!(probe.trim(), "closed", "port 22 on the underlay address");
+
+    // No keys in the next version: the sshd goes.
+    net.ctl
+        .ok(&["set", "global", "node_ssh_authorized_keys", "empty"]);
+    net.ctl.ok(&["commit", "all"]);
+    net.activate_all_blessed("the version without SSH keys");
+    for site in &net.sites {
+        wait_for(
+            Duration::from_secs(60),
+            || ssh_listeners(site).is_empty(),
+            || format!("{}'s sshd to stop: {:?}", site.node(), ssh_listeners(site)),
+        );
+    }
 }

@@ -295,7 +295,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let paired = node.state.path(towalink_bundle::identity::NODE_TOML);
             if host.is_some() && paired.exists() {
-                let who = node.state.identity().map(|i| format!("{}.{} (id {})", i.node, i.site, i.node_id))?;
+                let who = node
+                    .state
+                    .identity()
+                    .map(|i| format!("{}.{} (id {})", i.node, i.site, i.node_id))?;
                 writeln!(out, "pairing: already so (this device is {who})")?;
             } else {
                 let outcome = crate::bootstrap::bootstrap(
@@ -311,7 +314,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "attached as {} (id {}){}",
                     outcome.node,
                     outcome.node_id,
-                    if host.is_some() { "" } else { "; start `towalink-node run`" }
+                    if host.is_some() {
+                        ""
+                    } else {
+                        "; start `towalink-node run`"
+                    }
                 )?;
             }
             if let Some((host, steps, changed)) = host {

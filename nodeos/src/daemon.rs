@@ -287,6 +287,22 @@ pub fn run(node: Node, options: Options, shutdown: &Shutdown) -> anyhow::Result<
             })
             .context("cannot start the metrics thread")?;
     }
+    let mut sshd = None;
+    if !options.once && on_management_link {
+        let (node, shutdown) = (node.clone(), shutdown.clone());
+        sshd = Some(
+            std::thread::Builder::new()
+                .name("sshd".into())
+                .spawn(move || {
+                    crate::sshd::supervise(
+                        node,
+                        || crate::metrics::management_address().map(|(address, _)| address),
+                        &shutdown,
+                    )
+                })
+                .context("cannot start the sshd thread")?,
+        );
+    }
     match node.controller_api() {
         Some(api) if !options.once => {
             let node = node.clone();
@@ -388,6 +404,10 @@ pub fn run(node: Node, options: Options, shutdown: &Shutdown) -> anyhow::Result<
     }
     if shutdown.is_triggered() {
         tracing::info!("stopping");
+    }
+    // The management sshd stops before the daemon exits.
+    if let Some(thread) = sshd {
+        let _ = thread.join();
     }
     // Dropping the data plane takes the in-process tunnels down (kernel links stay, as
     // they do when the daemon is killed; the next start adopts them).

@@ -110,9 +110,7 @@ pub fn detect(os_release: &str, facts: Facts) -> Result<Host, Unsupported> {
         .any(|i| matches!(*i, "debian" | "raspbian" | "ubuntu"))
     {
         if !facts.systemd {
-            return Err(unsupported(format!(
-                "{id} without systemd (no systemctl)"
-            )));
+            return Err(unsupported(format!("{id} without systemd (no systemctl)")));
         }
         return Ok(Host {
             family: Family::Debian,
@@ -122,7 +120,14 @@ pub fn detect(os_release: &str, facts: Facts) -> Result<Host, Unsupported> {
     Err(unsupported(if id.is_empty() {
         "/etc/os-release names no ID".into()
     } else {
-        format!("ID={id}{}", if like.is_empty() { String::new() } else { format!(", ID_LIKE={like}") })
+        format!(
+            "ID={id}{}",
+            if like.is_empty() {
+                String::new()
+            } else {
+                format!(", ID_LIKE={like}")
+            }
+        )
     }))
 }
 
@@ -163,7 +168,9 @@ impl fmt::Display for Step {
                 names.join(" ")
             ),
             Step::Binary => write!(f, "install this towalink-node as {BINARY}"),
-            Step::File { path, mode, .. } => write!(f, "write {} (mode {mode:04o})", path.display()),
+            Step::File { path, mode, .. } => {
+                write!(f, "write {} (mode {mode:04o})", path.display())
+            }
             Step::Sysctl { file } => write!(f, "sysctl -p {}", file.display()),
             Step::Enable { services } => write!(f, "start at boot: {}", services.join(" ")),
             Step::Start { services } => write!(f, "start now: {}", services.join(" ")),
@@ -257,7 +264,11 @@ fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
         .with_context(|| format!("cannot run `{program}`"))?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+        let last = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
         bail!(
             "`{program} {}` failed ({}): {}",
             args.join(" "),
@@ -299,7 +310,11 @@ fn install_packages(manager: Family, names: &[&'static str]) -> anyhow::Result<D
     match manager {
         Family::Alpine => run("apk", &[&["add", "--no-progress"][..], &missing].concat())?,
         Family::Debian => {
-            let install = [&["install", "-y", "-q", "--no-install-recommends"][..], &missing].concat();
+            let install = [
+                &["install", "-y", "-q", "--no-install-recommends"][..],
+                &missing,
+            ]
+            .concat();
             // Stale package lists are the usual reason for a failure: update once, retry.
             if run("apt-get", &install).is_err() {
                 run("apt-get", &["update", "-q"])?;
@@ -357,7 +372,10 @@ fn enable(family: Family, services: &[&str]) -> anyhow::Result<Done> {
             if init_running(family) {
                 run("systemctl", &["daemon-reload"])?;
             }
-            run("systemctl", &[&["enable", "--quiet"][..], services].concat())?;
+            run(
+                "systemctl",
+                &[&["enable", "--quiet"][..], services].concat(),
+            )?;
         }
         Family::Alpine => {
             let missing: Vec<&str> = services
@@ -404,7 +422,11 @@ fn start(family: Family, services: &[&str], restart: bool) -> anyhow::Result<Don
             }
         }
     }
-    Ok(if changed { Done::Changed } else { Done::Unchanged })
+    Ok(if changed {
+        Done::Changed
+    } else {
+        Done::Unchanged
+    })
 }
 
 /// Carries out `steps` (their [`Step::Start`] only when `start_services`), printing a line
@@ -432,7 +454,10 @@ pub fn carry_out(
                 match run("sysctl", &["-q", "-p", &file.to_string_lossy()]) {
                     Ok(()) => Done::Changed,
                     Err(error) => {
-                        writeln!(out, "{step}: not applied now ({error:#}); it is from the next boot")?;
+                        writeln!(
+                            out,
+                            "{step}: not applied now ({error:#}); it is from the next boot"
+                        )?;
                         continue;
                     }
                 }
@@ -467,10 +492,13 @@ mod tests {
     use super::*;
 
     const DEBIAN: &str = "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nNAME=\"Debian GNU/Linux\"\nVERSION_ID=\"12\"\nID=debian\n";
-    const RASPBIAN: &str = "PRETTY_NAME=\"Raspbian GNU/Linux 11 (bullseye)\"\nID=raspbian\nID_LIKE=debian\n";
+    const RASPBIAN: &str =
+        "PRETTY_NAME=\"Raspbian GNU/Linux 11 (bullseye)\"\nID=raspbian\nID_LIKE=debian\n";
     const UBUNTU: &str = "PRETTY_NAME=\"Ubuntu 24.04.1 LTS\"\nID=ubuntu\nID_LIKE=debian\n";
-    const ALPINE: &str = "NAME=\"Alpine Linux\"\nID=alpine\nVERSION_ID=3.23.0\nPRETTY_NAME=\"Alpine Linux v3.23\"\n";
-    const FEDORA: &str = "NAME=\"Fedora Linux\"\nID=fedora\nPRETTY_NAME=\"Fedora Linux 41 (Server Edition)\"\n";
+    const ALPINE: &str =
+        "NAME=\"Alpine Linux\"\nID=alpine\nVERSION_ID=3.23.0\nPRETTY_NAME=\"Alpine Linux v3.23\"\n";
+    const FEDORA: &str =
+        "NAME=\"Fedora Linux\"\nID=fedora\nPRETTY_NAME=\"Fedora Linux 41 (Server Edition)\"\n";
     const SYSTEMD: Facts = Facts {
         systemd: true,
         openrc: false,
@@ -499,10 +527,14 @@ mod tests {
             },
             "BIRD 2 is `bird2` on Debian (`bird` is BIRD 1.6 there)"
         );
-        assert!(steps.iter().any(|s| matches!(s, Step::File { path, content, .. }
+        assert!(steps
+            .iter()
+            .any(|s| matches!(s, Step::File { path, content, .. }
             if path == Path::new("/etc/systemd/system/towalink-node.service")
                && content.contains("ExecStart=/usr/sbin/towalink-node "))));
-        assert!(matches!(steps.last(), Some(Step::Start { services }) if services.contains(&"towalink-node.service")));
+        assert!(
+            matches!(steps.last(), Some(Step::Start { services }) if services.contains(&"towalink-node.service"))
+        );
     }
 
     #[test]
@@ -538,7 +570,10 @@ mod tests {
     #[test]
     fn other_hosts_are_refused_in_one_line_naming_them() {
         let error = detect(FEDORA, SYSTEMD).unwrap_err().to_string();
-        assert!(error.starts_with("unsupported host `Fedora Linux 41 (Server Edition)`: ID=fedora"), "{error}");
+        assert!(
+            error.starts_with("unsupported host `Fedora Linux 41 (Server Edition)`: ID=fedora"),
+            "{error}"
+        );
         assert!(!error.contains('\n'));
         let error = detect(DEBIAN, OPENRC).unwrap_err().to_string();
         assert!(error.contains("debian without systemd"), "{error}");
@@ -553,7 +588,11 @@ mod tests {
         let fields = os_release_fields("# ID=fedora\nID='alpine'\nNAME=\"A B\"\nX=plain\n");
         assert_eq!(
             fields,
-            vec![("ID", "alpine".to_string()), ("NAME", "A B".to_string()), ("X", "plain".to_string())]
+            vec![
+                ("ID", "alpine".to_string()),
+                ("NAME", "A B".to_string()),
+                ("X", "plain".to_string())
+            ]
         );
     }
 }

@@ -17,6 +17,7 @@ pub mod management;
 pub mod metrics;
 pub mod recovery;
 pub mod slots;
+pub mod sshd;
 pub mod state;
 
 use std::path::PathBuf;

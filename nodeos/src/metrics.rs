@@ -321,7 +321,7 @@ fn answer(stream: TcpStream, node: &Node, shared: &Shared) {
 
 /// The management interface's global IPv6 address and its index, from the kernel's list
 /// (`/proc/net/if_inet6`: address, index, prefix length, scope, flags, name).
-fn management_address() -> Option<(std::net::Ipv6Addr, u32)> {
+pub(crate) fn management_address() -> Option<(std::net::Ipv6Addr, u32)> {
     let table = std::fs::read_to_string("/proc/net/if_inet6").ok()?;
     table.lines().find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();

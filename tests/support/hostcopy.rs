@@ -50,7 +50,16 @@ echo ready
 exec sleep infinity
 "#;
         let mut holder = Command::new("unshare")
-            .args(["--mount", "--net", "--propagation", "private", "sh", "-c", script, "sh"])
+            .args([
+                "--mount",
+                "--net",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+                "sh",
+            ])
             .arg(&dir)
             .arg(&repo)
             .stdout(Stdio::piped())
@@ -63,7 +72,9 @@ exec sleep infinity
         if line.trim() != "ready" {
             let _ = holder.kill();
             let status = holder.wait();
-            panic!("the host copy could not be made (overlay of / in a mount namespace): {status:?}");
+            panic!(
+                "the host copy could not be made (overlay of / in a mount namespace): {status:?}"
+            );
         }
         HostCopy {
             dir,
@@ -91,7 +102,10 @@ nsenter -t {holder} -n ip link set tlh-c up"
         );
         self.neighbour = Some(name);
         let status = Command::new("sh").args(["-c", &script]).status().unwrap();
-        assert!(status.success(), "cannot link a neighbour namespace to the host copy");
+        assert!(
+            status.success(),
+            "cannot link a neighbour namespace to the host copy"
+        );
     }
 
     /// Like [`HostCopy::command`], in the neighbour's network namespace.
@@ -106,7 +120,10 @@ nsenter -t {holder} -n ip link set tlh-c up"
             .arg("chroot")
             .arg(self.dir.join("root"))
             .args(["/bin/sh", "-c", script])
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            );
         command
     }
 
@@ -129,7 +146,10 @@ nsenter -t {holder} -n ip link set tlh-c up"
             .args(["-m", "-n", "chroot"])
             .arg(self.dir.join("root"))
             .args(["/bin/sh", "-c", script])
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            );
         command
     }
 

@@ -8,7 +8,7 @@
 //! also when a test fails.
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -353,7 +353,14 @@ impl Network {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::SeqCst)
         );
-        let temp = tempfile::tempdir().unwrap();
+        // Under target/tmp, not /tmp: each node's management sshd (OpenSSH's strict modes)
+        // refuses keys below a world-writable directory.
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tmp");
+        std::fs::create_dir_all(&base).unwrap();
+        let temp = tempfile::Builder::new()
+            .prefix("tlnet-")
+            .tempdir_in(&base)
+            .unwrap();
         let mut network = Network {
             ctl: Installation::new(),
             sites: Vec::new(),

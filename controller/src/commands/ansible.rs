@@ -31,6 +31,8 @@ pub fn inventory(
                 node.full_name().to_string(),
                 json!({
                     "ansible_host": settings.node_address(node.id).to_string(),
+                    // The node's management sshd lets root in with `node_ssh_authorized_keys`.
+                    "ansible_user": "root",
                     "towalink_node_id": node.id,
                     "towalink_node": node.name.as_str(),
                     "towalink_site": site.name.as_str(),

@@ -149,7 +149,13 @@ pub fn image_settings(
             ));
         }
     }
-    let packages = string_list(merged, "image_packages")?;
+    let mut packages = string_list(merged, "image_packages")?;
+    // The node's management sshd (towalink-node runs it when the version lists keys).
+    if !string_list(merged, "node_ssh_authorized_keys")?.is_empty()
+        && !packages.iter().any(|p| p == "openssh-server")
+    {
+        packages.push("openssh-server".into());
+    }
     for p in &packages {
         if !schema::is_package_name(p) {
             return Err(attribute_error(
@@ -572,6 +578,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("image_hostname"), "{e}");
+    }
+
+    #[test]
+    fn nodes_with_ssh_keys_carry_openssh_server_once() {
+        let key =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKqJ5Ql0nU7G0C5oCaVb2NOdU7I4Ux3cYJxG6qkV3T6P";
+        let s = image_settings(&merged(""), &node(), "eth0").unwrap();
+        assert!(!s.packages.iter().any(|p| p == "openssh-server"));
+        let s = image_settings(
+            &merged(&format!("node_ssh_authorized_keys = [\"{key}\"]")),
+            &node(),
+            "eth0",
+        )
+        .unwrap();
+        assert_eq!(s.packages, vec!["openssh-server".to_string()]);
+        let s = image_settings(
+            &merged(&format!(
+                "node_ssh_authorized_keys = [\"{key}\"]\nimage_packages = [\"openssh-server\"]"
+            )),
+            &node(),
+            "eth0",
+        )
+        .unwrap();
+        assert_eq!(s.packages, vec!["openssh-server".to_string()]);
     }
 
     #[test]

@@ -73,6 +73,8 @@ pub enum Type {
     NodeRef,
     /// Where `tlm serve` posts alerts: an `http://` or `https://` URL.
     WebhookUrl,
+    /// An OpenSSH public key line ([`towalink_bundle::ssh::check_public_key`]).
+    SshPublicKey,
     /// "dhcp" or an address with prefix length.
     DhcpOrAddress,
     /// A table of `key` → `value`; `key_name` names the keys in docs.
@@ -465,6 +467,15 @@ pub const ATTRIBUTES: &[Attribute] = &[
         seconds(*HEALTH_TIMEOUT_S.start() as i64, *HEALTH_TIMEOUT_S.end() as i64),
         ALL,
         "seconds a pending version may take to pass its checks before it is rolled back",
+    ),
+    optional(
+        "node_ssh_authorized_keys",
+        Type::List(&Type::SshPublicKey, 0),
+        ALL,
+        "none",
+        "OpenSSH public keys that may log in as root through the node's own sshd, which listens \
+         on the management address only (port 22): what `tlm ansible` uses. Set, images carry \
+         `openssh-server` and `towalink-node setup-host` installs it; empty, no sshd runs",
     ),
     // Recovery (towalink-node; docs/recovery.md).
     optional(
@@ -941,6 +952,9 @@ impl Type {
                 text.is_some_and(|t| t.parse::<crate::model::names::NodeRef>().is_ok())
             }
             Type::WebhookUrl => text.is_some_and(is_webhook_url),
+            Type::SshPublicKey => {
+                text.is_some_and(|t| towalink_bundle::ssh::check_public_key(t).is_ok())
+            }
             Type::DhcpOrAddress => {
                 text.is_some_and(|t| t == "dhcp" || t.parse::<ipnet::IpNet>().is_ok())
             }
@@ -1056,6 +1070,9 @@ impl Type {
             }
             Type::NodeRef => "a node `<node>.<site>` or id".into(),
             Type::WebhookUrl => "an `http://` or `https://` URL".into(),
+            Type::SshPublicKey => {
+                "an OpenSSH public key line `<type> <base64> [comment]` (ssh-ed25519, ssh-rsa, ecdsa-sha2-*)".into()
+            }
             Type::DhcpOrAddress => {
                 "\"dhcp\" or an address with prefix length like \"192.0.2.10/24\"".into()
             }

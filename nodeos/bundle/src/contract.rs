@@ -108,6 +108,11 @@ pub struct NodeConfig {
     /// first rotation): the node's trust stays as it is. Needs [`SIGNING_KEYS_CONTRACT`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub signing_keys: Vec<String>,
+    /// OpenSSH public keys the node's management sshd accepts for root (Ansible over the
+    /// management link; [`crate::ssh`]). Empty: no sshd. Nodes before it ignore it (and run
+    /// no sshd), so it needs no newer contract.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_ssh_authorized_keys: Vec<String>,
 }
 
 /// One peer link as the node sees it (the `peers` tables; templates read the same fields).
@@ -244,6 +249,7 @@ impl Default for NodeConfig {
             recovery_confirm_s: None,
             wg_public_key: None,
             signing_keys: Vec::new(),
+            node_ssh_authorized_keys: Vec::new(),
         }
     }
 }

@@ -30,6 +30,7 @@ pub mod orders;
 pub mod pairing;
 pub mod printable;
 pub mod recovery;
+pub mod ssh;
 #[doc(hidden)]
 pub mod test_support;
 pub mod wire;
