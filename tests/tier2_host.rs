@@ -184,7 +184,7 @@ fn existing_debian_host_becomes_a_node_with_bootstrap_setup_host_twice_the_same(
     .unwrap();
     assert!(copy.path("/root/controller/certs/server.pem").is_file());
     copy.spawn_next_door(
-        &format!("env TOWALINK_CONFIG_DIR=/root/controller {tlm} attach node r.s1 --listen {NEIGHBOUR_ADDRESS}:8000 --code AAAA-AAAA --yes --collect 1 --timeout 600"),
+        &format!("env TOWALINK_CONFIG_DIR=/root/controller {tlm} attach node r.s1 --listen {NEIGHBOUR_ADDRESS}:8000 --code AAAA-AAAA --yes --collect 600 --timeout 600"),
         "/root/attach.log",
     );
     let bootstrap = format!(
@@ -434,19 +434,26 @@ fn ansible_reaches_every_node_over_its_management_link_with_the_configured_keys_
     std::fs::write(
         &playbook,
         format!(
-            "- hosts: all\n  gather_facts: false\n  tasks:\n    - ansible.builtin.copy:\n        content: \"{{{{ towalink_node_id }}}}\\n\"\n        dest: \"{}/{{{{ inventory_hostname }}}}\"\n",
+            "- hosts: all\n  gather_facts: false\n  tasks:\n    - ansible.builtin.copy:\n        content: \"{{{{ towalink_node_id }}}} {{{{ test_variable }}}}\"\n        dest: \"{}/{{{{ inventory_hostname }}}}\"\n",
             marks.display()
         ),
     )
     .unwrap();
     let played = ansible(
         "ansible_playbook",
-        &["node", "r.s2", &playbook.display().to_string()],
+        // The seed's example: `tlm ansible_playbook node <node> myplaybook.yml -e test_variable="test"`.
+        &[
+            "node",
+            "r.s2",
+            &playbook.display().to_string(),
+            "-e",
+            "test_variable=\"test\"",
+        ],
     );
     assert_eq!(played.code, 0, "{}{}", played.stdout, played.stderr);
     assert_eq!(
         std::fs::read_to_string(marks.join("r.s2")).unwrap().trim(),
-        "2",
+        "2 test",
         "the playbook ran on r.s2 (file copied over SFTP/SCP)"
     );
     assert!(!marks.join("r.s1").exists(), "the scope was node r.s2 only");

@@ -117,6 +117,13 @@ pub enum Firmware {
         initrd: PathBuf,
         cmdline: String,
     },
+    /// x86_64 (SeaBIOS) with the kernel, initramfs and command line given to qemu: an
+    /// installed Alpine whose root is the disk.
+    X86_64Kernel {
+        kernel: PathBuf,
+        initrd: PathBuf,
+        cmdline: String,
+    },
 }
 
 /// A qemu machine with a disk image and qemu's user network; its serial console goes to a file.
@@ -167,7 +174,9 @@ impl Vm {
         let temp = tempfile::tempdir().unwrap();
         let serial = temp.path().join("serial.log");
         let (program, mut args): (&str, Vec<String>) = match &firmware {
-            Firmware::Bios | Firmware::Uefi => ("qemu-system-x86_64", vec![]),
+            Firmware::Bios | Firmware::Uefi | Firmware::X86_64Kernel { .. } => {
+                ("qemu-system-x86_64", vec![])
+            }
             Firmware::Aarch64Kernel { .. } => (
                 "qemu-system-aarch64",
                 vec![
@@ -228,6 +237,11 @@ impl Vm {
                 args.push(format!("if=pflash,format=raw,file={}", vars.display()));
             }
             Firmware::Aarch64Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            }
+            | Firmware::X86_64Kernel {
                 kernel,
                 initrd,
                 cmdline,
