@@ -6,6 +6,8 @@
 #   apk-mirror/v3.23/main/<arch>/   (x86_64, aarch64) laid out as an Alpine mirror:
 #                bird-<ver>-r0.apk  BIRD 2 (bird, birdcl) built from Debian's bird2 source
 #                                   (pinned in tests/assets.toml), static with musl
+#                openssh-server-<ver>-r0.apk  sshd and ssh-keygen built from Debian's openssh
+#                                   source, static with musl, without OpenSSL
 #                alpine-base-<release>-r0.apk  a meta package depending on the release
 #                                   rootfs's world: it stands in for Alpine's alpine-base,
 #                                   which the diskless init always installs
@@ -43,6 +45,7 @@ have flex || need+=(flex)
 have bison || need+=(bison)
 have m4 || need+=(m4)
 have make || need+=(make)
+have autoconf || need+=(autoconf)
 have musl-gcc || need+=(musl-tools)
 have dpkg-source || need+=(dpkg-dev)
 have file || need+=(file)
@@ -86,9 +89,9 @@ check "$dsc" "$dsc_sha"
 # ---- BIRD 2 builds --------------------------------------------------------------------------
 conf_flags=(--prefix=/usr --sysconfdir=/etc/bird --localstatedir=/var --runstatedir=/run/bird
   --with-protocols=all --disable-client --disable-libssh)
-build_bird() { # build_bird <arch>: static musl bird and birdcl into apk-build/<arch>/root/usr/sbin
-  local arch=$1 cc kinc host strip_ asmdir
-  case $arch in
+toolchain() { # toolchain <arch>: sets cc, host, strip_, kinc for a static musl build
+  local asmdir
+  case $1 in
     x86_64)
       cc="musl-gcc"; host=""; strip_="strip"
       kinc=(/usr/include/linux /usr/include/asm-generic /usr/include/x86_64-linux-gnu/asm) ;;
@@ -98,6 +101,10 @@ build_bird() { # build_bird <arch>: static musl bird and birdcl into apk-build/<
       asmdir=/usr/aarch64-linux-gnu/include
       kinc=("$asmdir/linux" "$asmdir/asm-generic" "$asmdir/asm") ;;
   esac
+}
+build_bird() { # build_bird <arch>: static musl bird and birdcl into apk-build/<arch>/root/usr/sbin
+  local arch=$1 cc host strip_ kinc
+  toolchain "$arch"
   local dir="$out/apk-build/$arch"
   local key
   key=$(printf '%s\n' "$dsc_sha" "$cc" "${conf_flags[*]}" "${kinc[*]}" "$($cc --version | head -1)" \
@@ -139,6 +146,69 @@ build_bird aarch64
 v=$("$out/apk-build/x86_64/root/usr/sbin/bird" --version 2>&1)
 [ "$v" = "BIRD version $upver" ] || fail "bird --version says: $v"
 
+# ---- OpenSSH's server (the nodes' management sshd) ------------------------------------------
+# Debian's openssh source, the newest the signed Sources index offers (a security fix replaces
+# the version, so it is not pinned: apt checks it against the signed index), fetched once into
+# dl/openssh. Built static with musl without OpenSSL and zlib (Ed25519 and ChaCha20-Poly1305
+# from OpenSSH's own code), packaged as Alpine's `openssh-server` (sshd, ssh-keygen).
+sshdir="$dl/openssh"
+mkdir -p "$sshdir"
+sshdsc=$(find "$sshdir" -maxdepth 1 -name 'openssh_*.dsc' | LC_ALL=C sort | tail -1)
+if [ -z "$sshdsc" ]; then
+  (cd "$sshdir" && apt-get source -qq --download-only -o APT::Sandbox::User=root openssh >/dev/null) ||
+    fail "apt-get source openssh failed (deb-src: see above)"
+  sshdsc=$(find "$sshdir" -maxdepth 1 -name 'openssh_*.dsc' | LC_ALL=C sort | tail -1)
+fi
+sshver=$(sed -n 's/^Version: //p' "$sshdsc")
+sshup=${sshver#*:}
+sshup=${sshup%%-*}
+ssh_flags=(--prefix=/usr --sysconfdir=/etc/ssh --without-openssl --without-zlib --without-pam
+  --without-pie --with-privsep-user=nobody --with-privsep-path=/var/empty
+  --disable-security-key --without-libedit --disable-strip --disable-lastlog --disable-utmp
+  --disable-utmpx --disable-wtmp --disable-wtmpx)
+build_openssh() { # build_openssh <arch>: static sshd and ssh-keygen into apk-build/openssh-<arch>/root
+  local arch=$1 cc host strip_ kinc
+  toolchain "$arch"
+  local dir="$out/apk-build/openssh-$arch" key
+  key=$(printf '%s\n' "$(sha256sum < "$sshdsc")" "$cc" "${ssh_flags[*]}" "${kinc[*]}" "$($cc --version | head -1)" |
+    sha256sum | cut -c1-16)
+  if [ -e "$dir/key" ] && [ "$(cat "$dir/key")" = "$key" ] && [ -x "$dir/root/usr/sbin/sshd" ]; then
+    return
+  fi
+  echo "apk-repo: building OpenSSH $sshver for $arch" >&2
+  local t0=$SECONDS k b
+  rm -rf "$dir"
+  mkdir -p "$dir/kinc" "$dir/root/usr/sbin" "$dir/root/usr/bin" "$dir/root/var/empty"
+  for k in "${kinc[@]}"; do ln -s "$k" "$dir/kinc/$(basename "$k")"; done
+  dpkg-source -x "$sshdsc" "$dir/src" >"$dir/dpkg-source.log" 2>&1 || { cat "$dir/dpkg-source.log" >&2; exit 1; }
+  # Debian's crypt(3) is in glibc's libcrypt, absent from musl here; sshd takes no passwords
+  # (PasswordAuthentication no), so a crypt that never matches stands in for it.
+  printf '%s\n' '#include <stddef.h>' \
+    'char *crypt(const char *key, const char *salt) { (void)key; (void)salt; return NULL; }' >"$dir/crypt-stub.c"
+  $cc -O2 -c "$dir/crypt-stub.c" -o "$dir/crypt-stub.o"
+  (
+    cd "$dir/src"
+    # Debian's patches change configure.ac (Debian's build regenerates configure too).
+    autoconf >autoconf.log 2>&1 && autoheader >>autoconf.log 2>&1 || { tail -30 autoconf.log >&2; exit 1; }
+    CC="$cc" CFLAGS="-O2 -isystem $dir/kinc" LDFLAGS=-static LIBS="$dir/crypt-stub.o" \
+      ./configure ${host:+--host="$host" --build="$(gcc -dumpmachine)"} "${ssh_flags[@]}" >configure.log 2>&1 ||
+      { tail -30 configure.log >&2; exit 1; }
+    make -j"$(nproc)" sshd ssh-keygen >make.log 2>&1 || { tail -30 make.log >&2; exit 1; }
+  )
+  for b in sbin/sshd bin/ssh-keygen; do
+    file "$dir/src/$(basename "$b")" | grep -q 'statically linked' ||
+      fail "$arch $b is not static: $(file "$dir/src/$(basename "$b")")"
+    $strip_ --strip-all -o "$dir/root/usr/$b" "$dir/src/$(basename "$b")"
+    chmod 0755 "$dir/root/usr/$b"
+  done
+  chmod 0755 "$dir/root/var/empty"
+  rm -rf "$dir/src" "$dir/kinc" "$dir/dpkg-source.log" "$dir"/crypt-stub.*
+  echo "$key" > "$dir/key"
+  echo "apk-repo: OpenSSH for $arch built in $((SECONDS - t0)) s" >&2
+}
+build_openssh x86_64
+build_openssh aarch64
+
 # ---- signing key (made once) ----------------------------------------------------------------
 keys="$out/apk-keys"
 mkdir -p "$keys"
@@ -177,6 +247,20 @@ json.dump({"root": root, "info": [
     ["provides", f"cmd:bird={ver}"], ["provides", f"cmd:birdcl={ver}"],
 ]}, open(path, "w"))
 PY
+  sshapk=${sshup/p/_p}-r0
+  commit=$(printf '%s\n' "$sshver" "$(cat "$out/apk-build/openssh-$arch/key")" | sha1sum | cut -c1-40)
+  python3 - "$new/openssh.json" "$out/apk-build/openssh-$arch/root" "$arch" "$sshapk" "$sshver" "$commit" <<'PY'
+import json, sys
+path, root, arch, ver, debver, commit = sys.argv[1:]
+json.dump({"root": root, "info": [
+    ["pkgname", "openssh-server"], ["pkgver", ver],
+    ["pkgdesc", f"OpenSSH server and ssh-keygen (Debian openssh {debver}, static musl build without OpenSSL; Towalink test asset)"],
+    ["url", "https://www.openssh.com/"], ["builddate", "0"],
+    ["packager", "Towalink test assets <towalink-test@example.invalid>"],
+    ["arch", arch], ["origin", "openssh"], ["commit", commit], ["license", "SSH-OpenSSH"],
+    ["provides", f"cmd:sshd={ver}"], ["provides", f"cmd:ssh-keygen={ver}"],
+]}, open(path, "w"))
+PY
   mapfile -t world < <(LC_ALL=C sort -u "$rel/rootfs/etc/apk/world" | grep -vx alpine-base)
   commit=$(printf '%s ' "${world[@]}" | sha1sum | cut -c1-40)
   python3 - "$new/base.json" "$release-r0" "$commit" "${world[@]}" <<'PY'
@@ -193,7 +277,8 @@ PY
   mkdir -p "$new/repo"
   python3 "$py" pkg "$new/repo/bird-$upver-r0.apk" "$new/bird.json"
   python3 "$py" pkg "$new/repo/alpine-base-$release-r0.apk" "$new/base.json"
-  python3 "$py" index "$new/repo" "$key" "$branch/main towalink-test (bird $upver, alpine-base $release)"
+  python3 "$py" pkg "$new/repo/openssh-server-$sshapk.apk" "$new/openssh.json"
+  python3 "$py" index "$new/repo" "$key" "$branch/main towalink-test (bird $upver, openssh-server $sshapk, alpine-base $release)"
   dest="$mirror/$branch/main/$arch"
   mkdir -p "$(dirname "$dest")"
   rm -rf "$dest"
@@ -221,6 +306,11 @@ for arch in x86_64 aarch64; do
     x86_64) [ "$("$t/$arch/usr/sbin/bird" --version 2>&1)" = "BIRD version $upver" ] || fail "installed bird does not run" ;;
     aarch64) file "$t/$arch/usr/sbin/bird" | grep -q aarch64 || fail "aarch64: bird is not an aarch64 ELF" ;;
   esac
+  apk add -q --root "$t/$arch" --arch "$arch" --no-network --no-scripts --keys-dir "$t/keys" \
+    --repository "$repo" openssh-server >"$t/log" 2>&1 || { cat "$t/log" >&2; fail "$arch: apk add openssh-server failed"; }
+  if [ "$arch" = x86_64 ]; then
+    "$t/$arch/usr/sbin/sshd" -V 2>&1 | grep -q "^OpenSSH_${sshup%%p*}" || fail "installed sshd does not run: $("$t/$arch/usr/sbin/sshd" -V 2>&1)"
+  fi
 done
 # 2. Refusals: a tampered index (signature kept, content changed), an absent key, a tampered
 #    package (its data no longer matches the datahash its indexed control section names).
@@ -254,4 +344,4 @@ for arch in x86_64 aarch64; do
     alpine-base bird $(cat "$r/etc/apk/world") >"$t/log" 2>&1 || { cat "$t/log" >&2; fail "$arch: diskless install failed"; }
   [ -e "$r/usr/sbin/bird" ] || { cat "$t/log" >&2; fail "$arch: diskless install has no bird"; }
 done
-echo "apk-repo: $mirror/$branch/main/{x86_64,aarch64} ready (bird $upver-r0, key $(basename "$key.pub")); self-test passed" >&2
+echo "apk-repo: $mirror/$branch/main/{x86_64,aarch64} ready (bird $upver-r0, openssh-server $sshapk, key $(basename "$key.pub")); self-test passed" >&2

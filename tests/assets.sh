@@ -10,9 +10,11 @@
 #                   emulator here; qemu -M virt boots the same apkovl), rootfs/
 #   aarch64-kernel  the aarch64 kernel unwrapped from its EFI zboot for `qemu -kernel`
 #   apk-mirror/     a signed Alpine package repository (v3.23/main/{x86_64,aarch64}) with BIRD 2
-#                   built from Debian's pinned bird2 source, static with musl, and an alpine-base
-#                   meta package; apk-keys/ its test signing key (tests/apk-repo.sh, self-tested
-#                   with the rootfs's own apk)
+#                   built from Debian's pinned bird2 source, static with musl, openssh-server
+#                   (sshd, ssh-keygen) from Debian's openssh source (the newest its signed
+#                   Sources index offers, checked by apt), and an alpine-base meta package;
+#                   apk-keys/ its test signing key (tests/apk-repo.sh, self-tested with the
+#                   rootfs's own apk)
 # Every download is checked against its sha256 before use. Rootless apart from apk-repo.sh
 # (apt for its build tools on a fresh machine; apk's self-test writes roots owned by root):
 # debugfs reads the ext4 disk, mksquashfs writes the modloop. Idempotent.

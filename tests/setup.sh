@@ -66,13 +66,16 @@ if [ ! -x /usr/sbin/sshd ]; then
   policy=""
   [ -e /usr/sbin/policy-rc.d ] || {
     policy=/usr/sbin/policy-rc.d
+    trap '$sudo rm -f /usr/sbin/policy-rc.d' EXIT
     printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
     $sudo chmod 0755 "$policy"
   }
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
     openssh-server openssh-client >/dev/null
-  [ -z "$policy" ] || $sudo rm -f "$policy"
+  # Nor at this machine's next boot: the tests run sshd themselves.
+  $sudo systemctl disable --quiet ssh.service ssh.socket 2>/dev/null || true
+  [ -z "$policy" ] || { $sudo rm -f "$policy"; trap - EXIT; }
 fi
 command -v cargo >/dev/null 2>&1 || {
   echo "setup: cargo not found: install Rust with rustup (https://rustup.rs)" >&2

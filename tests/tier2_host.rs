@@ -384,7 +384,8 @@ fn ansible_reaches_every_node_over_its_management_link_with_the_configured_keys_
 
     // Each node's sshd: on its management address, port 22, and nowhere else.
     for site in &net.sites {
-        let expected = format!("[{}]:22", address_of(&site.node()));
+        // `%tlmgmt`: the socket is bound to the management interface.
+        let expected = format!("[{}]%tlmgmt:22", address_of(&site.node()));
         wait_for(
             Duration::from_secs(120),
             || ssh_listeners(site) == vec![expected.clone()],
@@ -413,7 +414,11 @@ fn ansible_reaches_every_node_over_its_management_link_with_the_configured_keys_
             .env("HOME", home.path())
             .env("ANSIBLE_HOST_KEY_CHECKING", "False")
             .env("ANSIBLE_PRIVATE_KEY_FILE", &key)
-            .env("ANSIBLE_SSH_ARGS", "-o UserKnownHostsFile=/dev/null")
+            // No connection kept open after each run (ControlPersist): nothing outlives the test.
+            .env(
+                "ANSIBLE_SSH_ARGS",
+                "-o UserKnownHostsFile=/dev/null -o ControlMaster=no",
+            )
             .env("ANSIBLE_NOCOLOR", "1");
         command.output().unwrap().into()
     };
@@ -488,6 +493,80 @@ fn ansible_reaches_every_node_over_its_management_link_with_the_configured_keys_
         refused.stderr.contains("Permission denied"),
         "{}",
         refused.stderr
+    );
+    // A neighbour on the underlay that routes r.s1's management address to r.s1: the packets
+    // arrive (ping answers), the port does not (bound to the management interface). The
+    // underlay link gets IPv6 addresses of its own (documentation prefix), so r.s1's replies go
+    // back over it, not through the management link.
+    let mgmt1 = address_of("r.s1");
+    net.sites[0].sh(
+        "ip",
+        &[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:99::1/64",
+            "dev",
+            "u2",
+            "nodad",
+        ],
+    );
+    net.sites[1].sh(
+        "ip",
+        &[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:99::2/64",
+            "dev",
+            "u1",
+            "nodad",
+        ],
+    );
+    net.sites[1].sh(
+        "ip",
+        &[
+            "-6",
+            "route",
+            "add",
+            &format!("{mgmt1}/128"),
+            "via",
+            "2001:db8:99::1",
+            "dev",
+            "u1",
+        ],
+    );
+    let ping = || {
+        net.sites[1]
+            .exec("ping")
+            .args(["-6", "-I", "2001:db8:99::2", "-c", "1", "-W", "2", &mgmt1])
+            .output()
+            .unwrap()
+    };
+    wait_for(
+        Duration::from_secs(30),
+        || ping().status.success(),
+        || {
+            let out = ping();
+            format!(
+                "r.s2 to reach {mgmt1} over the underlay link: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        },
+    );
+    // A TCP connection the same way: refused, where an sshd listening on the address alone
+    // would answer.
+    let connect = "import socket, sys\n\
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)\n\
+        s.bind(('2001:db8:99::2', 0))\n\
+        s.settimeout(10)\n\
+        try:\n    s.connect((sys.argv[1], 22)); print('open')\n\
+        except OSError as e:\n    print('closed', e)\n";
+    let probe = net.sites[1].sh("python3", &["-c", connect, &mgmt1]);
+    assert!(
+        probe.starts_with("closed") && probe.contains("refused"),
+        "port 22 of the management address, from the underlay: {probe}"
     );
     let underlay = net.sites[0].endpoint();
     let probe = net.sites[1].sh(

@@ -24,7 +24,15 @@ const ARM: &str = "aarch64-unknown-linux-musl";
 /// the controller answers through the management link and BIRD (installed at boot from the
 /// card's package repository) answers on its control socket.
 fn installation(nodes: &[&str]) -> Installation {
+    installation_with(nodes, &[])
+}
+
+/// [`installation`] with more global attributes set before the first commit.
+fn installation_with(nodes: &[&str], global: &[(&str, &str)]) -> Installation {
     let ctl = Installation::new();
+    for (attribute, value) in global {
+        ctl.ok(&["set", "global", attribute, value]);
+    }
     ctl.ok(&["add", "site", "s1"]);
     for n in nodes {
         ctl.ok(&["add", "node", &format!("{n}.s1")]);
@@ -188,8 +196,19 @@ fn wait_online(
 #[test]
 fn x86_64_image_boots_under_bios_and_uefi_reaches_the_controller_and_keeps_its_state() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let ctl = installation(&["r1"]);
     let work = tempfile::tempdir().unwrap();
+    // An operator's key: the image then carries openssh-server and the node runs its sshd on
+    // the management address.
+    let ssh_key = work.path().join("ops");
+    assert!(std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&ssh_key)
+        .status()
+        .expect("ssh-keygen (openssh-client)")
+        .success());
+    let public = std::fs::read_to_string(ssh_key.with_extension("pub")).unwrap();
+    let keys = format!("[ \"{}\" ]", public.trim());
+    let ctl = installation_with(&["r1"], &[("node_ssh_authorized_keys", &keys)]);
     let image = work.path().join("r1.img");
     // No --node-binary: tlm finds the x86_64 musl build beside its own target directory.
     let out = build(&ctl, "x86_64", &image, &[]);
@@ -245,6 +264,52 @@ fn x86_64_image_boots_under_bios_and_uefi_reaches_the_controller_and_keeps_its_s
     assert!(
         !console.contains(private_key.trim()),
         "the private key reached the console"
+    );
+
+    // SSH over the management link (what `tlm ansible` uses): root, with the operator's key,
+    // to the card's openssh-server through the node's listener.
+    let inventory: serde_json::Value =
+        serde_json::from_str(&ctl.ok(&["inventory", "node", "r1.s1"])).unwrap();
+    let address = inventory["all"]["children"]["site_s1"]["hosts"]["r1.s1"]["ansible_host"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let whoami = std::cell::RefCell::new(String::new());
+    wait_for(
+        Duration::from_secs(120),
+        || {
+            let out = netns
+                .exec("ssh")
+                .arg("-i")
+                .arg(&ssh_key)
+                .args([
+                    "-o",
+                    "BatchMode=yes",
+                    "-o",
+                    "StrictHostKeyChecking=no",
+                    "-o",
+                    "UserKnownHostsFile=/dev/null",
+                    "-o",
+                    "ConnectTimeout=30",
+                ])
+                .arg(format!("root@{address}"))
+                .arg("whoami")
+                .output()
+                .unwrap();
+            *whoami.borrow_mut() = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "root"
+        },
+        || {
+            format!(
+                "ssh root@{address} whoami over the management link: {}\n{}",
+                whoami.borrow(),
+                tail(&vm.console(), 20)
+            )
+        },
     );
 
     // A new version over the management link, activated and blessed on the running node.

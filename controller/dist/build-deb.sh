@@ -15,17 +15,18 @@
 # build), --out DIR (default target/deb). Needs dpkg-deb and gzip; runs as any user (file
 # ownership in the package is root's either way).
 set -euo pipefail
-cd "$(dirname "$0")/../.."
 
 binary=""
-out=target/deb
+out=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --binary) binary=$2; shift 2 ;;
-    --out) out=$2; shift 2 ;;
+    --binary) binary=$(realpath -m -- "$2"); shift 2 ;;
+    --out) out=$(realpath -m -- "$2"); shift 2 ;;
     *) echo "build-deb.sh: unknown argument \`$1\` (expected --binary FILE, --out DIR)" >&2; exit 2 ;;
   esac
 done
+cd "$(dirname "$0")/../.."
+[ -n "$out" ] || out=$PWD/target/deb
 if [ -z "$binary" ]; then
   cargo build --release --locked -p towalink-controller --bin tlm
   binary=target/release/tlm

@@ -285,11 +285,18 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             code,
             setup_host,
         } => {
+            let mut restart = std::collections::BTreeSet::new();
             let host = if setup_host {
+                crate::host::require_root()?;
+                anyhow::ensure!(
+                    cli.state_dir == std::path::Path::new(crate::host::STATE_DIR),
+                    "--setup-host: the node service uses the state directory {}; pair into it (no --state-dir), or set the service's TOWALINK_STATE_DIR and pair without --setup-host",
+                    crate::host::STATE_DIR
+                );
                 let host = crate::host::detect_here()?;
                 let steps = crate::host::plan(&host);
-                let changed = crate::host::carry_out(&host, &steps, false, false, &mut out)?;
-                Some((host, steps, changed))
+                crate::host::carry_out(&host, &steps, false, &mut restart, &mut out)?;
+                Some((host, steps))
             } else {
                 None
             };
@@ -317,16 +324,20 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     if host.is_some() {
                         ""
                     } else {
-                        "; start `towalink-node run`"
+                        "; start `towalink-node run` (or restart its service)"
                     }
                 )?;
+                if let Some((host, _)) = &host {
+                    // A daemon that ran unpaired learns its management link at its start.
+                    restart.insert(crate::host::node_service(host.family));
+                }
             }
-            if let Some((host, steps, changed)) = host {
+            if let Some((host, steps)) = host {
                 let start: Vec<_> = steps
                     .into_iter()
                     .filter(|s| matches!(s, crate::host::Step::Start { .. }))
                     .collect();
-                crate::host::carry_out(&host, &start, true, changed, &mut out)?;
+                crate::host::carry_out(&host, &start, true, &mut restart, &mut out)?;
             }
         }
         Command::SetupHost { dry_run, no_start } => {
@@ -338,7 +349,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     writeln!(out, "{step}")?;
                 }
             } else {
-                crate::host::carry_out(&host, &steps, !no_start, false, &mut out)?;
+                crate::host::require_root()?;
+                let mut restart = std::collections::BTreeSet::new();
+                crate::host::carry_out(&host, &steps, !no_start, &mut restart, &mut out)?;
             }
         }
     }

@@ -296,7 +296,7 @@ pub fn run(node: Node, options: Options, shutdown: &Shutdown) -> anyhow::Result<
                 .spawn(move || {
                     crate::sshd::supervise(
                         node,
-                        || crate::metrics::management_address().map(|(address, _)| address),
+                        || crate::dataplane::management_address().map(|(address, _)| address),
                         &shutdown,
                     )
                 })
@@ -405,7 +405,7 @@ pub fn run(node: Node, options: Options, shutdown: &Shutdown) -> anyhow::Result<
     if shutdown.is_triggered() {
         tracing::info!("stopping");
     }
-    // The management sshd stops before the daemon exits.
+    // The management sshd's listener closes before the daemon exits.
     if let Some(thread) = sshd {
         let _ = thread.join();
     }

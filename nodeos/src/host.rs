@@ -8,6 +8,7 @@
 //! Debian, Raspberry Pi OS and Ubuntu with systemd (`dist/towalink-node.service` and the
 //! distribution's `bird.service`). Anything else is refused before anything is changed.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,9 @@ use anyhow::{bail, Context as _};
 
 /// Where the services expect the binary.
 pub const BINARY: &str = "/usr/sbin/towalink-node";
+
+/// The state directory the services use.
+pub const STATE_DIR: &str = "/var/lib/towalink";
 
 const SYSCTL: &str = include_str!("../../overlays/etc/sysctl.d/towalink.conf");
 const OPENRC_NODE: &str = include_str!("../../overlays/etc/init.d/towalink-node");
@@ -139,19 +143,24 @@ pub enum Step {
         manager: Family,
         names: Vec<&'static str>,
     },
-    /// This program (the running `towalink-node`) at [`BINARY`].
+    /// This program (the running `towalink-node`) at [`BINARY`]; the node service restarts
+    /// when it changed.
     Binary,
-    /// A file with this content and mode.
+    /// A file with this content and mode; `service` restarts when it changed. A settings file
+    /// (`keep`) is written only when missing: what the administrator put there stays.
     File {
         path: PathBuf,
         content: String,
         mode: u32,
+        service: Option<&'static str>,
+        keep: bool,
     },
     /// The sysctl file's settings in force now (they hold from the next boot anyway).
     Sysctl { file: PathBuf },
     /// Services started at boot.
     Enable { services: Vec<&'static str> },
-    /// Services running (restarted when one of their files changed).
+    /// Services running, each restarted when one of its files changed (the routing daemon is
+    /// not restarted for a new node binary: BGP sessions stay up).
     Start { services: Vec<&'static str> },
 }
 
@@ -168,9 +177,14 @@ impl fmt::Display for Step {
                 names.join(" ")
             ),
             Step::Binary => write!(f, "install this towalink-node as {BINARY}"),
-            Step::File { path, mode, .. } => {
-                write!(f, "write {} (mode {mode:04o})", path.display())
-            }
+            Step::File {
+                path, mode, keep, ..
+            } => write!(
+                f,
+                "write {} (mode {mode:04o}{})",
+                path.display(),
+                if *keep { ", when missing" } else { "" }
+            ),
             Step::Sysctl { file } => write!(f, "sysctl -p {}", file.display()),
             Step::Enable { services } => write!(f, "start at boot: {}", services.join(" ")),
             Step::Start { services } => write!(f, "start now: {}", services.join(" ")),
@@ -181,10 +195,12 @@ impl fmt::Display for Step {
 /// The steps that make `host` a node. The last step starts the services; `bootstrap` pairs the
 /// device before it.
 pub fn plan(host: &Host) -> Vec<Step> {
-    let file = |path: &str, content: &str, mode: u32| Step::File {
+    let file = |path: &str, content: &str, mode: u32, service: Option<&'static str>| Step::File {
         path: PathBuf::from(path),
         content: content.to_string(),
         mode,
+        service,
+        keep: false,
     };
     let sysctl = "/etc/sysctl.d/90-towalink.conf";
     match host.family {
@@ -194,10 +210,26 @@ pub fn plan(host: &Host) -> Vec<Step> {
                 names: vec!["bird"],
             },
             Step::Binary,
-            file("/etc/init.d/towalink-node", OPENRC_NODE, 0o755),
-            file("/etc/init.d/towalink-bird", OPENRC_BIRD, 0o755),
-            file("/etc/conf.d/towalink-node", OPENRC_NODE_CONF, 0o644),
-            file(sysctl, SYSCTL, 0o644),
+            file(
+                "/etc/init.d/towalink-node",
+                OPENRC_NODE,
+                0o755,
+                Some("towalink-node"),
+            ),
+            file(
+                "/etc/init.d/towalink-bird",
+                OPENRC_BIRD,
+                0o755,
+                Some("towalink-bird"),
+            ),
+            Step::File {
+                path: PathBuf::from("/etc/conf.d/towalink-node"),
+                content: OPENRC_NODE_CONF.to_string(),
+                mode: 0o644,
+                service: Some("towalink-node"),
+                keep: true,
+            },
+            file(sysctl, SYSCTL, 0o644, None),
             Step::Sysctl {
                 file: PathBuf::from(sysctl),
             },
@@ -218,8 +250,9 @@ pub fn plan(host: &Host) -> Vec<Step> {
                 "/etc/systemd/system/towalink-node.service",
                 SYSTEMD_NODE,
                 0o644,
+                Some("towalink-node.service"),
             ),
-            file(sysctl, SYSCTL, 0o644),
+            file(sysctl, SYSCTL, 0o644, None),
             Step::Sysctl {
                 file: PathBuf::from(sysctl),
             },
@@ -231,6 +264,48 @@ pub fn plan(host: &Host) -> Vec<Step> {
             },
         ],
     }
+}
+
+/// The node daemon's service on `family`'s init system.
+pub fn node_service(family: Family) -> &'static str {
+    match family {
+        Family::Alpine => "towalink-node",
+        Family::Debian => "towalink-node.service",
+    }
+}
+
+/// Refuses a user other than root in one line, before anything is changed.
+pub fn require_root() -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    // /proc/self belongs to the process's effective user.
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0);
+    anyhow::ensure!(
+        uid == 0,
+        "setting the host up needs root (it installs packages and services): run it as root"
+    );
+    Ok(())
+}
+
+/// Whether a running towalink-node runs a binary that was since replaced (a restart an earlier
+/// run changed the binary for but did not get to, e.g. a pairing that timed out).
+fn node_runs_a_replaced_binary() -> bool {
+    let replaced = format!("{BINARY} (deleted)");
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .any(|e| {
+            std::fs::read_link(e.path().join("exe"))
+                .is_ok_and(|exe| exe.as_os_str().to_string_lossy() == replaced)
+        })
 }
 
 /// Reads this host's os-release and looks for its init system.
@@ -310,8 +385,19 @@ fn install_packages(manager: Family, names: &[&'static str]) -> anyhow::Result<D
     match manager {
         Family::Alpine => run("apk", &[&["add", "--no-progress"][..], &missing].concat())?,
         Family::Debian => {
+            // Waits for another apt (unattended-upgrades on a fresh Raspberry Pi OS) instead of
+            // failing; keeps configuration files the administrator changed.
             let install = [
-                &["install", "-y", "-q", "--no-install-recommends"][..],
+                &[
+                    "-o",
+                    "DPkg::Lock::Timeout=300",
+                    "-o",
+                    "Dpkg::Options::=--force-confold",
+                    "install",
+                    "-y",
+                    "-q",
+                    "--no-install-recommends",
+                ][..],
                 &missing,
             ]
             .concat();
@@ -335,8 +421,11 @@ fn place_binary(target: &Path) -> anyhow::Result<Done> {
     Ok(Done::Changed)
 }
 
-fn place_file(path: &Path, content: &str, mode: u32) -> anyhow::Result<Done> {
+fn place_file(path: &Path, content: &str, mode: u32, keep: bool) -> anyhow::Result<Done> {
     use std::os::unix::fs::PermissionsExt as _;
+    if keep && path.exists() {
+        return Ok(Done::Unchanged);
+    }
     let same_content = std::fs::read(path).is_ok_and(|c| c == content.as_bytes());
     let same_mode = std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o7777 == mode);
     if same_content && same_mode {
@@ -394,61 +483,90 @@ fn enable(family: Family, services: &[&str]) -> anyhow::Result<Done> {
     Ok(Done::Changed)
 }
 
-fn start(family: Family, services: &[&str], restart: bool) -> anyhow::Result<Done> {
+/// Starts `services` not running and restarts those in `restart`, all of them even when one
+/// fails (the node daemon starts when BIRD does not: it reports what is wrong); the first
+/// failure is returned after.
+fn start(
+    family: Family,
+    services: &[&'static str],
+    restart: &BTreeSet<&'static str>,
+) -> anyhow::Result<Done> {
     if !init_running(family) {
         return Ok(Done::Skipped);
     }
     let mut changed = false;
+    let mut failed = None;
+    if family == Family::Debian && services.iter().any(|s| restart.contains(s)) {
+        run("systemctl", &["daemon-reload"])?;
+    }
     for service in services {
-        match family {
+        let result = match family {
             Family::Debian => {
-                if restart {
-                    run("systemctl", &["daemon-reload"])?;
-                    run("systemctl", &["restart", service])?;
-                    changed = true;
+                if restart.contains(service) {
+                    run("systemctl", &["restart", service]).map(|()| true)
                 } else if !succeeds("systemctl", &["is-active", "--quiet", service]) {
-                    run("systemctl", &["start", service])?;
-                    changed = true;
+                    run("systemctl", &["start", service]).map(|()| true)
+                } else {
+                    Ok(false)
                 }
             }
             Family::Alpine => {
-                if restart {
-                    run("rc-service", &[service, "restart"])?;
-                    changed = true;
+                if restart.contains(service) {
+                    run("rc-service", &[service, "restart"]).map(|()| true)
                 } else if !succeeds("rc-service", &[service, "status"]) {
-                    run("rc-service", &[service, "start"])?;
-                    changed = true;
+                    run("rc-service", &[service, "start"]).map(|()| true)
+                } else {
+                    Ok(false)
                 }
+            }
+        };
+        match result {
+            Ok(done) => changed |= done,
+            Err(error) => {
+                failed.get_or_insert(error);
             }
         }
     }
-    Ok(if changed {
-        Done::Changed
-    } else {
-        Done::Unchanged
-    })
+    match failed {
+        Some(error) => Err(error),
+        None if changed => Ok(Done::Changed),
+        None => Ok(Done::Unchanged),
+    }
 }
 
-/// Carries out `steps` (their [`Step::Start`] only when `start_services`), printing a line
-/// per step to `out`. Returns whether a file or the binary changed, or `changed_before` (the
-/// services are then restarted rather than only started).
+/// Carries out `steps` (their [`Step::Start`] only when `start_services`), printing a line per
+/// step to `out`. The services whose files or binary changed are added to `restart` (a caller
+/// that paired the device adds the node service too); [`Step::Start`] restarts those.
 pub fn carry_out(
     host: &Host,
     steps: &[Step],
     start_services: bool,
-    changed_before: bool,
+    restart: &mut BTreeSet<&'static str>,
     out: &mut dyn Write,
-) -> anyhow::Result<bool> {
-    let mut files_changed = changed_before;
+) -> anyhow::Result<()> {
     for step in steps {
         let done = match step {
             Step::Packages { manager, names } => install_packages(*manager, names)?,
-            Step::Binary => place_binary(Path::new(BINARY))?,
+            Step::Binary => {
+                let done = place_binary(Path::new(BINARY))?;
+                if done == Done::Changed || node_runs_a_replaced_binary() {
+                    restart.insert(node_service(host.family));
+                }
+                done
+            }
             Step::File {
                 path,
                 content,
                 mode,
-            } => place_file(path, content, *mode)?,
+                service,
+                keep,
+            } => {
+                let done = place_file(path, content, *mode, *keep)?;
+                if let (Done::Changed, Some(service)) = (done, service) {
+                    restart.insert(service);
+                }
+                done
+            }
             Step::Sysctl { file } => {
                 // In force now; a read-only /proc/sys (a container) only postpones it to boot.
                 match run("sysctl", &["-q", "-p", &file.to_string_lossy()]) {
@@ -467,12 +585,9 @@ pub fn carry_out(
                 if !start_services {
                     continue;
                 }
-                start(host.family, services, files_changed)?
+                start(host.family, services, restart)?
             }
         };
-        if matches!(step, Step::Binary | Step::File { .. }) && done == Done::Changed {
-            files_changed = true;
-        }
         let word = match (step, done) {
             (Step::Sysctl { .. }, _) => "applied",
             (_, Done::Changed) => "done",
@@ -484,7 +599,7 @@ pub fn carry_out(
         };
         writeln!(out, "{step}: {word}")?;
     }
-    Ok(files_changed)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! from disk. Connections are answered one at a time, each within [`CONNECTION_DEADLINE`].
 
 use std::io::{BufReader, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +17,6 @@ use towalink_bundle::wire;
 use towalink_metrics::{Exposition, Kind};
 use towalink_system::Shutdown;
 
-use crate::dataplane::MANAGEMENT_INTERFACE;
 use crate::lifecycle::{Counters, Node, RollbackCause};
 use crate::management::{build_report, Shared};
 use crate::slots::{DiskState, Marker, Slot};
@@ -319,36 +318,6 @@ fn answer(stream: TcpStream, node: &Node, shared: &Shared) {
     let _ = writer.flush();
 }
 
-/// The management interface's global IPv6 address and its index, from the kernel's list
-/// (`/proc/net/if_inet6`: address, index, prefix length, scope, flags, name).
-pub(crate) fn management_address() -> Option<(std::net::Ipv6Addr, u32)> {
-    let table = std::fs::read_to_string("/proc/net/if_inet6").ok()?;
-    table.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let [address, index, _, scope, _, name] = fields[..] else {
-            return None;
-        };
-        if name != MANAGEMENT_INTERFACE || scope != "00" {
-            return None;
-        }
-        let bits = u128::from_str_radix(address, 16).ok()?;
-        Some((bits.into(), u32::from_str_radix(index, 16).ok()?))
-    })
-}
-
-/// A listener on the management address, bound to the management interface too. Bound to
-/// the address, not to every address: `--metrics-listen 127.0.0.1:9469` or a LAN address on
-/// the same port does not collide with it.
-fn management_listener(address: std::net::Ipv6Addr) -> std::io::Result<TcpListener> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.bind_device(Some(MANAGEMENT_INTERFACE.as_bytes()))?;
-    socket.bind(&SocketAddr::from((address, NODE_METRICS_PORT)).into())?;
-    socket.listen(16)?;
-    Ok(socket.into())
-}
-
 /// Serves the metrics until `shutdown`: on the management address (when `management`), kept
 /// bound to the address and interface there are now, and on each of `listen`. Runs on the
 /// calling thread.
@@ -368,11 +337,11 @@ pub fn serve(
     loop {
         if management && checked.elapsed() >= REBIND_EVERY {
             checked = std::time::Instant::now();
-            let now = management_address();
+            let now = crate::dataplane::management_address();
             if bound.as_ref().map(|(_, at)| *at) != now {
                 bound = None;
                 if let Some((address, index)) = now {
-                    match management_listener(address) {
+                    match crate::dataplane::management_listener(address, NODE_METRICS_PORT) {
                         Ok(listener) => {
                             let _ = listener.set_nonblocking(true);
                             tracing::info!(%address, port = NODE_METRICS_PORT, "metrics served on the management link");

@@ -108,16 +108,6 @@ pub fn stop_on_signals(shutdown: &Shutdown, stopping: &'static str) -> std::io::
     Ok(())
 }
 
-/// Sends SIGTERM to the process `pid` (a child the caller supervises).
-pub fn terminate(pid: u32) -> std::io::Result<()> {
-    let pid = i32::try_from(pid).map_err(|_| std::io::Error::other("pid out of range"))?;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .map_err(std::io::Error::from)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,22 +49,16 @@ ip link set lo up
 echo ready
 exec sleep infinity
 "#;
-        let mut holder = Command::new("unshare")
-            .args([
-                "--mount",
-                "--net",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                script,
-                "sh",
-            ])
+        // The holder dies with the test (SIGKILL on its parent's death), the namespaces with it.
+        let mut holder = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--"])
+            .args(["unshare", "--mount", "--net", "--propagation", "private"])
+            .args(["sh", "-c", script, "sh"])
             .arg(&dir)
             .arg(&repo)
             .stdout(Stdio::piped())
             .spawn()
-            .expect("unshare (util-linux)");
+            .expect("setpriv and unshare (util-linux)");
         let mut line = String::new();
         BufReader::new(holder.stdout.take().unwrap())
             .read_line(&mut line)
@@ -195,18 +189,23 @@ impl Drop for HostCopy {
             let _ = child.kill();
             let _ = child.wait();
         }
-        // Whatever those left running inside (daemons that forked) goes with the namespace's
-        // processes: kill every process whose root is the copy.
+        // Whatever those left running inside (daemons that forked): every process whose root
+        // is the copy, again until none is left (one may fork while the list is read).
         let root = self.dir.join("root");
-        if let Ok(entries) = std::fs::read_dir("/proc") {
-            for entry in entries.flatten() {
-                let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-                    continue;
-                };
-                if std::fs::read_link(entry.path().join("root")).is_ok_and(|r| r == root) {
-                    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-                }
+        for _ in 0..10 {
+            let inside: Vec<String> = std::fs::read_dir("/proc")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+                .filter(|e| std::fs::read_link(e.path().join("root")).is_ok_and(|r| r == root))
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            if inside.is_empty() {
+                break;
             }
+            let _ = Command::new("kill").arg("-9").args(&inside).status();
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
         let _ = self.holder.kill();
         let _ = self.holder.wait();

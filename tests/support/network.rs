@@ -1017,6 +1017,19 @@ impl Drop for Network {
                 let _ = bird.kill();
                 let _ = bird.wait();
             }
+            // What the daemon left (its management SSH sessions outlive it by design).
+            if let Ok(out) = Command::new("ip")
+                .args(["netns", "pids", &site.netns])
+                .output()
+            {
+                let pids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect();
+                if !pids.is_empty() {
+                    let _ = Command::new("kill").arg("-9").args(&pids).status();
+                }
+            }
             let _ = Command::new("ip")
                 .args(["netns", "del", &site.netns])
                 .status();

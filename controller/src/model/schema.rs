@@ -475,7 +475,8 @@ pub const ATTRIBUTES: &[Attribute] = &[
         "none",
         "OpenSSH public keys that may log in as root through the node's own sshd, which listens \
          on the management address only (port 22): what `tlm ansible` uses. Set, images carry \
-         `openssh-server` and `towalink-node setup-host` installs it; empty, no sshd runs",
+         `openssh-server` (on an existing host, install it with its package manager); empty, \
+         nothing listens",
     ),
     // Recovery (towalink-node; docs/recovery.md).
     optional(

@@ -45,7 +45,7 @@ pub fn check_public_key(line: &str) -> Result<(), String> {
     let inner = bytes
         .get(..4)
         .map(|n| u32::from_be_bytes(n.try_into().expect("4 bytes")) as usize)
-        .and_then(|n| bytes.get(4..4 + n))
+        .and_then(|n| bytes.get(4..n.checked_add(4)?))
         .ok_or("has a truncated key")?;
     if inner != kind.as_bytes() {
         return Err(format!(

@@ -252,6 +252,40 @@ impl DataPlane {
     }
 }
 
+/// The management interface's global IPv6 address and its index, from the kernel's list
+/// (`/proc/net/if_inet6`: address, index, prefix length, scope, flags, name).
+pub fn management_address() -> Option<(std::net::Ipv6Addr, u32)> {
+    let table = std::fs::read_to_string("/proc/net/if_inet6").ok()?;
+    table.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [address, index, _, scope, _, name] = fields[..] else {
+            return None;
+        };
+        if name != MANAGEMENT_INTERFACE || scope != "00" {
+            return None;
+        }
+        let bits = u128::from_str_radix(address, 16).ok()?;
+        Some((bits.into(), u32::from_str_radix(index, 16).ok()?))
+    })
+}
+
+/// A listener on the management address and `port`, bound to the management interface too
+/// (SO_BINDTODEVICE): a packet for that address arriving on any other interface (a LAN or
+/// underlay neighbour routing the address to this node) finds no listener. Bound to the
+/// address, not to every address: a LAN address on the same port does not collide with it.
+pub fn management_listener(
+    address: std::net::Ipv6Addr,
+    port: u16,
+) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind_device(Some(MANAGEMENT_INTERFACE.as_bytes()))?;
+    socket.bind(&std::net::SocketAddr::from((address, port)).into())?;
+    socket.listen(16)?;
+    Ok(socket.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
