@@ -473,16 +473,7 @@ fn ansible_reaches_every_node_over_its_management_link_with_the_configured_keys_
     let refused = std::process::Command::new("ip")
         .args(["netns", "exec", &ctl_netns, "ssh", "-i"])
         .arg(&stranger)
-        .args([
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "ConnectTimeout=20",
-        ])
+        .args(towalink_tests::SSH_TEST_OPTIONS)
         .arg(format!("root@{}", address_of("r.s1")))
         .arg("true")
         .output()

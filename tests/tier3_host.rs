@@ -10,26 +10,13 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use towalink_tests::network::{tail, wait_for};
+use towalink_tests::network::{sh, tail, wait_for};
 use towalink_tests::vm::{assets, node_binary, Firmware, Guard, Netns, Vm};
 use towalink_tests::{binary, Installation};
 
 const X86: &str = "x86_64-unknown-linux-musl";
 /// What the attach and the device agree on beforehand (`--code` on both sides).
 const CODE: &str = "AAAA-AAAA";
-
-fn sh(program: &str, args: &[&str]) {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn write(path: &Path, content: &str, mode: u32) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();

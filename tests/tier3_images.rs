@@ -282,16 +282,7 @@ fn x86_64_image_boots_under_bios_and_uefi_reaches_the_controller_and_keeps_its_s
                 .exec("ssh")
                 .arg("-i")
                 .arg(&ssh_key)
-                .args([
-                    "-o",
-                    "BatchMode=yes",
-                    "-o",
-                    "StrictHostKeyChecking=no",
-                    "-o",
-                    "UserKnownHostsFile=/dev/null",
-                    "-o",
-                    "ConnectTimeout=30",
-                ])
+                .args(towalink_tests::SSH_TEST_OPTIONS)
                 .arg(format!("root@{address}"))
                 .arg("whoami")
                 .output()

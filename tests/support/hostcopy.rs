@@ -105,39 +105,28 @@ nsenter -t {holder} -n ip link set tlh-c up"
     /// Like [`HostCopy::command`], in the neighbour's network namespace.
     pub fn command_next_door(&self, script: &str) -> Command {
         let name = self.neighbour.as_ref().expect("add_neighbour first");
-        let mut command = Command::new("nsenter");
-        command
-            .arg("-t")
-            .arg(self.holder.id().to_string())
-            .arg("-m")
-            .arg(format!("--net=/run/netns/{name}"))
-            .arg("chroot")
-            .arg(self.dir.join("root"))
-            .args(["/bin/sh", "-c", script])
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            );
-        command
+        self.chrooted(&format!("--net=/run/netns/{name}"), script)
     }
 
     /// Starts `script` next door in the background, like [`HostCopy::spawn`].
     pub fn spawn_next_door(&self, script: &str, log: &str) {
-        let child = self
-            .command_next_door(&format!("exec >{log} 2>&1; exec {script}"))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("nsenter (util-linux)");
-        self.started.lock().unwrap().push(child);
+        let command = self.command_next_door(&Self::logged(script, log));
+        self.start(command);
     }
 
     /// A shell command line inside the copy (as root, in its network namespace).
     pub fn command(&self, script: &str) -> Command {
+        self.chrooted("-n", script)
+    }
+
+    /// `script` in the copy's mount namespace and root, in the network namespace `net` names
+    /// (an nsenter option).
+    fn chrooted(&self, net: &str, script: &str) -> Command {
         let mut command = Command::new("nsenter");
         command
             .arg("-t")
             .arg(self.holder.id().to_string())
-            .args(["-m", "-n", "chroot"])
+            .args(["-m", net, "chroot"])
             .arg(self.dir.join("root"))
             .args(["/bin/sh", "-c", script])
             .env(
@@ -145,6 +134,18 @@ nsenter -t {holder} -n ip link set tlh-c up"
                 "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             );
         command
+    }
+
+    fn logged(script: &str, log: &str) -> String {
+        format!("exec >{log} 2>&1; exec {script}")
+    }
+
+    fn start(&self, mut command: Command) {
+        let child = command
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("nsenter (util-linux)");
+        self.started.lock().unwrap().push(child);
     }
 
     pub fn run(&self, script: &str) -> Run {
@@ -166,12 +167,7 @@ nsenter -t {holder} -n ip link set tlh-c up"
     /// Starts `script` in the background (killed when the copy is dropped), its output to
     /// `log` (a path inside the copy).
     pub fn spawn(&self, script: &str, log: &str) {
-        let child = self
-            .command(&format!("exec >{log} 2>&1; exec {script}"))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("nsenter (util-linux)");
-        self.started.lock().unwrap().push(child);
+        self.start(self.command(&Self::logged(script, log)));
     }
 
     /// The copy's view of an absolute path, readable from outside while it lives (through

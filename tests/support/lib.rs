@@ -37,6 +37,19 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// `ssh` options of a test's client: no prompts, a node's host key taken on first sight and
+/// not kept, a generous connect timeout.
+pub const SSH_TEST_OPTIONS: [&str; 8] = [
+    "-o",
+    "BatchMode=yes",
+    "-o",
+    "StrictHostKeyChecking=no",
+    "-o",
+    "UserKnownHostsFile=/dev/null",
+    "-o",
+    "ConnectTimeout=30",
+];
+
 /// The result of one `tlm` run.
 #[derive(Debug)]
 pub struct Run {
