@@ -1,6 +1,7 @@
-//! Benchmark: `tlm commit all` from scratch and after changing one global attribute, for full
-//! meshes of 10, 100 and 500 nodes (5 sites) and a 2,000-node star. Prints wall time and the
-//! peak RSS of the real `tlm` process. Not a pass/fail test: figures for docs/benchmarks.md.
+//! Benchmark: `tlm commit all` from scratch and after changing one global attribute, and
+//! `tlm list links`, for full meshes of 10, 100 and 500 nodes (5 sites) and a 2,000-node star
+//! (and a 1,000-node mesh when named: `-- mesh1000`). Prints wall time and the peak RSS of the
+//! real `tlm` process. Not a pass/fail test: figures for docs/benchmarks.md.
 //!
 //! Run: `cargo bench -p towalink-controller --bench commit` (add `-- quick` to skip 500/2000).
 
@@ -96,6 +97,7 @@ fn all_scenarios() -> Vec<Scenario> {
         scenario("mesh10", "mesh 10 nodes (5 sites)", 5, 2, false),
         scenario("mesh100", "mesh 100 nodes (5 sites)", 5, 20, false),
         scenario("mesh500", "mesh 500 nodes (5 sites)", 5, 100, false),
+        scenario("mesh1000", "mesh 1000 nodes (10 sites)", 10, 100, false),
         scenario(
             "star2000",
             "star 2000 nodes (100 sites, 1 hub)",
@@ -115,11 +117,12 @@ fn main() {
         .collect();
     let mut scenarios: Vec<Scenario> = all_scenarios()
         .into_iter()
+        .filter(|s| s.key != "mesh1000")
         .filter(|s| !quick || s.key == "mesh10" || s.key == "mesh100")
         .collect();
     println!(
-        "{:<36} {:>10} {:>12} {:>10} {:>12} {:>10}",
-        "scenario", "links", "commit s", "RSS MB", "1 attr s", "RSS MB"
+        "{:<36} {:>10} {:>12} {:>10} {:>12} {:>10} {:>12} {:>10}",
+        "scenario", "links", "commit s", "RSS MB", "1 attr s", "RSS MB", "list links s", "RSS MB"
     );
     if !only.is_empty() {
         scenarios = all_scenarios()
@@ -137,6 +140,7 @@ fn main() {
         let (scratch, scratch_rss) = tlm(&dir, &["commit", "all"]);
         tlm(&dir, &["set", "global", "bird_bfd_interval_ms", "150"]);
         let (change, change_rss) = tlm(&dir, &["commit", "all"]);
+        let (list, list_rss) = tlm(&dir, &["list", "links"]);
         let links = Command::new(env!("CARGO_BIN_EXE_tlm"))
             .args(["list", "links"])
             .env("TOWALINK_CONFIG_DIR", &dir)
@@ -150,13 +154,15 @@ fn main() {
             })
             .unwrap_or(0);
         println!(
-            "{:<36} {:>10} {:>12.3} {:>10.1} {:>12.3} {:>10.1}",
+            "{:<36} {:>10} {:>12.3} {:>10.1} {:>12.3} {:>10.1} {:>12.3} {:>10.1}",
             scenario.name,
             links,
             scratch.as_secs_f64(),
             scratch_rss as f64 / 1024.0,
             change.as_secs_f64(),
-            change_rss as f64 / 1024.0
+            change_rss as f64 / 1024.0,
+            list.as_secs_f64(),
+            list_rss as f64 / 1024.0
         );
     }
 }

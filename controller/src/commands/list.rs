@@ -139,24 +139,29 @@ pub fn run(
                 if !filter(a) && !filter(b) {
                     continue;
                 }
-                let peer_ab = resolved.peers(a.id).into_iter().find(|p| p.peer_id == b.id);
-                let Some(p) = peer_ab else { continue };
-                objects.push(json!({
-                    "a": a.full_name().to_string(), "b": b.full_name().to_string(),
-                    "a_interface": p.interface, "a_port": p.listen_port,
-                    "b_interface": crate::model::topology::interface_name(a.id), "b_port": p.peer_port,
-                    "a_link_local": p.local_link_local, "b_link_local": p.peer_link_local,
-                }));
-                rows.push(vec![
-                    a.full_name().to_string(),
-                    format!("{}:{}", p.interface, p.listen_port),
-                    b.full_name().to_string(),
-                    format!(
-                        "{}:{}",
-                        crate::model::topology::interface_name(a.id),
-                        p.peer_port
-                    ),
-                ]);
+                let Some(p) = resolved.link_peer(link) else {
+                    continue;
+                };
+                // Only what the format prints: a JSON value per link costs ten times its row.
+                if format == Format::Json {
+                    objects.push(json!({
+                        "a": a.full_name().to_string(), "b": b.full_name().to_string(),
+                        "a_interface": p.interface, "a_port": p.listen_port,
+                        "b_interface": crate::model::topology::interface_name(a.id), "b_port": p.peer_port,
+                        "a_link_local": p.local_link_local, "b_link_local": p.peer_link_local,
+                    }));
+                } else {
+                    rows.push(vec![
+                        a.full_name().to_string(),
+                        format!("{}:{}", p.interface, p.listen_port),
+                        b.full_name().to_string(),
+                        format!(
+                            "{}:{}",
+                            crate::model::topology::interface_name(a.id),
+                            p.peer_port
+                        ),
+                    ]);
+                }
             }
             if format == Format::Json {
                 print_json(out, &json!(objects));

@@ -314,49 +314,56 @@ impl Resolved {
 
     /// The peers of a node with every per-link value.
     pub fn peers(&self, node_id: u32) -> Vec<Peer> {
-        let Some(node) = self.settings.get(&node_id) else {
-            return Vec::new();
-        };
         self.peers
             .get(&node_id)
             .into_iter()
             .flatten()
-            .map(|peer_id| {
-                let peer = &self.settings[peer_id];
-                let peer_port =
-                    topology::listen_port(peer.port_base, node_id).expect("checked in resolve()");
-                Peer {
-                    interface: topology::interface_name(*peer_id),
-                    peer_id: *peer_id,
-                    peer_node: peer.allocation.name.to_string(),
-                    peer_site: peer.allocation.site.to_string(),
-                    peer_asn: peer.asn,
-                    peer_loopback_ipv4: peer.loopback_ipv4,
-                    peer_loopback_ipv6: peer.loopback_ipv6,
-                    peer_public_key: peer.allocation.wg_public_key.clone(),
-                    peer_endpoint: peer.endpoint.as_ref().map(|host| {
-                        if host.contains(':') && !host.starts_with('[') {
-                            format!("[{host}]:{peer_port}")
-                        } else {
-                            format!("{host}:{peer_port}")
-                        }
-                    }),
-                    peer_endpoint_ip: peer.endpoint.as_ref().and_then(|host| {
-                        host.trim_start_matches('[')
-                            .trim_end_matches(']')
-                            .parse()
-                            .ok()
-                    }),
-                    listen_port: topology::listen_port(node.port_base, *peer_id)
-                        .expect("checked in resolve()"),
-                    peer_port,
-                    local_link_local: topology::link_local(node_id, *peer_id),
-                    peer_link_local: topology::link_local(*peer_id, node_id),
-                    keepalive: node.keepalive,
-                    mtu: node.mtu.min(peer.mtu),
-                }
-            })
+            .filter_map(|peer_id| self.peer_of(node_id, *peer_id))
             .collect()
+    }
+
+    /// A link of [`Resolved::links`] as its lower node sees it (its entry in that node's
+    /// [`Resolved::peers`]), made alone: listing every link costs what it prints.
+    pub fn link_peer(&self, link: &topology::Link) -> Option<Peer> {
+        self.peer_of(link.low, link.high)
+    }
+
+    /// `peer_id` as `node_id`'s peer (the two are linked).
+    fn peer_of(&self, node_id: u32, peer_id: u32) -> Option<Peer> {
+        let node = self.settings.get(&node_id)?;
+        let peer = self.settings.get(&peer_id)?;
+        let peer_port =
+            topology::listen_port(peer.port_base, node_id).expect("checked in resolve()");
+        Some(Peer {
+            interface: topology::interface_name(peer_id),
+            peer_id,
+            peer_node: peer.allocation.name.to_string(),
+            peer_site: peer.allocation.site.to_string(),
+            peer_asn: peer.asn,
+            peer_loopback_ipv4: peer.loopback_ipv4,
+            peer_loopback_ipv6: peer.loopback_ipv6,
+            peer_public_key: peer.allocation.wg_public_key.clone(),
+            peer_endpoint: peer.endpoint.as_ref().map(|host| {
+                if host.contains(':') && !host.starts_with('[') {
+                    format!("[{host}]:{peer_port}")
+                } else {
+                    format!("{host}:{peer_port}")
+                }
+            }),
+            peer_endpoint_ip: peer.endpoint.as_ref().and_then(|host| {
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse()
+                    .ok()
+            }),
+            listen_port: topology::listen_port(node.port_base, peer_id)
+                .expect("checked in resolve()"),
+            peer_port,
+            local_link_local: topology::link_local(node_id, peer_id),
+            peer_link_local: topology::link_local(peer_id, node_id),
+            keepalive: node.keepalive,
+            mtu: node.mtu.min(peer.mtu),
+        })
     }
 
     /// The complete attributes of a node: merged hierarchy plus generated values (no peers).
@@ -577,6 +584,25 @@ mod tests {
         let back = &r.peers(2)[0];
         assert_eq!(back.peer_link_local, p.local_link_local);
         assert_eq!(back.peer_endpoint, None);
+    }
+
+    #[test]
+    fn a_link_alone_is_what_its_lower_node_lists_among_its_peers() {
+        let t = tree(&[("a", &["x", "y"]), ("b", &["z", "w"])]);
+        let r = resolve(&t).unwrap();
+        assert_eq!(
+            r.links().len(),
+            4,
+            "each node linked to both of the other site"
+        );
+        for link in r.links() {
+            let listed = r
+                .peers(link.low)
+                .into_iter()
+                .find(|p| p.peer_id == link.high)
+                .unwrap();
+            assert_eq!(r.link_peer(link), Some(listed));
+        }
     }
 
     #[test]
