@@ -203,67 +203,65 @@ pub fn plan(host: &Host) -> Vec<Step> {
         keep: false,
     };
     let sysctl = "/etc/sysctl.d/90-towalink.conf";
-    match host.family {
-        Family::Alpine => vec![
-            Step::Packages {
-                manager: Family::Alpine,
-                names: vec!["bird"],
-            },
-            Step::Binary,
-            file(
-                "/etc/init.d/towalink-node",
-                OPENRC_NODE,
-                0o755,
-                Some("towalink-node"),
-            ),
-            file(
-                "/etc/init.d/towalink-bird",
-                OPENRC_BIRD,
-                0o755,
-                Some("towalink-bird"),
-            ),
-            Step::File {
-                path: PathBuf::from("/etc/conf.d/towalink-node"),
-                content: OPENRC_NODE_CONF.to_string(),
-                mode: 0o644,
-                service: Some("towalink-node"),
-                keep: true,
-            },
-            file(sysctl, SYSCTL, 0o644, None),
-            Step::Sysctl {
-                file: PathBuf::from(sysctl),
-            },
-            Step::Enable {
-                services: vec!["towalink-bird", "towalink-node"],
-            },
-            Step::Start {
-                services: vec!["towalink-bird", "towalink-node"],
-            },
-        ],
-        Family::Debian => vec![
-            Step::Packages {
-                manager: Family::Debian,
-                names: vec!["bird2"],
-            },
-            Step::Binary,
-            file(
-                "/etc/systemd/system/towalink-node.service",
-                SYSTEMD_NODE,
-                0o644,
-                Some("towalink-node.service"),
-            ),
-            file(sysctl, SYSCTL, 0o644, None),
-            Step::Sysctl {
-                file: PathBuf::from(sysctl),
-            },
-            Step::Enable {
-                services: vec!["bird.service", "towalink-node.service"],
-            },
-            Step::Start {
-                services: vec!["bird.service", "towalink-node.service"],
-            },
-        ],
-    }
+    // The family's own steps, then the same tail: forwarding, at boot, now.
+    let (mut steps, services) = match host.family {
+        Family::Alpine => (
+            vec![
+                Step::Packages {
+                    manager: Family::Alpine,
+                    names: vec!["bird"],
+                },
+                Step::Binary,
+                file(
+                    "/etc/init.d/towalink-node",
+                    OPENRC_NODE,
+                    0o755,
+                    Some("towalink-node"),
+                ),
+                file(
+                    "/etc/init.d/towalink-bird",
+                    OPENRC_BIRD,
+                    0o755,
+                    Some("towalink-bird"),
+                ),
+                Step::File {
+                    path: PathBuf::from("/etc/conf.d/towalink-node"),
+                    content: OPENRC_NODE_CONF.to_string(),
+                    mode: 0o644,
+                    service: Some("towalink-node"),
+                    keep: true,
+                },
+            ],
+            vec!["towalink-bird", "towalink-node"],
+        ),
+        Family::Debian => (
+            vec![
+                Step::Packages {
+                    manager: Family::Debian,
+                    names: vec!["bird2"],
+                },
+                Step::Binary,
+                file(
+                    "/etc/systemd/system/towalink-node.service",
+                    SYSTEMD_NODE,
+                    0o644,
+                    Some("towalink-node.service"),
+                ),
+            ],
+            vec!["bird.service", "towalink-node.service"],
+        ),
+    };
+    steps.extend([
+        file(sysctl, SYSCTL, 0o644, None),
+        Step::Sysctl {
+            file: PathBuf::from(sysctl),
+        },
+        Step::Enable {
+            services: services.clone(),
+        },
+        Step::Start { services },
+    ]);
+    steps
 }
 
 /// The node daemon's service on `family`'s init system.
