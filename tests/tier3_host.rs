@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use towalink_tests::network::{sh, tail, wait_for};
-use towalink_tests::vm::{assets, node_binary, Firmware, Guard, Netns, Vm};
+use towalink_tests::vm::{assets, installation_with, node_binary, Firmware, Guard, Netns, Vm};
 use towalink_tests::{binary, Installation};
 
 const X86: &str = "x86_64-unknown-linux-musl";
@@ -179,18 +179,7 @@ fn lines_of(console: &str, prefix: &str) -> Vec<String> {
 
 #[test]
 fn alpine_host_becomes_a_node_with_bootstrap_setup_host_and_runs_it_from_every_boot() {
-    let ctl = Installation::new();
-    ctl.ok(&["add", "site", "s1"]);
-    ctl.ok(&["add", "node", "r1.s1"]);
-    ctl.ok(&["set", "global", "controller_endpoint", "10.0.2.2"]);
-    ctl.ok(&[
-        "set",
-        "global",
-        "node_health_checks",
-        r#"["controller", "bird"]"#,
-    ]);
-    ctl.ok(&["set", "global", "mgmt_report_interval_s", "2"]);
-    ctl.ok(&["commit", "all"]);
+    let ctl = installation_with(&["r1"], &[]);
     let netns = Netns::new();
     let temp = tempfile::tempdir().unwrap();
     // The attach certificate (an attach with no device gives up at once), then the attach

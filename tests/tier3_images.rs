@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use towalink_tests::network::{tail, wait_for};
 use towalink_tests::vm::{
-    assets, node_binary, Firmware, Guard, LabWiring, Netns, Vm, LAB_CONTROLLER,
+    assets, installation_with, node_binary, Firmware, Guard, LabWiring, Netns, Vm, LAB_CONTROLLER,
 };
 use towalink_tests::{binary, Installation};
 
@@ -20,33 +20,9 @@ static SERIAL: Mutex<()> = Mutex::new(());
 const X86: &str = "x86_64-unknown-linux-musl";
 const ARM: &str = "aarch64-unknown-linux-musl";
 
-/// One site, one node that reaches the controller at qemu's host address and is blessed once
-/// the controller answers through the management link and BIRD (installed at boot from the
-/// card's package repository) answers on its control socket.
+/// One site, the nodes reaching the controller at qemu's host address (support `vm`).
 fn installation(nodes: &[&str]) -> Installation {
     installation_with(nodes, &[])
-}
-
-/// [`installation`] with more global attributes set before the first commit.
-fn installation_with(nodes: &[&str], global: &[(&str, &str)]) -> Installation {
-    let ctl = Installation::new();
-    for (attribute, value) in global {
-        ctl.ok(&["set", "global", attribute, value]);
-    }
-    ctl.ok(&["add", "site", "s1"]);
-    for n in nodes {
-        ctl.ok(&["add", "node", &format!("{n}.s1")]);
-    }
-    ctl.ok(&["set", "global", "controller_endpoint", "10.0.2.2"]);
-    ctl.ok(&[
-        "set",
-        "global",
-        "node_health_checks",
-        r#"["controller", "bird"]"#,
-    ]);
-    ctl.ok(&["set", "global", "mgmt_report_interval_s", "2"]);
-    ctl.ok(&["-m", "first", "commit", "all"]);
-    ctl
 }
 
 fn alpine(board: &str) -> String {

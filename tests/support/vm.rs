@@ -465,3 +465,28 @@ impl LabWiring {
             .ok()
     }
 }
+
+/// A test installation for booted images: one site `s1` with `nodes`, reaching the
+/// controller at qemu's host address (10.0.2.2), blessed once the controller answers through
+/// the management link and BIRD answers on its control socket; `global` attributes set before
+/// the first commit.
+pub fn installation_with(nodes: &[&str], global: &[(&str, &str)]) -> crate::Installation {
+    let ctl = crate::Installation::new();
+    for (attribute, value) in global {
+        ctl.ok(&["set", "global", attribute, value]);
+    }
+    ctl.ok(&["add", "site", "s1"]);
+    for n in nodes {
+        ctl.ok(&["add", "node", &format!("{n}.s1")]);
+    }
+    ctl.ok(&["set", "global", "controller_endpoint", "10.0.2.2"]);
+    ctl.ok(&[
+        "set",
+        "global",
+        "node_health_checks",
+        r#"["controller", "bird"]"#,
+    ]);
+    ctl.ok(&["set", "global", "mgmt_report_interval_s", "2"]);
+    ctl.ok(&["-m", "first", "commit", "all"]);
+    ctl
+}
