@@ -2,10 +2,12 @@
 //! No module here touches the disk, the network or the clock; each is unit-tested on values.
 //!
 //! names → attributes (hierarchy merge) → allocation (ids, keys) and topology (links) →
-//! resolve (per-node settings and peers) → render (templates to files).
+//! resolve (per-node settings and peers) → render (templates to files); inputs (what a node's
+//! files are rendered from, as a digest: a commit re-renders only nodes whose inputs changed).
 
 pub mod allocation;
 pub mod attributes;
+pub mod inputs;
 pub mod management;
 pub mod names;
 pub mod render;

@@ -86,6 +86,86 @@ pub struct Renderer<'a> {
     cache: HashMap<FileSetKey, Arc<FileSet>>,
 }
 
+/// Which level's files `node` sees.
+fn file_set_key(tree: &ConfigTree, node: &NodeFullName) -> FileSetKey {
+    let has_files = |level: Option<&crate::model::resolve::LevelConfig>| {
+        level.is_some_and(|l| !l.files.is_empty())
+    };
+    if has_files(tree.nodes.get(node)) {
+        FileSetKey::Node(node.clone())
+    } else if has_files(tree.sites.get(&node.site)) {
+        FileSetKey::Site(node.site.clone())
+    } else {
+        FileSetKey::Global
+    }
+}
+
+/// The files `node` sees: file name → (path relative to the configuration directory, content).
+fn file_set_files(
+    tree: &ConfigTree,
+    node: &NodeFullName,
+    key: &FileSetKey,
+) -> BTreeMap<String, (String, String)> {
+    let mut files = BTreeMap::new();
+    for (name, content) in &tree.global.files {
+        files.insert(name.clone(), (name.clone(), content.clone()));
+    }
+    if let Some(site) = tree.sites.get(&node.site) {
+        for (name, content) in &site.files {
+            files.insert(
+                name.clone(),
+                (format!("site_{}/{name}", node.site), content.clone()),
+            );
+        }
+    }
+    if let FileSetKey::Node(_) = key {
+        for (name, content) in &tree.nodes[node].files {
+            files.insert(
+                name.clone(),
+                (
+                    format!("site_{}/node_{}/{name}", node.site, node.node),
+                    content.clone(),
+                ),
+            );
+        }
+    }
+    files
+}
+
+/// A digest of the files `node` sees (names, paths and contents), computed once per distinct
+/// set: one of the inputs of [`crate::model::inputs`].
+pub struct FileSetDigests<'a> {
+    tree: &'a ConfigTree,
+    cache: HashMap<FileSetKey, [u8; 32]>,
+}
+
+impl<'a> FileSetDigests<'a> {
+    pub fn new(tree: &'a ConfigTree) -> FileSetDigests<'a> {
+        FileSetDigests {
+            tree,
+            cache: HashMap::new(),
+        }
+    }
+
+    pub fn digest(&mut self, node: &NodeFullName) -> [u8; 32] {
+        use sha2::Digest as _;
+        let key = file_set_key(self.tree, node);
+        if let Some(digest) = self.cache.get(&key) {
+            return *digest;
+        }
+        let mut hasher = sha2::Sha256::new();
+        for (name, (path, content)) in file_set_files(self.tree, node, &key) {
+            for part in [name, path, content] {
+                hasher.update((part.len() as u64).to_le_bytes());
+                hasher.update(part.as_bytes());
+            }
+        }
+        let digest: [u8; 32] = hasher.finalize().into();
+        self.cache.insert(key, digest);
+        digest
+    }
+}
+
 impl<'a> Renderer<'a> {
     pub fn new(tree: &'a ConfigTree) -> Renderer<'a> {
         Renderer {
@@ -95,42 +175,11 @@ impl<'a> Renderer<'a> {
     }
 
     fn file_set(&mut self, node: &NodeFullName) -> Result<Arc<FileSet>, RenderError> {
-        let has_files = |level: Option<&crate::model::resolve::LevelConfig>| {
-            level.is_some_and(|l| !l.files.is_empty())
-        };
-        let key = if has_files(self.tree.nodes.get(node)) {
-            FileSetKey::Node(node.clone())
-        } else if has_files(self.tree.sites.get(&node.site)) {
-            FileSetKey::Site(node.site.clone())
-        } else {
-            FileSetKey::Global
-        };
+        let key = file_set_key(self.tree, node);
         if let Some(set) = self.cache.get(&key) {
             return Ok(set.clone());
         }
-        let mut files = BTreeMap::new();
-        for (name, content) in &self.tree.global.files {
-            files.insert(name.clone(), (name.clone(), content.clone()));
-        }
-        if let Some(site) = self.tree.sites.get(&node.site) {
-            for (name, content) in &site.files {
-                files.insert(
-                    name.clone(),
-                    (format!("site_{}/{name}", node.site), content.clone()),
-                );
-            }
-        }
-        if let FileSetKey::Node(_) = key {
-            for (name, content) in &self.tree.nodes[node].files {
-                files.insert(
-                    name.clone(),
-                    (
-                        format!("site_{}/node_{}/{name}", node.site, node.node),
-                        content.clone(),
-                    ),
-                );
-            }
-        }
+        let files = file_set_files(self.tree, node, &key);
         let mut environment = Environment::new();
         environment.set_undefined_behavior(UndefinedBehavior::Strict);
         environment.set_keep_trailing_newline(true);

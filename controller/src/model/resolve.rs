@@ -312,6 +312,11 @@ impl Resolved {
         self.merged.get(&node_id)
     }
 
+    /// The ids of a node's peers, in the order of [`Resolved::peers`].
+    pub fn peer_ids(&self, node_id: u32) -> &[u32] {
+        self.peers.get(&node_id).map_or(&[], Vec::as_slice)
+    }
+
     /// The peers of a node with every per-link value.
     pub fn peers(&self, node_id: u32) -> Vec<Peer> {
         self.peers

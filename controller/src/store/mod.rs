@@ -87,6 +87,8 @@ const GITIGNORE: &str = "\
 /effective/.commit-journal.toml
 # The last seq of each node's recovery object (tlm recovery): soft state.
 /effective/recovery.toml
+# What each node's latest content was rendered from (tlm commit skips unchanged nodes): soft state.
+/effective/render-inputs.toml
 # Versions live on disk, immutable; git records effective/index.toml and activation.toml.
 /effective/*/
 .*.tmp-*

@@ -10,8 +10,10 @@ use towalink_bundle::Manifest;
 use super::index::{
     content_digest, index_text, list_versions, load_index, save_index, Index, IndexEntry,
 };
+use super::rendered::{renderer_id, RenderRecord};
 use super::{crash_point, remove, restore, Journal, INDEX, JOURNAL};
 use crate::model::allocation::NodeAllocation;
+use crate::model::inputs::{input_digests, InputDigest};
 use crate::model::management::VersionManagement;
 use crate::model::names::NodeFullName;
 use crate::model::render::{RenderedNode, Renderer};
@@ -65,26 +67,46 @@ fn render_node(
     Ok(renderer.render(&node.full_name(), &complete, &effective, link.as_ref())?)
 }
 
-/// Renders the nodes and tells which differ from their latest version.
+/// Tells which nodes differ from their latest version: those whose inputs are not those
+/// their latest content was rendered from are rendered.
 pub fn changed_nodes(
     store: &Store,
     tree: &ConfigTree,
     nodes: &[&NodeAllocation],
 ) -> Result<Vec<NodeState>, Error> {
+    node_states(store, tree, nodes, true)
+}
+
+/// [`changed_nodes`], rendering every node when `trust_record` is false.
+pub(super) fn node_states(
+    store: &Store,
+    tree: &ConfigTree,
+    nodes: &[&NodeAllocation],
+    trust_record: bool,
+) -> Result<Vec<NodeState>, Error> {
     let resolved = resolve(tree)?;
     let index = load_index(store)?;
     let management = crate::store::keys::version_management(store, false)?;
+    let renderer_id = renderer_id();
+    let inputs = input_digests(tree, &resolved, management.as_ref(), &renderer_id);
+    let record = RenderRecord::load(store, &renderer_id);
     let mut renderer = Renderer::new(tree);
     let mut states = Vec::new();
     for node in nodes {
-        let rendered = render_node(&resolved, &mut renderer, node, management.as_ref())?;
         let full = node.full_name();
         let entry = index.nodes.get(&full.to_string());
-        let digest = content_digest(&rendered.entries, &rendered.services);
+        let changed =
+            if trust_record && record.unchanged(&full.to_string(), &inputs[&node.id], entry) {
+                false
+            } else {
+                let rendered = render_node(&resolved, &mut renderer, node, management.as_ref())?;
+                let digest = content_digest(&rendered.entries, &rendered.services);
+                entry.map(|e| &e.content) != Some(&digest)
+            };
         states.push(NodeState {
             node: full,
             latest: entry.map(|e| e.latest),
-            changed: entry.map(|e| &e.content) != Some(&digest),
+            changed,
         });
     }
     Ok(states)
@@ -99,6 +121,8 @@ pub struct CommitOutcome {
     pub unchanged: Vec<NodeFullName>,
     /// Whether a git commit was recorded.
     pub git_committed: bool,
+    /// How many nodes were rendered (the others' inputs had not changed).
+    pub rendered: usize,
 }
 
 /// Creation time of new versions: now, or `SOURCE_DATE_EPOCH` when set (reproducible builds).
@@ -143,6 +167,8 @@ pub fn commit(
     filter: impl Fn(&NodeAllocation) -> bool,
     message: &str,
 ) -> Result<CommitOutcome, Error> {
+    // A directory of an earlier tlm learns to keep this one's soft state out of git.
+    store.ensure_gitignore()?;
     // A secret about to enter git refuses the commit before anything is written.
     crate::store::git::check_recorded_paths(store.root())?;
     crate::store::git::recover_stale_locks(store.root())?;
@@ -166,6 +192,9 @@ pub fn commit(
     let (key, new_key) = signing_key(store)?;
     let management = crate::store::keys::version_management(store, true)?;
     let created_at = creation_time();
+    let renderer_id = renderer_id();
+    let inputs = input_digests(&tree, &resolved, management.as_ref(), &renderer_id);
+    let mut record = RenderRecord::load(store, &renderer_id);
     let staging = store
         .root()
         .join(EFFECTIVE_DIR)
@@ -191,6 +220,7 @@ pub fn commit(
                     &created_at,
                     &index,
                 );
+                let (inputs, record) = (&inputs, &record);
                 scope.spawn(move || {
                     let mut renderer = Renderer::new(tree);
                     let mut done = Vec::new();
@@ -200,6 +230,7 @@ pub fn commit(
                             resolved,
                             &mut renderer,
                             node,
+                            (&inputs[&node.id], record),
                             index,
                             key,
                             management,
@@ -231,10 +262,18 @@ pub fn commit(
     }
     all.sort_by_key(|(position, _)| *position);
     let mut staged = Vec::new();
+    let mut rendered = 0;
     for (_, result) in all {
         match result {
-            Staged::Unchanged(node) => outcome.unchanged.push(node),
-            Staged::New(node, entry) => {
+            Staged::Skipped(node) => outcome.unchanged.push(node),
+            Staged::Unchanged(node, inputs, content) => {
+                rendered += 1;
+                record.rendered(node.to_string(), inputs, content);
+                outcome.unchanged.push(node);
+            }
+            Staged::New(node, inputs, entry) => {
+                rendered += 1;
+                record.rendered(node.to_string(), inputs, entry.content.clone());
                 staged.push((node.clone(), entry.latest));
                 index.nodes.insert(node.to_string(), entry);
             }
@@ -242,6 +281,8 @@ pub fn commit(
     }
     tracing::debug!(
         elapsed_ms = started.elapsed().as_millis() as u64,
+        rendered,
+        skipped = nodes.len() - rendered,
         new = staged.len(),
         "rendered and staged"
     );
@@ -303,7 +344,13 @@ pub fn commit(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "published"
     );
+    // Soft state: a record not written costs the next commit a full render, nothing else.
+    record.retain(|node| index.nodes.contains_key(node));
+    if let Err(e) = record.save(store) {
+        tracing::warn!("{e}: the next commit renders every node");
+    }
     outcome.created = staged;
+    outcome.rendered = rendered;
     Ok(outcome)
 }
 
@@ -326,18 +373,23 @@ fn undo_commit(store: &Store, previous_index: Option<&str>, staging: &Path) {
 }
 
 enum Staged {
-    Unchanged(NodeFullName),
-    New(NodeFullName, IndexEntry),
+    /// Its inputs are those its latest version was rendered from: not rendered.
+    Skipped(NodeFullName),
+    /// Rendered (from these inputs) to its latest version's content digest.
+    Unchanged(NodeFullName, InputDigest, String),
+    /// Rendered from these inputs to a new version.
+    New(NodeFullName, InputDigest, IndexEntry),
 }
 
-/// Renders one node and, when its content changed, writes its next version to the staging
-/// area.
+/// Renders one node unless its inputs are those its latest version was rendered from and, when
+/// its content changed, writes its next version to the staging area.
 #[allow(clippy::too_many_arguments)]
 fn stage_node(
     store: &Store,
     resolved: &Resolved,
     renderer: &mut Renderer<'_>,
     node: &NodeAllocation,
+    (inputs, record): (&InputDigest, &RenderRecord),
     index: &Index,
     key: &SigningKey,
     management: Option<&VersionManagement>,
@@ -345,11 +397,14 @@ fn stage_node(
     created_at: &str,
 ) -> Result<Staged, Error> {
     let full = node.full_name();
-    let rendered = render_node(resolved, renderer, node, management)?;
     let previous = index.nodes.get(&full.to_string());
+    if record.unchanged(&full.to_string(), inputs, previous) {
+        return Ok(Staged::Skipped(full));
+    }
+    let rendered = render_node(resolved, renderer, node, management)?;
     let digest = content_digest(&rendered.entries, &rendered.services);
     if previous.map(|e| &e.content) == Some(&digest) {
-        return Ok(Staged::Unchanged(full));
+        return Ok(Staged::Unchanged(full, inputs.clone(), digest));
     }
     // The index may be older than the disk (a `git checkout` of it): never reuse a number.
     let on_disk = list_versions(store, &full)?.last().copied();
@@ -374,6 +429,7 @@ fn stage_node(
     write_version_dir(&dir, &manifest, &rendered.files, &bundle, key)?;
     Ok(Staged::New(
         full,
+        inputs.clone(),
         IndexEntry {
             id: node.id,
             latest: version,

@@ -8,6 +8,7 @@
 //! effective/<site>/<node>/v<N>/<site>-<node>-v<N>.tar.zst   the bundle sent to the node
 //! effective/index.toml                             latest version and content digest per node (in git)
 //! effective/activation.toml                        the version each node should run (in git)
+//! effective/render-inputs.toml                     what each node's latest content was rendered from (soft state)
 //! ```
 //!
 //! Version directories are immutable once published and stay out of git (thousands of files per
@@ -30,8 +31,11 @@
 
 mod activation;
 mod commit;
+#[cfg(test)]
+mod incremental_tests;
 mod index;
 mod recover;
+mod rendered;
 
 use std::path::Path;
 
@@ -46,6 +50,7 @@ pub use index::{
     save_activations, save_index, version_dir, Activation, Activations, Index, IndexEntry,
 };
 pub use recover::recover;
+pub use rendered::RENDER_INPUTS;
 
 /// Present while a commit is under way (see [`recover`]).
 pub const JOURNAL: &str = "effective/.commit-journal.toml";
