@@ -14,4 +14,5 @@ pub mod render;
 pub mod render_memory;
 pub mod resolve;
 pub mod schema;
+pub mod toml_text;
 pub mod topology;

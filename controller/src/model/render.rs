@@ -479,10 +479,7 @@ fn node_toml(
             "is reserved: it is the node contract number the controller writes into `towalink/node.toml`; use another name".into(),
         ));
     }
-    let text = toml::to_string(effective).map_err(|e| attribute_error("peers", e.to_string()))?;
-    // Nothing in the attributes needs more than the first contract yet: `contract` stays 1
-    // (implied, not written), and every node since the first release takes the version.
-    let mut config = NodeConfig::from_toml(&text).map_err(|error| match error {
+    let refused = |error| match error {
         ContractError::Invalid { key, message, .. } => {
             // Keys of `peers` entries (generated) are not top-level attributes.
             let attribute = key
@@ -491,16 +488,34 @@ fn node_toml(
             attribute_error(&attribute, message)
         }
         newer @ ContractError::Newer { .. } => attribute_error("contract", newer.to_string()),
-    })?;
+    };
+    // Checked as the node will decode it. Only a refusal writes and decodes the text, which
+    // names the line and key.
+    let mut config = match NodeConfig::from_table(effective) {
+        Ok(config) => config,
+        Err(error) => {
+            let text =
+                toml::to_string(effective).map_err(|e| attribute_error("peers", e.to_string()))?;
+            return Err(refused(NodeConfig::from_toml(&text).err().unwrap_or(error)));
+        }
+    };
+    // Nothing in the attributes needs more than the first contract yet: `contract` stays 1
+    // (implied, not written), and every node since the first release takes the version.
     config.management = management.cloned();
     if !config.signing_keys.is_empty() {
         // Nodes that would ignore the list would refuse every version after the rotation.
         config.contract = towalink_bundle::contract::SIGNING_KEYS_CONTRACT;
     }
-    let typed = Table::try_from(&config).map_err(|e| attribute_error("peers", e.to_string()))?;
-    let mut table = effective.clone();
-    table.extend(typed);
-    toml::to_string(&table).map_err(|e| attribute_error("peers", e.to_string()))
+    // The peers were decoded from the attributes: they stay as they are (and are not encoded
+    // a second time).
+    config.peers = Vec::new();
+    let mut typed =
+        Table::try_from(&config).map_err(|e| attribute_error("peers", e.to_string()))?;
+    typed.remove("peers");
+    let mut table: BTreeMap<&str, &Value> =
+        effective.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    table.extend(typed.iter().map(|(k, v)| (k.as_str(), v)));
+    crate::model::toml_text::to_string(&table).map_err(|e| attribute_error("peers", e.to_string()))
 }
 
 #[cfg(test)]

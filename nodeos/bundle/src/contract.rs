@@ -277,24 +277,24 @@ impl NodeConfig {
     /// fields, then their ranges.
     pub fn from_toml(text: &str) -> Result<NodeConfig, ContractError> {
         let table: toml::Table = text.parse().map_err(|e| invalid(text, &e))?;
-        let needs = match table.get("contract") {
-            None => FIRST_CONTRACT,
-            Some(toml::Value::Integer(n)) if *n >= 1 => u32::try_from(*n).unwrap_or(u32::MAX),
-            Some(_) => {
-                return Err(ContractError::Invalid {
-                    line: None,
-                    key: Some("contract".into()),
-                    message: "must be a positive integer".into(),
-                })
-            }
-        };
-        if needs > CONTRACT {
-            return Err(ContractError::Newer {
-                needs,
-                understands: CONTRACT,
-            });
-        }
+        check_contract(&table)?;
         let config: NodeConfig = toml::from_str(text).map_err(|e| invalid(text, &e))?;
+        config.check_ranges()?;
+        Ok(config)
+    }
+
+    /// Decodes node.toml's table as [`NodeConfig::from_toml`] decodes its text: what the
+    /// controller is about to write, checked without writing and parsing it. Its errors name
+    /// no line or key: decode the text for those.
+    pub fn from_table(table: &toml::Table) -> Result<NodeConfig, ContractError> {
+        check_contract(table)?;
+        let config = NodeConfig::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
+            ContractError::Invalid {
+                line: None,
+                key: None,
+                message: e.message().trim().to_string(),
+            }
+        })?;
         config.check_ranges()?;
         Ok(config)
     }
@@ -392,6 +392,29 @@ impl NodeConfig {
 }
 
 /// A TOML error as one line: where (line, key) and what.
+/// The contract node.toml needs: refused when newer than this build's (before anything else
+/// is read, since its fields may mean something this build does not know).
+fn check_contract(table: &toml::Table) -> Result<(), ContractError> {
+    let needs = match table.get("contract") {
+        None => FIRST_CONTRACT,
+        Some(toml::Value::Integer(n)) if *n >= 1 => u32::try_from(*n).unwrap_or(u32::MAX),
+        Some(_) => {
+            return Err(ContractError::Invalid {
+                line: None,
+                key: Some("contract".into()),
+                message: "must be a positive integer".into(),
+            })
+        }
+    };
+    if needs > CONTRACT {
+        return Err(ContractError::Newer {
+            needs,
+            understands: CONTRACT,
+        });
+    }
+    Ok(())
+}
+
 fn invalid(text: &str, error: &toml::de::Error) -> ContractError {
     let line = error
         .span()
@@ -537,6 +560,36 @@ mod tests {
                 error.contains("`contract` must be a positive integer"),
                 "{error}"
             );
+        }
+    }
+
+    #[test]
+    fn the_table_decodes_as_the_text() {
+        let mut newer = TODAY_R1.parse::<toml::Table>().unwrap();
+        newer.insert(
+            "contract".into(),
+            toml::Value::Integer(i64::from(CONTRACT) + 1),
+        );
+        let newer = toml::to_string(&newer).unwrap();
+        for text in [
+            TODAY_R1,
+            TODAY_MAIN,
+            newer.as_str(),
+            "node_boot_tries = 2\nnode_health_checks = [\"bogus\"]\n",
+            "node_boot_tries = 0",
+            "[[peers]]\ninterface = \"tlwg2\"\n",
+            "node_health_timeout_s = 0",
+            "loopback_ipv4 = \"not an address\"",
+            "contract = \"one\"",
+        ] {
+            let table: toml::Table = text.parse().unwrap();
+            match (NodeConfig::from_toml(text), NodeConfig::from_table(&table)) {
+                (Ok(from_text), Ok(from_table)) => assert_eq!(from_text, from_table),
+                (Err(_), Err(_)) => {}
+                (from_text, from_table) => {
+                    panic!("{text}: the text gives {from_text:?}, the table {from_table:?}")
+                }
+            }
         }
     }
 

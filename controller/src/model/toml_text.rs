@@ -1,0 +1,296 @@
+//! TOML text exactly as `toml::to_string` writes a table, for what `towalink/node.toml` is made
+//! of, at a fraction of the cost (a node of a 1,000-node mesh has 999 peer tables; `toml`
+//! builds an editable document of them first). Byte-for-byte equality matters: a version's
+//! content digest covers node.toml, so another spelling would make a new version of every node.
+//!
+//! The subset written here: integers, booleans, strings of printable ASCII without `"` or
+//! `\`, arrays of those, tables, and arrays of tables, under keys of printable ASCII without
+//! quotes or backslashes. Anything else (floats, dates, escapes, other characters) is written by
+//! `toml::to_string` itself. The property test below compares the two on random tables.
+//!
+//! The layout `toml` 0.8 gives a table: the root's plain values first (`key = value`), then
+//! every table depth-first in key order, each with its `[header]` (hidden for a table that has
+//! only tables in it) or `[[header]]` and its plain values, a blank line before every header
+//! but a first one that opens the text.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use toml::Value;
+
+/// `toml::to_string` of the table made of these entries (keys unique, in order).
+pub fn to_string(table: &BTreeMap<&str, &Value>) -> Result<String, toml::ser::Error> {
+    match fast(table) {
+        Some(text) => Ok(text),
+        None => toml::to_string(table),
+    }
+}
+
+/// The text, or `None` when the table holds something outside the subset.
+fn fast(table: &BTreeMap<&str, &Value>) -> Option<String> {
+    let mut writer = Writer {
+        out: String::with_capacity(4096),
+        path: Vec::new(),
+        first_header: true,
+    };
+    let entries: Vec<(&str, &Value)> = table.iter().map(|(k, v)| (*k, *v)).collect();
+    writer.table(&entries, false)?;
+    Some(writer.out)
+}
+
+struct Writer<'a> {
+    out: String,
+    path: Vec<&'a str>,
+    first_header: bool,
+}
+
+/// How `toml` writes a value found in a table.
+enum Kind<'a> {
+    Plain,
+    Table(&'a toml::Table),
+    ArrayOfTables(&'a [Value]),
+}
+
+fn kind(value: &Value) -> Kind<'_> {
+    match value {
+        Value::Table(table) => Kind::Table(table),
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_table) => {
+            Kind::ArrayOfTables(items)
+        }
+        _ => Kind::Plain,
+    }
+}
+
+impl<'a> Writer<'a> {
+    /// One table: its header (unless it is the root), its plain values, then its tables.
+    fn table(&mut self, entries: &[(&'a str, &'a Value)], array_element: bool) -> Option<()> {
+        let has_plain = entries.iter().any(|(_, v)| matches!(kind(v), Kind::Plain));
+        let is_empty = entries.is_empty();
+        if self.path.is_empty() {
+            if has_plain {
+                self.first_header = false;
+            }
+        } else if array_element || has_plain || is_empty {
+            if !std::mem::take(&mut self.first_header) {
+                self.out.push('\n');
+            }
+            let (open, close) = if array_element {
+                ("[[", "]]")
+            } else {
+                ("[", "]")
+            };
+            self.out.push_str(open);
+            for (i, key) in self.path.iter().enumerate() {
+                if i > 0 {
+                    self.out.push('.');
+                }
+                push_key(&mut self.out, key)?;
+            }
+            self.out.push_str(close);
+            self.out.push('\n');
+        }
+        for &(key, value) in entries {
+            if let Kind::Plain = kind(value) {
+                push_key(&mut self.out, key)?;
+                self.out.push_str(" = ");
+                push_value(&mut self.out, value, true)?;
+                self.out.push('\n');
+            }
+        }
+        for &(key, value) in entries {
+            match kind(value) {
+                Kind::Plain => {}
+                Kind::Table(table) => {
+                    self.path.push(key);
+                    self.table(&entries_of(table), false)?;
+                    self.path.pop();
+                }
+                Kind::ArrayOfTables(items) => {
+                    for item in items {
+                        let table = item.as_table().expect("kind() checked");
+                        self.path.push(key);
+                        self.table(&entries_of(table), true)?;
+                        self.path.pop();
+                    }
+                }
+            }
+        }
+        Some(())
+    }
+}
+
+fn entries_of(table: &toml::Table) -> Vec<(&str, &Value)> {
+    table.iter().map(|(k, v)| (k.as_str(), v)).collect()
+}
+
+/// A character `toml` writes as it is in a basic string or a quoted key.
+fn plain_char(c: char) -> bool {
+    matches!(c, ' '..='~') && c != '"' && c != '\\'
+}
+
+fn push_key(out: &mut String, key: &str) -> Option<()> {
+    if !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        out.push_str(key);
+        return Some(());
+    }
+    // `toml` quotes other keys; a key with a quote or backslash may get a literal string.
+    if !key.chars().all(plain_char) || key.contains('\'') {
+        return None;
+    }
+    out.push('"');
+    out.push_str(key);
+    out.push('"');
+    Some(())
+}
+
+fn push_value(out: &mut String, value: &Value, top: bool) -> Option<()> {
+    match value {
+        Value::String(s) if s.chars().all(plain_char) => {
+            out.push('"');
+            out.push_str(s);
+            out.push('"');
+        }
+        Value::Integer(n) => {
+            write!(out, "{n}").expect("writing to a String");
+        }
+        Value::Boolean(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Array(items) if top => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                push_value(out, item, false)?;
+            }
+            out.push(']');
+        }
+        _ => return None,
+    }
+    Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn view(table: &toml::Table) -> BTreeMap<&str, &Value> {
+        table.iter().map(|(k, v)| (k.as_str(), v)).collect()
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("a".to_string()),
+            Just("peers".to_string()),
+            Just("b-c_9".to_string()),
+            Just("bird*.conf".to_string()),
+            Just("d.e".to_string()),
+            Just(String::new()),
+            Just("it's".to_string()),
+            Just("q\"k".to_string()),
+            Just("é".to_string()),
+        ]
+    }
+
+    fn scalar() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            "[ -~]{0,12}".prop_map(Value::String),
+            "[a-z\"'\\\\\n\té]{0,6}".prop_map(Value::String),
+            any::<i64>().prop_map(Value::Integer),
+            any::<bool>().prop_map(Value::Boolean),
+            prop_oneof![Just(1.0f64), Just(-0.5), Just(1e300)].prop_map(Value::Float),
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = Value> {
+        scalar().prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(key(), inner.clone(), 0..4)
+                    .prop_map(|m| Value::Table(m.into_iter().collect())),
+                proptest::collection::vec(
+                    proptest::collection::btree_map(key(), inner, 0..3)
+                        .prop_map(|m| Value::Table(m.into_iter().collect())),
+                    1..3
+                )
+                .prop_map(Value::Array),
+            ]
+        })
+    }
+
+    /// Keys and values within the subset only.
+    fn subset_key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("a".to_string()),
+            Just("peers".to_string()),
+            Just("b-c_9".to_string()),
+            Just("bird*.conf".to_string()),
+            Just("d.e".to_string()),
+            Just("x y".to_string()),
+        ]
+    }
+
+    fn subset_value() -> impl Strategy<Value = Value> {
+        let scalar = prop_oneof![
+            "[ !#-\\[\\]-~]{0,12}".prop_map(Value::String),
+            any::<i64>().prop_map(Value::Integer),
+            any::<bool>().prop_map(Value::Boolean),
+        ];
+        scalar.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(
+                    prop_oneof![
+                        "[a-z0-9:./ ]{0,8}".prop_map(Value::String),
+                        any::<i64>().prop_map(Value::Integer)
+                    ],
+                    0..4
+                )
+                .prop_map(Value::Array),
+                proptest::collection::btree_map(subset_key(), inner.clone(), 0..4)
+                    .prop_map(|m| Value::Table(m.into_iter().collect())),
+                proptest::collection::vec(
+                    proptest::collection::btree_map(subset_key(), inner, 0..3)
+                        .prop_map(|m| Value::Table(m.into_iter().collect())),
+                    1..3
+                )
+                .prop_map(Value::Array),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// Within the subset, the text is written here, and it is `toml::to_string`'s.
+        #[test]
+        fn the_subset_is_written_here_as_toml_would(entries in proptest::collection::btree_map(subset_key(), subset_value(), 0..6)) {
+            let table: toml::Table = entries.into_iter().collect();
+            let view = view(&table);
+            let text = fast(&view);
+            prop_assert!(text.is_some(), "{:?}", table);
+            prop_assert_eq!(text.unwrap(), toml::to_string(&view).unwrap());
+        }
+
+        /// Whatever the table, the text is `toml::to_string`'s.
+        #[test]
+        fn the_text_is_tomls(entries in proptest::collection::btree_map(key(), value(), 0..6)) {
+            let table: toml::Table = entries.into_iter().collect();
+            let view = view(&table);
+            prop_assert_eq!(to_string(&view).unwrap(), toml::to_string(&view).unwrap());
+        }
+    }
+
+    #[test]
+    fn node_toml_is_written_without_toml() {
+        let text = include_str!("../../../tests/fixtures/node-toml-contract1/r1.s1.toml");
+        let table: toml::Table = text.parse().unwrap();
+        let view = view(&table);
+        let fast = fast(&view).expect("node.toml is within the subset");
+        assert_eq!(fast, toml::to_string(&view).unwrap());
+        assert!(fast.contains("[[peers]]"), "{fast}");
+    }
+}
