@@ -1,7 +1,9 @@
-//! Benchmark: `tlm commit all` from scratch and after changing one global attribute, and
-//! `tlm list links`, for full meshes of 10, 100 and 500 nodes (5 sites) and a 2,000-node star
-//! (and a 1,000-node mesh when named: `-- mesh1000`). Prints wall time and the peak RSS of the
-//! real `tlm` process. Not a pass/fail test: figures for docs/benchmarks.md.
+//! Benchmark: `tlm commit all` from scratch, after changing one node's attribute (only that
+//! node renders) and after changing a global one (every node renders), then `tlm list links`
+//! and `tlm list changed` (nothing changed: no node renders), for full meshes of 10, 100 and
+//! 500 nodes (5 sites) and a 2,000-node star (and a 1,000-node mesh when named: `-- mesh1000`).
+//! Prints wall times and the peak RSS of the real `tlm` process (of the scratch and the global
+//! commit). Not a pass/fail test: figures for docs/benchmarks.md.
 //!
 //! Run: `cargo bench -p towalink-controller --bench commit` (add `-- quick` to skip 500/2000).
 
@@ -121,8 +123,16 @@ fn main() {
         .filter(|s| !quick || s.key == "mesh10" || s.key == "mesh100")
         .collect();
     println!(
-        "{:<36} {:>10} {:>12} {:>10} {:>12} {:>10} {:>12} {:>10}",
-        "scenario", "links", "commit s", "RSS MB", "1 attr s", "RSS MB", "list links s", "RSS MB"
+        "{:<30} {:>7} {:>9} {:>7} {:>8} {:>9} {:>7} {:>9} {:>8}",
+        "scenario",
+        "links",
+        "scratch s",
+        "RSS MB",
+        "1 node s",
+        "global s",
+        "RSS MB",
+        "links s",
+        "changed s"
     );
     if !only.is_empty() {
         scenarios = all_scenarios()
@@ -138,9 +148,17 @@ fn main() {
         };
         build_installation(&dir, scenario);
         let (scratch, scratch_rss) = tlm(&dir, &["commit", "all"]);
+        // One attribute of one node: only that node renders (its peers see none of it).
+        tlm(
+            &dir,
+            &["set", "node", "n1.site1", "bird_bfd_interval_ms", "250"],
+        );
+        let (one, _) = tlm(&dir, &["commit", "all"]);
+        // A global attribute every node's files carry: every node renders.
         tlm(&dir, &["set", "global", "bird_bfd_interval_ms", "150"]);
-        let (change, change_rss) = tlm(&dir, &["commit", "all"]);
-        let (list, list_rss) = tlm(&dir, &["list", "links"]);
+        let (global, global_rss) = tlm(&dir, &["commit", "all"]);
+        let (list, _) = tlm(&dir, &["list", "links"]);
+        let (changed, _) = tlm(&dir, &["list", "changed"]);
         let links = Command::new(env!("CARGO_BIN_EXE_tlm"))
             .args(["list", "links"])
             .env("TOWALINK_CONFIG_DIR", &dir)
@@ -154,15 +172,16 @@ fn main() {
             })
             .unwrap_or(0);
         println!(
-            "{:<36} {:>10} {:>12.3} {:>10.1} {:>12.3} {:>10.1} {:>12.3} {:>10.1}",
+            "{:<30} {:>7} {:>9.3} {:>7.1} {:>8.3} {:>9.3} {:>7.1} {:>9.3} {:>8.3}",
             scenario.name,
             links,
             scratch.as_secs_f64(),
             scratch_rss as f64 / 1024.0,
-            change.as_secs_f64(),
-            change_rss as f64 / 1024.0,
+            one.as_secs_f64(),
+            global.as_secs_f64(),
+            global_rss as f64 / 1024.0,
             list.as_secs_f64(),
-            list_rss as f64 / 1024.0
+            changed.as_secs_f64(),
         );
     }
 }

@@ -490,8 +490,15 @@ fn node_toml(
         newer @ ContractError::Newer { .. } => attribute_error("contract", newer.to_string()),
     };
     // Checked as the node will decode it. Only a refusal writes and decodes the text, which
-    // names the line and key.
-    let mut config = match NodeConfig::from_table(effective) {
+    // names the line and key. The peers are the contract's own type (`Resolved::peers`),
+    // encoded by serde, and decode as themselves (a property test of the contract): the
+    // attributes around them are what is checked.
+    let attributes: Table = effective
+        .iter()
+        .filter(|(key, _)| key.as_str() != "peers")
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
+    let mut config = match NodeConfig::from_table(&attributes) {
         Ok(config) => config,
         Err(error) => {
             let text =
@@ -506,9 +513,7 @@ fn node_toml(
         // Nodes that would ignore the list would refuse every version after the rotation.
         config.contract = towalink_bundle::contract::SIGNING_KEYS_CONTRACT;
     }
-    // The peers were decoded from the attributes: they stay as they are (and are not encoded
-    // a second time).
-    config.peers = Vec::new();
+    // The peers stay as they are in the attributes (not encoded a second time).
     let mut typed =
         Table::try_from(&config).map_err(|e| attribute_error("peers", e.to_string()))?;
     typed.remove("peers");

@@ -563,6 +563,65 @@ mod tests {
         }
     }
 
+    fn any_peer() -> impl proptest::strategy::Strategy<Value = Peer> {
+        use proptest::prelude::*;
+        let ip = prop_oneof![
+            any::<u32>().prop_map(|a| IpAddr::from(Ipv4Addr::from(a))),
+            any::<u128>().prop_map(|a| IpAddr::from(Ipv6Addr::from(a))),
+        ];
+        (
+            (
+                "[a-z0-9]{1,15}",
+                any::<u32>(),
+                "[a-z0-9-]{1,20}",
+                "[a-z0-9-]{1,20}",
+            ),
+            (
+                any::<u32>(),
+                any::<u32>(),
+                any::<u128>(),
+                "[A-Za-z0-9+/]{43}=",
+            ),
+            (
+                proptest::option::of("[a-z0-9.:\\[\\]-]{1,30}"),
+                proptest::option::of(ip),
+            ),
+            (any::<u16>(), any::<u16>(), any::<u128>(), any::<u128>()),
+            (any::<u32>(), any::<u32>()),
+        )
+            .prop_map(|(a, b, c, d, e)| Peer {
+                interface: a.0,
+                peer_id: a.1,
+                peer_node: a.2,
+                peer_site: a.3,
+                peer_asn: b.0,
+                peer_loopback_ipv4: Ipv4Addr::from(b.1),
+                peer_loopback_ipv6: Ipv6Addr::from(b.2),
+                peer_public_key: b.3,
+                peer_endpoint: c.0,
+                peer_endpoint_ip: c.1,
+                listen_port: d.0,
+                peer_port: d.1,
+                local_link_local: Ipv6Addr::from(d.2),
+                peer_link_local: Ipv6Addr::from(d.3),
+                keepalive: e.0,
+                mtu: e.1,
+            })
+    }
+
+    proptest::proptest! {
+        /// The controller encodes peers with serde and does not decode them again before it
+        /// writes node.toml: every peer decodes from that text as itself.
+        #[test]
+        fn every_peer_decodes_as_itself(peers in proptest::collection::vec(any_peer(), 0..4)) {
+            let mut table = toml::Table::new();
+            table.insert("peers".into(), toml::Value::try_from(&peers).unwrap());
+            let text = toml::to_string(&table).unwrap();
+            let config = NodeConfig::from_toml(&text).unwrap();
+            proptest::prop_assert_eq!(config.peers, peers);
+        }
+    }
+
     #[test]
     fn the_table_decodes_as_the_text() {
         let mut newer = TODAY_R1.parse::<toml::Table>().unwrap();
