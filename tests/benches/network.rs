@@ -3,7 +3,8 @@
 //! iperf3 throughput over one boringtun tunnel against the bare veth underneath, and the CPU
 //! and memory of a node daemon with 10 links. Prints figures for docs/benchmarks.md.
 //!
-//! Run: `cargo bench -p towalink-tests --bench network` (after `cargo build --release --bins`
+//! Run: `cargo bench -p towalink-tests --bench network` (`-- throughput`: only iperf3 over one
+//! tunnel, three runs, with the daemons' CPU per Gbit) (after `cargo build --release --bins`
 //! the benchmark uses target/release binaries when TOWALINK_BIN_DIR points there).
 
 use std::time::{Duration, Instant};
@@ -90,7 +91,62 @@ fn process_usage(pid: u32) -> (f64, f64) {
     (cpu_percent, rss_kb() / 1024.0)
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // Fields 14 and 15 of stat(5), counted after the command name's closing parenthesis.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// iperf3 over the tunnel between two sites, three runs, with the CPU both daemons used.
+fn throughput() {
+    let net = Network::start(2, Topology::Mesh);
+    net.wait_established(Duration::from_secs(120));
+    let (s1, s2) = (net.site(1), net.site(2));
+    let pids = [s1.daemon_pid().unwrap(), s2.daemon_pid().unwrap()];
+    if let Ok(out) = std::env::var("TOWALINK_PERF") {
+        // Profiles both daemons during one more run (perf must be installed).
+        let mut perf = std::process::Command::new("perf")
+            .args(["record", "-F", "999", "-g", "-o", &out, "-p"])
+            .arg(format!("{},{}", pids[0], pids[1]))
+            .spawn()
+            .unwrap();
+        iperf(s1, s2, &s2.lan().to_string(), &s1.lan().to_string());
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
+        perf.wait().unwrap();
+    }
+    for run in 1..=3 {
+        let before: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
+        let started = Instant::now();
+        let mbits = iperf(s1, s2, &s2.lan().to_string(), &s1.lan().to_string());
+        let wall = started.elapsed().as_secs_f64();
+        let used: Vec<f64> = pids
+            .iter()
+            .zip(&before)
+            .map(|(p, b)| cpu_seconds(*p) - b)
+            .collect();
+        println!(
+            "run {run}: iperf3 TCP over one tunnel {mbits:.0} Mbit/s; daemon CPU sender {:.2} s, receiver {:.2} s in {wall:.1} s ({:.2} CPU-s per Gbit)",
+            used[0],
+            used[1],
+            (used[0] + used[1]) / (mbits / 1000.0 * 5.0)
+        );
+    }
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "throughput") {
+        throughput();
+        return;
+    }
     for count in [3, 6] {
         let net = Network::start(count, Topology::Mesh);
         net.wait_established(Duration::from_secs(120));
