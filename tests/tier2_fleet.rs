@@ -418,9 +418,16 @@ fn fleet_versions_activation_rollback_attach_and_controller_loss() {
     let out = net.ctl.ok(&["activate", "all"]);
     assert!(out.contains("4 of 4 node(s) took the version"), "{out}");
     net.wait_established(Duration::from_secs(30));
-    assert!(
-        net.site(1).ping(net.site(4).lan()),
-        "s1 cannot reach s4's LAN"
+    // Established sessions still have to exchange and install the LAN routes.
+    towalink_tests::network::wait_for(
+        Duration::from_secs(30),
+        || net.site(1).ping(net.site(4).lan()),
+        || {
+            format!(
+                "s1 reaching s4's LAN; s1's routes:\n{}",
+                net.site(1).birdc("show route")
+            )
+        },
     );
 
     // The controller dies: traffic keeps flowing, status says the service is gone.

@@ -520,7 +520,15 @@ fn node_toml(
     let mut table: BTreeMap<&str, &Value> =
         effective.iter().map(|(k, v)| (k.as_str(), v)).collect();
     table.extend(typed.iter().map(|(k, v)| (k.as_str(), v)));
-    crate::model::toml_text::to_string(&table).map_err(|e| attribute_error("peers", e.to_string()))
+    let text = crate::model::toml_text::to_string(&table)
+        .map_err(|e| attribute_error("peers", e.to_string()))?;
+    // Test builds decode what they wrote, as the node will.
+    debug_assert!(
+        NodeConfig::from_toml(&text).is_ok(),
+        "node.toml the node refuses: {:?}",
+        NodeConfig::from_toml(&text)
+    );
+    Ok(text)
 }
 
 #[cfg(test)]

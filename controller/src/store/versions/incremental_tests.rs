@@ -40,7 +40,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 /// Attributes that reach a node's own files, its peers' files (published values), the
 /// topology, the management link, or only the controller; three values each.
-const ATTRIBUTES: [(&str, [&str; 3]); 11] = [
+const ATTRIBUTES: [(&str, [&str; 3]); 12] = [
     ("bird_bfd_interval_ms", ["100", "200", "300"]),
     ("wg_endpoint", ["192.0.2.1", "192.0.2.2", "router.example"]),
     ("wg_mtu", ["1380", "1420", "1300"]),
@@ -51,6 +51,7 @@ const ATTRIBUTES: [(&str, [&str; 3]); 11] = [
     ("user_note", ["a", "b", "\"c\""]),
     ("wg_listen_port_base", ["52000", "51820", "53000"]),
     ("alert_unreachable_after_s", ["60", "120", "300"]),
+    ("bundle_file_sizes", ["true", "false", "true"]),
     (
         "controller_endpoint",
         ["192.0.2.250", "ctl.example:51000", "[2001:db8::1]:51819"],

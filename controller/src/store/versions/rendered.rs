@@ -3,7 +3,7 @@
 //!
 //! A node whose inputs are those recorded, and whose latest version has the recorded content,
 //! would render to its latest version again: a commit skips it. Soft state, out of git: a
-//! missing, unreadable or foreign file (written by another build of `tlm`) costs one full
+//! missing, unreadable or foreign file (written by other rendering code) costs one full
 //! render, never a wrong version. Written after a commit has published.
 
 use std::collections::BTreeMap;
@@ -21,7 +21,7 @@ pub const RENDER_INPUTS: &str = "effective/render-inputs.toml";
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RenderRecord {
-    /// The build of `tlm` that rendered ([`renderer_id`]).
+    /// The code that rendered ([`renderer_id`]).
     renderer: String,
     #[serde(default)]
     nodes: BTreeMap<String, RenderedFrom>,
@@ -34,22 +34,15 @@ struct RenderedFrom {
     content: String,
 }
 
-/// Names this build of `tlm`: its version and its executable's size and modification time
-/// (any rebuild renders afresh once).
+/// Names the code that renders: `tlm`'s version and a digest of the sources that decide what
+/// a version's files are (made by build.rs). Another build of the same sources trusts the
+/// record; changed code renders every node once.
 pub fn renderer_id() -> String {
-    let build = std::env::current_exe()
-        .and_then(std::fs::metadata)
-        .map(|m| {
-            let modified = m
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos());
-            format!("{} bytes, modified {modified}", m.len())
-        })
-        // Unknown: a name no other run shares, so nothing recorded is trusted.
-        .unwrap_or_else(|_| format!("unknown build, process {}", std::process::id()));
-    format!("tlm {} ({build})", env!("CARGO_PKG_VERSION"))
+    format!(
+        "tlm {} (source {})",
+        env!("CARGO_PKG_VERSION"),
+        env!("TLM_RENDERER_SOURCE")
+    )
 }
 
 impl RenderRecord {
