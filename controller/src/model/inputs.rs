@@ -177,28 +177,10 @@ impl Feed {
 mod tests {
     use super::*;
     use crate::model::resolve::{resolve, LevelConfig};
-    use rand_core::OsRng;
 
     fn tree() -> ConfigTree {
-        let mut tree = ConfigTree::default();
-        let pools = crate::model::allocation::Pools {
-            ipv4: "10.254.0.0/16".parse().unwrap(),
-            ipv6: "fd00::/64".parse().unwrap(),
-        };
-        for site in ["a", "b"] {
-            tree.generated
-                .add_site(site.parse().unwrap(), 4_200_000_000)
-                .unwrap();
-            for node in ["x", "y"] {
-                tree.generated
-                    .add_node(
-                        format!("{node}.{site}").parse().unwrap(),
-                        &pools,
-                        &mut OsRng,
-                    )
-                    .unwrap();
-            }
-        }
+        let mut tree =
+            crate::model::resolve::tests::tree(&[("a", &["x", "y"]), ("b", &["x", "y"])]);
         tree.global
             .files
             .insert("bird.conf.jinja".into(), "{{ asn }}\n".into());

@@ -538,11 +538,12 @@ pub fn allocation_settings(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand_core::OsRng;
 
-    fn tree(sites: &[(&str, &[&str])]) -> ConfigTree {
+    /// A tree of these sites and nodes, allocated, with nothing set.
+    pub(crate) fn tree(sites: &[(&str, &[&str])]) -> ConfigTree {
         let mut tree = ConfigTree::default();
         let pools = crate::model::allocation::Pools {
             ipv4: "10.254.0.0/16".parse().unwrap(),

@@ -206,18 +206,21 @@ mod tests {
         ]
     }
 
+    /// A table of up to 3 `inner` values under `key`s.
+    fn table_of(
+        key: impl Strategy<Value = String>,
+        inner: impl Strategy<Value = Value>,
+    ) -> impl Strategy<Value = Value> {
+        proptest::collection::btree_map(key, inner, 0..4)
+            .prop_map(|m| Value::Table(m.into_iter().collect()))
+    }
+
     fn value() -> impl Strategy<Value = Value> {
         scalar().prop_recursive(3, 24, 4, |inner| {
             prop_oneof![
                 proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-                proptest::collection::btree_map(key(), inner.clone(), 0..4)
-                    .prop_map(|m| Value::Table(m.into_iter().collect())),
-                proptest::collection::vec(
-                    proptest::collection::btree_map(key(), inner, 0..3)
-                        .prop_map(|m| Value::Table(m.into_iter().collect())),
-                    1..3
-                )
-                .prop_map(Value::Array),
+                table_of(key(), inner.clone()),
+                proptest::collection::vec(table_of(key(), inner), 1..3).prop_map(Value::Array),
             ]
         })
     }
@@ -250,14 +253,9 @@ mod tests {
                     0..4
                 )
                 .prop_map(Value::Array),
-                proptest::collection::btree_map(subset_key(), inner.clone(), 0..4)
-                    .prop_map(|m| Value::Table(m.into_iter().collect())),
-                proptest::collection::vec(
-                    proptest::collection::btree_map(subset_key(), inner, 0..3)
-                        .prop_map(|m| Value::Table(m.into_iter().collect())),
-                    1..3
-                )
-                .prop_map(Value::Array),
+                table_of(subset_key(), inner.clone()),
+                proptest::collection::vec(table_of(subset_key(), inner), 1..3)
+                    .prop_map(Value::Array),
             ]
         })
     }
