@@ -228,6 +228,23 @@ fi
 chmod 0600 "$key"
 
 # ---- packages and index ---------------------------------------------------------------------
+# package_info <json> <root dir, or "" for none> <arch> <version> <commit> <name> <origin> <url>
+#   <license> <description> [provides=... | depend=...]...: a package's description for
+#   `apk_repo.py pkg`.
+package_info() {
+  python3 - "$@" <<'PY'
+import json, sys
+path, root, arch, ver, commit, name, origin, url, license, desc, *relations = sys.argv[1:]
+info = [
+    ["pkgname", name], ["pkgver", ver],
+    ["pkgdesc", desc],
+    ["url", url], ["builddate", "0"],
+    ["packager", "Towalink test assets <towalink-test@example.invalid>"],
+    ["arch", arch], ["origin", origin], ["commit", commit], ["license", license],
+] + [relation.split("=", 1) for relation in relations]
+json.dump({"root": root or None, "info": info}, open(path, "w"))
+PY
+}
 release=$(cat "$out/alpine-x86_64/rootfs/etc/alpine-release")
 branch="v${release%.*}"
 mirror="$out/apk-mirror"
@@ -235,45 +252,22 @@ for arch in x86_64 aarch64; do
   case $arch in x86_64) rel="$out/alpine-x86_64" ;; aarch64) rel="$out/alpine-rpi4" ;; esac
   new=$(mktemp -d "$out/.apkrepo-XXXXXX")
   commit=$(printf '%s\n' "$dsc_sha" "$(cat "$out/apk-build/$arch/key")" | sha1sum | cut -c1-40)
-  python3 - "$new/bird.json" "$out/apk-build/$arch/root" "$arch" "$upver-r0" "$debver" "$commit" <<'PY'
-import json, sys
-path, root, arch, ver, debver, commit = sys.argv[1:]
-json.dump({"root": root, "info": [
-    ["pkgname", "bird"], ["pkgver", ver],
-    ["pkgdesc", f"BIRD Internet Routing Daemon (Debian bird2 {debver}, static musl build; Towalink test asset)"],
-    ["url", "https://bird.network.cz/"], ["builddate", "0"],
-    ["packager", "Towalink test assets <towalink-test@example.invalid>"],
-    ["arch", arch], ["origin", "bird"], ["commit", commit], ["license", "GPL-2.0-or-later"],
-    ["provides", f"cmd:bird={ver}"], ["provides", f"cmd:birdcl={ver}"],
-]}, open(path, "w"))
-PY
+  package_info "$new/bird.json" "$out/apk-build/$arch/root" "$arch" "$upver-r0" "$commit" \
+    bird bird https://bird.network.cz/ GPL-2.0-or-later \
+    "BIRD Internet Routing Daemon (Debian bird2 $debver, static musl build; Towalink test asset)" \
+    "provides=cmd:bird=$upver-r0" "provides=cmd:birdcl=$upver-r0"
   sshapk=${sshup/p/_p}-r0
   commit=$(printf '%s\n' "$sshver" "$(cat "$out/apk-build/openssh-$arch/key")" | sha1sum | cut -c1-40)
-  python3 - "$new/openssh.json" "$out/apk-build/openssh-$arch/root" "$arch" "$sshapk" "$sshver" "$commit" <<'PY'
-import json, sys
-path, root, arch, ver, debver, commit = sys.argv[1:]
-json.dump({"root": root, "info": [
-    ["pkgname", "openssh-server"], ["pkgver", ver],
-    ["pkgdesc", f"OpenSSH server and ssh-keygen (Debian openssh {debver}, static musl build without OpenSSL; Towalink test asset)"],
-    ["url", "https://www.openssh.com/"], ["builddate", "0"],
-    ["packager", "Towalink test assets <towalink-test@example.invalid>"],
-    ["arch", arch], ["origin", "openssh"], ["commit", commit], ["license", "SSH-OpenSSH"],
-    ["provides", f"cmd:sshd={ver}"], ["provides", f"cmd:ssh-keygen={ver}"],
-]}, open(path, "w"))
-PY
+  package_info "$new/openssh.json" "$out/apk-build/openssh-$arch/root" "$arch" "$sshapk" "$commit" \
+    openssh-server openssh https://www.openssh.com/ SSH-OpenSSH \
+    "OpenSSH server and ssh-keygen (Debian openssh $sshver, static musl build without OpenSSL; Towalink test asset)" \
+    "provides=cmd:sshd=$sshapk" "provides=cmd:ssh-keygen=$sshapk"
   mapfile -t world < <(LC_ALL=C sort -u "$rel/rootfs/etc/apk/world" | grep -vx alpine-base)
   commit=$(printf '%s ' "${world[@]}" | sha1sum | cut -c1-40)
-  python3 - "$new/base.json" "$release-r0" "$commit" "${world[@]}" <<'PY'
-import json, sys
-path, ver, commit, *world = sys.argv[1:]
-json.dump({"root": None, "info": [
-    ["pkgname", "alpine-base"], ["pkgver", ver],
-    ["pkgdesc", "Meta package for minimal alpine base (the release rootfs's world; Towalink test asset)"],
-    ["url", "https://alpinelinux.org"], ["builddate", "0"],
-    ["packager", "Towalink test assets <towalink-test@example.invalid>"],
-    ["arch", "noarch"], ["origin", "alpine-base"], ["commit", commit], ["license", "MIT"],
-] + [["depend", w] for w in world]}, open(path, "w"))
-PY
+  package_info "$new/base.json" "" noarch "$release-r0" "$commit" \
+    alpine-base alpine-base https://alpinelinux.org MIT \
+    "Meta package for minimal alpine base (the release rootfs's world; Towalink test asset)" \
+    "${world[@]/#/depend=}"
   mkdir -p "$new/repo"
   python3 "$py" pkg "$new/repo/bird-$upver-r0.apk" "$new/bird.json"
   python3 "$py" pkg "$new/repo/alpine-base-$release-r0.apk" "$new/base.json"

@@ -47,8 +47,7 @@ pub fn input_digests(
         };
         let mut feed = Feed::default();
         feed.text(renderer);
-        feed.number(node.id);
-        feed.text(&node.full_name().to_string());
+        // The node's own settings: its id, name, keys, addresses, ports.
         feed.bytes(&published[&node.id]);
         feed.table(&complete.values);
         feed.bytes(&files.digest(&node.full_name()));

@@ -498,7 +498,7 @@ fn node_toml(
         .filter(|(key, _)| key.as_str() != "peers")
         .map(|(key, value)| (key.clone(), value.clone()))
         .collect();
-    let mut config = match NodeConfig::from_table(&attributes) {
+    let mut config = match NodeConfig::from_table(attributes) {
         Ok(config) => config,
         Err(error) => {
             let text =

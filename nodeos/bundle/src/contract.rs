@@ -286,9 +286,9 @@ impl NodeConfig {
     /// Decodes node.toml's table as [`NodeConfig::from_toml`] decodes its text: what the
     /// controller is about to write, checked without writing and parsing it. Its errors name
     /// no line or key: decode the text for those.
-    pub fn from_table(table: &toml::Table) -> Result<NodeConfig, ContractError> {
-        check_contract(table)?;
-        let config = NodeConfig::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
+    pub fn from_table(table: toml::Table) -> Result<NodeConfig, ContractError> {
+        check_contract(&table)?;
+        let config = NodeConfig::deserialize(toml::Value::Table(table)).map_err(|e| {
             ContractError::Invalid {
                 line: None,
                 key: None,
@@ -391,7 +391,6 @@ impl NodeConfig {
     }
 }
 
-/// A TOML error as one line: where (line, key) and what.
 /// The contract node.toml needs: refused when newer than this build's (before anything else
 /// is read, since its fields may mean something this build does not know).
 fn check_contract(table: &toml::Table) -> Result<(), ContractError> {
@@ -415,6 +414,7 @@ fn check_contract(table: &toml::Table) -> Result<(), ContractError> {
     Ok(())
 }
 
+/// A TOML error as one line: where (line, key) and what.
 fn invalid(text: &str, error: &toml::de::Error) -> ContractError {
     let line = error
         .span()
@@ -642,7 +642,7 @@ mod tests {
             "contract = \"one\"",
         ] {
             let table: toml::Table = text.parse().unwrap();
-            match (NodeConfig::from_toml(text), NodeConfig::from_table(&table)) {
+            match (NodeConfig::from_toml(text), NodeConfig::from_table(table)) {
                 (Ok(from_text), Ok(from_table)) => assert_eq!(from_text, from_table),
                 (Err(_), Err(_)) => {}
                 (from_text, from_table) => {

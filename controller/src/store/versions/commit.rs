@@ -263,17 +263,18 @@ pub fn commit(
     all.sort_by_key(|(position, _)| *position);
     let mut staged = Vec::new();
     let mut rendered = 0;
-    for (_, result) in all {
+    for (position, result) in all {
+        let node_inputs = || inputs[&nodes[position].id].clone();
         match result {
             Staged::Skipped(node) => outcome.unchanged.push(node),
-            Staged::Unchanged(node, inputs, content) => {
+            Staged::Unchanged(node, content) => {
                 rendered += 1;
-                record.rendered(node.to_string(), inputs, content);
+                record.rendered(node.to_string(), node_inputs(), content);
                 outcome.unchanged.push(node);
             }
-            Staged::New(node, inputs, entry) => {
+            Staged::New(node, entry) => {
                 rendered += 1;
-                record.rendered(node.to_string(), inputs, entry.content.clone());
+                record.rendered(node.to_string(), node_inputs(), entry.content.clone());
                 staged.push((node.clone(), entry.latest));
                 index.nodes.insert(node.to_string(), entry);
             }
@@ -375,10 +376,10 @@ fn undo_commit(store: &Store, previous_index: Option<&str>, staging: &Path) {
 enum Staged {
     /// Its inputs are those its latest version was rendered from: not rendered.
     Skipped(NodeFullName),
-    /// Rendered (from these inputs) to its latest version's content digest.
-    Unchanged(NodeFullName, InputDigest, String),
-    /// Rendered from these inputs to a new version.
-    New(NodeFullName, InputDigest, IndexEntry),
+    /// Rendered to its latest version's content digest.
+    Unchanged(NodeFullName, String),
+    /// Rendered to a new version.
+    New(NodeFullName, IndexEntry),
 }
 
 /// Renders one node unless its inputs are those its latest version was rendered from and, when
@@ -404,7 +405,7 @@ fn stage_node(
     let rendered = render_node(resolved, renderer, node, management)?;
     let digest = content_digest(&rendered.entries, &rendered.services);
     if previous.map(|e| &e.content) == Some(&digest) {
-        return Ok(Staged::Unchanged(full, inputs.clone(), digest));
+        return Ok(Staged::Unchanged(full, digest));
     }
     // The index may be older than the disk (a `git checkout` of it): never reuse a number.
     let on_disk = list_versions(store, &full)?.last().copied();
@@ -429,7 +430,6 @@ fn stage_node(
     write_version_dir(&dir, &manifest, &rendered.files, &bundle, key)?;
     Ok(Staged::New(
         full,
-        inputs.clone(),
         IndexEntry {
             id: node.id,
             latest: version,
