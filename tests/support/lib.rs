@@ -10,6 +10,8 @@ use std::process::{Command, Output};
 use sha2::{Digest, Sha256};
 
 pub mod browser;
+pub mod fleetlab;
+pub mod fleetsim;
 pub mod hostcopy;
 pub mod network;
 pub mod vm;

@@ -542,55 +542,21 @@ impl Network {
             .controller
             .as_ref()
             .expect("a network with a controller");
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &controller.netns])
-            .arg(binary("tlm"))
-            .args(args)
-            .env("TOWALINK_CONFIG_DIR", &self.ctl.dir)
-            .env("NO_COLOR", "1");
-        command
+        tlm_in_netns(&self.ctl, &controller.netns, args)
     }
 
     /// Starts `tlm serve` in the controller's namespace and waits for its heartbeat.
     pub fn start_controller(&mut self) {
-        let log = {
-            let controller = self
-                .controller
-                .as_ref()
-                .expect("a network with a controller");
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&controller.log)
-                .unwrap()
-        };
-        let child = self
-            .ctl_in_netns(&["--loglevel", "debug", "serve"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start tlm serve");
-        let controller = self.controller.as_mut().unwrap();
-        controller.service = Some(child);
-        let heartbeat = self.ctl.dir.join("status/service.json");
-        let started = Instant::now();
-        let _ = std::fs::remove_file(&heartbeat);
-        wait_for(
-            Duration::from_secs(10),
-            || heartbeat.exists(),
-            || {
-                format!(
-                    "tlm serve did not start:\n{}",
-                    tail(
-                        &std::fs::read_to_string(&self.controller.as_ref().unwrap().log)
-                            .unwrap_or_default(),
-                        20
-                    )
-                )
-            },
-        );
-        let _ = started;
+        let controller = self
+            .controller
+            .as_mut()
+            .expect("a network with a controller");
+        controller.service = Some(start_service(
+            &self.ctl,
+            &controller.netns,
+            &controller.log,
+            "debug",
+        ));
     }
 
     pub fn controller_pid(&self) -> Option<u32> {
@@ -600,9 +566,8 @@ impl Network {
     /// Kills the controller service.
     pub fn kill_controller(&mut self) {
         if let Some(controller) = self.controller.as_mut() {
-            if let Some(mut child) = controller.service.take() {
-                let _ = child.kill();
-                let _ = child.wait();
+            if let Some(child) = controller.service.take() {
+                stop_service(child);
             }
         }
     }
@@ -996,6 +961,52 @@ impl Network {
             );
         }
     }
+}
+
+/// `tlm` on `ctl`'s directory, run inside the namespace `netns`.
+pub fn tlm_in_netns(ctl: &Installation, netns: &str, args: &[&str]) -> Command {
+    let mut command = Command::new("ip");
+    command
+        .args(["netns", "exec", netns])
+        .arg(binary("tlm"))
+        .args(args)
+        .env("TOWALINK_CONFIG_DIR", &ctl.dir)
+        .env("NO_COLOR", "1");
+    command
+}
+
+/// Starts `tlm serve` for `ctl` in the namespace `netns`, its log appended to `log`, and waits
+/// for its heartbeat.
+pub fn start_service(ctl: &Installation, netns: &str, log: &Path, loglevel: &str) -> Child {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let heartbeat = ctl.dir.join("status/service.json");
+    let _ = std::fs::remove_file(&heartbeat);
+    let child = tlm_in_netns(ctl, netns, &["--loglevel", loglevel, "serve"])
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .expect("start tlm serve");
+    wait_for(
+        Duration::from_secs(10),
+        || heartbeat.exists(),
+        || {
+            format!(
+                "tlm serve did not start:\n{}",
+                tail(&std::fs::read_to_string(log).unwrap_or_default(), 20)
+            )
+        },
+    );
+    child
+}
+
+/// Kills a `tlm serve` and reaps it.
+pub fn stop_service(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 pub fn tail(text: &str, lines: usize) -> String {
