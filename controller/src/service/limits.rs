@@ -26,6 +26,10 @@ pub const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 pub const RESPONSE_DEADLINE: Duration = Duration::from_secs(60);
 /// A refusal (400, 403, 408, 413, 503) is a few bytes: the peer gets this long to take them.
 pub const REFUSAL_DEADLINE: Duration = Duration::from_secs(5);
+/// The API listener's backlog: every node of a large fleet may connect at the same moment
+/// (the fleet benchmark: with std's 128, 1,000 nodes overflowed it 296 times, and nodes saw
+/// second-long SYN retransmits and resets).
+pub const LISTEN_BACKLOG: i32 = 4096;
 /// How often a waiting long poll checks whether its node hung up.
 pub const HANGUP_CHECK: Duration = Duration::from_secs(1);
 /// How long a stopping service waits for the connections in flight to end (long polls are

@@ -196,6 +196,12 @@ pub fn run(
     let listener =
         TcpListener::bind(api).map_err(|e| failed(format!("cannot listen on {api}: {e}")))?;
     bind_to_device(&listener, interface)?;
+    // std listens with a backlog of 128; a fleet reconnects together (1,000 long polls end at
+    // once after an activation), and past the backlog a node waits for SYN retransmits or is
+    // reset. The kernel caps it at net.core.somaxconn.
+    socket2::SockRef::from(&listener)
+        .listen(limits::LISTEN_BACKLOG)
+        .map_err(|e| failed(format!("cannot listen on {api}: {e}")))?;
     tracing::info!(%api, interface, listen_port = settings.listen_port, public_key = %public, "controller service running");
     eprintln!(
         "tlm serve: management endpoint UDP {} on {interface} (public key {public}), API {api}",
