@@ -126,18 +126,21 @@ pub fn wait(
     timeout: Duration,
 ) -> Vec<Outcome> {
     let started = Instant::now();
+    let judge_now = |target: &Target| judge(target, records::read_node(store, &target.node).as_ref());
+    // Only the nodes not yet settled are read again every round (a fleet of 1,000 would be
+    // 50,000 status files a second); all of them once more at the end, for what is printed.
+    let mut settled = vec![false; targets.len()];
     loop {
-        let outcomes: Vec<Outcome> = targets
-            .iter()
-            .map(|t| judge(t, records::read_node(store, &t.node).as_ref()))
-            .collect();
-        let all_settled = outcomes.iter().all(|o| o.settled(until_blessed));
-        if all_settled || started.elapsed() >= timeout {
+        for (target, done) in targets.iter().zip(settled.iter_mut()) {
+            if !*done {
+                *done = judge_now(target).settled(until_blessed);
+            }
+        }
+        if settled.iter().all(|done| *done) || started.elapsed() >= timeout {
             let now = records::now_ms();
-            return outcomes
-                .into_iter()
-                .zip(targets)
-                .map(|(outcome, target)| match outcome {
+            return targets
+                .iter()
+                .map(|target| match judge_now(target) {
                     Outcome::Waiting => {
                         let seen = records::read_node(store, &target.node)
                             .map(|r| now.saturating_sub(r.last_seen_ms) / 1000);

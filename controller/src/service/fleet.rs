@@ -103,16 +103,17 @@ pub struct View {
     pub closing: bool,
 }
 
-/// The reply a node gets, and whether it carries news (a version the node lacks among the
-/// offered ones, or an order it has not carried out). Its content is signed for this node and
-/// this report's nonce; the unsigned copy serves nodes before signed orders. Pure.
-pub fn reply_for(
-    id: u32,
-    entry: &NodeEntry,
-    report: &NodeReport,
-    interval_s: u64,
-    key: Option<&SigningKey>,
-) -> (SyncReply, bool) {
+/// What a reply offers and sends the node, decided before anything is signed.
+struct ReplyContent<'a> {
+    offered: Vec<u32>,
+    token: Option<&'a Secret>,
+    wg_key: Option<&'a Secret>,
+    /// A version the node lacks among the offered ones, an order it has not carried out, or a
+    /// key or token to send.
+    news: bool,
+}
+
+fn reply_content<'a>(entry: &'a NodeEntry, report: &NodeReport) -> ReplyContent<'a> {
     let skip = entry.versions.len().saturating_sub(OFFERED_VERSIONS);
     let offered: Vec<u32> = entry.versions[skip..].to_vec();
     let missing = offered
@@ -134,6 +135,36 @@ pub fn reply_for(
             .as_ref()
             .is_some_and(|id| *id != towalink_bundle::recovery::object_name(token.expose()))
     });
+    ReplyContent {
+        news: missing || new_order || token.is_some() || wg_key.is_some(),
+        offered,
+        token,
+        wg_key,
+    }
+}
+
+/// Whether a reply to this report would carry news (see [`reply_for`]), without building or
+/// signing it: a waiting long poll asks this at every change and hang-up check. Pure.
+pub fn has_news(entry: &NodeEntry, report: &NodeReport) -> bool {
+    reply_content(entry, report).news
+}
+
+/// The reply a node gets, and whether it carries news (a version the node lacks among the
+/// offered ones, or an order it has not carried out). Its content is signed for this node and
+/// this report's nonce; the unsigned copy serves nodes before signed orders. Pure.
+pub fn reply_for(
+    id: u32,
+    entry: &NodeEntry,
+    report: &NodeReport,
+    interval_s: u64,
+    key: Option<&SigningKey>,
+) -> (SyncReply, bool) {
+    let ReplyContent {
+        offered,
+        token,
+        wg_key,
+        news,
+    } = reply_content(entry, report);
     let signed = key.map(|key| {
         sign_reply(
             &ReplyBody {
@@ -155,7 +186,7 @@ pub fn reply_for(
             report_interval_s: interval_s,
             signed,
         },
-        missing || new_order || token.is_some() || wg_key.is_some(),
+        news,
     )
 }
 
@@ -464,15 +495,16 @@ impl Fleet {
         let mut view = self.view.lock().expect("fleet lock");
         loop {
             let entry = view.nodes.get(&id)?;
-            let (reply, news) = reply_for(
-                id,
-                entry,
-                report,
-                self.settings.report_interval_s,
-                view.key.as_ref(),
-            );
             let now = Instant::now();
-            if news || view.closing || now >= deadline {
+            // Built and signed once, when it is sent.
+            if view.closing || now >= deadline || has_news(entry, report) {
+                let (reply, _) = reply_for(
+                    id,
+                    entry,
+                    report,
+                    self.settings.report_interval_s,
+                    view.key.as_ref(),
+                );
                 return Some(reply);
             }
             let (guard, timeout) = self
