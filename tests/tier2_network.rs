@@ -364,7 +364,7 @@ fn kernel_wireguard_is_probed_and_refused_without_the_module() {
         );
         let auto = run("auto");
         assert!(auto.status.success());
-        assert!(String::from_utf8_lossy(&auto.stderr).contains("WireGuard: in-process boringtun"));
+        assert!(String::from_utf8_lossy(&auto.stderr).contains("WireGuard: in-process, batched"));
     }
 }
 

@@ -4,6 +4,9 @@
 //! - [`wireguard`]: the [`WireGuard`] trait over one point-to-point link per peer, and
 //!   [`Boringtun`], userspace WireGuard in this process configured over the WireGuard UAPI
 //!   ([`Uapi`], [`boringtun_device`]).
+//! - [`batched`]: [`Batched`], userspace WireGuard of our own on boringtun's protocol: batched
+//!   socket I/O and the TUN's segmentation offloads (the node's default without the kernel
+//!   module).
 //! - [`kernel`]: [`KernelWireGuard`], the kernel's WireGuard through rtnetlink and the
 //!   `wireguard` generic-netlink family.
 //! - [`netlink`]: addresses, MTU, link state, loopbacks and the management route pin through
@@ -11,6 +14,7 @@
 //!
 //! It knows nothing of versions, bundles or the controller: callers say what a link should be.
 
+pub mod batched;
 pub mod kernel;
 pub mod netlink;
 pub mod wireguard;
@@ -18,6 +22,7 @@ pub mod wireguard;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 
+pub use batched::Batched;
 pub use kernel::KernelWireGuard;
 pub use wireguard::{
     boringtun_device, Boringtun, Ensured, LinkStats, Uapi, WireGuard, WireGuardLink,

@@ -34,8 +34,9 @@ pub struct Cli {
     #[arg(long, default_value = "/run/bird/bird.ctl", global = true)]
     pub bird_socket: PathBuf,
     /// WireGuard implementation the daemon drives: `auto` takes the kernel's when its module is
-    /// there and in-process boringtun otherwise; `none` manages only files and BIRD (where
-    /// another tool owns the tunnels).
+    /// there and the in-process `batched` one otherwise (boringtun's protocol, batched socket
+    /// I/O and TUN offloads); `boringtun` is boringtun's own device; `none` manages only files
+    /// and BIRD (where another tool owns the tunnels).
     #[arg(long, value_enum, default_value = "auto", global = true)]
     pub dataplane: DataPlaneKind,
     /// Log level on stderr.

@@ -31,7 +31,7 @@ use towalink_bundle::messages::TunnelReport;
 use towalink_system::Shutdown;
 
 use crate::dataplane::ReconcileReport;
-use crate::dataplane::{Boringtun, DataPlane, DesiredState, KernelWireGuard, LinkStats};
+use crate::dataplane::{Batched, Boringtun, DataPlane, DesiredState, KernelWireGuard, LinkStats};
 use crate::lifecycle::{Node, Watch};
 use crate::management::{self, Shared};
 use crate::slots::DiskState;
@@ -218,6 +218,9 @@ impl Daemon {
 #[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
 pub enum DataPlaneKind {
     Auto,
+    /// In-process WireGuard with batched I/O and TUN offloads (`towalink_netdev::Batched`).
+    Batched,
+    /// boringtun's own in-process device.
     Boringtun,
     Kernel,
     None,
@@ -239,6 +242,7 @@ pub struct Options {
 
 fn open_dataplane(kind: DataPlaneKind) -> Result<Option<DataPlane>, crate::Error> {
     Ok(match kind {
+        DataPlaneKind::Batched => Some(DataPlane::new(Box::new(Batched::new()))?),
         DataPlaneKind::Boringtun => Some(DataPlane::new(Box::new(Boringtun::new()))?),
         DataPlaneKind::Kernel => Some(DataPlane::new(Box::new(KernelWireGuard::probe()?))?),
         DataPlaneKind::Auto => Some(match KernelWireGuard::probe() {
@@ -247,8 +251,8 @@ fn open_dataplane(kind: DataPlaneKind) -> Result<Option<DataPlane>, crate::Error
                 DataPlane::new(Box::new(kernel))?
             }
             Err(reason) => {
-                tracing::info!(%reason, "WireGuard: in-process boringtun");
-                DataPlane::new(Box::new(Boringtun::new()))?
+                tracing::info!(%reason, "WireGuard: in-process, batched");
+                DataPlane::new(Box::new(Batched::new()))?
             }
         }),
         DataPlaneKind::None => None,

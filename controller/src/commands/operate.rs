@@ -126,7 +126,8 @@ pub fn wait(
     timeout: Duration,
 ) -> Vec<Outcome> {
     let started = Instant::now();
-    let judge_now = |target: &Target| judge(target, records::read_node(store, &target.node).as_ref());
+    let judge_now =
+        |target: &Target| judge(target, records::read_node(store, &target.node).as_ref());
     // Only the nodes not yet settled are read again every round (a fleet of 1,000 would be
     // 50,000 status files a second); all of them once more at the end, for what is printed.
     let mut settled = vec![false; targets.len()];

@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs as _};
 
 pub use towalink_netdev::{key_hex, INTERFACE_PREFIX, MANAGEMENT_MTU};
-pub use towalink_netdev::{Boringtun, KernelWireGuard, LinkStats, WireGuard, WireGuardLink};
+pub use towalink_netdev::{
+    Batched, Boringtun, KernelWireGuard, LinkStats, WireGuard, WireGuardLink,
+};
 
 use towalink_bundle::contract::{NodeConfig, NODE_TOML};
 use towalink_bundle::messages::Management;
