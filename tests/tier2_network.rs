@@ -584,3 +584,116 @@ fn a_node_announcing_the_controllers_management_address_cannot_take_the_manageme
         },
     );
 }
+
+/// A deterministic stream of bytes (xorshift), `length` long, and its SHA-256.
+fn pattern(seed: u64, length: usize) -> (Vec<u8>, String) {
+    use sha2::Digest as _;
+    let mut state = seed | 1;
+    let bytes: Vec<u8> = (0..length)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    let digest = hex::encode(sha2::Sha256::digest(&bytes));
+    (bytes, digest)
+}
+
+/// Sends `bytes` over one TCP connection from `from`'s namespace to `to` (a listener on
+/// `bound` in `to_site`'s), and returns the SHA-256 of what arrived and how long it took.
+fn transfer(
+    from: &towalink_tests::network::Site,
+    to_site: &towalink_tests::network::Site,
+    (bound, to): (std::net::SocketAddr, std::net::SocketAddr),
+    bytes: Vec<u8>,
+) -> (String, Duration) {
+    use sha2::Digest as _;
+    use std::io::{Read as _, Write as _};
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let receiver = towalink_tests::network::spawn_in_netns(&to_site.netns, move || {
+        let listener = std::net::TcpListener::bind(bound).expect("listen in the receiving site");
+        ready_tx.send(()).unwrap();
+        let (mut stream, _) = listener.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut hash = sha2::Sha256::new();
+        let mut buffer = vec![0u8; 1 << 20];
+        loop {
+            let n = stream.read(&mut buffer).expect("read the transfer");
+            if n == 0 {
+                break;
+            }
+            hash.update(&buffer[..n]);
+        }
+        hex::encode(hash.finalize())
+    });
+    ready_rx.recv().unwrap();
+    let started = std::time::Instant::now();
+    towalink_tests::network::in_netns(&from.netns, move || {
+        let mut stream = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(10))
+            .expect("connect through the tunnel");
+        stream.write_all(&bytes).expect("send the transfer");
+    });
+    let digest = receiver.join().expect("receiver");
+    (digest, started.elapsed())
+}
+
+/// The in-process WireGuard cuts the kernel's large TCP sends into packets and joins what it
+/// receives into large frames again (TUN offloads): 64 MiB each way, over IPv4 between the
+/// LANs and over IPv6 between the link's own addresses, arrive byte for byte.
+#[test]
+fn large_transfers_cross_the_tunnel_intact_both_ways_over_ipv4_and_ipv6() {
+    let _serial = serial();
+    let net = Network::start(2, Topology::Mesh);
+    net.wait_established(Duration::from_secs(60));
+    let (s1, s2) = (net.site(1), net.site(2));
+    wait_for(
+        Duration::from_secs(30),
+        || s1.ping(s2.lan()) && s2.ping(s1.lan()),
+        || format!("the LANs to reach each other:\n{}", s1.birdc("show route")),
+    );
+    for site in [s1, s2] {
+        assert!(
+            site.log().contains("offload=true"),
+            "[{}] the links were not made with TUN offloads, so this test would not cover them:\n{}",
+            site.name,
+            tail(&site.log(), 20)
+        );
+    }
+    let size = 64 << 20;
+    // s2's end of its link to s1 (fe80::<node id, 32 bits>:<peer id, 32 bits>), on each
+    // side's interface.
+    let link_local = |site: &towalink_tests::network::Site, interface: &str| {
+        std::net::SocketAddr::V6(std::net::SocketAddrV6::new(
+            "fe80::2:0:1".parse().unwrap(),
+            5202,
+            0,
+            site.ifindex(interface).parse().unwrap(),
+        ))
+    };
+    let lan = |site: &towalink_tests::network::Site| std::net::SocketAddr::from((site.lan(), 5201));
+    let cases = [
+        (s1, s2, (lan(s2), lan(s2))),
+        (s2, s1, (lan(s1), lan(s1))),
+        (s1, s2, (link_local(s2, "tlwg1"), link_local(s1, "tlwg2"))),
+    ];
+    for (seed, (from, to_site, addresses)) in cases.into_iter().enumerate() {
+        let to = addresses.1;
+        let (bytes, sent) = pattern(seed as u64 + 1, size);
+        let (arrived, took) = transfer(from, to_site, addresses, bytes);
+        assert_eq!(
+            arrived, sent,
+            "{} → {} ({to}): the bytes that arrived differ from those sent",
+            from.name, to_site.name
+        );
+        eprintln!(
+            "{} → {} ({to}): 64 MiB intact, {:.0} Mbit/s (debug build)",
+            from.name,
+            to_site.name,
+            size as f64 * 8.0 / took.as_secs_f64() / 1e6
+        );
+    }
+}

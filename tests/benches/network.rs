@@ -1,6 +1,6 @@
 //! Network benchmark (root): time from the daemons' start to every BGP session Established
 //! for 3 and 6 sites, the failover outage when an underlay link is cut (pinging every 10 ms),
-//! iperf3 throughput over one boringtun tunnel against the bare veth underneath, and the CPU
+//! iperf3 throughput over one in-process tunnel against the bare veth underneath, and the CPU
 //! and memory of a node daemon with 10 links. Prints figures for docs/benchmarks.md.
 //!
 //! Run: `cargo bench -p towalink-tests --bench network` (`-- throughput`: only iperf3 over one
@@ -176,7 +176,7 @@ fn main() {
             let tunnel = iperf(s1, s2, &s2.lan().to_string(), &s1.lan().to_string());
             let bare = iperf(s1, s2, "198.51.100.1", "198.51.100.0");
             println!(
-                "iperf3 TCP, 5 s: over one boringtun tunnel {tunnel:.0} Mbit/s, bare veth {bare:.0} Mbit/s, ratio {:.3}",
+                "iperf3 TCP, 5 s: over one in-process tunnel {tunnel:.0} Mbit/s, bare veth {bare:.0} Mbit/s, ratio {:.3}",
                 tunnel / bare
             );
         }

@@ -208,10 +208,15 @@ impl Shared {
 fn transmit(shared: &Shared) {
     let mut frame = vec![0u8; DATAGRAM];
     let mut packets: Vec<Vec<u8>> = Vec::new();
-    let mut out: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; DATAGRAM]).collect();
+    // One allocation for the batch (mapped lazily: a link costs the pages it fills).
+    let mut out = vec![0u8; BATCH * DATAGRAM];
     let mut lengths: Vec<usize> = Vec::with_capacity(BATCH);
-    let flush = |out: &[Vec<u8>], lengths: &mut Vec<usize>| {
-        let datagrams: Vec<&[u8]> = lengths.iter().zip(out).map(|(n, d)| &d[..*n]).collect();
+    let flush = |out: &[u8], lengths: &mut Vec<usize>| {
+        let datagrams: Vec<&[u8]> = lengths
+            .iter()
+            .zip(out.chunks_exact(DATAGRAM))
+            .map(|(n, d)| &d[..*n])
+            .collect();
         shared.send(&datagrams);
         lengths.clear();
     };
@@ -234,9 +239,9 @@ fn transmit(shared: &Shared) {
                 if lengths.len() == BATCH {
                     flush(&out, &mut lengths);
                 }
-                let slot = lengths.len();
+                let slot = lengths.len() * DATAGRAM;
                 if let TunnResult::WriteToNetwork(datagram) =
-                    tunn.encapsulate(packet, &mut out[slot])
+                    tunn.encapsulate(packet, &mut out[slot..slot + DATAGRAM])
                 {
                     lengths.push(datagram.len());
                 }
@@ -252,7 +257,7 @@ fn transmit(shared: &Shared) {
 
 /// Datagrams from the peer, decrypted, to the TUN (TCP segments of one flow joined).
 fn receive(shared: &Shared) {
-    let mut buffers: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; DATAGRAM]).collect();
+    let mut buffers = vec![0u8; BATCH * DATAGRAM];
     let mut received = Vec::with_capacity(BATCH);
     let mut out = vec![0u8; DATAGRAM];
     let mut plain: Vec<Vec<u8>> = Vec::with_capacity(BATCH);
@@ -260,7 +265,7 @@ fn receive(shared: &Shared) {
     while !shared.stopping() {
         shared
             .socket
-            .receive_batch(&mut buffers, POLL, &mut received);
+            .receive_batch(&mut buffers, DATAGRAM, POLL, &mut received);
         if received.is_empty() {
             continue;
         }
@@ -269,8 +274,8 @@ fn receive(shared: &Shared) {
         {
             let mut tunn = lock(&shared.tunn);
             for &(index, length, from) in &received {
-                let mut result =
-                    tunn.decapsulate(Some(from.ip()), &buffers[index][..length], &mut out);
+                let datagram = &buffers[index * DATAGRAM..index * DATAGRAM + length];
+                let mut result = tunn.decapsulate(Some(from.ip()), datagram, &mut out);
                 loop {
                     match result {
                         TunnResult::WriteToNetwork(reply) => {

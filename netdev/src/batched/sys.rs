@@ -295,14 +295,16 @@ impl Socket {
         }
     }
 
-    /// Receives up to `buffers.len()` datagrams, waiting up to `timeout` for the first; for
-    /// each: the buffer it is in, its length and its source.
+    /// Receives up to one datagram per `slot` bytes of `buffer`, waiting up to `timeout` for
+    /// the first; for each: the slot it is in, its length and its source.
     pub fn receive_batch(
         &self,
-        buffers: &mut [Vec<u8>],
+        buffer: &mut [u8],
+        slot: usize,
         timeout: Duration,
         received: &mut Vec<(usize, usize, SocketAddr)>,
     ) {
+        let buffers: Vec<&mut [u8]> = buffer.chunks_exact_mut(slot).collect();
         received.clear();
         if !poll_in(self.fd.as_raw_fd(), timeout) {
             return;
@@ -310,8 +312,10 @@ impl Socket {
         // SAFETY: all-zero is a valid sockaddr_storage.
         let mut sources: Vec<libc::sockaddr_storage> =
             vec![unsafe { std::mem::zeroed() }; buffers.len()];
+        // (The slots' memory is untouched until a datagram fills it: one allocation, mapped
+        // lazily, so a link costs pages for what it receives, not 2 MiB.)
         let mut iovecs: Vec<libc::iovec> = buffers
-            .iter_mut()
+            .into_iter()
             .map(|b| libc::iovec {
                 iov_base: b.as_mut_ptr().cast(),
                 iov_len: b.len(),
