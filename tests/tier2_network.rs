@@ -1,5 +1,5 @@
 //! Tier 2 (network): sites as network namespaces joined by veth underlay links, each running
-//! the real `towalink-node` (in-process boringtun) and a real BIRD 2, configured by the real
+//! the real `towalink-node` (in-process WireGuard) and a real BIRD 2, configured by the real
 //! `tlm`. What an engineer checks: BGP Established with BFD, LAN-to-LAN ping through the
 //! tunnels, failover through a third site when the underlay is cut, the direct path back after
 //! a restore, a star, no controller at all, and a BFD change that reloads only BIRD.
@@ -364,7 +364,7 @@ fn kernel_wireguard_is_probed_and_refused_without_the_module() {
         );
         let auto = run("auto");
         assert!(auto.status.success());
-        assert!(String::from_utf8_lossy(&auto.stderr).contains("WireGuard: in-process, batched"));
+        assert!(String::from_utf8_lossy(&auto.stderr).contains("WireGuard: in-process batched"));
     }
 }
 

@@ -251,7 +251,7 @@ fn open_dataplane(kind: DataPlaneKind) -> Result<Option<DataPlane>, crate::Error
                 DataPlane::new(Box::new(kernel))?
             }
             Err(reason) => {
-                tracing::info!(%reason, "WireGuard: in-process, batched");
+                tracing::info!(%reason, "WireGuard: in-process batched");
                 DataPlane::new(Box::new(Batched::new()))?
             }
         }),

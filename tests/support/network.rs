@@ -1,5 +1,5 @@
 //! A real multi-site network on one machine: each site is a network namespace running the real
-//! `towalink-node` (in-process boringtun) and a real BIRD 2; the sites are joined by an underlay
+//! `towalink-node` (in-process WireGuard) and a real BIRD 2; the sites are joined by an underlay
 //! of veth links (documentation addresses, only inside the namespaces), each site has a LAN
 //! address, and the real `tlm` configures the installation.
 //!
