@@ -7,10 +7,13 @@
 //!   joined into one frame. Where the kernel refuses the offloads the TUN carries plain
 //!   packets.
 //!
-//! The peer's address is learnt from what it sends (roaming), as WireGuard's own devices do:
-//! a handshake it completes, or data that decrypts. Only the endpoint changing keeps the
-//! session; any other change (keys, port, keepalive) starts a new one on the same interface,
-//! so its addresses and routes stay.
+//! The peer's address is learnt from what it sends (roaming), as WireGuard's own devices do,
+//! but only from what authenticates it: a handshake it started (its key and a fresh timestamp
+//! checked), or data or a keepalive that decrypts. A cookie sent under load teaches nothing.
+//! Only the endpoint changing keeps the session, and a link without an endpoint now (a name
+//! that did not resolve) keeps the one it has. Any other change (keys, port, keepalive) starts
+//! a new session on the same interface, so its addresses and routes stay, and it starts from
+//! the address the old one knew.
 //!
 //! Measured against boringtun's device on this machine: docs/benchmarks.md, "WireGuard
 //! throughput".
@@ -110,7 +113,13 @@ fn endpoint(link: &WireGuardLink) -> Result<Option<SocketAddr>, Error> {
 }
 
 impl Engine {
-    fn start(link: &WireGuardLink, tun: Arc<Tun>) -> Result<Engine, Error> {
+    /// Starts a session; the peer's address is the link's endpoint, else `known` (where an
+    /// earlier session heard it), else learnt when it speaks.
+    fn start(
+        link: &WireGuardLink,
+        tun: Arc<Tun>,
+        known: Option<SocketAddr>,
+    ) -> Result<Engine, Error> {
         let private = key(&link.private_key_hex, "the private key", &link.name)?;
         let public = key(
             &link.peer_public_key_hex,
@@ -133,7 +142,7 @@ impl Engine {
             tun,
             socket,
             tunn: Mutex::new(tunn),
-            endpoint: Mutex::new(endpoint(link)?),
+            endpoint: Mutex::new(endpoint(link)?.or(known)),
             stop: AtomicBool::new(false),
         });
         let mut threads = Vec::new();
@@ -225,6 +234,9 @@ fn transmit(shared: &Shared) {
             continue;
         }
         while let Some(n) = shared.tun.read(&mut frame) {
+            if shared.stopping() {
+                break;
+            }
             packets.clear();
             if shared.tun.offload {
                 if let Err(error) = offload::split(&frame[..n], &mut packets) {
@@ -275,29 +287,34 @@ fn receive(shared: &Shared) {
             let mut tunn = lock(&shared.tunn);
             for &(index, length, from) in &received {
                 let datagram = &buffers[index * DATAGRAM..index * DATAGRAM + length];
-                let mut result = tunn.decapsulate(Some(from.ip()), datagram, &mut out);
-                loop {
-                    match result {
-                        TunnResult::WriteToNetwork(reply) => {
-                            // A handshake it completed, or data queued for it: the peer is
-                            // there. (A cookie under load proves nothing.)
-                            if matches!(reply[0], MESSAGE_HANDSHAKE_RESPONSE | MESSAGE_DATA) {
-                                heard_from = Some(from);
-                            }
-                            shared.socket.send_batch(&[reply], from);
-                            result = tunn.decapsulate(None, &[], &mut out);
-                        }
-                        TunnResult::WriteToTunnelV4(packet, _)
-                        | TunnResult::WriteToTunnelV6(packet, _) => {
+                match tunn.decapsulate(Some(from.ip()), datagram, &mut out) {
+                    // Our answer to a handshake it started (its key and a fresh timestamp
+                    // checked), or a keepalive after it answered ours: the peer is there, and
+                    // what waited for the session goes to it. A cookie (we are under load)
+                    // proves nothing and releases nothing.
+                    TunnResult::WriteToNetwork(reply) => {
+                        let authentic =
+                            matches!(reply[0], MESSAGE_HANDSHAKE_RESPONSE | MESSAGE_DATA);
+                        shared.socket.send_batch(&[reply], from);
+                        if authentic {
                             heard_from = Some(from);
-                            plain.push(packet.to_vec());
-                            break;
+                            while let TunnResult::WriteToNetwork(queued) =
+                                tunn.decapsulate(None, &[], &mut out)
+                            {
+                                shared.socket.send_batch(&[queued], from);
+                            }
                         }
-                        TunnResult::Done => {
-                            break;
-                        }
-                        TunnResult::Err(_) => break,
                     }
+                    TunnResult::WriteToTunnelV4(packet, _)
+                    | TunnResult::WriteToTunnelV6(packet, _) => {
+                        heard_from = Some(from);
+                        plain.push(packet.to_vec());
+                    }
+                    // A keepalive that decrypted: the peer is there.
+                    TunnResult::Done if datagram.first() == Some(&MESSAGE_DATA) => {
+                        heard_from = Some(from);
+                    }
+                    TunnResult::Done | TunnResult::Err(_) => {}
                 }
             }
         }
@@ -338,7 +355,7 @@ fn timers(shared: &Shared) {
 impl WireGuard for Batched {
     fn ensure(&mut self, link: &WireGuardLink) -> Result<Ensured, Error> {
         if let Some(existing) = self.links.get_mut(&link.name) {
-            if existing.config == *link {
+            if existing.config == *link && existing.engine.is_some() {
                 return Ok(Ensured::Unchanged);
             }
             let only_endpoint = WireGuardLink {
@@ -346,17 +363,23 @@ impl WireGuard for Batched {
                 ..existing.config.clone()
             } == *link;
             match &existing.engine {
+                // No endpoint now (a name that did not resolve this time): the one the
+                // session has stays, as the kernel's WireGuard keeps it.
                 Some(engine) if only_endpoint => {
-                    *lock(&engine.shared.endpoint) = endpoint(link)?;
+                    if let Some(to) = endpoint(link)? {
+                        *lock(&engine.shared.endpoint) = Some(to);
+                    }
                 }
                 _ => {
                     // The old session's socket is closed before the new one binds the port.
+                    let mut known = None;
                     if let Some(engine) = existing.engine.take() {
                         let stats = engine.stats();
                         existing.carried.rx_bytes += stats.rx_bytes;
                         existing.carried.tx_bytes += stats.tx_bytes;
+                        known = engine.shared.endpoint();
                     }
-                    existing.engine = Some(Engine::start(link, Arc::clone(&existing.tun))?);
+                    existing.engine = Some(Engine::start(link, Arc::clone(&existing.tun), known)?);
                 }
             }
             existing.config = link.clone();
@@ -365,7 +388,7 @@ impl WireGuard for Batched {
         let tun = Arc::new(Tun::open(&link.name).map_err(|e| {
             Error::WireGuard(format!("cannot create WireGuard link {}: {e}", link.name))
         })?);
-        let engine = Engine::start(link, Arc::clone(&tun))?;
+        let engine = Engine::start(link, Arc::clone(&tun), None)?;
         tracing::info!(
             link = %link.name,
             port = engine.shared.socket.port(),

@@ -91,8 +91,14 @@ pub fn split(frame: &[u8], out: &mut Vec<Vec<u8>>) -> Result<(), OffloadError> {
                     return Err(OffloadError::Checksum);
                 }
                 // The field holds the pseudo-header's sum already: complete over the rest.
+                // A result of 0 is written as 0xffff (the same in one's complement), since 0
+                // means "no checksum" to UDP.
                 let sum = sum16(0, &packet[csum_start..]);
-                packet[at..at + 2].copy_from_slice(&complement(sum));
+                let value = match complement(sum) {
+                    [0, 0] => [0xff, 0xff],
+                    value => value,
+                };
+                packet[at..at + 2].copy_from_slice(&value);
             }
             out.push(packet);
             Ok(())
@@ -164,24 +170,33 @@ fn segment(
     Ok(())
 }
 
-/// An IPv4 TCP packet without IP options or fragmentation, and the length of its headers.
-fn plain_tcp4(p: &[u8]) -> Option<usize> {
-    if p.len() < 40 || p[0] != 0x45 || p[9] != 6 || p[6] & 0x3f != 0 || p[7] != 0 {
+/// An IPv4 TCP packet that may be joined: no IP options, Don't Fragment set (so its IP id
+/// carries nothing a receiver uses), not a fragment, its length right and both checksums
+/// valid (a segment damaged before the peer's end of the tunnel must reach its receiver
+/// damaged, not with a checksum the kernel fills in). The length of its headers.
+fn joinable_tcp4(p: &[u8]) -> Option<usize> {
+    if p.len() < 40 || p[0] != 0x45 || p[9] != 6 || p[6] != 0x40 || p[7] != 0 {
         return None;
     }
-    let headers = 20 + usize::from(p[32] >> 4) * 4;
-    (usize::from(p[32] >> 4) >= 5
+    let tcp_words = usize::from(p[32] >> 4);
+    let headers = 20 + tcp_words * 4;
+    let valid = tcp_words >= 5
         && p.len() >= headers
-        && usize::from(u16::from_be_bytes([p[2], p[3]])) == p.len())
-    .then_some(headers)
+        && usize::from(u16::from_be_bytes([p[2], p[3]])) == p.len()
+        && fold(sum16(0, &p[..20])) == 0xffff
+        && fold(sum16(pseudo_header(p, p.len() - 20), &p[20..])) == 0xffff;
+    valid.then_some(headers)
 }
 
-/// Whether `q` continues `p`'s flow right where `next_seq` says: same addresses, ports, ack,
-/// window and options, ACK (PSH allowed) only.
+/// Whether `q` continues `p`'s flow right where `next_seq` says: the same IP header but for
+/// length, id and checksum (TOS with its ECN bits, flags, TTL, addresses), the same ports,
+/// ack, data offset and reserved bits, window and options; ACK (PSH allowed) only.
 fn continues(p: &[u8], q: &[u8], headers: usize, next_seq: u32) -> bool {
-    plain_tcp4(q) == Some(headers)
+    joinable_tcp4(q) == Some(headers)
+        && q[1] == p[1]
+        && q[6..9] == p[6..9]
         && q[12..24] == p[12..24]
-        && q[28..32] == p[28..32]
+        && q[28..33] == p[28..33]
         && q[34..36] == p[34..36]
         && q[40..headers] == p[40..headers]
         && u32::from_be_bytes(q[24..28].try_into().unwrap()) == next_seq
@@ -201,7 +216,7 @@ pub fn join(packets: &[&[u8]], frames: &mut Vec<Vec<u8>>) {
     let mut i = 0;
     while i < packets.len() {
         let p = packets[i];
-        let run_end = match plain_tcp4(p) {
+        let run_end = match joinable_tcp4(p) {
             Some(headers) if p[33] == TCP_ACK && p.len() > headers => {
                 let mss = p.len() - headers;
                 let mut next_seq =
@@ -430,6 +445,56 @@ mod tests {
         assert!(frames
             .iter()
             .all(|f| f[..VNET_HDR_LEN] == [0; VNET_HDR_LEN]));
+    }
+
+    #[test]
+    fn damaged_or_differently_marked_segments_are_not_joined() {
+        let first = tcp_packet(true, 100, TCP_ACK, &[1; 100], &[]);
+        let join_two = |second: Vec<u8>| {
+            let mut frames = Vec::new();
+            join(&[&first, &second], &mut frames);
+            frames.len()
+        };
+        let next = || tcp_packet(true, 200, TCP_ACK, &[2; 100], &[]);
+        // The IPv4 header's checksum made right again after a change to it.
+        let reseal = |p: &mut Vec<u8>| {
+            p[10..12].copy_from_slice(&[0, 0]);
+            let sum = sum16(0, &p[..20]);
+            p[10..12].copy_from_slice(&complement(sum));
+        };
+        assert_eq!(join_two(next()), 1);
+        let mut damaged = next();
+        damaged[70] ^= 0x10;
+        assert_eq!(join_two(damaged), 2, "a bad TCP checksum");
+        let mut congested = next();
+        congested[1] = 0x03;
+        reseal(&mut congested);
+        assert_eq!(join_two(congested), 2, "another ECN mark");
+        let mut fragmentable = next();
+        fragmentable[6] = 0;
+        reseal(&mut fragmentable);
+        assert_eq!(join_two(fragmentable), 2, "no Don't Fragment");
+    }
+
+    #[test]
+    fn a_udp_checksum_that_comes_out_zero_is_written_as_all_ones() {
+        // An IPv4 UDP packet whose checksum is left to us (the field holds the pseudo-header's
+        // sum), with a payload word chosen so that the completed sum is 0xffff.
+        let mut p = vec![
+            0x45, 0, 0, 30, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
+        p.extend_from_slice(&[0x30, 0x39, 0x00, 0x35, 0, 10, 0, 0, 0, 0]);
+        let partial = fold(sum16(17 + 10, &p[12..20])) as u16;
+        p[26..28].copy_from_slice(&partial.to_be_bytes());
+        let rest = fold(sum16(0, &p[20..]));
+        let word = 0xffff - rest as u16;
+        p[28..30].copy_from_slice(&word.to_be_bytes());
+        assert_eq!(fold(sum16(0, &p[20..])), 0xffff);
+        let mut frame = vec![NEEDS_CSUM, GSO_NONE, 0, 0, 0, 0, 20, 0, 6, 0];
+        frame.extend_from_slice(&p);
+        let mut out = Vec::new();
+        split(&frame, &mut out).unwrap();
+        assert_eq!(out[0][26..28], [0xff, 0xff]);
     }
 
     #[test]

@@ -66,8 +66,8 @@ impl Tun {
     /// allows them, else plain.
     pub fn open(name: &str) -> Result<Tun, String> {
         let with_offload = open_tun_with(name, IFF_TUN | IFF_NO_PI | IFF_VNET_HDR).and_then(|fd| {
-            let offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
-            // SAFETY: TUNSETOFFLOAD takes its flags by value.
+            let offloads = libc::c_ulong::from(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6);
+            // SAFETY: TUNSETOFFLOAD takes its flags by value (the kernel reads an unsigned long).
             if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, offloads) } < 0 {
                 Err(last_error("TUNSETOFFLOAD"))
             } else {
@@ -198,8 +198,12 @@ fn from_raw(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
             // SAFETY: the family says it is a sockaddr_in6.
             let raw: &libc::sockaddr_in6 = unsafe { &*(storage as *const _ as *const _) };
             let ip = Ipv6Addr::from(raw.sin6_addr.s6_addr);
-            let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
-            Some(SocketAddr::new(ip, u16::from_be(raw.sin6_port)))
+            let port = u16::from_be(raw.sin6_port);
+            Some(match ip.to_ipv4_mapped() {
+                Some(v4) => SocketAddr::new(IpAddr::V4(v4), port),
+                // The scope stays: a link-local peer is reached through its interface.
+                None => SocketAddr::V6(SocketAddrV6::new(ip, port, 0, raw.sin6_scope_id)),
+            })
         }
         _ => None,
     }
