@@ -345,7 +345,7 @@ impl Socket {
                 self.fd.as_raw_fd(),
                 messages.as_mut_ptr(),
                 messages.len() as libc::c_uint,
-                libc::MSG_DONTWAIT,
+                libc::MSG_DONTWAIT as _,
                 std::ptr::null_mut(),
             )
         };
