@@ -4,7 +4,7 @@
 //! runs boringtun.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use netlink_packet_core::{
     NetlinkDeserializable, NetlinkMessage, NetlinkPayload, NetlinkSerializable, NLM_F_ACK,
@@ -173,23 +173,11 @@ impl KernelWireGuard {
     }
 
     fn set(&mut self, link: &WireGuardLink, full: bool) -> Result<(), Error> {
-        let key = |hex_key: &str| -> Result<[u8; 32], Error> {
-            hex::decode(hex_key)
-                .ok()
-                .and_then(|b| b.try_into().ok())
-                .ok_or_else(|| Error::WireGuard(format!("{}: bad key", link.name)))
-        };
         let mut peer = vec![
-            WgPeerAttrs::PublicKey(key(&link.peer_public_key_hex)?),
+            WgPeerAttrs::PublicKey(link.peer_public_key()?),
             WgPeerAttrs::PersistentKeepalive(link.keepalive),
         ];
-        if let Some(endpoint) = &link.endpoint {
-            let address: SocketAddr = endpoint.parse().map_err(|_| {
-                failed(format!(
-                    "{}: endpoint `{endpoint}` is not resolved",
-                    link.name
-                ))
-            })?;
+        if let Some(address) = link.endpoint_address()? {
             peer.push(WgPeerAttrs::Endpoint(address));
         }
         let mut device = vec![WgDeviceAttrs::IfName(link.name.clone())];
@@ -207,7 +195,7 @@ impl KernelWireGuard {
                     WgAllowedIpAttrs::Cidr(0),
                 ]),
             ]));
-            device.push(WgDeviceAttrs::PrivateKey(key(&link.private_key_hex)?));
+            device.push(WgDeviceAttrs::PrivateKey(link.private_key()?));
             device.push(WgDeviceAttrs::ListenPort(link.listen_port));
             device.push(WgDeviceAttrs::Flags(WGDEVICE_F_REPLACE_PEERS));
         } else {

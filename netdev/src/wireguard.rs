@@ -24,6 +24,45 @@ pub struct WireGuardLink {
     pub keepalive: u16,
 }
 
+impl WireGuardLink {
+    /// The private key's 32 bytes.
+    pub fn private_key(&self) -> Result<[u8; 32], Error> {
+        self.key(&self.private_key_hex, "the private key")
+    }
+
+    /// The peer's public key's 32 bytes.
+    pub fn peer_public_key(&self) -> Result<[u8; 32], Error> {
+        self.key(&self.peer_public_key_hex, "the peer's public key")
+    }
+
+    fn key(&self, hex_key: &str, what: &str) -> Result<[u8; 32], Error> {
+        hex::decode(hex_key)
+            .ok()
+            .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+            .ok_or_else(|| {
+                Error::WireGuard(format!(
+                    "WireGuard link {}: {what} is not a 32-byte hex key",
+                    self.name
+                ))
+            })
+    }
+
+    /// The endpoint as an address (names are resolved before a link is made).
+    pub fn endpoint_address(&self) -> Result<Option<std::net::SocketAddr>, Error> {
+        self.endpoint
+            .as_deref()
+            .map(|text| {
+                text.parse().map_err(|_| {
+                    Error::WireGuard(format!(
+                        "WireGuard link {}: endpoint `{text}` is not resolved to an address:port",
+                        self.name
+                    ))
+                })
+            })
+            .transpose()
+    }
+}
+
 /// Traffic counters of a link.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LinkStats {

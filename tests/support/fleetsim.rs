@@ -18,7 +18,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{BufReader, Read};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -34,7 +33,7 @@ use towalink_bundle::messages::{
 use towalink_bundle::orders::{self, LastOrder, OrderVerdict, ReplyBody};
 use towalink_bundle::wire;
 
-use crate::network::sh;
+use crate::network::{enter_netns, in_netns, sh};
 
 /// The TUN that carries every simulated node's management address.
 pub const TUN_NAME: &str = "fsim0";
@@ -111,8 +110,7 @@ impl Fleet {
     /// address, a route to the API through it and the tunnels' socket, then one thread per
     /// node. The namespace must already reach `link.hub`.
     pub fn start(netns: &str, link: ControllerLink, nodes: Vec<SimNode>) -> Fleet {
-        let netns_path = PathBuf::from("/var/run/netns").join(netns);
-        let (tun, udp) = in_namespace(&netns_path, || (open_tun(TUN_NAME), bind_udp()));
+        let (tun, udp) = in_netns(netns, || (open_tun(TUN_NAME), bind_udp()));
         let mut batch = format!("link set {TUN_NAME} up mtu 1420 txqueuelen 10000\n");
         for node in &nodes {
             batch.push_str(&format!(
@@ -179,13 +177,13 @@ impl Fleet {
         }
         let names = nodes.iter().map(|n| n.name.clone()).collect();
         for (slot, node) in nodes.into_iter().enumerate() {
-            let (shared, link, netns_path) = (shared.clone(), link.clone(), netns_path.clone());
+            let (shared, link, netns) = (shared.clone(), link.clone(), netns.to_string());
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("node-{}", node.id))
                     .stack_size(256 << 10)
                     .spawn(move || {
-                        enter_namespace(&netns_path);
+                        enter_netns(&netns);
                         run_node(&node, &link, slot, &shared)
                     })
                     .unwrap(),
@@ -251,27 +249,6 @@ impl Drop for Fleet {
             let _ = thread.join();
         }
     }
-}
-
-/// Moves the calling thread into the network namespace at `path`.
-fn enter_namespace(path: &std::path::Path) {
-    let file = std::fs::File::open(path).expect("open the namespace");
-    // SAFETY: setns on a namespace file held open; it changes the calling thread only.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-}
-
-/// Runs `job` on a thread inside the namespace at `path` and returns what it made.
-fn in_namespace<T: Send>(path: &std::path::Path, job: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                enter_namespace(path);
-                job()
-            })
-            .join()
-            .expect("namespace thread")
-    })
 }
 
 #[repr(C)]

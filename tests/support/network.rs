@@ -1131,12 +1131,18 @@ pub fn spawn_in_netns<T: Send + 'static>(
     netns: &str,
     job: impl FnOnce() -> T + Send + 'static,
 ) -> std::thread::JoinHandle<T> {
-    let path = PathBuf::from("/var/run/netns").join(netns);
+    let netns = netns.to_string();
     std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("open the namespace");
-        // SAFETY: setns on a namespace file we hold open; it affects this thread only.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        enter_netns(&netns);
         job()
     })
+}
+
+/// Moves the calling thread into the network namespace `netns` (sockets it opens live there).
+pub fn enter_netns(netns: &str) {
+    let path = PathBuf::from("/var/run/netns").join(netns);
+    let file = std::fs::File::open(&path).expect("open the namespace");
+    // SAFETY: setns on a namespace file we hold open; it affects this thread only.
+    let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
 }

@@ -87,31 +87,6 @@ struct Engine {
     threads: Vec<JoinHandle<()>>,
 }
 
-fn key(hex_text: &str, what: &str, link: &str) -> Result<[u8; 32], Error> {
-    hex::decode(hex_text)
-        .ok()
-        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
-        .ok_or_else(|| {
-            Error::WireGuard(format!(
-                "WireGuard link {link}: {what} is not a 32-byte hex key"
-            ))
-        })
-}
-
-fn endpoint(link: &WireGuardLink) -> Result<Option<SocketAddr>, Error> {
-    link.endpoint
-        .as_deref()
-        .map(|text| {
-            text.parse().map_err(|_| {
-                Error::WireGuard(format!(
-                    "WireGuard link {}: endpoint `{text}` is not an address:port",
-                    link.name
-                ))
-            })
-        })
-        .transpose()
-}
-
 impl Engine {
     /// Starts a session; the peer's address is the link's endpoint, else `known` (where an
     /// earlier session heard it), else learnt when it speaks.
@@ -120,12 +95,7 @@ impl Engine {
         tun: Arc<Tun>,
         known: Option<SocketAddr>,
     ) -> Result<Engine, Error> {
-        let private = key(&link.private_key_hex, "the private key", &link.name)?;
-        let public = key(
-            &link.peer_public_key_hex,
-            "the peer's public key",
-            &link.name,
-        )?;
+        let (private, public) = (link.private_key()?, link.peer_public_key()?);
         let socket = Socket::bind(link.listen_port)
             .map_err(|e| Error::WireGuard(format!("WireGuard link {}: {e}", link.name)))?;
         let index = NEXT_INDEX.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
@@ -142,7 +112,7 @@ impl Engine {
             tun,
             socket,
             tunn: Mutex::new(tunn),
-            endpoint: Mutex::new(endpoint(link)?.or(known)),
+            endpoint: Mutex::new(link.endpoint_address()?.or(known)),
             stop: AtomicBool::new(false),
         });
         let mut threads = Vec::new();
@@ -366,7 +336,7 @@ impl WireGuard for Batched {
                 // No endpoint now (a name that did not resolve this time): the one the
                 // session has stays, as the kernel's WireGuard keeps it.
                 Some(engine) if only_endpoint => {
-                    if let Some(to) = endpoint(link)? {
+                    if let Some(to) = link.endpoint_address()? {
                         *lock(&engine.shared.endpoint) = Some(to);
                     }
                 }
