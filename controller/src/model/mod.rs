@@ -14,5 +14,6 @@ pub mod render;
 pub mod render_memory;
 pub mod resolve;
 pub mod schema;
+pub mod template_context;
 pub mod toml_text;
 pub mod topology;

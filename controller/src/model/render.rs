@@ -16,11 +16,11 @@ use minijinja::{Environment, UndefinedBehavior};
 use toml::{Table, Value};
 use towalink_bundle::contract::{ContractError, NodeConfig};
 use towalink_bundle::messages::Management;
-use towalink_bundle::{sha256_hex, FileEntry, Service};
+use towalink_bundle::{FileEntry, HashedFiles, Service};
 
 use crate::model::attributes::{Level, Merged};
 use crate::model::names::{NodeFullName, SiteName};
-use crate::model::resolve::ConfigTree;
+use crate::model::resolve::{ConfigTree, Effective};
 
 /// Path of the effective attributes (and the node's contract) inside a version.
 pub use towalink_bundle::contract::NODE_TOML;
@@ -60,8 +60,8 @@ pub enum RenderError {
 /// The files of one node version and their manifest entries.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RenderedNode {
-    /// Content by path in the bundle.
-    pub files: BTreeMap<String, Vec<u8>>,
+    /// Content (and its digest) by path in the bundle.
+    pub files: HashedFiles,
     pub entries: Vec<FileEntry>,
     pub services: BTreeMap<String, Service>,
 }
@@ -84,6 +84,8 @@ struct FileSet {
 pub struct Renderer<'a> {
     tree: &'a ConfigTree,
     cache: HashMap<FileSetKey, Arc<FileSet>>,
+    /// The size each template's output had last time: the next output starts that large.
+    output_sizes: HashMap<String, usize>,
 }
 
 /// Which level's files `node` sees.
@@ -171,6 +173,7 @@ impl<'a> Renderer<'a> {
         Renderer {
             tree,
             cache: HashMap::new(),
+            output_sizes: HashMap::new(),
         }
     }
 
@@ -204,13 +207,14 @@ impl<'a> Renderer<'a> {
         &mut self,
         node: &NodeFullName,
         complete: &Merged,
-        effective: &Table,
+        effective: &Effective,
         management: Option<&Management>,
     ) -> Result<RenderedNode, RenderError> {
         let set = self.file_set(node)?;
         let targets = FileTargets::from_attributes(complete)?;
-        let context = minijinja::Value::from_serialize(effective);
-        let mut files = BTreeMap::new();
+        let context =
+            crate::model::template_context::context(&effective.attributes, &effective.peers);
+        let mut files = HashedFiles::new();
         let mut sources: BTreeMap<String, String> = BTreeMap::new();
         for (name, (path, content)) in &set.files {
             let (output, bytes) = match name.strip_suffix(TEMPLATE_SUFFIX) {
@@ -219,7 +223,10 @@ impl<'a> Renderer<'a> {
                         .environment
                         .get_template(name)
                         .map_err(|e| template_error(&e, path, &set.files))?;
-                    let mut text = BoundedOutput::default();
+                    let size = self.output_sizes.get(name).copied().unwrap_or(0);
+                    let mut text = BoundedOutput {
+                        bytes: Vec::with_capacity((size + size / 8).min(TEMPLATE_OUTPUT_LIMIT)),
+                    };
                     let _memory = crate::model::render_memory::limit(path);
                     let captured = template
                         .render_captured_to(&context, &mut text)
@@ -227,6 +234,7 @@ impl<'a> Renderer<'a> {
                     if let Some((used, _)) = captured.state().fuel_levels() {
                         tracing::trace!(template = %path, node = %node, steps = used, "rendered");
                     }
+                    self.output_sizes.insert(name.clone(), text.bytes.len());
                     (output.to_string(), text.bytes)
                 }
                 None => (name.clone(), content.clone().into_bytes()),
@@ -262,17 +270,17 @@ impl<'a> Renderer<'a> {
             .unwrap_or(false);
         let mut entries = Vec::with_capacity(files.len());
         let mut services = BTreeMap::new();
-        for (path, content) in &files {
+        for (path, content) in files.iter() {
             let rule = if path == NODE_TOML {
                 None
             } else {
                 targets.rule_for(path)
             };
             let entry = FileEntry {
-                path: path.clone(),
+                path: path.to_string(),
                 target: rule.map(|r| format!("{}/{path}", r.directory.trim_end_matches('/'))),
                 mode: rule.map_or_else(|| "0644".to_string(), |r| r.mode.clone()),
-                sha256: sha256_hex(content),
+                sha256: files.sha256(path).expect("listed").to_string(),
                 service: rule.and_then(|r| r.service.clone()),
                 // Opt-in per node (`bundle_file_sizes`): nodes before this field refuse a
                 // manifest that has it (unknown field), and the controller is upgraded first.
@@ -463,9 +471,10 @@ fn decode<T: serde::de::DeserializeOwned>(
 /// here, naming the attribute and the file that set it.
 fn node_toml(
     complete: &Merged,
-    effective: &Table,
+    effective: &Effective,
     management: Option<&Management>,
 ) -> Result<String, RenderError> {
+    let attributes = &effective.attributes;
     let attribute_error = |attribute: &str, message: String| RenderError::Attribute {
         file: complete
             .origin(attribute)
@@ -473,7 +482,7 @@ fn node_toml(
         attribute: attribute.to_string(),
         message,
     };
-    if effective.contains_key("contract") {
+    if attributes.contains_key("contract") {
         return Err(attribute_error(
             "contract",
             "is reserved: it is the node contract number the controller writes into `towalink/node.toml`; use another name".into(),
@@ -483,26 +492,21 @@ fn node_toml(
         ContractError::Invalid { key, message, .. } => {
             // Keys of `peers` entries (generated) are not top-level attributes.
             let attribute = key
-                .filter(|k| effective.contains_key(k))
+                .filter(|k| attributes.contains_key(k))
                 .unwrap_or_else(|| "peers".into());
             attribute_error(&attribute, message)
         }
         newer @ ContractError::Newer { .. } => attribute_error("contract", newer.to_string()),
     };
     // Checked as the node will decode it. Only a refusal writes and decodes the text, which
-    // names the line and key. The peers are the contract's own type (`Resolved::peers`),
-    // encoded by serde, and decode as themselves (a property test of the contract): the
-    // attributes around them are what is checked.
-    let attributes: Table = effective
-        .iter()
-        .filter(|(key, _)| key.as_str() != "peers")
-        .map(|(key, value)| (key.clone(), value.clone()))
-        .collect();
-    let mut config = match NodeConfig::from_table(attributes) {
+    // names the line and key. The peers are the contract's own type (`Resolved::peers`) and
+    // decode as themselves (a property test of the contract): the attributes around them are
+    // what is checked.
+    let mut config = match NodeConfig::from_table(attributes.clone()) {
         Ok(config) => config,
         Err(error) => {
             let text =
-                toml::to_string(effective).map_err(|e| attribute_error("peers", e.to_string()))?;
+                toml::to_string(attributes).map_err(|e| attribute_error("peers", e.to_string()))?;
             return Err(refused(NodeConfig::from_toml(&text).err().unwrap_or(error)));
         }
     };
@@ -513,14 +517,14 @@ fn node_toml(
         // Nodes that would ignore the list would refuse every version after the rotation.
         config.contract = towalink_bundle::contract::SIGNING_KEYS_CONTRACT;
     }
-    // The peers stay as they are in the attributes (not encoded a second time).
+    // The peers are written from their own type (not encoded a second time).
     let mut typed =
         Table::try_from(&config).map_err(|e| attribute_error("peers", e.to_string()))?;
     typed.remove("peers");
     let mut table: BTreeMap<&str, &Value> =
-        effective.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        attributes.iter().map(|(k, v)| (k.as_str(), v)).collect();
     table.extend(typed.iter().map(|(k, v)| (k.as_str(), v)));
-    let text = crate::model::toml_text::to_string(&table)
+    let text = crate::model::toml_text::to_string_with_peers(&table, &effective.peers)
         .map_err(|e| attribute_error("peers", e.to_string()))?;
     // Test builds decode what they wrote, as the node will.
     debug_assert!(
@@ -575,9 +579,18 @@ mod tests {
     /// node.toml as `tlm` wrote it before the contract was typed.
     const TODAY: &str = include_str!("../../../tests/fixtures/node-toml-contract1/r1.s1.toml");
 
-    fn attributes(text: &str, level: Level) -> (Merged, Table) {
-        let table: Table = text.parse().unwrap();
-        (Merged::from_layers([(level, &table)]), table)
+    fn attributes(text: &str, level: Level) -> (Merged, Effective) {
+        let mut table: Table = text.parse().unwrap();
+        let merged = Merged::from_layers([(level, &table)]);
+        let peers: Vec<crate::model::resolve::Peer> = table
+            .remove("peers")
+            .map(|peers| peers.try_into().unwrap())
+            .unwrap_or_default();
+        let effective = Effective {
+            attributes: table,
+            peers: peers.into(),
+        };
+        (merged, effective)
     }
 
     #[test]

@@ -434,14 +434,26 @@ impl Resolved {
         Some(merged)
     }
 
-    /// The effective attributes of a node: its complete attributes plus `peers`.
-    pub fn effective_attributes(&self, node_id: u32, complete: &Merged) -> Table {
-        let mut table = complete.values.clone();
-        table.retain(|name, _| !super::schema::CONTROLLER_ONLY.contains(&name));
-        let peers = Value::try_from(self.peers(node_id)).expect("peers serialize to TOML");
-        table.insert("peers".to_string(), peers);
-        table
+    /// The effective attributes of a node: its complete attributes (without those only the
+    /// controller uses) and, apart, its typed `peers` (not made into TOML values: a node of
+    /// a large mesh has hundreds).
+    pub fn effective_attributes(&self, node_id: u32, complete: &Merged) -> Effective {
+        let mut attributes = complete.values.clone();
+        attributes.retain(|name, _| !super::schema::CONTROLLER_ONLY.contains(&name));
+        Effective {
+            attributes,
+            peers: self.peers(node_id).into(),
+        }
     }
+}
+
+/// A node's effective attributes: what its templates see and its node.toml holds.
+#[derive(Debug, Clone)]
+pub struct Effective {
+    /// Every attribute but `peers`.
+    pub attributes: Table,
+    /// `peers`, in [`Resolved::peers`]'s order.
+    pub peers: std::sync::Arc<[Peer]>,
 }
 
 fn get<'a>(merged: &'a Merged, key: &str) -> Option<&'a Value> {

@@ -18,22 +18,46 @@ use std::fmt::Write as _;
 
 use toml::Value;
 
+use crate::model::resolve::Peer;
+
 /// `toml::to_string` of the table made of these entries (keys unique, in order).
 pub fn to_string(table: &BTreeMap<&str, &Value>) -> Result<String, toml::ser::Error> {
-    match fast(table) {
+    match fast(table, None) {
         Some(text) => Ok(text),
         None => toml::to_string(table),
     }
 }
 
+/// `toml::to_string` of the table made of these entries and, under `peers` (not among them),
+/// the peers as serde makes them into TOML: written from their type, without TOML values.
+pub fn to_string_with_peers(
+    table: &BTreeMap<&str, &Value>,
+    peers: &[Peer],
+) -> Result<String, toml::ser::Error> {
+    if let Some(text) = fast(table, Some(peers)) {
+        return Ok(text);
+    }
+    let peers = Value::try_from(peers)?;
+    let mut all = table.clone();
+    all.insert("peers", &peers);
+    toml::to_string(&all)
+}
+
 /// The text, or `None` when the table holds something outside the subset.
-fn fast(table: &BTreeMap<&str, &Value>) -> Option<String> {
+fn fast(table: &BTreeMap<&str, &Value>, peers: Option<&[Peer]>) -> Option<String> {
     let mut writer = Writer {
-        out: String::with_capacity(4096),
+        out: String::with_capacity(4096 + peers.map_or(0, |p| p.len() * 400)),
         path: Vec::new(),
         first_header: true,
     };
-    let entries: Vec<(&str, &Value)> = table.iter().map(|(k, v)| (*k, *v)).collect();
+    let mut entries: Vec<(&str, Item)> = table.iter().map(|(k, v)| (*k, Item::Toml(v))).collect();
+    if let Some(peers) = peers {
+        if table.contains_key("peers") {
+            return None;
+        }
+        let at = entries.partition_point(|(key, _)| *key < "peers");
+        entries.insert(at, ("peers", Item::Peers(peers)));
+    }
     writer.table(&entries, false)?;
     Some(writer.out)
 }
@@ -44,61 +68,59 @@ struct Writer<'a> {
     first_header: bool,
 }
 
+/// A value of a table: TOML's own, or the typed peers.
+#[derive(Clone, Copy)]
+enum Item<'a> {
+    Toml(&'a Value),
+    Peers(&'a [Peer]),
+}
+
 /// How `toml` writes a value found in a table.
 enum Kind<'a> {
     Plain,
     Table(&'a toml::Table),
     ArrayOfTables(&'a [Value]),
+    Peers(&'a [Peer]),
 }
 
-fn kind(value: &Value) -> Kind<'_> {
-    match value {
-        Value::Table(table) => Kind::Table(table),
-        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_table) => {
+fn kind(item: Item<'_>) -> Kind<'_> {
+    match item {
+        Item::Toml(Value::Table(table)) => Kind::Table(table),
+        Item::Toml(Value::Array(items))
+            if !items.is_empty() && items.iter().all(Value::is_table) =>
+        {
             Kind::ArrayOfTables(items)
         }
+        Item::Peers(peers) if !peers.is_empty() => Kind::Peers(peers),
         _ => Kind::Plain,
     }
 }
 
 impl<'a> Writer<'a> {
     /// One table: its header (unless it is the root), its plain values, then its tables.
-    fn table(&mut self, entries: &[(&'a str, &'a Value)], array_element: bool) -> Option<()> {
-        let has_plain = entries.iter().any(|(_, v)| matches!(kind(v), Kind::Plain));
+    fn table(&mut self, entries: &[(&'a str, Item<'a>)], array_element: bool) -> Option<()> {
+        let has_plain = entries.iter().any(|(_, v)| matches!(kind(*v), Kind::Plain));
         let is_empty = entries.is_empty();
         if self.path.is_empty() {
             if has_plain {
                 self.first_header = false;
             }
         } else if array_element || has_plain || is_empty {
-            if !std::mem::take(&mut self.first_header) {
-                self.out.push('\n');
-            }
-            let (open, close) = if array_element {
-                ("[[", "]]")
-            } else {
-                ("[", "]")
-            };
-            self.out.push_str(open);
-            for (i, key) in self.path.iter().enumerate() {
-                if i > 0 {
-                    self.out.push('.');
-                }
-                push_key(&mut self.out, key)?;
-            }
-            self.out.push_str(close);
-            self.out.push('\n');
+            self.header(array_element)?;
         }
-        for &(key, value) in entries {
-            if let Kind::Plain = kind(value) {
+        for &(key, item) in entries {
+            if let Kind::Plain = kind(item) {
                 push_key(&mut self.out, key)?;
                 self.out.push_str(" = ");
-                push_value(&mut self.out, value, true)?;
+                match item {
+                    Item::Toml(value) => push_value(&mut self.out, value, true)?,
+                    Item::Peers(_) => self.out.push_str("[]"),
+                }
                 self.out.push('\n');
             }
         }
-        for &(key, value) in entries {
-            match kind(value) {
+        for &(key, item) in entries {
+            match kind(item) {
                 Kind::Plain => {}
                 Kind::Table(table) => {
                     self.path.push(key);
@@ -113,14 +135,86 @@ impl<'a> Writer<'a> {
                         self.path.pop();
                     }
                 }
+                Kind::Peers(peers) => {
+                    for peer in peers {
+                        self.path.push(key);
+                        self.header(true)?;
+                        self.path.pop();
+                        push_peer(&mut self.out, peer)?;
+                    }
+                }
             }
         }
         Some(())
     }
+
+    /// `[path]` or `[[path]]`, after a blank line unless it opens the text.
+    fn header(&mut self, array_element: bool) -> Option<()> {
+        if !std::mem::take(&mut self.first_header) {
+            self.out.push('\n');
+        }
+        let (open, close) = if array_element {
+            ("[[", "]]")
+        } else {
+            ("[", "]")
+        };
+        self.out.push_str(open);
+        for (i, key) in self.path.iter().enumerate() {
+            if i > 0 {
+                self.out.push('.');
+            }
+            push_key(&mut self.out, key)?;
+        }
+        self.out.push_str(close);
+        self.out.push('\n');
+        Some(())
+    }
 }
 
-fn entries_of(table: &toml::Table) -> Vec<(&str, &Value)> {
-    table.iter().map(|(k, v)| (k.as_str(), v)).collect()
+fn entries_of(table: &toml::Table) -> Vec<(&str, Item<'_>)> {
+    table
+        .iter()
+        .map(|(k, v)| (k.as_str(), Item::Toml(v)))
+        .collect()
+}
+
+/// A peer's values as serde makes them into a TOML table: keys sorted, addresses as strings,
+/// absent optional fields left out. The property test compares this with `toml`'s text of
+/// the peers as TOML values, so a field added to [`Peer`] and not here fails it.
+fn push_peer(out: &mut String, peer: &Peer) -> Option<()> {
+    let string = |out: &mut String, key: &str, text: &str| {
+        if !text.chars().all(plain_char) {
+            return None;
+        }
+        let _ = writeln!(out, "{key} = \"{text}\"");
+        Some(())
+    };
+    let display = |out: &mut String, key: &str, value: &dyn std::fmt::Display| {
+        let _ = writeln!(out, "{key} = \"{value}\"");
+    };
+    let integer = |out: &mut String, key: &str, value: i64| {
+        let _ = writeln!(out, "{key} = {value}");
+    };
+    string(out, "interface", &peer.interface)?;
+    integer(out, "keepalive", peer.keepalive.into());
+    integer(out, "listen_port", peer.listen_port.into());
+    display(out, "local_link_local", &peer.local_link_local);
+    integer(out, "mtu", peer.mtu.into());
+    integer(out, "peer_asn", peer.peer_asn.into());
+    if let Some(endpoint) = &peer.peer_endpoint {
+        string(out, "peer_endpoint", endpoint)?;
+    }
+    if let Some(ip) = &peer.peer_endpoint_ip {
+        display(out, "peer_endpoint_ip", ip);
+    }
+    integer(out, "peer_id", peer.peer_id.into());
+    display(out, "peer_link_local", &peer.peer_link_local);
+    display(out, "peer_loopback_ipv4", &peer.peer_loopback_ipv4);
+    display(out, "peer_loopback_ipv6", &peer.peer_loopback_ipv6);
+    string(out, "peer_node", &peer.peer_node)?;
+    integer(out, "peer_port", peer.peer_port.into());
+    string(out, "peer_public_key", &peer.peer_public_key)?;
+    string(out, "peer_site", &peer.peer_site)
 }
 
 /// A character `toml` writes as it is in a basic string or a quoted key.
@@ -256,7 +350,7 @@ mod tests {
         fn the_subset_is_written_here_as_toml_would(entries in proptest::collection::btree_map(subset_key(), subset_value(), 0..6)) {
             let table: toml::Table = entries.into_iter().collect();
             let view = view(&table);
-            let text = fast(&view);
+            let text = fast(&view, None);
             prop_assert!(text.is_some(), "{:?}", table);
             prop_assert_eq!(text.unwrap(), toml::to_string(&view).unwrap());
         }
@@ -270,12 +364,34 @@ mod tests {
         }
     }
 
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+        /// Typed peers are written as `toml` writes them as TOML values among the attributes.
+        #[test]
+        fn typed_peers_are_written_as_toml_would(
+            entries in proptest::collection::btree_map(subset_key(), subset_value(), 0..6),
+            peers in proptest::collection::vec(crate::model::template_context::strategies::peer(), 0..4),
+        ) {
+            let table: toml::Table = entries.into_iter().collect();
+            let view = view(&table);
+            let as_values = Value::try_from(&peers).unwrap();
+            let mut all = view.clone();
+            all.insert("peers", &as_values);
+            prop_assert_eq!(to_string_with_peers(&view, &peers).unwrap(), toml::to_string(&all).unwrap());
+            let plain = peers.iter().all(|p| p.peer_endpoint.as_deref().is_none_or(|e| e.chars().all(plain_char)));
+            if plain && !table.contains_key("peers") {
+                prop_assert!(fast(&view, Some(&peers)).is_some(), "written here: {:?}", peers);
+            }
+        }
+    }
+
     #[test]
     fn node_toml_is_written_without_toml() {
         let text = include_str!("../../../tests/fixtures/node-toml-contract1/r1.s1.toml");
         let table: toml::Table = text.parse().unwrap();
         let view = view(&table);
-        let fast = fast(&view).expect("node.toml is within the subset");
+        let fast = fast(&view, None).expect("node.toml is within the subset");
         assert_eq!(fast, toml::to_string(&view).unwrap());
         assert!(fast.contains("[[peers]]"), "{fast}");
     }

@@ -1,7 +1,6 @@
 //! A commit: render every node in scope, stage the new versions, journal, index, git,
 //! publish; the undo when git fails; change detection against the index.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use ed25519_dalek::SigningKey;
@@ -422,7 +421,7 @@ fn stage_node(
         services: rendered.services,
         files: rendered.entries,
     };
-    let bundle = towalink_bundle::build(&manifest, &rendered.files, key)?;
+    let bundle = towalink_bundle::build_hashed(&manifest, &rendered.files, key)?;
     let dir = staging
         .join(node.site.as_str())
         .join(node.name.as_str())
@@ -442,7 +441,7 @@ fn stage_node(
 fn write_version_dir(
     dir: &Path,
     manifest: &Manifest,
-    files: &BTreeMap<String, Vec<u8>>,
+    files: &towalink_bundle::HashedFiles,
     bundle: &[u8],
     key: &SigningKey,
 ) -> Result<(), Error> {
@@ -459,7 +458,7 @@ fn write_version_dir(
         0o644,
     )?;
     let mut made = std::collections::BTreeSet::new();
-    for (path, content) in files {
+    for (path, content) in files.iter() {
         let target = dir.join("files").join(path);
         if let Some(parent) = target.parent() {
             if made.insert(parent.to_path_buf()) {
