@@ -439,7 +439,9 @@ impl Resolved {
     /// a large mesh has hundreds).
     pub fn effective_attributes(&self, node_id: u32, complete: &Merged) -> Effective {
         let mut attributes = complete.values.clone();
-        attributes.retain(|name, _| !super::schema::CONTROLLER_ONLY.contains(&name));
+        // A `peers` set by hand in a file (a warning) is replaced by the generated one.
+        attributes
+            .retain(|name, _| name != "peers" && !super::schema::CONTROLLER_ONLY.contains(&name));
         Effective {
             attributes,
             peers: self.peers(node_id).into(),
@@ -576,6 +578,34 @@ pub(crate) mod tests {
             }
         }
         tree
+    }
+
+    #[test]
+    fn peers_set_by_hand_are_replaced_by_the_generated_ones() {
+        let mut t = tree(&[("a", &["x"]), ("b", &["y"])]);
+        t.global.attributes.insert(
+            "peers".into(),
+            Value::Array(vec![Value::String("x".into())]),
+        );
+        let r = resolve(&t).unwrap();
+        assert!(
+            r.warnings().iter().any(|w| w.to_string().contains("peers")),
+            "{:?}",
+            r.warnings()
+        );
+        let complete = r.complete_attributes(1).unwrap();
+        let effective = r.effective_attributes(1, &complete);
+        assert!(!effective.attributes.contains_key("peers"));
+        assert_eq!(effective.peers.len(), 1);
+        let node: NodeFullName = "x.a".parse().unwrap();
+        let rendered = crate::model::render::Renderer::new(&t)
+            .render(&node, &complete, &effective, None)
+            .unwrap();
+        let text = rendered.files.get(crate::model::render::NODE_TOML).unwrap();
+        let config =
+            towalink_bundle::contract::NodeConfig::from_toml(std::str::from_utf8(text).unwrap())
+                .unwrap();
+        assert_eq!(config.peers, effective.peers.to_vec());
     }
 
     #[test]

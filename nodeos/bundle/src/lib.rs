@@ -913,6 +913,49 @@ mod tests {
     }
 
     #[test]
+    fn files_hashed_once_build_the_same_bundle_and_refuse_the_same_mismatches() {
+        let (manifest, files) = sample();
+        let hashed: HashedFiles = files.clone().into_iter().collect();
+        assert_eq!(
+            build_hashed(&manifest, &hashed, &key(1)).unwrap(),
+            build(&manifest, &files, &key(1)).unwrap()
+        );
+        for (path, content) in &files {
+            assert_eq!(hashed.sha256(path), Some(sha256_hex(content).as_str()));
+        }
+        // A file changed after the manifest was made.
+        let mut changed = hashed.clone();
+        changed.insert("bird.conf".into(), b"router id 10.0.0.2;\n".to_vec());
+        assert!(matches!(
+            build_hashed(&manifest, &changed, &key(1)),
+            Err(BundleError::HashMismatch { path, .. }) if path == "bird.conf"
+        ));
+        // A file the manifest lists but the files lack, and one it does not list.
+        let missing: HashedFiles = files
+            .clone()
+            .into_iter()
+            .filter(|(p, _)| p != "node.toml")
+            .collect();
+        assert!(matches!(
+            build_hashed(&manifest, &missing, &key(1)),
+            Err(BundleError::MissingFile(path)) if path == "node.toml"
+        ));
+        let mut extra = hashed.clone();
+        extra.insert("extra.conf".into(), b"x".to_vec());
+        assert!(matches!(
+            build_hashed(&manifest, &extra, &key(1)),
+            Err(BundleError::UnlistedFile(path)) if path == "extra.conf"
+        ));
+        // A declared size that is not the file's.
+        let mut sized = manifest.clone();
+        sized.files[0].size = Some(1);
+        assert!(matches!(
+            build_hashed(&sized, &hashed, &key(1)),
+            Err(BundleError::SizeMismatch { declared: 1, .. })
+        ));
+    }
+
+    #[test]
     fn rejects_wrong_key_and_node() {
         let (manifest, files) = sample();
         let bytes = build(&manifest, &files, &key(1)).unwrap();
