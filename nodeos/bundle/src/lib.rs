@@ -729,10 +729,40 @@ fn check_files_match(
     manifest: &Manifest,
     files: &BTreeMap<String, Vec<u8>>,
 ) -> Result<(), BundleError> {
+    check_listed_files(
+        manifest,
+        |path| files.get(path).map(|content| (content.as_slice(), None)),
+        files.keys().map(String::as_str),
+        files.len(),
+    )
+}
+
+/// [`check_files_match`] against digests taken when the files were added.
+fn check_hashed_files_match(manifest: &Manifest, files: &HashedFiles) -> Result<(), BundleError> {
+    check_listed_files(
+        manifest,
+        |path| {
+            files
+                .files
+                .get(path)
+                .map(|(content, digest)| (content.as_slice(), Some(digest.as_str())))
+        },
+        files.iter().map(|(path, _)| path),
+        files.len(),
+    )
+}
+
+/// Every file the manifest lists is there, of its declared size and digest, and no other file
+/// is. `lookup` gives a file's content and, when known, its hex SHA-256 (hashed here if not).
+fn check_listed_files<'a>(
+    manifest: &Manifest,
+    lookup: impl Fn(&str) -> Option<(&'a [u8], Option<&'a str>)>,
+    mut paths: impl Iterator<Item = &'a str>,
+    count: usize,
+) -> Result<(), BundleError> {
     for entry in &manifest.files {
-        let content = files
-            .get(&entry.path)
-            .ok_or_else(|| BundleError::MissingFile(entry.path.clone()))?;
+        let (content, known) =
+            lookup(&entry.path).ok_or_else(|| BundleError::MissingFile(entry.path.clone()))?;
         if let Some(declared) = entry.size.filter(|d| *d != content.len() as u64) {
             return Err(BundleError::SizeMismatch {
                 path: entry.path.clone(),
@@ -740,7 +770,7 @@ fn check_files_match(
                 found: content.len() as u64,
             });
         }
-        let found = sha256_hex(content);
+        let found = known.map_or_else(|| sha256_hex(content), str::to_string);
         if found != entry.sha256 {
             return Err(BundleError::HashMismatch {
                 path: entry.path.clone(),
@@ -749,42 +779,10 @@ fn check_files_match(
             });
         }
     }
-    if files.len() != manifest.files.len() {
+    if count != manifest.files.len() {
         let listed: std::collections::BTreeSet<&str> =
             manifest.files.iter().map(|f| f.path.as_str()).collect();
-        if let Some(extra) = files.keys().find(|p| !listed.contains(p.as_str())) {
-            return Err(BundleError::UnlistedFile(extra.clone()));
-        }
-    }
-    Ok(())
-}
-
-/// [`check_files_match`] against digests taken when the files were added.
-fn check_hashed_files_match(manifest: &Manifest, files: &HashedFiles) -> Result<(), BundleError> {
-    for entry in &manifest.files {
-        let (content, found) = files
-            .files
-            .get(&entry.path)
-            .ok_or_else(|| BundleError::MissingFile(entry.path.clone()))?;
-        if let Some(declared) = entry.size.filter(|d| *d != content.len() as u64) {
-            return Err(BundleError::SizeMismatch {
-                path: entry.path.clone(),
-                declared,
-                found: content.len() as u64,
-            });
-        }
-        if *found != entry.sha256 {
-            return Err(BundleError::HashMismatch {
-                path: entry.path.clone(),
-                expected: entry.sha256.clone(),
-                found: found.clone(),
-            });
-        }
-    }
-    if files.len() != manifest.files.len() {
-        let listed: std::collections::BTreeSet<&str> =
-            manifest.files.iter().map(|f| f.path.as_str()).collect();
-        if let Some((extra, _)) = files.iter().find(|(p, _)| !listed.contains(p)) {
+        if let Some(extra) = paths.find(|p| !listed.contains(p)) {
             return Err(BundleError::UnlistedFile(extra.to_string()));
         }
     }
