@@ -212,8 +212,7 @@ impl<'a> Renderer<'a> {
     ) -> Result<RenderedNode, RenderError> {
         let set = self.file_set(node)?;
         let targets = FileTargets::from_attributes(complete)?;
-        let context =
-            crate::model::template_context::context(&effective.attributes, &effective.peers);
+        let context = crate::model::template_context::context(effective);
         let mut files = HashedFiles::new();
         let mut sources: BTreeMap<String, String> = BTreeMap::new();
         for (name, (path, content)) in &set.files {

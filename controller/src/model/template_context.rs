@@ -5,24 +5,24 @@
 //! its templates read a few fields of each: building every peer as a map of values first cost
 //! more than rendering. A peer behaves as the map of its fields that serde makes of it (the
 //! same keys in the same order, the same values; an absent optional field is no key): the
-//! tests compare the two on random peers, field by field and through a template using every
-//! map operation.
+//! tests compare the two on random peers, field by field and through a template using the
+//! map operations templates use.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use minijinja::value::{Enumerator, Object, ObjectRepr, Value};
-use toml::Table;
 
-use crate::model::resolve::Peer;
+use crate::model::resolve::{Effective, Peer};
 
-/// The template context of one node: its attributes (without `peers`) and its peers.
-pub fn context(attributes: &Table, peers: &Arc<[Peer]>) -> Value {
-    let mut root: BTreeMap<String, Value> = attributes
+/// The template context of one node: its attributes and its peers.
+pub fn context(effective: &Effective) -> Value {
+    let mut root: BTreeMap<String, Value> = effective
+        .attributes
         .iter()
-        .filter(|(key, _)| key.as_str() != "peers")
         .map(|(key, value)| (key.clone(), Value::from_serialize(value)))
         .collect();
+    let peers = &effective.peers;
     let peers: Vec<Value> = (0..peers.len())
         .map(|index| {
             Value::from_object(PeerFields {
@@ -117,11 +117,10 @@ impl Object for PeerFields {
     }
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {
-        let this = self.clone();
         let pairs: Vec<(Value, Value)> = self
             .present()
             .map(|name| {
-                let value = this.field(name).expect("a present field has a value");
+                let value = self.field(name).expect("a present field has a value");
                 (Value::from(name), value)
             })
             .collect();
@@ -198,6 +197,14 @@ mod tests {
     use super::*;
     use minijinja::Environment;
     use proptest::prelude::*;
+    use toml::Table;
+
+    fn typed_context(attributes: &Table, peers: &[Peer]) -> Value {
+        context(&Effective {
+            attributes: attributes.clone(),
+            peers: Arc::from(peers.to_vec()),
+        })
+    }
 
     /// The context as it was made before: the attributes with `peers` as TOML values,
     /// converted by serde.
@@ -241,7 +248,7 @@ mod tests {
         #[test]
         fn a_peer_is_the_map_serde_makes_of_it(peers in proptest::collection::vec(peer(), 0..4)) {
             let attributes = attributes();
-            let typed = context(&attributes, &Arc::from(peers.clone()));
+            let typed = typed_context(&attributes, &peers);
             let serde = serde_context(&attributes, &peers);
             let typed_peers = typed.get_attr("peers").unwrap();
             let serde_peers = serde.get_attr("peers").unwrap();
@@ -264,7 +271,7 @@ mod tests {
         fn templates_render_as_from_serdes_map(peers in proptest::collection::vec(peer(), 0..4)) {
             let attributes = attributes();
             prop_assert_eq!(
-                render(&context(&attributes, &Arc::from(peers.clone()))),
+                render(&typed_context(&attributes, &peers)),
                 render(&serde_context(&attributes, &peers))
             );
         }

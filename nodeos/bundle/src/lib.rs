@@ -323,10 +323,6 @@ impl HashedFiles {
     pub fn is_empty(&self) -> bool {
         self.files.is_empty()
     }
-
-    pub fn contains(&self, path: &str) -> bool {
-        self.files.contains_key(path)
-    }
 }
 
 impl FromIterator<(String, Vec<u8>)> for HashedFiles {
